@@ -1,0 +1,238 @@
+//! One client connection, top to bottom: front door, token check, upstream
+//! session with the claims bound to it, relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use crate::cancel::{CancelRegistry, Registration};
+use crate::config::{Config, TokenPolicy};
+use crate::error::{Refusal, sqlstate};
+use crate::front_door::{self, Arrival, FrontDoorError, PasswordError};
+use crate::relay::{self, Expiry};
+use crate::shutdown::Shutdown;
+use crate::stream::ClientStream;
+use crate::token_check::{TokenChecker, fingerprint, now_unix};
+use crate::upstream::{self, Login, UpstreamSession};
+
+/// What every connection shares.
+pub struct Services {
+    pub config: Config,
+    pub tokens: TokenChecker,
+    pub cancels: Arc<CancelRegistry>,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// A client ready for the relay.
+struct Session {
+    client: ClientStream,
+    upstream: UpstreamSession,
+    expiry: Option<Expiry>,
+    _cancel: Registration,
+}
+
+enum Failure {
+    Refused(Refusal),
+    /// The client went away; nothing to tell it.
+    Closed,
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        Failure::Refused(r)
+    }
+}
+
+/// Serves one connection. `permit` is `None` when the connection limit is
+/// reached: the client is then told so once it has said hello.
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    services: Arc<Services>,
+    permit: Option<OwnedSemaphorePermit>,
+    mut shutdown: Shutdown,
+) {
+    let span = tracing::info_span!("connection", %peer);
+    async move {
+        let timeout = services.config.listen.startup_timeout;
+        let session = match tokio::time::timeout(
+            timeout,
+            establish(tcp, &services, permit.is_some()),
+        )
+        .await
+        {
+            Ok(Some(session)) => session,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::info!("closed: startup not finished within {timeout:?}");
+                return;
+            }
+        };
+        let started = StdInstant::now();
+        let ending = relay::run(
+            session.client,
+            session.upstream.stream,
+            session.expiry,
+            &mut shutdown,
+        )
+        .await;
+        tracing::info!(?ending, duration = ?started.elapsed(), "session ended");
+        drop(permit);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn establish(tcp: TcpStream, services: &Services, admitted: bool) -> Option<Session> {
+    let _ = tcp.set_nodelay(true);
+    let request = match front_door::receive(tcp, services.tls.as_ref()).await {
+        Ok(Arrival::Startup(request)) => request,
+        Ok(Arrival::Cancel(key)) => {
+            services.cancels.cancel(key).await;
+            return None;
+        }
+        Err(FrontDoorError::Closed(e)) => {
+            tracing::debug!(error = %e, "closed before startup");
+            return None;
+        }
+        Err(FrontDoorError::Refused {
+            mut stream,
+            refusal,
+        }) => {
+            refuse(&mut stream, &refusal).await;
+            return None;
+        }
+    };
+    let mut client = request.stream;
+    let result = if admitted {
+        open_session(&mut client, &request.parameters, services).await
+    } else {
+        Err(Failure::Refused(Refusal::new(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!(
+                "too many connections: rlsgate serves at most {} at once",
+                services.config.listen.max_connections
+            ),
+        )))
+    };
+    match result {
+        Ok((upstream, expiry, cancel)) => Some(Session {
+            client,
+            upstream,
+            expiry,
+            _cancel: cancel,
+        }),
+        Err(Failure::Refused(refusal)) => {
+            refuse(&mut client, &refusal).await;
+            None
+        }
+        Err(Failure::Closed) => {
+            tracing::debug!("client closed during authentication");
+            None
+        }
+    }
+}
+
+async fn open_session(
+    client: &mut ClientStream,
+    parameters: &std::collections::BTreeMap<String, String>,
+    services: &Services,
+) -> Result<(UpstreamSession, Option<Expiry>, Registration), Failure> {
+    let config = &services.config;
+    let user = parameters.get("user").ok_or_else(|| {
+        Refusal::auth("no user name given: connect as one of the roles rlsgate serves")
+    })?;
+    let role = config.role(user).ok_or_else(|| {
+        Refusal::auth(format!(
+            "role {:?} is not served by this proxy",
+            user.chars().take(64).collect::<String>()
+        ))
+    })?;
+    let forwarded = upstream::forwarded_parameters(parameters)?;
+
+    let (claims, expiry) = match role.token {
+        TokenPolicy::None => (None, None),
+        TokenPolicy::Required => {
+            let plaintext = !client.is_tls();
+            let local = client
+                .tcp()
+                .local_addr()
+                .is_ok_and(|a| a.ip().is_loopback());
+            if plaintext && !local && !config.listen.allow_plaintext_tokens {
+                return Err(Refusal::auth(
+                    "TLS is required to send a token: connect with sslmode=require (or verify-full)",
+                )
+                .into());
+            }
+            let token = match front_door::ask_password(client, config.listen.max_token_bytes).await
+            {
+                Ok(token) => token,
+                Err(PasswordError::Closed(_)) => return Err(Failure::Closed),
+                Err(PasswordError::Refused(refusal)) => return Err(refusal.into()),
+            };
+            let print = fingerprint(&token);
+            let verified = services.tokens.check(&token).await.map_err(|refusal| {
+                tracing::info!(token = %print, role = %role.name, reason = %refusal, "token refused");
+                refusal
+            })?;
+            let leeway = services.tokens.leeway(&verified);
+            let valid_until = verified.expires_at + leeway.as_secs();
+            tracing::info!(token = %print, role = %role.name, sub = verified.subject().unwrap_or(""), "token accepted");
+            let sealed =
+                config
+                    .claims
+                    .signing_key
+                    .seal(role.upstream_user(), valid_until, &verified.claims);
+            let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
+            let expiry = Expiry {
+                at: tokio::time::Instant::now() + left,
+                exp: verified.expires_at,
+            };
+            (Some(sealed), Some(expiry))
+        }
+    };
+
+    let upstream = upstream::connect(
+        &config.upstream,
+        Login {
+            role,
+            database: parameters.get("database").map(String::as_str),
+            parameters: forwarded,
+            claims,
+        },
+    )
+    .await?;
+    let address = format!("{}:{}", config.upstream.host, config.upstream.port);
+    let cancel = services.cancels.register(address, upstream.key);
+
+    let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 32);
+    greeting.put_slice(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
+    greeting.put_slice(&upstream.greeting);
+    greeting.put_u8(b'K');
+    greeting.put_u32(12);
+    greeting.put_i32(cancel.key.pid);
+    greeting.put_i32(cancel.key.secret);
+    greeting.put_slice(&upstream.ready);
+    client
+        .write_all(&greeting)
+        .await
+        .map_err(|_| Failure::Closed)?;
+    client.flush().await.map_err(|_| Failure::Closed)?;
+    Ok((upstream, expiry, cancel))
+}
+
+async fn refuse(client: &mut ClientStream, refusal: &Refusal) {
+    tracing::info!(reason = %refusal, "refused");
+    let mut out = BytesMut::new();
+    refusal.encode(&mut out);
+    let _ = client.write_all(&out).await;
+    let _ = client.flush().await;
+    let _ = client.shutdown().await;
+}

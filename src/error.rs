@@ -1,0 +1,89 @@
+//! Refusals: what a client is told, kept apart from what the log records.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::BytesMut;
+use pgwire::messages::Message;
+use pgwire::messages::response::ErrorResponse;
+
+/// SQLSTATE codes the proxy itself sends.
+pub mod sqlstate {
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+}
+
+/// Why a client's session was refused or ended.
+///
+/// `message` goes to the client in a FATAL ErrorResponse and must never hold a
+/// token, key or password; `detail` goes only to the log.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub sqlstate: Cow<'static, str>,
+    pub message: String,
+    pub detail: Option<String>,
+}
+
+impl Refusal {
+    pub fn new(sqlstate: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        Refusal {
+            sqlstate: sqlstate.into(),
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    /// 28000: the client's credentials or identity are not acceptable.
+    pub fn auth(message: impl Into<String>) -> Self {
+        Self::new(sqlstate::INVALID_AUTHORIZATION, message)
+    }
+
+    /// 08006: the database cannot be reached or refused the proxy.
+    pub fn database_unavailable(detail: impl Into<String>) -> Self {
+        Self::new(
+            sqlstate::CONNECTION_FAILURE,
+            "the database is unavailable; try again later",
+        )
+        .with_detail(detail)
+    }
+
+    pub fn protocol(message: impl Into<String>) -> Self {
+        Self::new(sqlstate::PROTOCOL_VIOLATION, message)
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// The FATAL ErrorResponse frame for the client.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        encode_error(buf, "FATAL", &self.sqlstate, &self.message);
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.sqlstate, self.message)?;
+        if let Some(detail) = &self.detail {
+            write!(f, " ({detail})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends an ErrorResponse with the fields libpq shows: severity, code, message.
+pub fn encode_error(buf: &mut BytesMut, severity: &str, sqlstate: &str, message: &str) {
+    let response = ErrorResponse::new(vec![
+        (b'S', severity.to_owned()),
+        (b'V', severity.to_owned()),
+        (b'C', sqlstate.to_owned()),
+        (b'M', message.to_owned()),
+    ]);
+    // Only fails above pgwire's size cap, which our short messages never reach.
+    let _ = response.encode(buf);
+}

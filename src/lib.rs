@@ -1,0 +1,26 @@
+//! rlsgate: a Postgres wire-protocol proxy that takes a JWT as the password and
+//! binds its verified claims to the upstream session for Row-Level Security.
+//!
+//! One connection walks these modules in order: [`listener`] accepts it,
+//! [`connection`] drives it through [`front_door`] (startup and password),
+//! [`token_check`] (JWT against the provider's [`jwks`]), [`upstream`] (the
+//! Postgres session, with the signed [`claims`] bound to it) and [`relay`].
+
+pub mod cancel;
+pub mod claims;
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod demo;
+pub mod dev;
+pub mod error;
+pub mod front_door;
+pub mod init_db;
+pub mod jwks;
+pub mod listener;
+pub mod relay;
+pub mod shutdown;
+pub mod stream;
+pub mod tls;
+pub mod token_check;
+pub mod upstream;

@@ -1,0 +1,190 @@
+//! The todo scenario: each user sees and changes only their own rows, with
+//! the policies written against `auth.user_id()`.
+
+mod support;
+
+use support::{Harness, db_error};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_and_bob_each_see_only_their_own_todos() {
+    let h = Harness::start().await;
+    let alice = h.connect_as("alice").await;
+    let bob = h.connect_as("bob").await;
+
+    alice
+        .execute(
+            "insert into todos (user_id, title) values ('alice', 'buy milk')",
+            &[],
+        )
+        .await
+        .unwrap();
+    alice
+        .execute("insert into todos (title) values ('walk the dog')", &[])
+        .await
+        .unwrap();
+    bob.execute(
+        "insert into todos (user_id, title) values ('bob', 'fix the bike')",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let titles = |rows: Vec<tokio_postgres::Row>| {
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        titles(
+            alice
+                .query("select title from todos order by id", &[])
+                .await
+                .unwrap()
+        ),
+        ["buy milk", "walk the dog"]
+    );
+    assert_eq!(
+        titles(
+            bob.query("select title from todos order by id", &[])
+                .await
+                .unwrap()
+        ),
+        ["fix the bike"]
+    );
+
+    let who: String = alice
+        .query_one("select auth.user_id()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "alice");
+
+    // The rows really are there: the superuser sees all three.
+    let all: i64 = h
+        .admin()
+        .await
+        .query_one("select count(*) from todos", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(all, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bob_cannot_change_or_delete_alices_todos() {
+    let h = Harness::start().await;
+    let alice = h.connect_as("alice").await;
+    let bob = h.connect_as("bob").await;
+    alice
+        .execute("insert into todos (title) values ('secret plan')", &[])
+        .await
+        .unwrap();
+
+    let updated = bob
+        .execute(
+            "update todos set title = 'hacked' where user_id = 'alice'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated, 0);
+    let deleted = bob
+        .execute("delete from todos where user_id = 'alice'", &[])
+        .await
+        .unwrap();
+    assert_eq!(deleted, 0);
+
+    let title: String = alice
+        .query_one("select title from todos", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(title, "secret plan");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserting_a_todo_for_someone_else_violates_the_policy() {
+    let h = Harness::start().await;
+    let bob = h.connect_as("bob").await;
+    let err = bob
+        .execute(
+            "insert into todos (user_id, title) values ('alice', 'planted')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "42501");
+    assert!(message.contains("row-level security"), "{message}");
+    // The session stays usable after the error.
+    let n: i64 = bob
+        .query_one("select count(*) from todos", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_todo_scenario_works_through_psql() {
+    let h = Harness::start().await;
+    let alice = h.token("alice");
+    let bob = h.token("bob");
+
+    let out = h.psql(
+        "authenticated",
+        &alice,
+        "insert into todos (title) values ('alice via psql')",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = h.psql(
+        "authenticated",
+        &bob,
+        "insert into todos (title) values ('bob via psql')",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = h.psql(
+        "authenticated",
+        &alice,
+        "select user_id || ':' || title from todos",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "alice:alice via psql"
+    );
+    let out = h.psql(
+        "authenticated",
+        &bob,
+        "select user_id || ':' || title from todos",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "bob:bob via psql"
+    );
+
+    let out = h.psql(
+        "authenticated",
+        &bob,
+        "update todos set title = 'x' where user_id = 'alice' returning id",
+    );
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
+
+    let out = h.psql(
+        "authenticated",
+        &bob,
+        "insert into todos (user_id, title) values ('alice', 'planted')",
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("row-level security"), "{stderr}");
+}
