@@ -83,8 +83,15 @@ declare
     envelope jsonb;
     expires jsonb;
 begin
-    if raw is null or raw = '' then
+    -- Unset: a session the proxy bound no claims to (a role served without a
+    -- token, or a direct connection). Set but empty: someone cleared the
+    -- claims with SET, which must not pass for "no claims".
+    if raw is null then
         return null;
+    end if;
+    if raw = '' then
+        raise exception 'rlsgate: session claims were cleared by SET in this session'
+            using errcode = '28000';
     end if;
 
     parts := pg_catalog.string_to_array(raw, '.');

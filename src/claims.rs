@@ -122,6 +122,39 @@ pub fn key_id(key: &[u8]) -> String {
     hex::encode(&digest::digest(&digest::SHA256, key).as_ref()[..8])
 }
 
+/// HMAC-SHA256 block size: keys are padded (or first hashed) to this length.
+const BLOCK_LEN: usize = 64;
+
+/// The 64-byte HMAC pads for a signing key, and its key id (see the contract).
+pub struct KeyPads {
+    pub key_id: String,
+    pub inner: [u8; 64],
+    pub outer: [u8; 64],
+}
+
+impl fmt::Debug for KeyPads {
+    // The pads are key material.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyPads({})", self.key_id)
+    }
+}
+
+/// RFC 2104: `HMAC(K, m) = H(outer || H(inner || m))`.
+pub fn key_pads(key: &[u8]) -> KeyPads {
+    let mut block = [0u8; BLOCK_LEN];
+    if key.len() > BLOCK_LEN {
+        let hashed = digest::digest(&digest::SHA256, key);
+        block[..hashed.as_ref().len()].copy_from_slice(hashed.as_ref());
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    KeyPads {
+        key_id: key_id(key),
+        inner: block.map(|b| b ^ 0x36),
+        outer: block.map(|b| b ^ 0x5c),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

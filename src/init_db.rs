@@ -15,9 +15,10 @@
 use std::fmt;
 
 use anyhow::{Context, bail};
-use aws_lc_rs::digest;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
+
+use crate::claims::{SigningKey, key_pads};
 
 /// The schema migrations, in order; each runs once, recorded in
 /// `auth.schema_version`.
@@ -25,47 +26,6 @@ const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("auth_schema.sql"))];
 
 /// Serializes concurrent installs into one database ("rlsgate" in ASCII).
 const ADVISORY_LOCK_KEY: i64 = 0x726c_7367_6174_6500;
-
-/// HMAC-SHA256 block size: keys are padded (or first hashed) to this length.
-const BLOCK_LEN: usize = 64;
-
-/// Keys shorter than this are refused, as in the proxy's configuration.
-const MIN_KEY_LEN: usize = 32;
-
-/// The 64-byte HMAC pads for a signing key, and its key id (see the contract).
-pub struct KeyPads {
-    pub key_id: String,
-    pub inner: [u8; 64],
-    pub outer: [u8; 64],
-}
-
-impl fmt::Debug for KeyPads {
-    // The pads are key material.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyPads({})", self.key_id)
-    }
-}
-
-/// RFC 2104: `HMAC(K, m) = H(outer || H(inner || m))`.
-pub fn key_pads(key: &[u8]) -> KeyPads {
-    let mut block = [0u8; BLOCK_LEN];
-    if key.len() > BLOCK_LEN {
-        let hashed = digest::digest(&digest::SHA256, key);
-        block[..hashed.as_ref().len()].copy_from_slice(hashed.as_ref());
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    KeyPads {
-        key_id: key_id(key),
-        inner: block.map(|b| b ^ 0x36),
-        outer: block.map(|b| b ^ 0x5c),
-    }
-}
-
-/// First 8 bytes of SHA-256 of the key, in lowercase hex (16 characters).
-pub fn key_id(key: &[u8]) -> String {
-    hex::encode(&digest::digest(&digest::SHA256, key).as_ref()[..8])
-}
 
 /// What an install changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,11 +63,12 @@ impl fmt::Display for InstallReport {
 /// transaction, so a failure leaves the database as it was.
 pub async fn install(client: &Client, keys: &[Vec<u8>]) -> anyhow::Result<InstallReport> {
     for key in keys {
-        if key.len() < MIN_KEY_LEN {
+        if key.len() < SigningKey::MIN_LEN {
             bail!(
-                "a signing key of {} bytes is too short: use at least {MIN_KEY_LEN} random bytes \
+                "a signing key of {} bytes is too short: use at least {} random bytes \
                  (e.g. `openssl rand -base64 32`)",
-                key.len()
+                key.len(),
+                SigningKey::MIN_LEN
             );
         }
     }
@@ -320,7 +281,9 @@ fn explain(error: tokio_postgres::Error, doing: &str) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::claims::key_id;
     use crate::dev::postgres::TempPostgres;
+    use aws_lc_rs::digest;
     use aws_lc_rs::hmac;
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
@@ -484,11 +447,8 @@ mod tests {
             .get(0);
         assert_eq!(null, None, "no setting means no claims");
         set(&client, "").await;
-        assert_eq!(
-            user_id(&client).await.unwrap(),
-            None,
-            "an empty setting means no claims"
-        );
+        let message = refusal(&client).await;
+        assert!(message.contains("cleared"), "{message}");
 
         let uuid = "3F2504E0-4F89-11D3-9A0C-0305E82C3301";
         let claims = json!({"sub": uuid, "role": "authenticated", "n": [1, 2]});

@@ -107,26 +107,32 @@ impl JwksCache {
     }
 
     /// The key for a token's `kid` (or the only key, for tokens without one).
-    pub async fn key(&self, kid: Option<&str>) -> Result<Arc<VerifyingKey>, KeyError> {
-        let (found, attempts, must_fetch) = {
+    ///
+    /// A known key is answered from the cache at once, even when the cache
+    /// is due for a refresh (that runs in the background), so a slow or
+    /// unreachable provider never holds up a connection whose key is known.
+    pub async fn key(self: &Arc<Self>, kid: Option<&str>) -> Result<Arc<VerifyingKey>, KeyError> {
+        let (found, attempts, fresh, cooled) = {
             let cached = self.cached.read().expect("jwks lock");
-            let found = find(&cached.keys, kid);
             let fresh = cached
                 .fetched_at
                 .is_some_and(|at| at.elapsed() < self.max_age);
             let cooled = cached
                 .last_attempt
                 .is_none_or(|at| at.elapsed() >= self.cooldown);
-            let must_fetch = cooled && (!fresh || found.is_none());
-            (found, cached.attempts, must_fetch)
+            (find(&cached.keys, kid), cached.attempts, fresh, cooled)
         };
-        if !must_fetch {
-            return found.ok_or_else(|| self.missing(kid));
+        if let Some(key) = found {
+            if !fresh && cooled {
+                let cache = Arc::clone(self);
+                tokio::spawn(async move { cache.refresh_once(attempts).await });
+            }
+            return Ok(key);
         }
-        let _guard = self.fetching.lock().await;
-        if self.cached.read().expect("jwks lock").attempts == attempts {
-            self.refresh().await;
+        if !cooled {
+            return Err(self.missing(kid));
         }
+        self.refresh_once(attempts).await;
         let cached = self.cached.read().expect("jwks lock");
         if let Some(key) = find(&cached.keys, kid) {
             return Ok(key);
@@ -138,6 +144,15 @@ impl JwksCache {
             });
         }
         Err(self.missing(kid))
+    }
+
+    /// Fetches unless another task fetched since `attempts` was read: many
+    /// waiters, one request.
+    async fn refresh_once(&self, attempts: u64) {
+        let _guard = self.fetching.lock().await;
+        if self.cached.read().expect("jwks lock").attempts == attempts {
+            self.refresh().await;
+        }
     }
 
     fn missing(&self, kid: Option<&str>) -> KeyError {

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest;
@@ -35,7 +36,7 @@ struct Provider {
     issuer: String,
     audience: Vec<String>,
     leeway: Duration,
-    keys: JwksCache,
+    keys: Arc<JwksCache>,
 }
 
 /// Verifies tokens against every configured provider, chosen by `iss`.
@@ -53,13 +54,13 @@ impl TokenChecker {
                     issuer: p.issuer.clone(),
                     audience: p.audience.clone(),
                     leeway: p.leeway,
-                    keys: JwksCache::new(
+                    keys: Arc::new(JwksCache::new(
                         &p.issuer,
                         p.jwks_url.as_deref(),
                         http.clone(),
                         p.jwks_max_age,
                         p.refetch_cooldown,
-                    ),
+                    )),
                 };
                 (p.issuer.clone(), provider)
             })
