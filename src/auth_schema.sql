@@ -83,9 +83,9 @@ declare
     envelope jsonb;
     expires jsonb;
 begin
-    -- Unset: a session the proxy bound no claims to (a role served without a
-    -- token, or a direct connection). Set but empty: someone cleared the
-    -- claims with SET, which must not pass for "no claims".
+    -- Unset: a connection that did not come through the proxy. Set but empty:
+    -- someone cleared the value with SET (the proxy binds one to every
+    -- session, null claims included), which must not pass for "no claims".
     if raw is null then
         return null;
     end if;
@@ -149,6 +149,10 @@ begin
             using errcode = '28000';
     end if;
 
+    -- A role served without a token: the proxy bound "no claims" on purpose.
+    if pg_catalog.jsonb_typeof(envelope -> 'claims') = 'null' then
+        return null;
+    end if;
     if pg_catalog.jsonb_typeof(envelope -> 'claims') is distinct from 'object' then
         raise exception 'rlsgate: session claims are missing from the envelope'
             using errcode = '28000';

@@ -7,7 +7,8 @@
 //!
 //! - `KID`: the first 8 bytes of SHA-256 of the signing key, in hex;
 //! - `PAYLOAD`: standard base64 of `{"v":1,"user":…,"exp":…,"claims":{…}}`,
-//!   where `user` is the upstream login role and `exp` the end of validity;
+//!   where `user` is the upstream login role, `exp` the end of validity, and
+//!   `claims` null for roles served without a token;
 //! - `MAC`: hex HMAC-SHA256 of `KID.PAYLOAD` under the signing key.
 //!
 //! The `auth` schema (see `auth_schema.sql`) recomputes the MAC from key pads
@@ -68,19 +69,21 @@ impl SigningKey {
     }
 
     /// The setting value binding `claims` to a session of `upstream_user`
-    /// until `valid_until` (unix seconds).
+    /// until `valid_until` (unix seconds). Sessions of roles served without a
+    /// token get `None`, sealed too: then an empty value can only mean that
+    /// someone cleared it, and `auth.session()` refuses it.
     pub fn seal(
         &self,
         upstream_user: &str,
         valid_until: u64,
-        claims: &Map<String, Value>,
+        claims: Option<&Map<String, Value>>,
     ) -> String {
         #[derive(Serialize)]
         struct Envelope<'a> {
             v: u8,
             user: &'a str,
             exp: u64,
-            claims: &'a Map<String, Value>,
+            claims: Option<&'a Map<String, Value>>,
         }
         let envelope = Envelope {
             v: 1,
@@ -164,7 +167,7 @@ mod tests {
         let key = SigningKey::from_bytes(vec![7; 32]).unwrap();
         let mut claims = Map::new();
         claims.insert("sub".into(), "alice".into());
-        let sealed = key.seal("authenticated", 1_900_000_000, &claims);
+        let sealed = key.seal("authenticated", 1_900_000_000, Some(&claims));
         let parts: Vec<&str> = sealed.split('.').collect();
         assert_eq!(parts.len(), 3);
         assert_eq!(parts[0], key.id());

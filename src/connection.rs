@@ -22,6 +22,9 @@ use crate::stream::ClientStream;
 use crate::token_check::{TokenChecker, fingerprint, now_unix};
 use crate::upstream::{self, Login, UpstreamSession};
 
+/// Validity of the envelope for roles served without a token (year 2106).
+const NO_EXPIRY: u64 = u32::MAX as u64;
+
 /// What every connection shares.
 pub struct Services {
     pub config: Config,
@@ -158,7 +161,14 @@ async fn open_session(
     let forwarded = upstream::forwarded_parameters(parameters)?;
 
     let (claims, expiry) = match role.token {
-        TokenPolicy::None => (None, None),
+        TokenPolicy::None => {
+            // No token, so nothing expires; the envelope still names the role.
+            let sealed = config
+                .claims
+                .signing_key
+                .seal(role.upstream_user(), NO_EXPIRY, None);
+            (sealed, None)
+        }
         TokenPolicy::Required => {
             let plaintext = !client.is_tls();
             let local = client
@@ -185,17 +195,17 @@ async fn open_session(
             let leeway = services.tokens.leeway(&verified);
             let valid_until = verified.expires_at + leeway.as_secs();
             tracing::info!(token = %print, role = %role.name, sub = verified.subject().unwrap_or(""), "token accepted");
-            let sealed =
-                config
-                    .claims
-                    .signing_key
-                    .seal(role.upstream_user(), valid_until, &verified.claims);
+            let sealed = config.claims.signing_key.seal(
+                role.upstream_user(),
+                valid_until,
+                Some(&verified.claims),
+            );
             let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
             let expiry = Expiry {
                 at: tokio::time::Instant::now() + left,
                 exp: verified.expires_at,
             };
-            (Some(sealed), Some(expiry))
+            (sealed, Some(expiry))
         }
     };
 

@@ -37,8 +37,8 @@ pub struct Login<'a> {
     pub role: &'a Role,
     pub database: Option<&'a str>,
     pub parameters: Vec<(String, String)>,
-    /// The sealed claims for [`claims::SETTING`], for roles served with a token.
-    pub claims: Option<String>,
+    /// The sealed envelope for [`claims::SETTING`].
+    pub claims: String,
 }
 
 pub async fn connect(upstream: &Upstream, login: Login<'_>) -> Result<UpstreamSession, Refusal> {
@@ -69,9 +69,7 @@ async fn open(upstream: &Upstream, login: Login<'_>) -> Result<UpstreamSession, 
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str())),
     );
-    if let Some(sealed) = &login.claims {
-        parameters.push((claims::SETTING, sealed));
-    }
+    parameters.push((claims::SETTING, &login.claims));
     let mut out = BytesMut::new();
     frontend::startup_message(parameters.iter().copied(), &mut out)
         .map_err(|e| Refusal::auth(format!("invalid startup parameter: {e}")))?;

@@ -1,0 +1,980 @@
+//! Clients cannot forge claims (DESIGN.md section 3): whatever a client does
+//! with `SET`, `set_config`, `RESET`, `DISCARD`, `SET ROLE`, its startup
+//! parameters or what it can read of other sessions, `auth.user_id()` is
+//! either its own verified `sub` or an SQLSTATE 28000 error, never someone
+//! else's identity and never a silent NULL.
+
+mod support;
+
+use std::process::Command;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use serde_json::Value;
+use support::{Harness, db_error};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// A text rendering of every row a simple query returned.
+fn rows_of(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An SQL string literal.
+fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// The session's own envelope, as the proxy bound it.
+async fn envelope_of(client: &Client) -> String {
+    client
+        .query_one("select current_setting('rlsgate.session')", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn user_id_of(client: &Client) -> Option<String> {
+    client
+        .query_one("select auth.user_id()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The three dot-separated parts of an envelope.
+fn parts(envelope: &str) -> (String, String, String) {
+    let parts: Vec<&str> = envelope.split('.').collect();
+    assert_eq!(parts.len(), 3, "envelope is KID.PAYLOAD.MAC: {envelope}");
+    (
+        parts[0].to_owned(),
+        parts[1].to_owned(),
+        parts[2].to_owned(),
+    )
+}
+
+fn payload_of(envelope: &str) -> Value {
+    let (_, payload, _) = parts(envelope);
+    serde_json::from_slice(&STANDARD.decode(payload).unwrap()).unwrap()
+}
+
+/// `envelope` with its payload edited by `edit`, keeping the original KID and MAC.
+fn tampered(envelope: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let (kid, _, mac) = parts(envelope);
+    let mut payload = payload_of(envelope);
+    edit(&mut payload);
+    let payload = STANDARD.encode(serde_json::to_vec(&payload).unwrap());
+    format!("{kid}.{payload}.{mac}")
+}
+
+/// Values a client might try to put into `rlsgate.session` to become bob,
+/// built from alice's own envelope.
+fn forgeries(alice_envelope: &str) -> Vec<(&'static str, String)> {
+    let (kid, _, mac) = parts(alice_envelope);
+    let bob_payload = tampered(alice_envelope, |p| p["claims"]["sub"] = "bob".into());
+    let (_, bob_payload_only, _) = parts(&bob_payload);
+    // A correct HMAC, but under a key the database does not know, relabelled
+    // with the real key id.
+    let other_key = rlsgate::claims::SigningKey::from_bytes(vec![42; 32]).unwrap();
+    let mut claims = serde_json::Map::new();
+    claims.insert("sub".into(), "bob".into());
+    let wrong_key_seal = other_key.seal("authenticated", 4_000_000_000, Some(&claims));
+    let (other_kid, other_payload, other_mac) = parts(&wrong_key_seal);
+    vec![
+        (
+            "alice's envelope with sub=bob, her kid and MAC",
+            bob_payload.clone(),
+        ),
+        (
+            "alice's envelope with sub=bob and a far expiry, her kid and MAC",
+            tampered(alice_envelope, |p| {
+                p["claims"]["sub"] = "bob".into();
+                p["exp"] = 4_000_000_000u64.into();
+            }),
+        ),
+        ("a made-up value", "forged".to_owned()),
+        (
+            "a made-up value of the right shape",
+            format!("{kid}.{bob_payload_only}.{}", "0".repeat(64)),
+        ),
+        (
+            "bob's payload with alice's MAC in upper case",
+            format!("{kid}.{bob_payload_only}.{}", mac.to_uppercase()),
+        ),
+        ("a value sealed with an unknown key", wrong_key_seal.clone()),
+        (
+            "a foreign key's seal relabelled with the real kid",
+            format!("{kid}.{other_payload}.{other_mac}"),
+        ),
+        ("a bare payload", bob_payload_only.clone()),
+        ("four parts", format!("{bob_payload}.{mac}")),
+        (
+            "dots and a slash in the key id",
+            format!("../{other_payload}.{other_mac}"),
+        ),
+        (
+            "an overlong key id",
+            format!("{other_kid}{kid}.{bob_payload_only}.{mac}"),
+        ),
+        ("whitespace", " ".to_owned()),
+    ]
+}
+
+/// The ways a client can change a setting.
+#[derive(Clone, Copy, Debug)]
+enum Way {
+    Set,
+    SetConfig,
+    SetLocal,
+    SetConfigLocal,
+}
+
+const WAYS: [Way; 4] = [Way::Set, Way::SetConfig, Way::SetLocal, Way::SetConfigLocal];
+
+impl Way {
+    fn is_local(self) -> bool {
+        matches!(self, Way::SetLocal | Way::SetConfigLocal)
+    }
+}
+
+/// Runs `sql` in `client` after putting `value` into `rlsgate.session` the
+/// given way, then undoes the change (RESET, or ROLLBACK of the transaction).
+async fn with_setting(
+    client: &Client,
+    way: Way,
+    value: &str,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, tokio_postgres::Error> {
+    if way.is_local() {
+        client.batch_execute("begin").await.unwrap();
+    }
+    match way {
+        Way::Set => client
+            .batch_execute(&format!("set rlsgate.session = {}", literal(value)))
+            .await
+            .unwrap(),
+        Way::SetLocal => client
+            .batch_execute(&format!("set local rlsgate.session = {}", literal(value)))
+            .await
+            .unwrap(),
+        Way::SetConfig | Way::SetConfigLocal => {
+            let set: String = client
+                .query_one(
+                    "select set_config('rlsgate.session', $1, $2)",
+                    &[&value, &way.is_local()],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(set, value);
+        }
+    }
+    let result = client.simple_query(sql).await.map(|m| rows_of(&m));
+    if way.is_local() {
+        client.batch_execute("rollback").await.unwrap();
+    } else {
+        client.batch_execute("reset rlsgate.session").await.unwrap();
+    }
+    result
+}
+
+/// Asserts that `sql` fails with 28000 under the setting `value`.
+async fn assert_28000(client: &Client, way: Way, label: &str, value: &str, sql: &str) {
+    match with_setting(client, way, value, sql).await {
+        Ok(rows) => panic!(
+            "{way:?} rlsgate.session to {label} ({value:?}): `{sql}` returned {rows:?} instead of 28000"
+        ),
+        Err(e) => {
+            let (code, message) = db_error(&e);
+            assert_eq!(code, "28000", "{way:?} {label}: `{sql}`: {message}");
+            assert!(
+                message.starts_with("rlsgate: session claims"),
+                "{way:?} {label}: {message}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_bobs_claims_by_set_or_set_config_raises_28000() {
+    let h = Harness::start().await;
+    let alice = h.connect_as("alice").await;
+    let bob = h.connect_as("bob").await;
+    alice
+        .execute("insert into todos (title) values ('alice plan')", &[])
+        .await
+        .unwrap();
+    bob.execute("insert into todos (title) values ('bob secret')", &[])
+        .await
+        .unwrap();
+
+    let envelope = envelope_of(&alice).await;
+    assert_eq!(payload_of(&envelope)["claims"]["sub"], "alice");
+    assert_eq!(payload_of(&envelope)["user"], "authenticated");
+
+    for (label, value) in forgeries(&envelope) {
+        for way in WAYS {
+            for sql in [
+                "select auth.user_id()",
+                "select auth.session()::text",
+                "select auth.jwt()::text",
+                "select auth.uid()::text",
+            ] {
+                assert_28000(&alice, way, label, &value, sql).await;
+            }
+            // The policies fail closed: neither an empty result nor bob's rows.
+            for sql in [
+                "select user_id, title from todos",
+                "select count(*) from todos",
+                "select title from todos where user_id = 'bob'",
+                "insert into todos (title) values ('planted') returning user_id",
+                "update todos set title = 'hacked' returning user_id",
+                "delete from todos where user_id = 'bob' returning title",
+            ] {
+                assert_28000(&alice, way, label, &value, sql).await;
+            }
+            // Undoing the change gives alice back, not bob.
+            assert_eq!(
+                user_id_of(&alice).await.as_deref(),
+                Some("alice"),
+                "{way:?} {label}"
+            );
+        }
+    }
+
+    let admin = h.admin().await;
+    let rows = admin
+        .query("select user_id, title from todos order by id", &[])
+        .await
+        .unwrap();
+    let rows: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        rows,
+        [
+            ("alice".to_owned(), "alice plan".to_owned()),
+            ("bob".to_owned(), "bob secret".to_owned())
+        ]
+    );
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_setting_in_the_same_simple_query_as_the_read_raises_28000() {
+    let h = Harness::start().await;
+    let alice = h.connect_as("alice").await;
+    h.connect_as("bob")
+        .await
+        .execute("insert into todos (title) values ('bob secret')", &[])
+        .await
+        .unwrap();
+    let forged = tampered(&envelope_of(&alice).await, |p| {
+        p["claims"]["sub"] = "bob".into()
+    });
+
+    let err = alice
+        .simple_query(&format!(
+            "set rlsgate.session = {}; select title from todos",
+            literal(&forged)
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(db_error(&err).0, "28000", "{}", db_error(&err).1);
+
+    // The statements of one simple query form one implicit transaction: its
+    // failure rolled the SET back, so alice is alice again.
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+
+    // The same read as its own query after a committed SET fails too, and
+    // stays failing until the setting is reset.
+    alice
+        .batch_execute(&format!("set rlsgate.session = {}", literal(&forged)))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let err = alice
+            .simple_query("select title from todos")
+            .await
+            .unwrap_err();
+        assert_eq!(db_error(&err).0, "28000", "{}", db_error(&err).1);
+    }
+    alice.batch_execute("reset rlsgate.session").await.unwrap();
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+}
+
+/// An authenticated session whose setting is emptied must not read as a
+/// session without claims: the contract is "fail closed and loudly, never
+/// silently NULL".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_alices_claims_by_set_raises_28000_instead_of_reading_as_no_claims() {
+    let h = Harness::start().await;
+    let alice = h.connect_as("alice").await;
+    alice
+        .execute("insert into todos (title) values ('alice plan')", &[])
+        .await
+        .unwrap();
+
+    // Whatever happens, an empty setting never yields someone else's
+    // identity or rows, nor lets alice write rows under anyone's name.
+    for way in WAYS {
+        for sql in ["select auth.user_id()", "select user_id from todos"] {
+            if let Ok(rows) = with_setting(&alice, way, "", sql).await {
+                assert!(
+                    rows.iter().flatten().all(|v| v.is_none()),
+                    "{way:?} `{sql}`: {rows:?}"
+                );
+            }
+        }
+        let sql = "insert into todos (title) values ('planted') returning user_id";
+        if let Ok(rows) = with_setting(&alice, way, "", sql).await {
+            panic!("{way:?}: inserted {rows:?}");
+        }
+    }
+    let count: i64 = h
+        .admin()
+        .await
+        .query_one("select count(*) from todos", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+
+    for way in WAYS {
+        for sql in [
+            "select auth.user_id()",
+            "select auth.session()::text",
+            "select user_id, title from todos",
+        ] {
+            assert_28000(&alice, way, "the empty string", "", sql).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_alices_envelope_in_an_anonymous_session_raises_28000() {
+    let h = Harness::start().await;
+    let alice = h.connect_as("alice").await;
+    alice
+        .execute("insert into todos (title) values ('alice plan')", &[])
+        .await
+        .unwrap();
+    let envelope = envelope_of(&alice).await;
+
+    let anonymous = h
+        .connect("anonymous", "")
+        .await
+        .expect("anonymous connects without a token");
+    let (user, claims): (String, Option<String>) = {
+        let row = anonymous
+            .query_one("select current_user::text, auth.session()::text", &[])
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(user, "anonymous");
+    assert_eq!(
+        claims, None,
+        "the proxy binds no claims to a role served without a token"
+    );
+
+    for way in WAYS {
+        for sql in [
+            "select auth.user_id()",
+            "select auth.session()::text",
+            "select auth.uid()::text",
+        ] {
+            match with_setting(&anonymous, way, &envelope, sql).await {
+                Ok(rows) => panic!("{way:?}: anonymous replaying alice's envelope got {rows:?}"),
+                Err(e) => {
+                    let (code, message) = db_error(&e);
+                    assert_eq!(code, "28000", "{way:?}: {message}");
+                    assert!(message.contains("another login role"), "{way:?}: {message}");
+                }
+            }
+        }
+        // anonymous has no policy on todos, so it reads nothing at all,
+        // with or without alice's envelope.
+        let rows = with_setting(
+            &anonymous,
+            way,
+            &envelope,
+            "select user_id, title from todos",
+        )
+        .await
+        .unwrap();
+        assert!(rows.is_empty(), "{way:?}: {rows:?}");
+    }
+    // Undone, it is still not alice (what exactly it reads after a reset is
+    // the next test's business).
+    if let Ok(row) = anonymous.query_one("select auth.user_id()", &[]).await {
+        assert_eq!(row.get::<_, Option<String>>(0), None);
+    }
+}
+
+/// A role served without a token has no claims, and undoing a client's own
+/// SET gives that state back: `auth.session()` is NULL again, as at startup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anonymous_session_reads_no_claims_again_after_set_and_reset() {
+    let h = Harness::start().await;
+    let anonymous = h.connect("anonymous", "").await.unwrap();
+    assert_eq!(user_id_of(&anonymous).await, None, "at startup");
+
+    for (set, undo) in [
+        ("set rlsgate.session = 'forged'", "reset rlsgate.session"),
+        ("set rlsgate.session = 'forged'", "reset all"),
+        ("set rlsgate.session = 'forged'", "discard all"),
+        (
+            "set rlsgate.session = 'forged'",
+            "set rlsgate.session to default",
+        ),
+        (
+            "select set_config('rlsgate.session', 'forged', false)",
+            "reset all",
+        ),
+        ("begin; set local rlsgate.session = 'forged'", "rollback"),
+    ] {
+        anonymous.batch_execute(set).await.unwrap();
+        let err = anonymous
+            .query_one("select auth.user_id()", &[])
+            .await
+            .unwrap_err();
+        assert_eq!(db_error(&err).0, "28000", "after `{set}`");
+        if set.starts_with("begin") {
+            anonymous.batch_execute("rollback").await.unwrap();
+        } else {
+            anonymous.batch_execute(undo).await.unwrap();
+        }
+        let claims = anonymous
+            .query_one("select auth.session()::text", &[])
+            .await
+            .map(|row| row.get::<_, Option<String>>(0))
+            .map_err(|e| db_error(&e));
+        assert_eq!(claims, Ok(None), "after `{set}` and `{undo}`");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_all_reset_and_discard_all_restore_alices_own_claims() {
+    let h = Harness::start().await;
+    let alice = h.connect_as("alice").await;
+    let envelope = envelope_of(&alice).await;
+    let forged = tampered(&envelope, |p| p["claims"]["sub"] = "bob".into());
+
+    for undo in [
+        "reset all",
+        "reset rlsgate.session",
+        "discard all",
+        "set rlsgate.session to default",
+        "select set_config('rlsgate.session', null, false)",
+    ] {
+        // From a clean session, and from one where a forgery was SET first.
+        for before in [
+            String::new(),
+            format!("set rlsgate.session = {};", literal(&forged)),
+        ] {
+            alice.batch_execute(&before).await.unwrap();
+            if !before.is_empty() {
+                let err = alice
+                    .query_one("select auth.user_id()", &[])
+                    .await
+                    .unwrap_err();
+                assert_eq!(db_error(&err).0, "28000");
+            }
+            alice.batch_execute(undo).await.unwrap();
+            assert_eq!(
+                envelope_of(&alice).await,
+                envelope,
+                "after `{before} {undo}`"
+            );
+            let row = alice
+                .query_one(
+                    "select auth.user_id(), current_user::text, session_user::text",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let got: (Option<String>, String, String) = (row.get(0), row.get(1), row.get(2));
+            assert_eq!(
+                got,
+                (
+                    Some("alice".to_owned()),
+                    "authenticated".to_owned(),
+                    "authenticated".to_owned()
+                ),
+                "after `{before} {undo}`"
+            );
+        }
+    }
+
+    // A transaction-local forgery ends with its transaction, committed or not.
+    for end in ["commit", "rollback"] {
+        alice
+            .batch_execute(&format!(
+                "begin; set local rlsgate.session = {}",
+                literal(&forged)
+            ))
+            .await
+            .unwrap();
+        alice.batch_execute(end).await.unwrap();
+        assert_eq!(
+            user_id_of(&alice).await.as_deref(),
+            Some("alice"),
+            "after {end}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_cannot_read_keys_replace_auth_functions_or_change_role() {
+    let h = Harness::start().await;
+    let alice = h.connect_as("alice").await;
+
+    let denied = [
+        "select * from auth.signing_keys",
+        "select inner_pad, outer_pad from auth.signing_keys",
+        "select * from auth.schema_version",
+        "insert into auth.signing_keys (key_id, inner_pad, outer_pad) values ('0123456789abcdef', '\\x00', '\\x00')",
+        "delete from auth.signing_keys",
+        "create or replace function auth.user_id() returns text language sql stable as $$ select 'bob'::text $$",
+        "create or replace function auth.session() returns jsonb language sql stable as $$ select '{\"sub\":\"bob\"}'::jsonb $$",
+        "alter function auth.session() security invoker",
+        "create function auth.helper() returns text language sql as $$ select 'bob'::text $$",
+        "set role postgres",
+        "set session authorization postgres",
+        "set role anonymous",
+    ];
+    let admin = h.admin().await;
+    let has_schema_version: bool = admin
+        .query_one("select to_regclass('auth.schema_version') is not null", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        has_schema_version,
+        "init-db records its version in auth.schema_version"
+    );
+
+    for sql in denied {
+        let err = alice.batch_execute(sql).await.unwrap_err();
+        let (code, message) = db_error(&err);
+        assert_eq!(code, "42501", "`{sql}`: {message}");
+    }
+
+    let row = alice
+        .query_one(
+            "select auth.user_id(), current_user::text, session_user::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: (Option<String>, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        got,
+        (
+            Some("alice".to_owned()),
+            "authenticated".to_owned(),
+            "authenticated".to_owned()
+        )
+    );
+
+    // The functions are as installed.
+    let body: String = admin
+        .query_one(
+            "select prosrc from pg_proc where oid = 'auth.user_id()'::regprocedure",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(body.contains("auth.session()"), "{body}");
+    let definer: bool = admin
+        .query_one(
+            "select prosecdef from pg_proc where oid = 'auth.session()'::regprocedure",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(definer);
+}
+
+/// Every 20-character window of `s`.
+fn windows(s: &str) -> Vec<&str> {
+    (0..=s.len().saturating_sub(20))
+        .map(|i| &s[i..(i + 20).min(s.len())])
+        .collect()
+}
+
+/// What `client` can read about other sessions in `pg_stat_activity`.
+async fn activity_seen_by(client: &Client) -> String {
+    let mut seen = String::new();
+    for sql in [
+        "select coalesce(query, '') from pg_stat_activity",
+        "select a::text from pg_stat_activity a",
+    ] {
+        for row in client.query(sql, &[]).await.unwrap() {
+            seen.push_str(row.get::<_, &str>(0));
+            seen.push('\n');
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_sessions_never_see_alices_envelope_or_token_in_pg_stat_activity() {
+    let h = Harness::start().await;
+    let bob = h.connect_as("bob").await;
+    let anonymous = h.connect("anonymous", "").await.unwrap();
+    let alice_token = h.token("alice");
+
+    // Right after alice's startup, before she has sent a query: whatever the
+    // proxy did to bind her claims is her backend's last activity.
+    let alice = h.connect("authenticated", &alice_token).await.unwrap();
+    let alice_pid: i32 = {
+        let seen_by_bob = activity_seen_by(&bob).await;
+        let seen_by_anonymous = activity_seen_by(&anonymous).await;
+        let envelope = envelope_of(&alice).await;
+        for seen in [&seen_by_bob, &seen_by_anonymous] {
+            assert_never_contains(seen, &envelope, &alice_token);
+        }
+        alice
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+
+    // After alice ran queries that return her envelope and her claims.
+    let envelope = envelope_of(&alice).await;
+    alice
+        .query_one("select auth.session()::text", &[])
+        .await
+        .unwrap();
+    alice
+        .simple_query("select current_setting('rlsgate.session'), auth.user_id()")
+        .await
+        .unwrap();
+    let seen_by_bob = activity_seen_by(&bob).await;
+    let seen_by_anonymous = activity_seen_by(&anonymous).await;
+    // The check is not vacuous: bob, as the same upstream role, does see
+    // alice's query text.
+    let alice_query: Option<String> = bob
+        .query_one(
+            "select query from pg_stat_activity where pid = $1",
+            &[&alice_pid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        alice_query.as_deref(),
+        Some("select current_setting('rlsgate.session'), auth.user_id()")
+    );
+    for seen in [&seen_by_bob, &seen_by_anonymous] {
+        assert_never_contains(seen, &envelope, &alice_token);
+    }
+
+    // Bob's own settings show bob's envelope, not alice's.
+    let bob_envelope = envelope_of(&bob).await;
+    assert_ne!(bob_envelope, envelope);
+    assert_eq!(payload_of(&bob_envelope)["claims"]["sub"], "bob");
+    let in_pg_settings: Vec<String> = bob
+        .query(
+            "select setting from pg_settings where name = 'rlsgate.session'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        in_pg_settings.iter().all(|s| *s == bob_envelope),
+        "pg_settings in bob's session: {in_pg_settings:?}"
+    );
+    let everything: String = bob
+        .query_one("select string_agg(s::text, E'\\n') from pg_settings s", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_never_contains(&everything, &envelope, &alice_token);
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
+
+fn assert_never_contains(seen: &str, envelope: &str, token: &str) {
+    let (_, payload, mac) = parts(envelope);
+    assert!(!seen.contains(envelope), "the envelope is visible:\n{seen}");
+    assert!(
+        !seen.contains(&payload),
+        "the envelope's payload is visible:\n{seen}"
+    );
+    for window in windows(&mac) {
+        assert!(
+            !seen.contains(window),
+            "part of the MAC ({window}) is visible:\n{seen}"
+        );
+    }
+    assert!(!seen.contains(token), "the JWT is visible:\n{seen}");
+    let signature = token.rsplit('.').next().unwrap();
+    for window in windows(signature) {
+        assert!(
+            !seen.contains(window),
+            "part of the JWT signature ({window}) is visible:\n{seen}"
+        );
+    }
+}
+
+/// What an identity-bearing startup attempt led to.
+#[derive(Debug)]
+enum Outcome {
+    Refused(String),
+    /// `current_user`, `session_user`, `auth.user_id()`, `current_setting('rlsgate.session')`.
+    Session(Vec<Option<String>>),
+}
+
+const WHO: &str = "select current_user::text, session_user::text, auth.user_id(), current_setting('rlsgate.session')";
+
+/// Either refused, or exactly alice as `authenticated` with a proxy-sealed envelope.
+fn assert_not_elevated(label: &str, outcome: &Outcome) {
+    match outcome {
+        Outcome::Refused(_) => {}
+        Outcome::Session(row) => {
+            assert_eq!(row[0].as_deref(), Some("authenticated"), "{label}: {row:?}");
+            assert_eq!(row[1].as_deref(), Some("authenticated"), "{label}: {row:?}");
+            assert_eq!(row[2].as_deref(), Some("alice"), "{label}: {row:?}");
+            let envelope = row[3].as_deref().unwrap();
+            assert_ne!(envelope, "forged", "{label}");
+            assert_eq!(payload_of(envelope)["claims"]["sub"], "alice", "{label}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_options_in_the_startup_packet_gain_nothing() {
+    let h = Harness::start().await;
+    let token = h.token("alice");
+    let options = [
+        "-c role=postgres",
+        "-crole=postgres",
+        "-c ROLE=postgres",
+        "--role=postgres",
+        "-c rlsgate.session=forged",
+        "--rlsgate.session=forged",
+        "-c rlsgate\\.session=forged",
+        "-c RLSGATE.SESSION=forged",
+        "-c session_authorization=postgres",
+        "--session-authorization=postgres",
+        "-c statement_timeout=5s -c role=postgres -c rlsgate.session=forged",
+        "-c role=postgres -c session_authorization=anonymous",
+    ];
+    for option in options {
+        let (client, connection) = h
+            .client_config("authenticated", &token)
+            .options(option)
+            .application_name("forger")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("options {option:?}: the harmless rest still connects: {e}")
+            });
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let row = client.query_one(WHO, &[]).await.unwrap();
+        let outcome = Outcome::Session((0..4).map(|i| row.get(i)).collect());
+        assert_not_elevated(option, &outcome);
+        let app: String = client
+            .query_one("select current_setting('application_name')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(app, "forger", "harmless parameters pass");
+        let timeout: String = client
+            .query_one("select current_setting('statement_timeout')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let expected = if option.contains("statement_timeout") {
+            "5s"
+        } else {
+            "0"
+        };
+        assert_eq!(timeout, expected, "harmless options pass: {option}");
+    }
+}
+
+/// A StartupMessage with arbitrary parameters, straight over TCP, then `sql`.
+async fn raw_session(port: u16, parameters: &[(&str, &str)], password: &str, sql: &str) -> Outcome {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut out = BytesMut::new();
+    frontend::startup_message(parameters.iter().copied(), &mut out).unwrap();
+    stream.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let mut rows = Vec::new();
+    let mut queried = false;
+    loop {
+        let message = loop {
+            if let Some(message) = Message::parse(&mut buf).unwrap() {
+                break message;
+            }
+            if stream.read_buf(&mut buf).await.unwrap() == 0 {
+                return Outcome::Refused("connection closed".into());
+            }
+        };
+        out.clear();
+        match message {
+            Message::AuthenticationCleartextPassword => {
+                frontend::password_message(password.as_bytes(), &mut out).unwrap()
+            }
+            Message::ErrorResponse(body) => {
+                let mut text = String::new();
+                let mut fields = body.fields();
+                while let Some(field) = fields.next().unwrap() {
+                    if matches!(field.type_(), b'C' | b'M') {
+                        text.push_str(&String::from_utf8_lossy(field.value_bytes()));
+                        text.push(' ');
+                    }
+                }
+                return Outcome::Refused(text);
+            }
+            Message::DataRow(body) => {
+                let ranges: Vec<_> = body.ranges().collect().unwrap();
+                rows.push(
+                    ranges
+                        .into_iter()
+                        .map(|r| r.map(|r| String::from_utf8_lossy(&body.buffer()[r]).into_owned()))
+                        .collect::<Vec<_>>(),
+                );
+            }
+            Message::ReadyForQuery(_) if queried => {
+                frontend::terminate(&mut out);
+                stream.write_all(&out).await.unwrap();
+                assert_eq!(rows.len(), 1, "{rows:?}");
+                return Outcome::Session(rows.remove(0));
+            }
+            Message::ReadyForQuery(_) => {
+                frontend::query(sql, &mut out).unwrap();
+                queried = true;
+            }
+            Message::AuthenticationOk
+            | Message::ParameterStatus(_)
+            | Message::BackendKeyData(_)
+            | Message::NoticeResponse(_)
+            | Message::RowDescription(_)
+            | Message::CommandComplete(_) => {}
+            _ => panic!("unexpected message during a raw session"),
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_parameters_in_a_raw_startup_message_gain_nothing() {
+    let h = Harness::start().await;
+    let token = h.token("alice");
+    let attempts: [&[(&str, &str)]; 9] = [
+        &[("rlsgate.session", "forged")],
+        &[("RLSGATE.SESSION", "forged")],
+        &[("Rlsgate.Session", "forged")],
+        &[("role", "postgres")],
+        &[("ROLE", "postgres")],
+        &[("session_authorization", "postgres")],
+        &[
+            ("request.jwt.claims", "{\"sub\":\"bob\"}"),
+            ("pg_session_jwt.jwt", "x"),
+        ],
+        &[
+            ("options", "-c role=postgres"),
+            ("rlsgate.session", "forged"),
+        ],
+        &[("user", "postgres")],
+    ];
+    for extra in attempts {
+        let mut parameters = vec![("user", "authenticated"), ("database", "app")];
+        parameters.extend_from_slice(extra);
+        let outcome = raw_session(h.port(), &parameters, &token, WHO).await;
+        assert_not_elevated(&format!("{extra:?}"), &outcome);
+        if extra[0].0 != "user" {
+            assert!(
+                matches!(outcome, Outcome::Session(_)),
+                "{extra:?}: {outcome:?}"
+            );
+        } else {
+            // The second `user` names a role the proxy does not serve, or
+            // it serves alice as authenticated: never postgres.
+            if let Outcome::Refused(text) = &outcome {
+                assert!(text.starts_with("28000"), "{text}");
+            }
+        }
+    }
+
+    // The raw client itself is sound: a plain startup is alice.
+    let plain = raw_session(
+        h.port(),
+        &[("user", "authenticated"), ("database", "app")],
+        &token,
+        WHO,
+    )
+    .await;
+    assert!(matches!(plain, Outcome::Session(_)), "{plain:?}");
+    assert_not_elevated("plain", &plain);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgoptions_through_psql_gain_nothing() {
+    let h = Harness::start().await;
+    let token = h.token("alice");
+    for options in [
+        "-c role=postgres",
+        "-c rlsgate.session=forged",
+        "-c session_authorization=postgres",
+        "--role=postgres",
+    ] {
+        let out = Command::new(support::psql_binary())
+            .args(["-X", "-q", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1"])
+            .arg(format!(
+                "host=127.0.0.1 port={} user=authenticated dbname=app sslmode=disable",
+                h.port()
+            ))
+            .args(["-c", WHO])
+            .env("PGPASSWORD", &token)
+            .env("PGOPTIONS", options)
+            .env_remove("PGSERVICE")
+            .output()
+            .expect("run psql");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let outcome = if out.status.success() {
+            Outcome::Session(
+                stdout
+                    .trim()
+                    .split('|')
+                    .map(|s| Some(s.to_owned()))
+                    .collect(),
+            )
+        } else {
+            assert!(stdout.trim().is_empty(), "{options}: {stdout}");
+            Outcome::Refused(String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        assert!(
+            matches!(outcome, Outcome::Session(_)),
+            "{options}: {outcome:?}"
+        );
+        assert_not_elevated(options, &outcome);
+    }
+}

@@ -1,0 +1,163 @@
+//! How sessions end: with their token, and with the proxy.
+
+mod support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use rlsgate::dev::issuer::KeyKind;
+use serde_json::json;
+use support::Harness;
+use tokio_postgres::NoTls;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A token for alice that expires `seconds` from now (the harness grants 2 s leeway).
+fn short_lived(h: &Harness, seconds: u64) -> String {
+    h.token_with(
+        KeyKind::Rs256,
+        json!({"sub": "alice", "aud": "todo-app", "exp": unix_now() + seconds}),
+    )
+}
+
+fn assert_token_expired(e: &tokio_postgres::Error) {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected FATAL 28000, got: {e}"));
+    assert_eq!(db.code().code(), "28000", "{db:?}");
+    assert_eq!(db.severity(), "FATAL");
+    assert!(
+        db.message().starts_with("token expired at "),
+        "{}",
+        db.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_ends_with_fatal_28000_when_its_token_expires() {
+    let h = Harness::start().await;
+    let token = short_lived(&h, 2);
+    let (client, connection) = h
+        .client_config("authenticated", &token)
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let who: String = client
+        .query_one("select auth.user_id()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "alice");
+
+    let ended = tokio::time::timeout(Duration::from_secs(15), connection)
+        .await
+        .expect("the session ends after exp + leeway")
+        .unwrap();
+    assert_token_expired(&ended.expect_err("the proxy ends the session with an error"));
+    assert!(client.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_query_is_ended_by_expiry_inside_a_transaction() {
+    let h = Harness::start().await;
+    let mut client = h
+        .connect("authenticated", &short_lived(&h, 2))
+        .await
+        .unwrap();
+    let tx = client.transaction().await.unwrap();
+    tx.execute("insert into todos (title) values ('never committed')", &[])
+        .await
+        .unwrap();
+    let err = tx.query("select pg_sleep(20)", &[]).await.unwrap_err();
+    assert_token_expired(&err);
+
+    // The upstream session was terminated, so the transaction rolled back.
+    let admin = h.admin().await;
+    let left: i64 = admin
+        .query_one("select count(*) from todos", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_result_is_cut_between_messages_at_expiry() {
+    let h = Harness::start().await;
+    let client = h
+        .connect("authenticated", &short_lived(&h, 2))
+        .await
+        .unwrap();
+    let rows = client
+        .query_raw(
+            // In the select list the series streams; in FROM it would be
+            // materialized before the first row.
+            "select repeat('x', 3000), generate_series(1, 100000000)",
+            std::iter::empty::<i32>(),
+        )
+        .await
+        .unwrap();
+    futures_util::pin_mut!(rows);
+    let mut received = 0u64;
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(30), rows.next()).await {
+            Ok(Some(Ok(row))) => {
+                // Every row arrives whole: a FATAL spliced into a DataRow would
+                // surface as a protocol error instead of the 28000 below.
+                assert_eq!(row.get::<_, &str>(0).len(), 3000);
+                received += 1;
+            }
+            Ok(Some(Err(e))) => break e,
+            Ok(None) => panic!("a 300 GB result finished before the token expired"),
+            Err(_) => panic!("the session did not end within 30 s of streaming"),
+        }
+    };
+    assert!(received > 0, "rows were streaming when the token expired");
+    assert_token_expired(&err);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_idle_sessions_with_57p01_after_the_drain_time() {
+    let Harness { pg, issuer, proxy } = Harness::start().await;
+    let port = proxy.address.port();
+    let token = issuer.mint(KeyKind::Rs256, json!({"sub": "alice", "aud": "todo-app"}));
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("authenticated")
+        .password(token.as_str())
+        .dbname("app");
+    let (client, connection) = config.connect(NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    client.query_one("select 1", &[]).await.unwrap();
+
+    let stopping = tokio::spawn(proxy.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No new connections once shutdown begins.
+    assert!(config.connect(NoTls).await.is_err());
+    // The open session still works during the drain time...
+    client.query_one("select 1", &[]).await.unwrap();
+
+    // ...and then ends with 57P01.
+    let ended = tokio::time::timeout(Duration::from_secs(15), connection)
+        .await
+        .expect("the session ends after the drain time")
+        .unwrap();
+    let err = ended.expect_err("the proxy ends the session with an error");
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected FATAL 57P01, got: {err}"));
+    assert_eq!(db.code().code(), "57P01");
+    tokio::time::timeout(Duration::from_secs(15), stopping)
+        .await
+        .expect("shutdown completes")
+        .unwrap();
+    drop(pg);
+}
