@@ -1,0 +1,554 @@
+//! TLS between clients and the proxy: SSLRequest with certificate
+//! verification through psql, direct TLS with ALPN `postgresql`, and the rule
+//! that tokens travel in plaintext only over loopback unless allowed.
+
+mod support;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rlsgate::config::Config;
+use rlsgate::listener::RunningProxy;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use support::{Harness, SIGNING_KEY, db_error, psql_binary};
+use tempfile::TempDir;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// A test CA and a server certificate it signed, written to a temporary
+/// directory as PEM files.
+struct TestPki {
+    _dir: TempDir,
+    ca_pem: PathBuf,
+    ca_der: CertificateDer<'static>,
+    cert_pem: PathBuf,
+    key_pem: PathBuf,
+}
+
+impl TestPki {
+    /// A server certificate for `localhost`, 127.0.0.1 and `extra_ips`.
+    fn generate(extra_ips: &[IpAddr]) -> TestPki {
+        Self::generate_named("rlsgate test CA", extra_ips)
+    }
+
+    /// With a CA of this name: two CAs of one name would make OpenSSL check
+    /// a signature with the wrong key rather than report an unknown issuer.
+    fn generate_named(ca_name: &str, extra_ips: &[IpAddr]) -> TestPki {
+        let dir = tempfile::tempdir().unwrap();
+
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, ca_name);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        names.extend(extra_ips.iter().map(IpAddr::to_string));
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&server_key, &ca).unwrap();
+
+        let ca_pem = dir.path().join("ca.pem");
+        let cert_pem = dir.path().join("server.pem");
+        let key_pem = dir.path().join("server.key");
+        std::fs::write(&ca_pem, ca.pem()).unwrap();
+        std::fs::write(&cert_pem, cert.pem()).unwrap();
+        std::fs::write(&key_pem, server_key.serialize_pem()).unwrap();
+        TestPki {
+            ca_der: ca.der().clone(),
+            _dir: dir,
+            ca_pem,
+            cert_pem,
+            key_pem,
+        }
+    }
+
+    /// The `[listen]` keys that enable TLS with this certificate.
+    fn listen_keys(&self) -> String {
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            self.cert_pem.display(),
+            self.key_pem.display()
+        )
+    }
+}
+
+/// psql through the proxy with a libpq connection string of our own.
+fn psql(conninfo: &str, token: &str, commands: &[&str]) -> Output {
+    let mut command = Command::new(psql_binary());
+    command
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .arg(conninfo);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    command
+        .env("PGPASSWORD", token)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGSERVICE")
+        .env_remove("PGSSLMODE")
+        .env_remove("PGSSLROOTCERT")
+        .output()
+        .expect("run psql")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn psql_major_version() -> u32 {
+    let out = Command::new(psql_binary())
+        .arg("--version")
+        .output()
+        .expect("run psql --version");
+    // "psql (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+    let text = stdout(&out);
+    text.split_whitespace()
+        .find_map(|word| word.split('.').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the psql version from {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_connects_with_verify_full_against_the_test_ca() {
+    let pki = TestPki::generate(&[]);
+    let h = Harness::start_with(&format!("[listen]\n{}", pki.listen_keys())).await;
+    let conninfo = format!(
+        "host=localhost port={} user=authenticated dbname=app sslmode=verify-full sslrootcert={}",
+        h.port(),
+        pki.ca_pem.display()
+    );
+    let out = psql(
+        &conninfo,
+        &h.token("alice"),
+        &["\\conninfo", "select auth.user_id()"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("SSL connection"), "psql reports TLS: {text}");
+    assert_eq!(text.lines().last().unwrap().trim(), "alice", "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_connects_with_sslmode_require() {
+    let pki = TestPki::generate(&[]);
+    let h = Harness::start_with(&format!("[listen]\n{}", pki.listen_keys())).await;
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=authenticated dbname=app sslmode=require",
+        h.port()
+    );
+    let out = psql(
+        &conninfo,
+        &h.token("alice"),
+        &["\\conninfo", "select auth.user_id()"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("SSL connection"), "{text}");
+    assert_eq!(text.lines().last().unwrap().trim(), "alice", "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_refuses_the_proxy_certificate_when_it_trusts_another_ca() {
+    let pki = TestPki::generate(&[]);
+    let other = TestPki::generate_named("some other CA", &[]);
+    let h = Harness::start_with(&format!("[listen]\n{}", pki.listen_keys())).await;
+    let conninfo = format!(
+        "host=localhost port={} user=authenticated dbname=app sslmode=verify-full sslrootcert={}",
+        h.port(),
+        other.ca_pem.display()
+    );
+    let out = psql(&conninfo, &h.token("alice"), &["select 1"]);
+    assert!(!out.status.success(), "psql must not trust the certificate");
+    assert!(
+        stderr(&out).contains("certificate verify failed"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn client_tls(ca: &CertificateDer<'static>, alpn: Option<&[u8]>) -> TlsConnector {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.map(|a| vec![a.to_vec()]).unwrap_or_default();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Opens TCP and starts TLS at once, as libpq's `sslnegotiation=direct`.
+async fn direct_tls(
+    port: u16,
+    ca: &CertificateDer<'static>,
+    alpn: Option<&[u8]>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    client_tls(ca, alpn)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+fn startup_message(user: &str, database: &str) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (key, value) in [("user", user), ("database", database)] {
+        body.extend_from_slice(key.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
+fn password_message(password: &str) -> Vec<u8> {
+    let mut packet = vec![b'p'];
+    packet.extend_from_slice(&((password.len() + 5) as u32).to_be_bytes());
+    packet.extend_from_slice(password.as_bytes());
+    packet.push(0);
+    packet
+}
+
+/// Reads one backend message: its type and body.
+async fn read_message(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<(u8, Vec<u8>)> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    stream.read_exact(&mut body).await?;
+    Ok((header[0], body))
+}
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Sends a simple query and returns the first column of the first row.
+async fn query_first_text(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    sql: &str,
+) -> Option<String> {
+    let mut packet = vec![b'Q'];
+    packet.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    packet.extend_from_slice(sql.as_bytes());
+    packet.push(0);
+    stream.write_all(&packet).await.unwrap();
+    let mut first = None;
+    loop {
+        let (kind, body) = read_message(stream).await.unwrap();
+        match kind {
+            b'D' if first.is_none() => {
+                let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
+                if len >= 0 {
+                    first = Some(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned());
+                }
+            }
+            b'E' => panic!("query failed: {}", String::from_utf8_lossy(&body)),
+            b'Z' => return first,
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_with_alpn_postgresql_is_served() {
+    let pki = TestPki::generate(&[]);
+    let h = Harness::start_with(&format!("[listen]\n{}", pki.listen_keys())).await;
+
+    // psql 17+ can do this itself; older ones cannot, so the handshake is
+    // done by hand below in any case.
+    let major = psql_major_version();
+    if major >= 17 {
+        let conninfo = format!(
+            "host=localhost port={} user=authenticated dbname=app sslmode=verify-full sslrootcert={} sslnegotiation=direct",
+            h.port(),
+            pki.ca_pem.display()
+        );
+        let out = psql(&conninfo, &h.token("alice"), &["select auth.user_id()"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out).trim(), "alice");
+    } else {
+        eprintln!(
+            "psql {major} has no sslnegotiation=direct (17+): direct TLS is tested with rustls only"
+        );
+    }
+
+    let mut tls = within(
+        "direct TLS handshake",
+        direct_tls(h.port(), &pki.ca_der, Some(b"postgresql")),
+    )
+    .await
+    .expect("direct TLS with ALPN postgresql is accepted");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+
+    tls.write_all(&startup_message("authenticated", "app"))
+        .await
+        .unwrap();
+    let (kind, body) = within("password request", read_message(&mut tls))
+        .await
+        .unwrap();
+    assert_eq!(
+        (kind, body.as_slice()),
+        (b'R', &3u32.to_be_bytes()[..]),
+        "AuthenticationCleartextPassword"
+    );
+
+    tls.write_all(&password_message(&h.token("alice")))
+        .await
+        .unwrap();
+    let (kind, body) = within("authentication result", read_message(&mut tls))
+        .await
+        .unwrap();
+    assert_eq!(
+        (kind, body.as_slice()),
+        (b'R', &0u32.to_be_bytes()[..]),
+        "AuthenticationOk, got {:?} {}",
+        kind as char,
+        String::from_utf8_lossy(&body)
+    );
+    loop {
+        let (kind, _) = within("ReadyForQuery", read_message(&mut tls))
+            .await
+            .unwrap();
+        if kind == b'Z' {
+            break;
+        }
+    }
+    let who = within(
+        "query over direct TLS",
+        query_first_text(&mut tls, "select auth.user_id()"),
+    )
+    .await;
+    assert_eq!(who.as_deref(), Some("alice"));
+    tls.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_without_alpn_postgresql_is_rejected() {
+    let pki = TestPki::generate(&[]);
+    let h = Harness::start_with(&format!("[listen]\n{}", pki.listen_keys())).await;
+
+    // No ALPN at all: the handshake may complete, but the proxy then closes
+    // the connection without speaking the protocol.
+    match within(
+        "direct TLS without ALPN",
+        direct_tls(h.port(), &pki.ca_der, None),
+    )
+    .await
+    {
+        Err(_) => {}
+        Ok(mut tls) => {
+            let _ = tls
+                .write_all(&startup_message("authenticated", "app"))
+                .await;
+            let mut answer = Vec::new();
+            let read = within("proxy closes", tls.read_to_end(&mut answer)).await;
+            assert!(
+                answer.is_empty(),
+                "a direct TLS client without ALPN got protocol bytes: {answer:?} ({read:?})"
+            );
+        }
+    }
+
+    // Another protocol's ALPN: no common protocol, the handshake fails.
+    let result = within(
+        "direct TLS with ALPN http/1.1",
+        direct_tls(h.port(), &pki.ca_der, Some(b"http/1.1")),
+    )
+    .await;
+    assert!(result.is_err(), "ALPN http/1.1 must not be accepted");
+
+    // The proxy still serves TLS clients that do it right.
+    let conninfo = format!(
+        "host=localhost port={} user=authenticated dbname=app sslmode=verify-full sslrootcert={}",
+        h.port(),
+        pki.ca_pem.display()
+    );
+    let out = psql(&conninfo, &h.token("alice"), &["select auth.user_id()"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "alice");
+}
+
+/// An IPv4 address of this machine that is not loopback. Tests that need
+/// one fail, rather than skip, when there is none.
+fn non_loopback_ipv4() -> Ipv4Addr {
+    // Connecting a UDP socket sends nothing; it only picks the route and so
+    // the local address (198.51.100.0/24 is TEST-NET-2).
+    let routed = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|socket| {
+            socket.connect("198.51.100.1:9")?;
+            socket.local_addr()
+        })
+        .ok()
+        .and_then(|addr| match addr.ip() {
+            IpAddr::V4(ip) if !ip.is_loopback() && !ip.is_unspecified() => Some(ip),
+            _ => None,
+        });
+    if let Some(ip) = routed {
+        return ip;
+    }
+    let listed = Command::new("hostname")
+        .arg("-I")
+        .output()
+        .map(|out| stdout(&out))
+        .unwrap_or_default();
+    listed
+        .split_whitespace()
+        .filter_map(|word| word.parse::<Ipv4Addr>().ok())
+        .find(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .unwrap_or_else(|| {
+            panic!(
+                "this machine has no non-loopback IPv4 address (no route, `hostname -I` printed {listed:?}): \
+                 the plaintext-token refusal needs a listener on a non-loopback address; \
+                 give the machine a network interface with an IPv4 address"
+            )
+        })
+}
+
+/// A second proxy, next to the harness's, listening on `address` with extra
+/// `[listen]` keys, configured like the harness (same Postgres and issuer).
+async fn proxy_on(h: &Harness, address: SocketAddr, listen_keys: &str) -> RunningProxy {
+    let mut toml = rlsgate::dev::sample_config(
+        SocketAddr::new(address.ip(), 0),
+        h.pg.port(),
+        &h.issuer.issuer(),
+        SIGNING_KEY,
+    );
+    let address_line = format!("address = \"{}\"\n", SocketAddr::new(address.ip(), 0));
+    assert!(
+        toml.contains(&address_line),
+        "sample configuration has {address_line:?}: {toml}"
+    );
+    toml = toml.replacen(&address_line, &format!("{address_line}{listen_keys}\n"), 1);
+    let config = Config::parse(&toml).expect("test configuration parses");
+    RunningProxy::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("start a proxy on {address}: {e:#}"))
+}
+
+fn client_config_for(
+    address: SocketAddr,
+    user: &str,
+    password: Option<&str>,
+) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(address.ip().to_string())
+        .port(address.port())
+        .user(user)
+        .dbname("app")
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(password) = password {
+        config.password(password);
+    }
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_over_plaintext_to_a_non_loopback_listener_is_refused_as_tls_is_required() {
+    let ip = non_loopback_ipv4();
+    let pki = TestPki::generate(&[IpAddr::V4(ip)]);
+    let h = Harness::start().await;
+    let proxy = proxy_on(&h, SocketAddr::new(IpAddr::V4(ip), 0), &pki.listen_keys()).await;
+    assert!(!proxy.address.ip().is_loopback());
+
+    // Plaintext with a token: refused before the token is even asked for.
+    let err = client_config_for(proxy.address, "authenticated", Some(&h.token("alice")))
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("a token over plaintext to a non-loopback address is refused");
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "28000", "{message}");
+    assert!(message.contains("TLS is required"), "{message}");
+
+    // A role without a token sends nothing secret, so plaintext is fine.
+    let (anonymous, connection) = client_config_for(proxy.address, "anonymous", None)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("anonymous over plaintext");
+    tokio::spawn(connection);
+    let none: bool = anonymous
+        .query_one("select auth.session() is null", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(none);
+    drop(anonymous);
+
+    // The same token over TLS to the same address is accepted.
+    let conninfo = format!(
+        "host={ip} port={} user=authenticated dbname=app sslmode=verify-full sslrootcert={}",
+        proxy.address.port(),
+        pki.ca_pem.display()
+    );
+    let out = psql(&conninfo, &h.token("alice"), &["select auth.user_id()"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "alice");
+
+    // psql shows the refusal too.
+    let conninfo = format!(
+        "host={ip} port={} user=authenticated dbname=app sslmode=disable",
+        proxy.address.port()
+    );
+    let out = psql(&conninfo, &h.token("alice"), &["select 1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("TLS is required"), "{}", stderr(&out));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_plaintext_tokens_lifts_the_refusal_on_a_non_loopback_listener() {
+    let ip = non_loopback_ipv4();
+    let h = Harness::start().await;
+    let proxy = proxy_on(
+        &h,
+        SocketAddr::new(IpAddr::V4(ip), 0),
+        "allow_plaintext_tokens = true",
+    )
+    .await;
+    let (alice, connection) =
+        client_config_for(proxy.address, "authenticated", Some(&h.token("alice")))
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("a plaintext token is accepted when explicitly allowed");
+    tokio::spawn(connection);
+    let who: String = alice
+        .query_one("select auth.user_id()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "alice");
+    drop(alice);
+    proxy.shutdown().await;
+}
