@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
@@ -24,6 +24,10 @@ use crate::upstream::{self, Login, UpstreamSession};
 
 /// Validity of the envelope for roles served without a token (year 2106).
 const NO_EXPIRY: u64 = u32::MAX as u64;
+
+/// How long, and how much, a refused client may still send before we close.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// What every connection shares.
 pub struct Services {
@@ -245,4 +249,18 @@ async fn refuse(client: &mut ClientStream, refusal: &Refusal) {
     let _ = client.write_all(&out).await;
     let _ = client.flush().await;
     let _ = client.shutdown().await;
+    // Closing with unread input makes the kernel answer with a reset, which
+    // can destroy the error in flight: read what the client still sends
+    // (bounded in time and size) until it closes.
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while drained < LINGER_BYTES {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
 }

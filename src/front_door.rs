@@ -11,9 +11,10 @@ use std::sync::Arc;
 use bytes::{Buf, BufMut, BytesMut};
 use pgwire::messages::startup::{NegotiateProtocolVersion, Startup};
 use pgwire::messages::{DecodeContext, Message};
+use rustls::server::Acceptor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use crate::error::{Refusal, sqlstate};
 use crate::stream::ClientStream;
@@ -71,13 +72,12 @@ impl From<io::Error> for FrontDoorError {
 
 /// Reads the client's first request, negotiating TLS on the way.
 pub async fn receive(tcp: TcpStream, tls: Option<&TlsAcceptor>) -> Result<Arrival, FrontDoorError> {
-    let mut stream = ClientStream::Plain(tcp);
-    if let Some(acceptor) = tls {
-        let mut first = [0u8; 1];
-        if stream.tcp().peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE {
-            stream = direct_tls(stream, acceptor).await?;
-        }
-    }
+    let mut first = [0u8; 1];
+    let direct = tls.is_some() && tcp.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE;
+    let mut stream = match tls {
+        Some(acceptor) if direct => direct_tls(tcp, acceptor).await?,
+        _ => ClientStream::Plain(tcp),
+    };
     let mut gss_declined = false;
     loop {
         let mut packet = match read_startup_packet(&mut stream).await {
@@ -236,19 +236,23 @@ async fn upgrade(stream: ClientStream, acceptor: &TlsAcceptor) -> io::Result<Cli
     }
 }
 
-/// Direct TLS (libpq `sslnegotiation=direct`) must name ALPN `postgresql`, so
-/// that a TLS connection meant for another protocol is never taken for ours.
-async fn direct_tls(stream: ClientStream, acceptor: &TlsAcceptor) -> io::Result<ClientStream> {
-    let stream = upgrade(stream, acceptor).await?;
-    if let ClientStream::Tls(tls) = &stream
-        && tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL)
-    {
+/// Direct TLS (libpq `sslnegotiation=direct`) must offer ALPN `postgresql`,
+/// as PostgreSQL requires, so that a TLS connection meant for another
+/// protocol is turned away before any handshake.
+async fn direct_tls(tcp: TcpStream, acceptor: &TlsAcceptor) -> io::Result<ClientStream> {
+    let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+    let offers_postgresql = start
+        .client_hello()
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == ALPN_POSTGRESQL));
+    if !offers_postgresql {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "direct TLS connection without ALPN \"postgresql\"",
         ));
     }
-    Ok(stream)
+    let tls = start.into_stream(Arc::clone(acceptor.config())).await?;
+    Ok(ClientStream::Tls(Box::new(tls)))
 }
 
 /// Used by the listener to share one acceptor across connections.
