@@ -6,24 +6,17 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use postgres_protocol::message::frontend;
-use support::{Harness, db_error};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::wire::{self, RawSession};
+use support::{Harness, WAIT, db_error, user_id_of};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
-
-/// How long any single wait in these tests may take before it is a failure.
-const WAIT: Duration = Duration::from_secs(10);
 
 /// Sends a CancelRequest to the proxy by hand and waits until the proxy has
 /// dealt with it (it closes the connection without an answer, as Postgres does).
 async fn send_cancel(port: u16, pid: i32, secret: i32) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut packet = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
-    packet.extend_from_slice(&pid.to_be_bytes());
-    packet.extend_from_slice(&secret.to_be_bytes());
-    stream.write_all(&packet).await.unwrap();
+    wire::send(&mut stream, &wire::cancel_request(pid, secret)).await;
     let mut rest = Vec::new();
     let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
         .await
@@ -34,139 +27,13 @@ async fn send_cancel(port: u16, pid: i32, secret: i32) {
     );
 }
 
-/// A session through the proxy spoken by hand, to see the BackendKeyData.
-struct RawSession {
-    stream: TcpStream,
-    /// The cancel key the client was given.
-    pid: i32,
-    secret: i32,
-}
-
-type QueryResult = Result<Vec<Vec<Option<String>>>, (String, String)>;
-
-impl RawSession {
-    async fn connect(h: &Harness, sub: &str) -> RawSession {
-        let mut stream = TcpStream::connect(("127.0.0.1", h.port())).await.unwrap();
-        let mut buf = BytesMut::new();
-        frontend::startup_message([("user", "authenticated"), ("database", "app")], &mut buf)
-            .unwrap();
-        stream.write_all(&buf).await.unwrap();
-
-        let (kind, body) = read_message(&mut stream).await;
-        assert_eq!(kind, b'R', "the proxy asks for a password");
-        assert_eq!(
-            i32::from_be_bytes(body[..4].try_into().unwrap()),
-            3,
-            "cleartext password"
-        );
-        buf.clear();
-        frontend::password_message(h.token(sub).as_bytes(), &mut buf).unwrap();
-        stream.write_all(&buf).await.unwrap();
-
-        let mut key = None;
-        loop {
-            let (kind, body) = read_message(&mut stream).await;
-            match kind {
-                b'R' => assert_eq!(body, [0, 0, 0, 0], "AuthenticationOk"),
-                b'K' => {
-                    assert_eq!(body.len(), 8);
-                    key = Some((
-                        i32::from_be_bytes(body[..4].try_into().unwrap()),
-                        i32::from_be_bytes(body[4..].try_into().unwrap()),
-                    ));
-                }
-                b'Z' => break,
-                b'E' => panic!("connect refused: {:?}", error_fields(&body)),
-                _ => {}
-            }
-        }
-        let (pid, secret) = key.expect("BackendKeyData before ReadyForQuery");
-        RawSession {
-            stream,
-            pid,
-            secret,
-        }
-    }
-
-    async fn send_query(&mut self, sql: &str) {
-        let mut buf = BytesMut::new();
-        frontend::query(sql, &mut buf).unwrap();
-        self.stream.write_all(&buf).await.unwrap();
-    }
-
-    /// Reads the answer to a query up to ReadyForQuery: the rows, or the
-    /// SQLSTATE and message of the error.
-    async fn read_result(&mut self) -> QueryResult {
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            let (kind, body) = tokio::time::timeout(WAIT, read_message(&mut self.stream))
-                .await
-                .expect("an answer within the timeout");
-            match kind {
-                b'D' => rows.push(data_row(&body)),
-                b'E' => error = Some(error_fields(&body)),
-                b'Z' => break,
-                _ => {}
-            }
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(rows),
-        }
-    }
-
-    async fn query(&mut self, sql: &str) -> QueryResult {
-        self.send_query(sql).await;
-        self.read_result().await
-    }
-}
-
-async fn read_message(stream: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut header = [0u8; 5];
-    stream
-        .read_exact(&mut header)
+/// The pid of the upstream backend serving `raw`.
+async fn upstream_pid(raw: &mut RawSession) -> i32 {
+    raw.query_value("select pg_backend_pid()")
         .await
-        .expect("a message header");
-    let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
-    let mut body = vec![0u8; len - 4];
-    stream.read_exact(&mut body).await.expect("a message body");
-    (header[0], body)
-}
-
-fn data_row(body: &[u8]) -> Vec<Option<String>> {
-    let count = i16::from_be_bytes([body[0], body[1]]);
-    let mut at = 2;
-    (0..count)
-        .map(|_| {
-            let len = i32::from_be_bytes(body[at..at + 4].try_into().unwrap());
-            at += 4;
-            if len < 0 {
-                return None;
-            }
-            let value = String::from_utf8(body[at..at + len as usize].to_vec()).unwrap();
-            at += len as usize;
-            Some(value)
-        })
-        .collect()
-}
-
-/// The SQLSTATE and message of an ErrorResponse body.
-fn error_fields(body: &[u8]) -> (String, String) {
-    let (mut code, mut message) = (String::new(), String::new());
-    let mut at = 0;
-    while at < body.len() && body[at] != 0 {
-        let field = body[at];
-        let end = at + 1 + body[at + 1..].iter().position(|&b| b == 0).unwrap();
-        let value = String::from_utf8_lossy(&body[at + 1..end]).into_owned();
-        match field {
-            b'C' => code = value,
-            b'M' => message = value,
-            _ => {}
-        }
-        at = end + 1;
-    }
-    (code, message)
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,12 +78,7 @@ async fn pg_sleep_is_cancelled_with_the_cancel_token_and_returns_57014_within_tw
             .expect("the cancel request is sent");
 
         // The session is usable afterwards, with its claims intact.
-        let who: String = alice
-            .query_one("select auth.user_id()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(who, "alice");
+        assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
     }
 }
 
@@ -266,12 +128,8 @@ async fn a_cancel_request_with_a_wrong_key_cancels_nothing() {
 
     // Near misses of a real key, and the upstream backend's real pid, cancel
     // nothing either; the right key then does.
-    let mut raw = RawSession::connect(&h, "bob").await;
-    let upstream_pid: i32 = raw.query("select pg_backend_pid()").await.unwrap()[0][0]
-        .as_ref()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let mut raw = h.raw_connect_as("bob").await;
+    let upstream_pid = upstream_pid(&mut raw).await;
     raw.send_query("select pg_sleep(1), 'done'").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     send_cancel(port, raw.pid, raw.secret.wrapping_add(1)).await;
@@ -287,8 +145,7 @@ async fn a_cancel_request_with_a_wrong_key_cancels_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     send_cancel(port, raw.pid, raw.secret).await;
-    let (code, _) = raw.read_result().await.unwrap_err();
-    assert_eq!(code, "57014");
+    assert_eq!(raw.read_result().await.unwrap_err().code, "57014");
     assert!(started.elapsed() < Duration::from_secs(2));
 
     // Both sessions are still usable.
@@ -303,12 +160,8 @@ async fn a_cancel_request_with_a_wrong_key_cancels_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cancel_key_given_to_the_client_is_not_the_upstream_backends() {
     let h = Harness::start().await;
-    let mut raw = RawSession::connect(&h, "alice").await;
-    let upstream_pid: i32 = raw.query("select pg_backend_pid()").await.unwrap()[0][0]
-        .as_ref()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let mut raw = h.raw_connect_as("alice").await;
+    let upstream_pid = upstream_pid(&mut raw).await;
     assert_ne!(
         raw.pid, upstream_pid,
         "the client must not get the upstream backend's pid"
@@ -336,6 +189,6 @@ async fn the_cancel_key_given_to_the_client_is_not_the_upstream_backends() {
     assert_eq!(upstream_user, "authenticated");
 
     // Every session gets its own key.
-    let other = RawSession::connect(&h, "alice").await;
+    let other = h.raw_connect_as("alice").await;
     assert_ne!((other.pid, other.secret), (raw.pid, raw.secret));
 }

@@ -6,34 +6,12 @@
 
 mod support;
 
-use std::process::Command;
-
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use bytes::BytesMut;
-use fallible_iterator::FallibleIterator;
-use postgres_protocol::message::backend::Message;
-use postgres_protocol::message::frontend;
 use serde_json::Value;
-use support::{Harness, db_error};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_postgres::{Client, SimpleQueryMessage};
-
-/// A text rendering of every row a simple query returned.
-fn rows_of(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).map(str::to_owned))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
+use support::wire::{APP_STARTUP, ErrorResponse, RawSession};
+use support::{Harness, connect, db_error, psql_command, simple_rows, user_id_of};
+use tokio_postgres::Client;
 
 /// An SQL string literal.
 fn literal(value: &str) -> String {
@@ -49,12 +27,25 @@ async fn envelope_of(client: &Client) -> String {
         .get(0)
 }
 
-async fn user_id_of(client: &Client) -> Option<String> {
-    client
-        .query_one("select auth.user_id()", &[])
+/// Asserts that `client` is alice, logged in and acting as `authenticated`.
+async fn assert_is_alice(client: &Client, context: &str) {
+    let row = client
+        .query_one(
+            "select auth.user_id(), current_user::text, session_user::text",
+            &[],
+        )
         .await
-        .unwrap()
-        .get(0)
+        .unwrap();
+    let got: (Option<String>, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        got,
+        (
+            Some("alice".to_owned()),
+            "authenticated".to_owned(),
+            "authenticated".to_owned()
+        ),
+        "{context}"
+    );
 }
 
 /// The three dot-separated parts of an envelope.
@@ -184,7 +175,7 @@ async fn with_setting(
             assert_eq!(set, value);
         }
     }
-    let result = client.simple_query(sql).await.map(|m| rows_of(&m));
+    let result = client.simple_query(sql).await.map(|m| simple_rows(&m));
     if way.is_local() {
         client.batch_execute("rollback").await.unwrap();
     } else {
@@ -500,23 +491,7 @@ async fn reset_all_reset_and_discard_all_restore_alices_own_claims() {
                 envelope,
                 "after `{before} {undo}`"
             );
-            let row = alice
-                .query_one(
-                    "select auth.user_id(), current_user::text, session_user::text",
-                    &[],
-                )
-                .await
-                .unwrap();
-            let got: (Option<String>, String, String) = (row.get(0), row.get(1), row.get(2));
-            assert_eq!(
-                got,
-                (
-                    Some("alice".to_owned()),
-                    "authenticated".to_owned(),
-                    "authenticated".to_owned()
-                ),
-                "after `{before} {undo}`"
-            );
+            assert_is_alice(&alice, &format!("after `{before} {undo}`")).await;
         }
     }
 
@@ -574,22 +549,7 @@ async fn alice_cannot_read_keys_replace_auth_functions_or_change_role() {
         assert_eq!(code, "42501", "`{sql}`: {message}");
     }
 
-    let row = alice
-        .query_one(
-            "select auth.user_id(), current_user::text, session_user::text",
-            &[],
-        )
-        .await
-        .unwrap();
-    let got: (Option<String>, String, String) = (row.get(0), row.get(1), row.get(2));
-    assert_eq!(
-        got,
-        (
-            Some("alice".to_owned()),
-            "authenticated".to_owned(),
-            "authenticated".to_owned()
-        )
-    );
+    assert_is_alice(&alice, "").await;
 
     // The functions are as installed.
     let body: String = admin
@@ -782,18 +742,13 @@ async fn identity_options_in_the_startup_packet_gain_nothing() {
         "-c role=postgres -c session_authorization=anonymous",
     ];
     for option in options {
-        let (client, connection) = h
-            .client_config("authenticated", &token)
-            .options(option)
-            .application_name("forger")
-            .connect(tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| {
-                panic!("options {option:?}: the harmless rest still connects: {e}")
-            });
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let client = connect(
+            h.client_config("authenticated", &token)
+                .options(option)
+                .application_name("forger"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("options {option:?}: the harmless rest still connects: {e}"));
         let row = client.query_one(WHO, &[]).await.unwrap();
         let outcome = Outcome::Session((0..4).map(|i| row.get(i)).collect());
         assert_not_elevated(option, &outcome);
@@ -819,69 +774,18 @@ async fn identity_options_in_the_startup_packet_gain_nothing() {
 
 /// A StartupMessage with arbitrary parameters, straight over TCP, then `sql`.
 async fn raw_session(port: u16, parameters: &[(&str, &str)], password: &str, sql: &str) -> Outcome {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut out = BytesMut::new();
-    frontend::startup_message(parameters.iter().copied(), &mut out).unwrap();
-    stream.write_all(&out).await.unwrap();
-    let mut buf = BytesMut::new();
-    let mut rows = Vec::new();
-    let mut queried = false;
-    loop {
-        let message = loop {
-            if let Some(message) = Message::parse(&mut buf).unwrap() {
-                break message;
-            }
-            if stream.read_buf(&mut buf).await.unwrap() == 0 {
-                return Outcome::Refused("connection closed".into());
-            }
-        };
-        out.clear();
-        match message {
-            Message::AuthenticationCleartextPassword => {
-                frontend::password_message(password.as_bytes(), &mut out).unwrap()
-            }
-            Message::ErrorResponse(body) => {
-                let mut text = String::new();
-                let mut fields = body.fields();
-                while let Some(field) = fields.next().unwrap() {
-                    if matches!(field.type_(), b'C' | b'M') {
-                        text.push_str(&String::from_utf8_lossy(field.value_bytes()));
-                        text.push(' ');
-                    }
-                }
-                return Outcome::Refused(text);
-            }
-            Message::DataRow(body) => {
-                let ranges: Vec<_> = body.ranges().collect().unwrap();
-                rows.push(
-                    ranges
-                        .into_iter()
-                        .map(|r| r.map(|r| String::from_utf8_lossy(&body.buffer()[r]).into_owned()))
-                        .collect::<Vec<_>>(),
-                );
-            }
-            Message::ReadyForQuery(_) if queried => {
-                frontend::terminate(&mut out);
-                stream.write_all(&out).await.unwrap();
-                assert_eq!(rows.len(), 1, "{rows:?}");
-                return Outcome::Session(rows.remove(0));
-            }
-            Message::ReadyForQuery(_) => {
-                frontend::query(sql, &mut out).unwrap();
-                queried = true;
-            }
-            Message::AuthenticationOk
-            | Message::ParameterStatus(_)
-            | Message::BackendKeyData(_)
-            | Message::NoticeResponse(_)
-            | Message::RowDescription(_)
-            | Message::CommandComplete(_) => {}
-            _ => panic!("unexpected message during a raw session"),
-        }
-        if !out.is_empty() {
-            stream.write_all(&out).await.unwrap();
-        }
-    }
+    let refused = |e: ErrorResponse| Outcome::Refused(format!("{} {}", e.code, e.message));
+    let mut session = match RawSession::connect(port, parameters, password).await {
+        Ok(session) => session,
+        Err(e) => return refused(e),
+    };
+    let mut rows = match session.query(sql).await {
+        Ok(rows) => rows,
+        Err(e) => return refused(e),
+    };
+    session.terminate().await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    Outcome::Session(rows.remove(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -906,7 +810,7 @@ async fn identity_parameters_in_a_raw_startup_message_gain_nothing() {
         &[("user", "postgres")],
     ];
     for extra in attempts {
-        let mut parameters = vec![("user", "authenticated"), ("database", "app")];
+        let mut parameters = APP_STARTUP.to_vec();
         parameters.extend_from_slice(extra);
         let outcome = raw_session(h.port(), &parameters, &token, WHO).await;
         assert_not_elevated(&format!("{extra:?}"), &outcome);
@@ -925,13 +829,7 @@ async fn identity_parameters_in_a_raw_startup_message_gain_nothing() {
     }
 
     // The raw client itself is sound: a plain startup is alice.
-    let plain = raw_session(
-        h.port(),
-        &[("user", "authenticated"), ("database", "app")],
-        &token,
-        WHO,
-    )
-    .await;
+    let plain = raw_session(h.port(), APP_STARTUP, &token, WHO).await;
     assert!(matches!(plain, Outcome::Session(_)), "{plain:?}");
     assert_not_elevated("plain", &plain);
 }
@@ -946,16 +844,9 @@ async fn pgoptions_through_psql_gain_nothing() {
         "-c session_authorization=postgres",
         "--role=postgres",
     ] {
-        let out = Command::new(support::psql_binary())
-            .args(["-X", "-q", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1"])
-            .arg(format!(
-                "host=127.0.0.1 port={} user=authenticated dbname=app sslmode=disable",
-                h.port()
-            ))
-            .args(["-c", WHO])
-            .env("PGPASSWORD", &token)
+        let out = psql_command(&h.conninfo("authenticated"), &token, &[WHO])
+            .args(["-F", "|"])
             .env("PGOPTIONS", options)
-            .env_remove("PGSERVICE")
             .output()
             .expect("run psql");
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -6,36 +6,21 @@ mod support;
 
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rlsgate::dev::issuer::KeyKind;
-use serde_json::{Value, json};
-use support::{Harness, db_error};
+use serde_json::json;
+use support::{Harness, db_error, jwt_header};
 
 /// Longer than the harness's `refetch_cooldown = "1s"`.
 const PAST_COOLDOWN: Duration = Duration::from_millis(1300);
 
 fn kid_of(token: &str) -> String {
-    let header = token.split('.').next().unwrap();
-    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
-    header["kid"].as_str().unwrap().to_owned()
+    jwt_header(token)["kid"].as_str().unwrap().to_owned()
 }
 
 /// Connects with `token` and returns the user id the database sees.
 async fn user_id(h: &Harness, token: &str) -> Result<String, tokio_postgres::Error> {
     let client = h.connect("authenticated", token).await?;
     Ok(client.query_one("select auth.user_id()", &[]).await?.get(0))
-}
-
-/// Expects a 28000 refusal and returns its message.
-async fn refused(h: &Harness, token: &str) -> String {
-    let err = match h.connect("authenticated", token).await {
-        Ok(_) => panic!("the proxy accepted a token it must refuse"),
-        Err(e) => e,
-    };
-    let (code, message) = db_error(&err);
-    assert_eq!(code, "28000", "{message}");
-    message
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +151,7 @@ async fn cached_keys_keep_serving_while_the_provider_is_down() {
     let unknown = h
         .issuer
         .mint_with_unpublished_key(KeyKind::Rs256, json!({"sub": "mallory", "aud": "todo-app"}));
-    let message = refused(&h, &unknown).await;
+    let message = h.connect_refused("authenticated", &unknown).await;
     assert!(message.contains("no key"), "{message}");
     assert_eq!(
         h.issuer.jwks_fetches(),
@@ -241,7 +226,7 @@ async fn a_retired_key_is_refused_once_the_cache_refetches() {
     assert_eq!(h.issuer.jwks_fetches(), fetches + 1);
 
     // The refetched set no longer holds the retired key.
-    let message = refused(&h, &retired_token()).await;
+    let message = h.connect_refused("authenticated", &retired_token()).await;
     assert!(message.contains("no key"), "{message}");
     assert!(message.contains(&retiring), "{message}");
     // And tokens of the current key still work.

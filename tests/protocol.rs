@@ -9,12 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use support::{Harness, db_error};
+use support::{Harness, WAIT, connect, db_error, psql_stdout, simple_rows, user_id_of};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
-
-/// How long any single wait in these tests may take before it is a failure.
-const WAIT: Duration = Duration::from_secs(10);
 
 /// Connects through the proxy and drives the connection in a task that
 /// forwards every asynchronous message (notifications, notices) to a channel.
@@ -38,21 +35,6 @@ async fn connect_with_messages(
         }
     });
     (client, rx)
-}
-
-/// The rows of a `simple_query` answer, as text.
-fn simple_rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).map(str::to_owned))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
 }
 
 /// The row counts of the CommandComplete messages of a `simple_query` answer.
@@ -333,27 +315,17 @@ async fn copy_from_stdin_and_to_stdout_pass_through() {
         .collect();
     std::fs::write(&file, psql_lines.concat()).unwrap();
     let token = h.token("alice");
-    let out = h.psql(
+    h.psql_ok(
         "authenticated",
         &token,
         &format!("\\copy scratch (id, body) from '{}'", file.display()),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let out = h.psql(
         "authenticated",
         &token,
         "copy (select id, body from scratch where id > 10000 order by id) to stdout",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), psql_lines.concat());
+    assert_eq!(psql_stdout(out), psql_lines.concat());
 
     // And psql reads back what tokio-postgres wrote.
     let out = h.psql(
@@ -361,12 +333,7 @@ async fn copy_from_stdin_and_to_stdout_pass_through() {
         &token,
         "copy (select id, body from scratch where id <= 5000 order by id) to stdout",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), lines.concat());
+    assert_eq!(psql_stdout(out), lines.concat());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,12 +499,7 @@ async fn a_ten_megabyte_result_arrives_complete_and_the_session_stays_usable() {
     assert!(row.get::<_, bool>(1));
 
     // Still usable.
-    let who: String = alice
-        .query_one("select auth.user_id()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(who, "alice");
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,12 +561,7 @@ async fn server_errors_reach_the_client_with_their_sqlstate_and_the_session_reco
         .unwrap()
         .get(0);
     assert_eq!(n, 0);
-    let who: String = alice
-        .query_one("select auth.user_id()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(who, "alice");
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
 
     // A row-level security violation is an error like any other.
     let err = alice
@@ -680,12 +637,12 @@ async fn parameter_status_passes_through_at_startup_and_during_the_session() {
     assert_eq!(shown, [vec![Some("UTC".to_owned())]]);
 
     // The application name set at connect time is what the server recorded.
-    let mut config = h.client_config("authenticated", &h.token("bob"));
-    config.application_name("proto-test");
-    let (bob, connection) = config.connect(NoTls).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let bob = connect(
+        h.client_config("authenticated", &h.token("bob"))
+            .application_name("proto-test"),
+    )
+    .await
+    .unwrap();
     let shown = simple_rows(&bob.simple_query("show application_name").await.unwrap());
     assert_eq!(shown, [vec![Some("proto-test".to_owned())]]);
     let pid: i32 = bob
@@ -738,10 +695,7 @@ async fn twenty_concurrent_sessions_each_see_only_their_own_rows() {
         let user = format!("user-{i:02}");
         let config = h.client_config("authenticated", &h.token(&user));
         tasks.push(tokio::spawn(async move {
-            let (client, connection) = config.connect(NoTls).await.expect("connect");
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
+            let client = connect(&config).await.expect("connect");
             let insert = client
                 .prepare("insert into todos (title) values ($1)")
                 .await
@@ -765,12 +719,7 @@ async fn twenty_concurrent_sessions_each_see_only_their_own_rows() {
                 .collect();
             let expected: Vec<String> = (0..5).map(|n| format!("{user} #{n}")).collect();
             assert_eq!(titles, expected, "{user} sees exactly its own todos");
-            let who: String = client
-                .query_one("select auth.user_id()", &[])
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(who, user);
+            assert_eq!(user_id_of(&client).await.as_deref(), Some(user.as_str()));
             let body: String = client
                 .query_one("select body from scratch where id = $1", &[&(i as i32)])
                 .await

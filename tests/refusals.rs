@@ -4,47 +4,22 @@
 
 mod support;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::{Value, json};
-use support::{Harness, db_error};
+use support::wire;
+use support::{Harness, WAIT, client_config, connect, jwt_header, unix_now, user_id_of};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// Connects as `authenticated` with `password`, expects a refusal and returns
-/// its message after checking that its SQLSTATE is 28000.
-async fn refused(h: &Harness, user: &str, password: &str) -> String {
-    let err = match h.connect(user, password).await {
-        Ok(_) => panic!("the proxy accepted a connection as {user} that it must refuse"),
-        Err(e) => e,
-    };
-    let (code, message) = db_error(&err);
-    let severity = err.as_db_error().unwrap().severity().to_owned();
-    assert_eq!(code, "28000", "SQLSTATE for {message:?}");
-    assert_eq!(severity, "FATAL", "severity for {message:?}");
-    message
-}
 
 /// The proxy still serves a valid token: alice connects and queries.
 async fn still_serves_alice(h: &Harness) {
     let alice = h.connect_as("alice").await;
-    let who: String = alice
-        .query_one("select auth.user_id()", &[])
-        .await
-        .expect("alice queries after a refusal")
-        .get(0);
-    assert_eq!(who, "alice");
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
 }
 
 fn b64(value: &Value) -> String {
@@ -56,10 +31,6 @@ fn parts(token: &str) -> (&str, &str, &str) {
     let parts = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
     assert!(it.next().is_none(), "a JWT has three parts");
     parts
-}
-
-fn header_of(token: &str) -> Value {
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts(token).0).unwrap()).unwrap()
 }
 
 fn rsa_jwk(h: &Harness) -> Value {
@@ -77,12 +48,12 @@ fn rsa_jwk(h: &Harness) -> Value {
 async fn an_expired_token_is_refused_with_its_expiry_time() {
     let h = Harness::start().await;
     // Well beyond the 2 s leeway.
-    let exp = now() - 60;
+    let exp = unix_now() - 60;
     let token = h.token_with(
         KeyKind::Rs256,
         json!({"sub": "alice", "aud": "todo-app", "iat": exp - 3600, "exp": exp}),
     );
-    let message = refused(&h, "authenticated", &token).await;
+    let message = h.connect_refused("authenticated", &token).await;
     let when = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(exp)).to_string();
     assert!(message.contains("expired"), "{message}");
     assert!(
@@ -95,12 +66,12 @@ async fn an_expired_token_is_refused_with_its_expiry_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_not_valid_yet_is_refused_with_its_nbf_time() {
     let h = Harness::start().await;
-    let nbf = now() + 600;
+    let nbf = unix_now() + 600;
     let token = h.token_with(
         KeyKind::Rs256,
         json!({"sub": "alice", "aud": "todo-app", "nbf": nbf}),
     );
-    let message = refused(&h, "authenticated", &token).await;
+    let message = h.connect_refused("authenticated", &token).await;
     let when = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(nbf)).to_string();
     assert!(message.contains("not valid before"), "{message}");
     assert!(
@@ -117,7 +88,7 @@ async fn a_token_from_an_unknown_issuer_is_refused_naming_the_issuer() {
         KeyKind::Rs256,
         json!({"sub": "alice", "aud": "todo-app", "iss": "https://evil.example.com"}),
     );
-    let message = refused(&h, "authenticated", &token).await;
+    let message = h.connect_refused("authenticated", &token).await;
     assert!(message.contains("https://evil.example.com"), "{message}");
     assert!(message.contains("not configured"), "{message}");
     still_serves_alice(&h).await;
@@ -127,7 +98,7 @@ async fn a_token_from_an_unknown_issuer_is_refused_naming_the_issuer() {
 async fn a_token_for_another_audience_is_refused_naming_the_audience() {
     let h = Harness::start().await;
     let token = h.token_with(KeyKind::Rs256, json!({"sub": "alice", "aud": "other-app"}));
-    let message = refused(&h, "authenticated", &token).await;
+    let message = h.connect_refused("authenticated", &token).await;
     assert!(message.contains("audience"), "{message}");
     assert!(message.contains("other-app"), "{message}");
     still_serves_alice(&h).await;
@@ -137,7 +108,7 @@ async fn a_token_for_another_audience_is_refused_naming_the_audience() {
 async fn a_token_without_audience_is_refused_when_an_audience_is_configured() {
     let h = Harness::start().await;
     let token = h.token_with(KeyKind::Rs256, json!({"sub": "alice"}));
-    let message = refused(&h, "authenticated", &token).await;
+    let message = h.connect_refused("authenticated", &token).await;
     assert!(message.contains("aud"), "{message}");
     still_serves_alice(&h).await;
 }
@@ -148,8 +119,8 @@ async fn a_token_signed_with_an_unpublished_key_is_refused_naming_the_kid() {
     let token = h
         .issuer
         .mint_with_unpublished_key(KeyKind::Rs256, json!({"sub": "alice", "aud": "todo-app"}));
-    let kid = header_of(&token)["kid"].as_str().unwrap().to_owned();
-    let message = refused(&h, "authenticated", &token).await;
+    let kid = jwt_header(&token)["kid"].as_str().unwrap().to_owned();
+    let message = h.connect_refused("authenticated", &token).await;
     assert!(message.contains("no key"), "{message}");
     assert!(message.contains(&kid), "message names kid {kid}: {message}");
     assert!(message.contains("JWKS"), "{message}");
@@ -167,13 +138,13 @@ async fn a_token_with_an_altered_signature_is_refused() {
     let mut altered = signature.as_bytes().to_vec();
     altered[0] = if altered[0] == b'A' { b'B' } else { b'A' };
     let altered = format!("{header}.{payload}.{}", String::from_utf8(altered).unwrap());
-    let message = refused(&h, "authenticated", &altered).await;
+    let message = h.connect_refused("authenticated", &altered).await;
     assert!(message.contains("signature does not verify"), "{message}");
 
     // Alice's header and payload with bob's (valid, same key) signature.
     let bob = h.token("bob");
     let spliced = format!("{header}.{payload}.{}", parts(&bob).2);
-    let message = refused(&h, "authenticated", &spliced).await;
+    let message = h.connect_refused("authenticated", &spliced).await;
     assert!(message.contains("signature does not verify"), "{message}");
 
     still_serves_alice(&h).await;
@@ -185,14 +156,18 @@ async fn an_unsigned_alg_none_token_is_refused() {
     let valid = h.token("alice");
     let payload = parts(&valid).1;
     let header = b64(&json!({"alg": "none", "typ": "JWT"}));
-    let message = refused(&h, "authenticated", &format!("{header}.{payload}.")).await;
+    let message = h
+        .connect_refused("authenticated", &format!("{header}.{payload}."))
+        .await;
     assert!(message.contains("alg \"none\""), "{message}");
     assert!(message.contains("not accepted"), "{message}");
 
     // The same with the kid of a published key, which must not matter.
-    let kid = header_of(&valid)["kid"].clone();
+    let kid = jwt_header(&valid)["kid"].clone();
     let header = b64(&json!({"alg": "none", "typ": "JWT", "kid": kid}));
-    let message = refused(&h, "authenticated", &format!("{header}.{payload}.")).await;
+    let message = h
+        .connect_refused("authenticated", &format!("{header}.{payload}."))
+        .await;
     assert!(message.contains("alg \"none\""), "{message}");
     still_serves_alice(&h).await;
 }
@@ -207,8 +182,8 @@ async fn an_hs256_token_keyed_with_the_providers_public_key_is_refused() {
         "sub": "alice",
         "aud": "todo-app",
         "iss": h.issuer.issuer(),
-        "iat": now(),
-        "exp": now() + 3600,
+        "iat": unix_now(),
+        "exp": unix_now() + 3600,
     });
     // The classic key-confusion secrets: the JWK as published, its modulus as
     // text, and the modulus bytes.
@@ -222,7 +197,7 @@ async fn an_hs256_token_keyed_with_the_providers_public_key_is_refused() {
         header.kid = Some(kid.clone());
         let token =
             jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&secret)).unwrap();
-        let message = refused(&h, "authenticated", &token).await;
+        let message = h.connect_refused("authenticated", &token).await;
         assert!(message.contains("HS256"), "{message}");
         assert!(message.contains("not accepted"), "{message}");
     }
@@ -232,10 +207,10 @@ async fn an_hs256_token_keyed_with_the_providers_public_key_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_that_is_not_a_jwt_is_refused() {
     let h = Harness::start().await;
-    let message = refused(&h, "authenticated", "hunter2").await;
+    let message = h.connect_refused("authenticated", "hunter2").await;
     assert!(message.contains("not a JWT"), "{message}");
     // Three parts that are not base64url JSON are not a JWT either.
-    let message = refused(&h, "authenticated", "a.b.c").await;
+    let message = h.connect_refused("authenticated", "a.b.c").await;
     assert!(message.contains("not a JWT"), "{message}");
     still_serves_alice(&h).await;
 }
@@ -243,7 +218,7 @@ async fn a_password_that_is_not_a_jwt_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_password_is_refused_for_a_role_that_requires_a_token() {
     let h = Harness::start().await;
-    let message = refused(&h, "authenticated", "").await;
+    let message = h.connect_refused("authenticated", "").await;
     assert!(message.contains("token is required"), "{message}");
     still_serves_alice(&h).await;
 }
@@ -253,9 +228,9 @@ async fn a_token_without_exp_is_refused() {
     let h = Harness::start().await;
     let token = h.issuer.mint_exact(
         KeyKind::Rs256,
-        json!({"sub": "alice", "aud": "todo-app", "iss": h.issuer.issuer(), "iat": now()}),
+        json!({"sub": "alice", "aud": "todo-app", "iss": h.issuer.issuer(), "iat": unix_now()}),
     );
-    let message = refused(&h, "authenticated", &token).await;
+    let message = h.connect_refused("authenticated", &token).await;
     assert!(message.contains("\"exp\""), "{message}");
     still_serves_alice(&h).await;
 }
@@ -263,7 +238,7 @@ async fn a_token_without_exp_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_the_proxy_does_not_serve_is_refused_by_name() {
     let h = Harness::start().await;
-    let message = refused(&h, "postgres", &h.token("alice")).await;
+    let message = h.connect_refused("postgres", &h.token("alice")).await;
     assert!(message.contains("\"postgres\""), "{message}");
     assert!(message.contains("not served"), "{message}");
     still_serves_alice(&h).await;
@@ -278,17 +253,12 @@ async fn tokens_of_all_three_key_kinds_are_accepted() {
         (KeyKind::EdDsa, "ed-user"),
     ] {
         let token = h.token_with(kind, json!({"sub": sub, "aud": "todo-app"}));
-        assert_eq!(header_of(&token)["alg"], kind.alg_name());
+        assert_eq!(jwt_header(&token)["alg"], kind.alg_name());
         let client = h
             .connect("authenticated", &token)
             .await
             .unwrap_or_else(|e| panic!("{kind:?} token is accepted: {e}"));
-        let who: String = client
-            .query_one("select auth.user_id()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(who, sub);
+        assert_eq!(user_id_of(&client).await.as_deref(), Some(sub));
     }
 }
 
@@ -296,18 +266,9 @@ async fn tokens_of_all_three_key_kinds_are_accepted() {
 async fn anonymous_connects_without_a_password_and_has_no_session() {
     let h = Harness::start().await;
     // No password at all: tokio-postgres fails if one is asked for.
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(h.port())
-        .user("anonymous")
-        .dbname("app")
-        .connect_timeout(Duration::from_secs(10));
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
+    let client = connect(&client_config(h.proxy.address, "anonymous", None))
         .await
         .expect("anonymous connects without a password");
-    tokio::spawn(connection);
     let no_session: bool = client
         .query_one("select auth.session() is null", &[])
         .await
@@ -326,7 +287,7 @@ async fn anonymous_connects_without_a_password_and_has_no_session() {
 async fn a_password_over_the_token_limit_is_refused_naming_the_limit() {
     let h = Harness::start_with("[listen]\nmax_token_bytes = 1024").await;
     let long = "x".repeat(2000);
-    let message = refused(&h, "authenticated", &long).await;
+    let message = h.connect_refused("authenticated", &long).await;
     assert!(message.contains("1024"), "{message}");
     assert!(message.contains("limit"), "{message}");
     // A real token fits under the limit.
@@ -350,7 +311,7 @@ async fn raw_exchange(h: &Harness, bytes: &[u8], half_close: bool) -> RawAnswer 
         tcp.shutdown().await.unwrap();
     }
     let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
+    let read = tokio::time::timeout(WAIT, async {
         let mut buf = [0u8; 4096];
         loop {
             match tcp.read(&mut buf).await {
@@ -369,33 +330,16 @@ async fn raw_exchange(h: &Harness, bytes: &[u8], half_close: bool) -> RawAnswer 
     if answer.is_empty() {
         return RawAnswer::Closed;
     }
-    parse_error_response(&answer)
-        .unwrap_or_else(|| panic!("expected an ErrorResponse or nothing, got {answer:?}"))
-}
-
-fn parse_error_response(bytes: &[u8]) -> Option<RawAnswer> {
-    let (&kind, rest) = bytes.split_first()?;
-    if kind != b'E' || rest.len() < 4 {
-        return None;
-    }
-    let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-    let body = rest.get(4..len)?;
-    let (mut code, mut message) = (String::new(), String::new());
-    let mut fields = body;
-    while let Some((&field, tail)) = fields.split_first() {
-        if field == 0 {
-            break;
+    match wire::read_message(&mut answer.as_slice()).await {
+        Ok((b'E', body)) => {
+            let error = wire::error_response(&body);
+            RawAnswer::Error {
+                code: error.code,
+                message: error.message,
+            }
         }
-        let end = tail.iter().position(|&b| b == 0)?;
-        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
-        match field {
-            b'C' => code = value,
-            b'M' => message = value,
-            _ => {}
-        }
-        fields = &tail[end + 1..];
+        _ => panic!("expected an ErrorResponse or nothing, got {answer:?}"),
     }
-    Some(RawAnswer::Error { code, message })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,18 +405,11 @@ async fn malformed_startup_packets_are_refused_and_the_proxy_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_shows_the_refusal_message() {
     let h = Harness::start().await;
-    let out = h.psql("authenticated", "hunter2", "select 1");
-    assert!(!out.status.success(), "psql must fail");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = h.psql_err("authenticated", "hunter2", "select 1");
     assert!(stderr.contains("FATAL"), "{stderr}");
     assert!(stderr.contains("not a JWT"), "{stderr}");
 
     // And a valid token through psql works on the same proxy.
-    let out = h.psql("authenticated", &h.token("alice"), "select auth.user_id()");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice");
+    let who = h.psql_ok("authenticated", &h.token("alice"), "select auth.user_id()");
+    assert_eq!(who, "alice");
 }

@@ -2,20 +2,13 @@
 
 mod support;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::Harness;
+use support::{Harness, client_config, db_error, refusal, unix_now};
 use tokio_postgres::NoTls;
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 /// A token for alice that expires `seconds` from now (the harness grants 2 s leeway).
 fn short_lived(h: &Harness, seconds: u64) -> String {
@@ -26,16 +19,8 @@ fn short_lived(h: &Harness, seconds: u64) -> String {
 }
 
 fn assert_token_expired(e: &tokio_postgres::Error) {
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected FATAL 28000, got: {e}"));
-    assert_eq!(db.code().code(), "28000", "{db:?}");
-    assert_eq!(db.severity(), "FATAL");
-    assert!(
-        db.message().starts_with("token expired at "),
-        "{}",
-        db.message()
-    );
+    let message = refusal(e);
+    assert!(message.starts_with("token expired at "), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,15 +110,8 @@ async fn a_streaming_result_is_cut_between_messages_at_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_idle_sessions_with_57p01_after_the_drain_time() {
     let Harness { pg, issuer, proxy } = Harness::start().await;
-    let port = proxy.address.port();
     let token = issuer.mint(KeyKind::Rs256, json!({"sub": "alice", "aud": "todo-app"}));
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(port)
-        .user("authenticated")
-        .password(token.as_str())
-        .dbname("app");
+    let config = client_config(proxy.address, "authenticated", Some(&token));
     let (client, connection) = config.connect(NoTls).await.unwrap();
     let connection = tokio::spawn(connection);
     client.query_one("select 1", &[]).await.unwrap();
@@ -151,10 +129,7 @@ async fn shutdown_ends_idle_sessions_with_57p01_after_the_drain_time() {
         .expect("the session ends after the drain time")
         .unwrap();
     let err = ended.expect_err("the proxy ends the session with an error");
-    let db = err
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected FATAL 57P01, got: {err}"));
-    assert_eq!(db.code().code(), "57P01");
+    assert_eq!(db_error(&err).0, "57P01");
     tokio::time::timeout(Duration::from_secs(15), stopping)
         .await
         .expect("shutdown completes")

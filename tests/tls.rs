@@ -5,23 +5,23 @@
 mod support;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
-use rlsgate::config::Config;
-use rlsgate::listener::RunningProxy;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use support::{Harness, SIGNING_KEY, db_error, psql_binary};
+use support::wire::{self, APP_STARTUP, RawSession};
+use support::{
+    Harness, WAIT, client_config, connect, db_error, psql_binary, psql_err, psql_ok, user_id_of,
+};
 use tempfile::TempDir;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -83,41 +83,14 @@ impl TestPki {
         }
     }
 
-    /// The `[listen]` keys that enable TLS with this certificate.
-    fn listen_keys(&self) -> String {
+    /// The `[listen]` section that enables TLS with this certificate.
+    fn listen_toml(&self) -> String {
         format!(
-            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            "[listen]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
             self.cert_pem.display(),
             self.key_pem.display()
         )
     }
-}
-
-/// psql through the proxy with a libpq connection string of our own.
-fn psql(conninfo: &str, token: &str, commands: &[&str]) -> Output {
-    let mut command = Command::new(psql_binary());
-    command
-        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-        .arg(conninfo);
-    for c in commands {
-        command.args(["-c", c]);
-    }
-    command
-        .env("PGPASSWORD", token)
-        .env("PGCONNECT_TIMEOUT", "10")
-        .env_remove("PGSERVICE")
-        .env_remove("PGSSLMODE")
-        .env_remove("PGSSLROOTCERT")
-        .output()
-        .expect("run psql")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn psql_major_version() -> u32 {
@@ -126,7 +99,7 @@ fn psql_major_version() -> u32 {
         .output()
         .expect("run psql --version");
     // "psql (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
-    let text = stdout(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()
         .find_map(|word| word.split('.').next()?.parse().ok())
         .unwrap_or_else(|| panic!("cannot read the psql version from {text:?}"))
@@ -135,19 +108,17 @@ fn psql_major_version() -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_connects_with_verify_full_against_the_test_ca() {
     let pki = TestPki::generate(&[]);
-    let h = Harness::start_with(&format!("[listen]\n{}", pki.listen_keys())).await;
+    let h = Harness::start_with(&pki.listen_toml()).await;
     let conninfo = format!(
         "host=localhost port={} user=authenticated dbname=app sslmode=verify-full sslrootcert={}",
         h.port(),
         pki.ca_pem.display()
     );
-    let out = psql(
+    let text = psql_ok(
         &conninfo,
         &h.token("alice"),
         &["\\conninfo", "select auth.user_id()"],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
     assert!(text.contains("SSL connection"), "psql reports TLS: {text}");
     assert_eq!(text.lines().last().unwrap().trim(), "alice", "{text}");
 }
@@ -155,18 +126,16 @@ async fn psql_connects_with_verify_full_against_the_test_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_connects_with_sslmode_require() {
     let pki = TestPki::generate(&[]);
-    let h = Harness::start_with(&format!("[listen]\n{}", pki.listen_keys())).await;
+    let h = Harness::start_with(&pki.listen_toml()).await;
     let conninfo = format!(
         "host=127.0.0.1 port={} user=authenticated dbname=app sslmode=require",
         h.port()
     );
-    let out = psql(
+    let text = psql_ok(
         &conninfo,
         &h.token("alice"),
         &["\\conninfo", "select auth.user_id()"],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
     assert!(text.contains("SSL connection"), "{text}");
     assert_eq!(text.lines().last().unwrap().trim(), "alice", "{text}");
 }
@@ -175,19 +144,14 @@ async fn psql_connects_with_sslmode_require() {
 async fn psql_refuses_the_proxy_certificate_when_it_trusts_another_ca() {
     let pki = TestPki::generate(&[]);
     let other = TestPki::generate_named("some other CA", &[]);
-    let h = Harness::start_with(&format!("[listen]\n{}", pki.listen_keys())).await;
+    let h = Harness::start_with(&pki.listen_toml()).await;
     let conninfo = format!(
         "host=localhost port={} user=authenticated dbname=app sslmode=verify-full sslrootcert={}",
         h.port(),
         other.ca_pem.display()
     );
-    let out = psql(&conninfo, &h.token("alice"), &["select 1"]);
-    assert!(!out.status.success(), "psql must not trust the certificate");
-    assert!(
-        stderr(&out).contains("certificate verify failed"),
-        "{}",
-        stderr(&out)
-    );
+    let stderr = psql_err(&conninfo, &h.token("alice"), &["select 1"]);
+    assert!(stderr.contains("certificate verify failed"), "{stderr}");
 }
 
 fn client_tls(ca: &CertificateDer<'static>, alpn: Option<&[u8]>) -> TlsConnector {
@@ -215,75 +179,16 @@ async fn direct_tls(
         .await
 }
 
-fn startup_message(user: &str, database: &str) -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (key, value) in [("user", user), ("database", database)] {
-        body.extend_from_slice(key.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
-}
-
-fn password_message(password: &str) -> Vec<u8> {
-    let mut packet = vec![b'p'];
-    packet.extend_from_slice(&((password.len() + 5) as u32).to_be_bytes());
-    packet.extend_from_slice(password.as_bytes());
-    packet.push(0);
-    packet
-}
-
-/// Reads one backend message: its type and body.
-async fn read_message(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<(u8, Vec<u8>)> {
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).await?;
-    let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
-    let mut body = vec![0u8; len.saturating_sub(4)];
-    stream.read_exact(&mut body).await?;
-    Ok((header[0], body))
-}
-
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), f)
+    tokio::time::timeout(WAIT, f)
         .await
         .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-/// Sends a simple query and returns the first column of the first row.
-async fn query_first_text(
-    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
-    sql: &str,
-) -> Option<String> {
-    let mut packet = vec![b'Q'];
-    packet.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
-    packet.extend_from_slice(sql.as_bytes());
-    packet.push(0);
-    stream.write_all(&packet).await.unwrap();
-    let mut first = None;
-    loop {
-        let (kind, body) = read_message(stream).await.unwrap();
-        match kind {
-            b'D' if first.is_none() => {
-                let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
-                if len >= 0 {
-                    first = Some(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned());
-                }
-            }
-            b'E' => panic!("query failed: {}", String::from_utf8_lossy(&body)),
-            b'Z' => return first,
-            _ => {}
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_tls_with_alpn_postgresql_is_served() {
     let pki = TestPki::generate(&[]);
-    let h = Harness::start_with(&format!("[listen]\n{}", pki.listen_keys())).await;
+    let h = Harness::start_with(&pki.listen_toml()).await;
 
     // psql 17+ can do this itself; older ones cannot, so the handshake is
     // done by hand below in any case.
@@ -294,16 +199,15 @@ async fn direct_tls_with_alpn_postgresql_is_served() {
             h.port(),
             pki.ca_pem.display()
         );
-        let out = psql(&conninfo, &h.token("alice"), &["select auth.user_id()"]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        assert_eq!(stdout(&out).trim(), "alice");
+        let who = psql_ok(&conninfo, &h.token("alice"), &["select auth.user_id()"]);
+        assert_eq!(who, "alice");
     } else {
         eprintln!(
             "psql {major} has no sslnegotiation=direct (17+): direct TLS is tested with rustls only"
         );
     }
 
-    let mut tls = within(
+    let tls = within(
         "direct TLS handshake",
         direct_tls(h.port(), &pki.ca_der, Some(b"postgresql")),
     )
@@ -311,52 +215,18 @@ async fn direct_tls_with_alpn_postgresql_is_served() {
     .expect("direct TLS with ALPN postgresql is accepted");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
 
-    tls.write_all(&startup_message("authenticated", "app"))
+    let mut session = RawSession::login(tls, APP_STARTUP, &h.token("alice"))
         .await
-        .unwrap();
-    let (kind, body) = within("password request", read_message(&mut tls))
-        .await
-        .unwrap();
-    assert_eq!(
-        (kind, body.as_slice()),
-        (b'R', &3u32.to_be_bytes()[..]),
-        "AuthenticationCleartextPassword"
-    );
-
-    tls.write_all(&password_message(&h.token("alice")))
-        .await
-        .unwrap();
-    let (kind, body) = within("authentication result", read_message(&mut tls))
-        .await
-        .unwrap();
-    assert_eq!(
-        (kind, body.as_slice()),
-        (b'R', &0u32.to_be_bytes()[..]),
-        "AuthenticationOk, got {:?} {}",
-        kind as char,
-        String::from_utf8_lossy(&body)
-    );
-    loop {
-        let (kind, _) = within("ReadyForQuery", read_message(&mut tls))
-            .await
-            .unwrap();
-        if kind == b'Z' {
-            break;
-        }
-    }
-    let who = within(
-        "query over direct TLS",
-        query_first_text(&mut tls, "select auth.user_id()"),
-    )
-    .await;
+        .unwrap_or_else(|e| panic!("login over direct TLS refused: {e:?}"));
+    let who = session.query_value("select auth.user_id()").await;
     assert_eq!(who.as_deref(), Some("alice"));
-    tls.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+    session.terminate().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_tls_without_alpn_postgresql_is_rejected() {
     let pki = TestPki::generate(&[]);
-    let h = Harness::start_with(&format!("[listen]\n{}", pki.listen_keys())).await;
+    let h = Harness::start_with(&pki.listen_toml()).await;
 
     // No ALPN at all: the handshake may complete, but the proxy then closes
     // the connection without speaking the protocol.
@@ -368,9 +238,7 @@ async fn direct_tls_without_alpn_postgresql_is_rejected() {
     {
         Err(_) => {}
         Ok(mut tls) => {
-            let _ = tls
-                .write_all(&startup_message("authenticated", "app"))
-                .await;
+            let _ = tls.write_all(&wire::startup_message(APP_STARTUP)).await;
             let mut answer = Vec::new();
             let read = within("proxy closes", tls.read_to_end(&mut answer)).await;
             assert!(
@@ -394,9 +262,8 @@ async fn direct_tls_without_alpn_postgresql_is_rejected() {
         h.port(),
         pki.ca_pem.display()
     );
-    let out = psql(&conninfo, &h.token("alice"), &["select auth.user_id()"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out).trim(), "alice");
+    let who = psql_ok(&conninfo, &h.token("alice"), &["select auth.user_id()"]);
+    assert_eq!(who, "alice");
 }
 
 /// An IPv4 address of this machine that is not loopback. Tests that need
@@ -420,7 +287,7 @@ fn non_loopback_ipv4() -> Ipv4Addr {
     let listed = Command::new("hostname")
         .arg("-I")
         .output()
-        .map(|out| stdout(&out))
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
         .unwrap_or_default();
     listed
         .split_whitespace()
@@ -435,69 +302,27 @@ fn non_loopback_ipv4() -> Ipv4Addr {
         })
 }
 
-/// A second proxy, next to the harness's, listening on `address` with extra
-/// `[listen]` keys, configured like the harness (same Postgres and issuer).
-async fn proxy_on(h: &Harness, address: SocketAddr, listen_keys: &str) -> RunningProxy {
-    let mut toml = rlsgate::dev::sample_config(
-        SocketAddr::new(address.ip(), 0),
-        h.pg.port(),
-        &h.issuer.issuer(),
-        SIGNING_KEY,
-    );
-    let address_line = format!("address = \"{}\"\n", SocketAddr::new(address.ip(), 0));
-    assert!(
-        toml.contains(&address_line),
-        "sample configuration has {address_line:?}: {toml}"
-    );
-    toml = toml.replacen(&address_line, &format!("{address_line}{listen_keys}\n"), 1);
-    let config = Config::parse(&toml).expect("test configuration parses");
-    RunningProxy::start(config)
-        .await
-        .unwrap_or_else(|e| panic!("start a proxy on {address}: {e:#}"))
-}
-
-fn client_config_for(
-    address: SocketAddr,
-    user: &str,
-    password: Option<&str>,
-) -> tokio_postgres::Config {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(address.ip().to_string())
-        .port(address.port())
-        .user(user)
-        .dbname("app")
-        .connect_timeout(Duration::from_secs(10));
-    if let Some(password) = password {
-        config.password(password);
-    }
-    config
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_over_plaintext_to_a_non_loopback_listener_is_refused_as_tls_is_required() {
     let ip = non_loopback_ipv4();
     let pki = TestPki::generate(&[IpAddr::V4(ip)]);
     let h = Harness::start().await;
-    let proxy = proxy_on(&h, SocketAddr::new(IpAddr::V4(ip), 0), &pki.listen_keys()).await;
+    let proxy = h.another_proxy(ip.into(), &pki.listen_toml()).await;
     assert!(!proxy.address.ip().is_loopback());
 
     // Plaintext with a token: refused before the token is even asked for.
-    let err = client_config_for(proxy.address, "authenticated", Some(&h.token("alice")))
-        .connect(tokio_postgres::NoTls)
+    let alice = client_config(proxy.address, "authenticated", Some(&h.token("alice")));
+    let err = connect(&alice)
         .await
-        .err()
-        .expect("a token over plaintext to a non-loopback address is refused");
+        .expect_err("a token over plaintext to a non-loopback address is refused");
     let (code, message) = db_error(&err);
     assert_eq!(code, "28000", "{message}");
     assert!(message.contains("TLS is required"), "{message}");
 
     // A role without a token sends nothing secret, so plaintext is fine.
-    let (anonymous, connection) = client_config_for(proxy.address, "anonymous", None)
-        .connect(tokio_postgres::NoTls)
+    let anonymous = connect(&client_config(proxy.address, "anonymous", None))
         .await
         .expect("anonymous over plaintext");
-    tokio::spawn(connection);
     let none: bool = anonymous
         .query_one("select auth.session() is null", &[])
         .await
@@ -512,18 +337,16 @@ async fn a_token_over_plaintext_to_a_non_loopback_listener_is_refused_as_tls_is_
         proxy.address.port(),
         pki.ca_pem.display()
     );
-    let out = psql(&conninfo, &h.token("alice"), &["select auth.user_id()"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out).trim(), "alice");
+    let who = psql_ok(&conninfo, &h.token("alice"), &["select auth.user_id()"]);
+    assert_eq!(who, "alice");
 
     // psql shows the refusal too.
     let conninfo = format!(
         "host={ip} port={} user=authenticated dbname=app sslmode=disable",
         proxy.address.port()
     );
-    let out = psql(&conninfo, &h.token("alice"), &["select 1"]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("TLS is required"), "{}", stderr(&out));
+    let stderr = psql_err(&conninfo, &h.token("alice"), &["select 1"]);
+    assert!(stderr.contains("TLS is required"), "{stderr}");
     proxy.shutdown().await;
 }
 
@@ -531,24 +354,14 @@ async fn a_token_over_plaintext_to_a_non_loopback_listener_is_refused_as_tls_is_
 async fn allow_plaintext_tokens_lifts_the_refusal_on_a_non_loopback_listener() {
     let ip = non_loopback_ipv4();
     let h = Harness::start().await;
-    let proxy = proxy_on(
-        &h,
-        SocketAddr::new(IpAddr::V4(ip), 0),
-        "allow_plaintext_tokens = true",
-    )
-    .await;
-    let (alice, connection) =
-        client_config_for(proxy.address, "authenticated", Some(&h.token("alice")))
-            .connect(tokio_postgres::NoTls)
-            .await
-            .expect("a plaintext token is accepted when explicitly allowed");
-    tokio::spawn(connection);
-    let who: String = alice
-        .query_one("select auth.user_id()", &[])
+    let proxy = h
+        .another_proxy(ip.into(), "[listen]\nallow_plaintext_tokens = true")
+        .await;
+    let config = client_config(proxy.address, "authenticated", Some(&h.token("alice")));
+    let alice = connect(&config)
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(who, "alice");
+        .expect("a plaintext token is accepted when explicitly allowed");
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
     drop(alice);
     proxy.shutdown().await;
 }

@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{Harness, db_error};
+use support::{Harness, db_error, user_id_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alice_and_bob_each_see_only_their_own_todos() {
@@ -52,12 +52,7 @@ async fn alice_and_bob_each_see_only_their_own_todos() {
         ["fix the bike"]
     );
 
-    let who: String = alice
-        .query_one("select auth.user_id()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(who, "alice");
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
 
     // The rows really are there: the superuser sees all three.
     let all: i64 = h
@@ -131,60 +126,31 @@ async fn the_todo_scenario_works_through_psql() {
     let alice = h.token("alice");
     let bob = h.token("bob");
 
-    let out = h.psql(
+    h.psql_ok(
         "authenticated",
         &alice,
         "insert into todos (title) values ('alice via psql')",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = h.psql(
+    h.psql_ok(
         "authenticated",
         &bob,
         "insert into todos (title) values ('bob via psql')",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 
-    let out = h.psql(
-        "authenticated",
-        &alice,
-        "select user_id || ':' || title from todos",
-    );
+    let sql = "select user_id || ':' || title from todos";
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        h.psql_ok("authenticated", &alice, sql),
         "alice:alice via psql"
     );
-    let out = h.psql(
-        "authenticated",
-        &bob,
-        "select user_id || ':' || title from todos",
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "bob:bob via psql"
-    );
+    assert_eq!(h.psql_ok("authenticated", &bob, sql), "bob:bob via psql");
 
-    let out = h.psql(
-        "authenticated",
-        &bob,
-        "update todos set title = 'x' where user_id = 'alice' returning id",
-    );
-    assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
+    let sql = "update todos set title = 'x' where user_id = 'alice' returning id";
+    assert_eq!(h.psql_ok("authenticated", &bob, sql), "");
 
-    let out = h.psql(
+    let stderr = h.psql_err(
         "authenticated",
         &bob,
         "insert into todos (user_id, title) values ('alice', 'planted')",
     );
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("row-level security"), "{stderr}");
 }

@@ -3,17 +3,25 @@
 //! HTTP, and the proxy between them, configured through its TOML format.
 #![allow(dead_code)]
 
-use std::process::{Command, Output};
-use std::time::Duration;
+pub mod wire;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rlsgate::config::Config;
 use rlsgate::dev::issuer::{DevIssuer, KeyKind};
 use rlsgate::dev::postgres::TempPostgres;
 use rlsgate::listener::RunningProxy;
 use serde_json::{Value, json};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 pub const SIGNING_KEY: &str = "cmxzZ2F0ZS10ZXN0LXNpZ25pbmcta2V5LTMyLWJ5dGVzIQ==";
+
+/// How long any single wait in these tests may take before it is a failure.
+pub const WAIT: Duration = Duration::from_secs(10);
 
 /// What the tests add to the sample application.
 const TEST_SCHEMA: &str = "
@@ -33,7 +41,8 @@ impl Harness {
         Self::start_with("").await
     }
 
-    /// Starts everything; `extra_toml` is appended to the generated configuration.
+    /// Starts everything; `extra_toml` is merged into the generated
+    /// configuration (see `proxy_config`).
     pub async fn start_with(extra_toml: &str) -> Harness {
         let pg = TempPostgres::start().await.expect("start PostgreSQL");
         let admin = pg.connect("postgres").await.expect("connect as superuser");
@@ -53,18 +62,23 @@ impl Harness {
         let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
             .await
             .expect("start token issuer");
-        let mut toml = rlsgate::dev::sample_config(
-            "127.0.0.1:0".parse().unwrap(),
+        let config = proxy_config(
+            Ipv4Addr::LOCALHOST.into(),
             pg.port(),
             &issuer.issuer(),
-            SIGNING_KEY,
+            extra_toml,
         );
-        // Short enough that tests of expiry and refetching run quickly.
-        toml.push_str("leeway = \"2s\"\nrefetch_cooldown = \"1s\"\n");
-        let toml = merge_extra(&toml, extra_toml);
-        let config = Config::parse(&toml).expect("test configuration parses");
         let proxy = RunningProxy::start(config).await.expect("start proxy");
         Harness { pg, issuer, proxy }
+    }
+
+    /// A second proxy in front of the same Postgres and issuer, configured
+    /// like the harness's but listening on `ip`.
+    pub async fn another_proxy(&self, ip: IpAddr, extra_toml: &str) -> RunningProxy {
+        let config = proxy_config(ip, self.pg.port(), &self.issuer.issuer(), extra_toml);
+        RunningProxy::start(config)
+            .await
+            .unwrap_or_else(|e| panic!("start a proxy on {ip}: {e:#}"))
     }
 
     pub fn port(&self) -> u16 {
@@ -82,15 +96,7 @@ impl Harness {
     }
 
     pub fn client_config(&self, user: &str, password: &str) -> tokio_postgres::Config {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(self.port())
-            .user(user)
-            .password(password)
-            .dbname("app")
-            .connect_timeout(Duration::from_secs(10));
-        config
+        client_config(self.proxy.address, user, Some(password))
     }
 
     /// Connects through the proxy; the connection task runs in the background.
@@ -99,11 +105,7 @@ impl Harness {
         user: &str,
         password: &str,
     ) -> Result<Client, tokio_postgres::Error> {
-        let (client, connection) = self.client_config(user, password).connect(NoTls).await?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+        connect(&self.client_config(user, password)).await
     }
 
     pub async fn connect_as(&self, sub: &str) -> Client {
@@ -112,19 +114,43 @@ impl Harness {
             .unwrap_or_else(|e| panic!("{sub} connects: {e}"))
     }
 
+    /// Connects as `user` with `password`, expecting a refusal (see `refusal`),
+    /// and returns its message.
+    pub async fn connect_refused(&self, user: &str, password: &str) -> String {
+        match self.connect(user, password).await {
+            Ok(_) => panic!("the proxy accepted a connection as {user} that it must refuse"),
+            Err(e) => refusal(&e),
+        }
+    }
+
+    /// A session spoken by hand, as `authenticated` with `sub`'s token.
+    pub async fn raw_connect_as(&self, sub: &str) -> wire::RawSession {
+        wire::RawSession::connect(self.port(), wire::APP_STARTUP, &self.token(sub))
+            .await
+            .unwrap_or_else(|e| panic!("{sub} connects: {e:?}"))
+    }
+
+    /// A libpq connection string for `user` on database `app`, without TLS.
+    pub fn conninfo(&self, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=app sslmode=disable",
+            self.port()
+        )
+    }
+
     /// Runs `psql` through the proxy, with the token in PGPASSWORD.
     pub fn psql(&self, user: &str, token: &str, sql: &str) -> Output {
-        Command::new(psql_binary())
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .arg(format!(
-                "host=127.0.0.1 port={} user={user} dbname=app sslmode=disable",
-                self.port()
-            ))
-            .args(["-c", sql])
-            .env("PGPASSWORD", token)
-            .env_remove("PGSERVICE")
-            .output()
-            .expect("run psql")
+        psql(&self.conninfo(user), token, &[sql])
+    }
+
+    /// psql's trimmed output; its failing is a failure, with its stderr.
+    pub fn psql_ok(&self, user: &str, token: &str, sql: &str) -> String {
+        psql_ok(&self.conninfo(user), token, &[sql])
+    }
+
+    /// psql's stderr; its succeeding is a failure.
+    pub fn psql_err(&self, user: &str, token: &str, sql: &str) -> String {
+        psql_err(&self.conninfo(user), token, &[sql])
     }
 
     /// A superuser connection straight to Postgres, around the proxy.
@@ -133,26 +159,57 @@ impl Harness {
     }
 }
 
-/// Lines of `extra` that start a `key = value` under `[listen]` go there;
-/// whole sections are appended.
-fn merge_extra(base: &str, extra: &str) -> String {
-    let extra = extra.trim();
-    if extra.is_empty() {
-        return base.to_owned();
-    }
+/// The proxy's configuration: the sample one, listening on `ip` (any port)
+/// in front of `pg_port` and `issuer`, with a leeway and refetch cooldown
+/// short enough that tests of expiry and refetching run quickly. Lines of
+/// `extra_toml` under a leading `[listen]` go into that section; the rest
+/// is appended (and so lands in the `[[provider]]`, unless it opens a section).
+fn proxy_config(ip: IpAddr, pg_port: u16, issuer: &str, extra_toml: &str) -> Config {
+    let mut toml =
+        rlsgate::dev::sample_config(SocketAddr::new(ip, 0), pg_port, issuer, SIGNING_KEY);
+    toml.push_str("leeway = \"2s\"\nrefetch_cooldown = \"1s\"\n");
+    let extra = extra_toml.trim();
     if let Some(listen) = extra.strip_prefix("[listen]\n") {
         let (listen_lines, rest) = match listen.find("\n[") {
             Some(at) => (&listen[..at], &listen[at..]),
             None => (listen, ""),
         };
-        let base = base.replacen(
-            "address = \"127.0.0.1:0\"\n",
-            &format!("address = \"127.0.0.1:0\"\n{listen_lines}\n"),
-            1,
-        );
-        return format!("{base}\n{rest}\n");
+        assert!(toml.starts_with("[listen]\n"), "{toml}");
+        toml = toml.replacen("[listen]\n", &format!("[listen]\n{listen_lines}\n"), 1);
+        toml = format!("{toml}\n{rest}\n");
+    } else if !extra.is_empty() {
+        toml = format!("{toml}\n{extra}\n");
     }
-    format!("{base}\n{extra}\n")
+    Config::parse(&toml).expect("test configuration parses")
+}
+
+/// A client configuration for the proxy at `address`; without a password,
+/// tokio-postgres fails if one is asked for.
+pub fn client_config(
+    address: SocketAddr,
+    user: &str,
+    password: Option<&str>,
+) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(address.ip().to_string())
+        .port(address.port())
+        .user(user)
+        .dbname("app")
+        .connect_timeout(WAIT);
+    if let Some(password) = password {
+        config.password(password);
+    }
+    config
+}
+
+/// Connects; the connection task runs in the background.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
 }
 
 /// psql from the PostgreSQL client package; missing it is a failure that
@@ -175,10 +232,112 @@ pub fn psql_binary() -> std::path::PathBuf {
     panic!("psql not found: install the PostgreSQL client (apt-get install postgresql-client)");
 }
 
+/// psql with a libpq connection string, the token in PGPASSWORD and one
+/// `-c` per command, ready for more arguments or environment.
+pub fn psql_command(conninfo: &str, token: &str, commands: &[&str]) -> Command {
+    let mut command = Command::new(psql_binary());
+    command
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .arg(conninfo);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    command
+        .env("PGPASSWORD", token)
+        .env("PGCONNECT_TIMEOUT", WAIT.as_secs().to_string())
+        .env_remove("PGSERVICE")
+        .env_remove("PGSSLMODE")
+        .env_remove("PGSSLROOTCERT");
+    command
+}
+
+pub fn psql(conninfo: &str, token: &str, commands: &[&str]) -> Output {
+    psql_command(conninfo, token, commands)
+        .output()
+        .expect("run psql")
+}
+
+/// psql's trimmed output; its failing is a failure, with its stderr.
+pub fn psql_ok(conninfo: &str, token: &str, commands: &[&str]) -> String {
+    psql_stdout(psql(conninfo, token, commands))
+        .trim()
+        .to_owned()
+}
+
+/// psql's stderr; its succeeding is a failure.
+pub fn psql_err(conninfo: &str, token: &str, commands: &[&str]) -> String {
+    let out = psql(conninfo, token, commands);
+    assert!(
+        !out.status.success(),
+        "psql must fail, but it printed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The whole output of a psql that succeeded; its failing is a failure,
+/// with its stderr.
+pub fn psql_stdout(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("psql prints UTF-8")
+}
+
 /// The SQLSTATE and message of a failed connect or query.
 pub fn db_error(e: &tokio_postgres::Error) -> (String, String) {
     let db = e
         .as_db_error()
         .unwrap_or_else(|| panic!("expected a database error, got: {e}"));
     (db.code().code().to_owned(), db.message().to_owned())
+}
+
+/// The message of a refusal: `e` must be a FATAL error with SQLSTATE 28000.
+pub fn refusal(e: &tokio_postgres::Error) -> String {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected FATAL 28000, got: {e}"));
+    assert_eq!(db.code().code(), "28000", "SQLSTATE for {:?}", db.message());
+    assert_eq!(db.severity(), "FATAL", "severity for {:?}", db.message());
+    db.message().to_owned()
+}
+
+/// `auth.user_id()` as the session sees it.
+pub async fn user_id_of(client: &Client) -> Option<String> {
+    client
+        .query_one("select auth.user_id()", &[])
+        .await
+        .expect("select auth.user_id()")
+        .get(0)
+}
+
+/// The rows of a `simple_query` answer, as text.
+pub fn simple_rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The decoded header of a JWT.
+pub fn jwt_header(token: &str) -> Value {
+    let header = token.split('.').next().unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap()
+}
+
+/// Seconds since the Unix epoch, as in `exp` and `nbf`.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
