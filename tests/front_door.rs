@@ -1,0 +1,146 @@
+//! What a client meets before it is authenticated: protocol negotiation,
+//! encryption requests, and the connection limit.
+
+mod support;
+
+use support::wire::{self, APP_STARTUP, RawSession};
+use support::{Harness, WAIT, db_error};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+async fn connect(h: &Harness) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", h.port())).await.unwrap()
+}
+
+async fn one_byte_answer(stream: &mut TcpStream) -> u8 {
+    tokio::time::timeout(WAIT, stream.read_u8())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_minor_version_and_pq_options_are_negotiated_down_to_3_0() {
+    let h = Harness::start().await;
+    let mut stream = connect(&h).await;
+    let mut startup = wire::startup_message(&[
+        ("user", "authenticated"),
+        ("database", "app"),
+        ("_pq_.test_option", "on"),
+    ]);
+    startup[4..8].copy_from_slice(&196_610u32.to_be_bytes()); // protocol 3.2
+    wire::send(&mut stream, &startup).await;
+
+    let (kind, body) = wire::read_message(&mut stream).await.unwrap();
+    assert_eq!(kind, b'v', "NegotiateProtocolVersion first");
+    let mut expected = 196_608u32.to_be_bytes().to_vec(); // 3.0
+    expected.extend(1u32.to_be_bytes());
+    expected.extend(b"_pq_.test_option\0");
+    assert_eq!(body, expected);
+
+    let (kind, body) = wire::read_message(&mut stream).await.unwrap();
+    assert_eq!(
+        (kind, body),
+        (b'R', 3u32.to_be_bytes().to_vec()),
+        "then the password request"
+    );
+    wire::send(&mut stream, &wire::password_message(&h.token("alice"))).await;
+    loop {
+        let (kind, _) = wire::read_message(&mut stream).await.unwrap();
+        assert_ne!(kind, b'E');
+        if kind == b'Z' {
+            break;
+        }
+    }
+    wire::send(&mut stream, &wire::query_message("select auth.user_id()")).await;
+    let (kind, _) = wire::read_message(&mut stream).await.unwrap();
+    assert_eq!(kind, b'T');
+    let (kind, body) = wire::read_message(&mut stream).await.unwrap();
+    assert_eq!(kind, b'D');
+    assert_eq!(wire::data_row(&body), [Some("alice".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gssapi_encryption_is_declined_and_the_startup_continues() {
+    let h = Harness::start().await;
+    let mut stream = connect(&h).await;
+    wire::send(&mut stream, &GSSENC_REQUEST).await;
+    assert_eq!(one_byte_answer(&mut stream).await, b'N');
+    let mut session = RawSession::login(stream, APP_STARTUP, &h.token("alice"))
+        .await
+        .unwrap();
+    assert_eq!(
+        session
+            .query_value("select auth.user_id()")
+            .await
+            .as_deref(),
+        Some("alice")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_declined_when_no_certificate_is_configured() {
+    let h = Harness::start().await;
+    let mut stream = connect(&h).await;
+    wire::send(&mut stream, &SSL_REQUEST).await;
+    assert_eq!(one_byte_answer(&mut stream).await, b'N');
+    let mut session = RawSession::login(stream, APP_STARTUP, &h.token("alice"))
+        .await
+        .unwrap();
+    assert_eq!(
+        session
+            .query_value("select auth.user_id()")
+            .await
+            .as_deref(),
+        Some("alice")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_get_53300_until_one_closes() {
+    let h = Harness::start_with("[listen]\nmax_connections = 2").await;
+    let first = h.connect_as("alice").await;
+    let _second = h.connect_as("bob").await;
+
+    let err = h
+        .connect("authenticated", &h.token("carol"))
+        .await
+        .unwrap_err();
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected 53300, got {err}"));
+    assert_eq!(db.code().code(), "53300");
+    assert!(db.message().contains("at most 2"), "{}", db.message());
+    // Cancel requests still get through at the limit.
+    first
+        .cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+
+    drop(first);
+    // The slot frees once the proxy sees the session end.
+    let mut carol = None;
+    for _ in 0..50 {
+        match h.connect("authenticated", &h.token("carol")).await {
+            Ok(client) => {
+                carol = Some(client);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(db_error(&e).0, "53300", "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let carol = carol.expect("a slot frees after a session closes");
+    let who: String = carol
+        .query_one("select auth.user_id()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "carol");
+}
