@@ -41,12 +41,6 @@ pub struct StartupRequest {
     pub parameters: BTreeMap<String, String>,
 }
 
-impl StartupRequest {
-    pub fn user(&self) -> Option<&str> {
-        self.parameters.get("user").map(String::as_str)
-    }
-}
-
 /// The key of a CancelRequest: a backend's process id and secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CancelKey {

@@ -571,12 +571,7 @@ fn run_as(cmd: &mut Command, user: Option<ServerUser>) {
 }
 
 /// A port that was free a moment ago; the caller retries if it got taken.
-pub static BUSY: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 fn free_port() -> Result<u16> {
-    let b = BUSY.swap(0, std::sync::atomic::Ordering::SeqCst);
-    if b != 0 {
-        return Ok(b);
-    }
     let listener =
         std::net::TcpListener::bind((HOST, 0)).context("finding a free port on 127.0.0.1")?;
     Ok(listener.local_addr()?.port())
@@ -641,45 +636,5 @@ mod tests {
         pg.stop();
         assert!(!data_dir.exists(), "{} is left behind", data_dir.display());
         pg.stop();
-    }
-}
-
-#[cfg(test)]
-mod scratch {
-    use super::*;
-    #[tokio::test]
-    async fn scratch_port_taken() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        BUSY.store(
-            l.local_addr().unwrap().port(),
-            std::sync::atomic::Ordering::SeqCst,
-        );
-        let pg = TempPostgres::start().await.unwrap();
-        assert_ne!(pg.port(), l.local_addr().unwrap().port());
-        eprintln!(
-            "retried ok: {} vs {}",
-            pg.port(),
-            l.local_addr().unwrap().port()
-        );
-    }
-    #[tokio::test]
-    async fn scratch_bad_setting_error() {
-        // break the config to see the error message with log tail
-        let pg = TempPostgres::start().await.unwrap();
-        let mut pg = pg;
-        let bindir = find_server_binaries().unwrap();
-        let user = server_user().unwrap();
-        if let Some(mut c) = pg.child.take() {
-            stop_postmaster(&mut c);
-        }
-        std::fs::write(
-            pg.data_dir.join("postgresql.auto.conf"),
-            "shared_buffers = 'nonsense'\n",
-        )
-        .unwrap();
-        match pg.launch(&bindir, user).await {
-            Err(StartFailure::Other(e)) => eprintln!("ERROR: {e:#}"),
-            _ => panic!(),
-        }
     }
 }
