@@ -29,6 +29,8 @@ const SUPERUSER: &str = "postgres";
 const SERVER_SYSTEM_USER: &str = "postgres";
 /// Bound on waiting for a fresh server to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one readiness probe, handshake included.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on waiting for the postmaster to exit after SIGQUIT, before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The free port is released before the server binds it, so another process
@@ -369,14 +371,17 @@ impl TempPostgres {
                 }
             }
 
-            let error = match self.config("postgres").connect(NoTls).await {
-                Ok((client, connection)) => {
+            // Bounded: whatever else holds the port may accept and say nothing.
+            let config = self.config("postgres");
+            let error = match tokio::time::timeout(PROBE_TIMEOUT, config.connect(NoTls)).await {
+                Ok(Ok((client, connection))) => {
                     // Dropping the client makes the connection say goodbye.
                     drop(client);
                     let _ = connection.await;
                     return Ok(());
                 }
-                Err(e) => e,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {} s", PROBE_TIMEOUT.as_secs()),
             };
             if Instant::now() >= deadline {
                 let log = fs::read_to_string(&self.log_path).unwrap_or_default();
