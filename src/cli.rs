@@ -36,9 +36,15 @@ enum Command {
     /// Needs the PostgreSQL server binaries (e.g. `apt-get install postgresql`).
     /// Everything it creates is removed on Ctrl-C.
     Demo {
-        /// The port the proxy listens on (127.0.0.1).
+        /// The port the proxy listens on (127.0.0.1); 0 picks a free one.
         #[arg(long, default_value_t = 6432)]
         port: u16,
+        /// Print the connection details as one JSON object on stdout, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Keep the database directory on exit (its path is printed).
+        #[arg(long)]
+        keep: bool,
     },
     /// Serve clients: verify each token, open an upstream session with its claims, relay.
     ///
@@ -72,7 +78,10 @@ pub fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => serve(config).await,
-            Command::Demo { port } => crate::demo::run(port, shutdown_signal()).await,
+            Command::Demo { port, json, keep } => {
+                let options = crate::demo::Options { port, json, keep };
+                crate::demo::run(options, shutdown_signal()).await
+            }
             Command::InitDb {
                 database_url,
                 config,

@@ -106,6 +106,10 @@ pub struct Provider {
     /// How long a fetched JWKS is used before it is fetched again.
     #[serde(default = "defaults::jwks_max_age", with = "humantime_serde")]
     pub jwks_max_age: Duration,
+    /// Fetch keys over plain HTTP from a non-loopback host: only for a
+    /// development issuer on a private network (e.g. a compose service).
+    #[serde(default)]
+    pub allow_plain_http: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,9 +209,10 @@ impl Config {
             if !issuers.insert(provider.issuer.as_str()) {
                 bail!("[[provider]] issuer = {:?} appears twice", provider.issuer);
             }
-            check_fetch_url("issuer", &provider.issuer)?;
+            let allow_http = provider.allow_plain_http;
+            check_fetch_url("issuer", &provider.issuer, allow_http)?;
             if let Some(url) = &provider.jwks_url {
-                check_fetch_url("jwks_url", url)?;
+                check_fetch_url("jwks_url", url, allow_http)?;
             }
         }
         match (&self.listen.tls_cert, &self.listen.tls_key) {
@@ -225,14 +230,14 @@ impl Config {
 
 /// Keys are fetched over HTTPS; plain HTTP only from this machine, where
 /// nobody on the network can swap them.
-fn check_fetch_url(key: &str, url: &str) -> anyhow::Result<()> {
+fn check_fetch_url(key: &str, url: &str, allow_http: bool) -> anyhow::Result<()> {
     let parsed = reqwest::Url::parse(url)
         .with_context(|| format!("[[provider]] {key} = {url:?} is not a URL"))?;
     match parsed.scheme() {
         "https" => Ok(()),
-        "http" if is_loopback_host(parsed.host()) => Ok(()),
+        "http" if allow_http || is_loopback_host(parsed.host()) => Ok(()),
         "http" => bail!(
-            "[[provider]] {key} = {url:?}: keys must be fetched over https (plain http is allowed only for loopback addresses)"
+            "[[provider]] {key} = {url:?}: keys must be fetched over https (plain http is allowed for loopback addresses, or with allow_plain_http = true)"
         ),
         other => bail!("[[provider]] {key} = {url:?}: unsupported scheme {other:?}"),
     }
@@ -338,10 +343,11 @@ signing_key = "c2hvcnQ="
 
     #[test]
     fn plain_http_keys_are_refused_off_loopback() {
-        assert!(check_fetch_url("issuer", "http://127.0.0.1:8080").is_ok());
-        assert!(check_fetch_url("issuer", "http://localhost:8080").is_ok());
-        assert!(check_fetch_url("issuer", "https://example.com").is_ok());
-        let err = check_fetch_url("issuer", "http://example.com").unwrap_err();
+        assert!(check_fetch_url("issuer", "http://127.0.0.1:8080", false).is_ok());
+        assert!(check_fetch_url("issuer", "http://localhost:8080", false).is_ok());
+        assert!(check_fetch_url("issuer", "https://example.com", false).is_ok());
+        let err = check_fetch_url("issuer", "http://example.com", false).unwrap_err();
         assert!(err.to_string().contains("https"), "{err}");
+        assert!(check_fetch_url("issuer", "http://issuer:8080", true).is_ok());
     }
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use base64::Engine;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::claims::SigningKey;
 use crate::config::Config;
@@ -18,15 +18,58 @@ use crate::dev::{SAMPLE_SCHEMA, sample_config};
 use crate::init_db;
 use crate::listener::RunningProxy;
 
-pub async fn run(port: u16, shutdown: impl std::future::Future) -> anyhow::Result<()> {
+pub struct Options {
+    /// The proxy's port on 127.0.0.1; 0 picks a free one.
+    pub port: u16,
+    /// Print the connection details as JSON instead of prose.
+    pub json: bool,
+    /// Leave the database directory behind on exit.
+    pub keep: bool,
+}
+
+const USERS: [&str; 2] = ["alice", "bob"];
+
+pub async fn run(options: Options, shutdown: impl std::future::Future) -> anyhow::Result<()> {
     eprintln!("starting a throwaway PostgreSQL…");
     let pg = TempPostgres::start().await?;
-    let admin = pg.connect("postgres").await?;
-    admin.batch_execute("create database app").await?;
+    let key_base64 = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+    install_sample(&pg, &key_base64).await?;
+
+    let issuer = DevIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let listen = SocketAddr::from(([127, 0, 0, 1], options.port));
+    let config = Config::parse(&sample_config(
+        listen,
+        pg.port(),
+        &issuer.issuer(),
+        &key_base64,
+    ))?;
+    let proxy = RunningProxy::start(config).await?;
+
+    let details = connection_details(&proxy, &issuer, &pg);
+    if options.json {
+        println!("{details}");
+    } else {
+        print_instructions(&details);
+    }
+
+    shutdown.await;
+    eprintln!("stopping…");
+    proxy.shutdown().await;
+    issuer.shutdown().await;
+    if options.keep {
+        let dir = pg.stop_and_keep();
+        eprintln!("kept the database directory {}", dir.display());
+    }
+    Ok(())
+}
+
+async fn install_sample(pg: &TempPostgres, key_base64: &str) -> anyhow::Result<()> {
+    pg.connect("postgres")
+        .await?
+        .batch_execute("create database app")
+        .await?;
     let app = pg.connect("app").await?;
-    let key_bytes: [u8; 32] = rand::random();
-    let key_base64 = base64::engine::general_purpose::STANDARD.encode(key_bytes);
-    let key = SigningKey::from_base64(&key_base64).map_err(anyhow::Error::msg)?;
+    let key = SigningKey::from_base64(key_base64).map_err(anyhow::Error::msg)?;
     init_db::install(&app, &[key.bytes().to_vec()]).await?;
     app.batch_execute(SAMPLE_SCHEMA)
         .await
@@ -36,31 +79,50 @@ pub async fn run(port: u16, shutdown: impl std::future::Future) -> anyhow::Resul
            ('alice', 'water the plants'), ('alice', 'call mum'), ('bob', 'fix the bike')",
     )
     .await?;
-    drop((admin, app));
+    Ok(())
+}
 
-    let issuer = DevIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    let config = Config::parse(&sample_config(
-        listen,
-        pg.port(),
-        &issuer.issuer(),
-        &key_base64,
-    ))?;
-    let proxy = RunningProxy::start(config).await?;
-
-    let token = |sub: &str| issuer.mint(KeyKind::Rs256, json!({"sub": sub, "aud": "todo-app"}));
+/// What a person or a script needs to connect: per user, a fresh token and
+/// the ways to use it.
+fn connection_details(proxy: &RunningProxy, issuer: &DevIssuer, pg: &TempPostgres) -> Value {
     let port = proxy.address.port();
+    let users: serde_json::Map<String, Value> = USERS
+        .iter()
+        .map(|user| {
+            let token = issuer.mint(KeyKind::Rs256, json!({"sub": user, "aud": "todo-app"}));
+            let url =
+                format!("postgresql://authenticated:{token}@127.0.0.1:{port}/app?sslmode=disable");
+            let psql = format!("psql \"{url}\" -c 'select * from todos'");
+            (
+                user.to_string(),
+                json!({"token": token, "url": url, "psql": psql}),
+            )
+        })
+        .collect();
+    json!({
+        "host": "127.0.0.1",
+        "port": port,
+        "database": "app",
+        "user": "authenticated",
+        "issuer": issuer.issuer(),
+        "data_dir": pg.data_dir(),
+        "users": users,
+    })
+}
+
+fn print_instructions(details: &Value) {
+    let port = &details["port"];
     println!("rlsgate is listening on 127.0.0.1:{port}, in front of a throwaway PostgreSQL.");
     println!(
         "Tokens come from a local issuer at {}; they are valid for one hour.",
-        issuer.issuer()
+        details["issuer"].as_str().unwrap_or_default()
     );
     println!();
-    for user in ["alice", "bob"] {
+    for user in USERS {
         println!("# {user} sees only {user}'s todos:");
         println!(
-            "psql \"postgresql://authenticated:{}@127.0.0.1:{port}/app?sslmode=disable\" -c 'select * from todos'",
-            token(user)
+            "{}",
+            details["users"][user]["psql"].as_str().unwrap_or_default()
         );
         println!();
     }
@@ -68,11 +130,4 @@ pub async fn run(port: u16, shutdown: impl std::future::Future) -> anyhow::Resul
     println!("#   postgresql://authenticated:<JWT>@127.0.0.1:{port}/app");
     println!();
     println!("Press Ctrl-C to stop; everything the demo created is then removed.");
-
-    shutdown.await;
-    eprintln!("stopping…");
-    proxy.shutdown().await;
-    issuer.shutdown().await;
-    drop(pg);
-    Ok(())
 }

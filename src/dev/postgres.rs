@@ -215,6 +215,16 @@ impl TempPostgres {
         }
     }
 
+    /// Stops the server but leaves its directory, whose path is returned, so
+    /// that the data can be inspected or started again by hand.
+    pub fn stop_and_keep(mut self) -> PathBuf {
+        if let Some(mut child) = self.child.take() {
+            stop_postmaster(&mut child);
+        }
+        let dir = self.dir.take().expect("a running server has its directory");
+        dir.keep()
+    }
+
     fn root(&self) -> &Path {
         self.data_dir
             .parent()
