@@ -4,13 +4,9 @@
 //! The proxy must be exercised against the same HTTP exchanges it meets in
 //! production (discovery, JWKS with Cache-Control, key rotation, outages, slow
 //! answers), so the tests and `rlsgate demo` use this server rather than
-//! in-process keys. Keys are generated with aws-lc-rs at start and on
-//! [`DevIssuer::rotate`]; nothing is persisted.
-//!
-//! Key formats handed to `jsonwebtoken` 11 (aws-lc-rs backend):
-//! `EncodingKey::from_rsa_der` takes a PKCS#1 `RSAPrivateKey` (it calls
-//! `RsaKeyPair::from_der`), so the PKCS#8 export of the RSA key is unwrapped
-//! first; `from_ec_der` and `from_ed_der` take PKCS#8 as exported.
+//! in-process keys. [`DevIssuer::start`] generates its keys and persists
+//! nothing; [`DevIssuer::start_with`] publishes given keys (e.g. loaded from
+//! files by `rlsgate issuer`) under a given issuer URL.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,20 +15,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
-use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _,
-};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+pub use super::keys::{KeyKind, SigningKeyPair};
 
 /// Path of the discovery document, relative to the issuer URL.
 pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
@@ -42,40 +33,6 @@ pub const JWKS_PATH: &str = "/jwks.json";
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// `max-age` sent with the JWKS unless changed with [`DevIssuer::set_jwks_max_age`].
 pub const DEFAULT_JWKS_MAX_AGE: u64 = 300;
-
-/// The asymmetric key types the proxy accepts, one per JWK key type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum KeyKind {
-    /// RSA 2048, signed as RS256.
-    Rs256,
-    /// ECDSA P-256, signed as ES256.
-    Es256,
-    /// Ed25519, signed as EdDSA.
-    EdDsa,
-}
-
-impl KeyKind {
-    /// Every kind, in the order keys are generated at start.
-    pub const ALL: [KeyKind; 3] = [KeyKind::Rs256, KeyKind::Es256, KeyKind::EdDsa];
-
-    /// The JWS algorithm tokens of this kind are signed with.
-    pub fn algorithm(self) -> Algorithm {
-        match self {
-            KeyKind::Rs256 => Algorithm::RS256,
-            KeyKind::Es256 => Algorithm::ES256,
-            KeyKind::EdDsa => Algorithm::EdDSA,
-        }
-    }
-
-    /// The JWK `alg` value.
-    pub fn alg_name(self) -> &'static str {
-        match self {
-            KeyKind::Rs256 => "RS256",
-            KeyKind::Es256 => "ES256",
-            KeyKind::EdDsa => "EdDSA",
-        }
-    }
-}
 
 /// A running issuer. Clones share the same server and keys; the server stops
 /// on [`DevIssuer::shutdown`] or when the last clone is dropped.
@@ -106,17 +63,31 @@ struct Shared {
 
 #[derive(Default)]
 struct KeyStore {
-    /// Every key ever generated here, in generation order (the JWKS order).
-    all: Vec<SigningKey>,
+    /// Every key this issuer holds, in the order added (the JWKS order).
+    all: Vec<HeldKey>,
     current: HashMap<KeyKind, String>,
 }
 
-struct SigningKey {
-    kid: String,
-    kind: KeyKind,
-    encoding: EncodingKey,
-    public_jwk: Value,
+struct HeldKey {
+    pair: SigningKeyPair,
     published: bool,
+}
+
+impl KeyStore {
+    /// Adds a published key and makes it current for its kind.
+    fn add(&mut self, pair: SigningKeyPair) -> String {
+        let kid = pair.kid();
+        self.current.insert(pair.kind(), kid.clone());
+        self.all.push(HeldKey {
+            pair,
+            published: true,
+        });
+        kid
+    }
+
+    fn find(&self, kid: &str) -> Option<&HeldKey> {
+        self.all.iter().find(|key| key.pair.kid() == kid)
+    }
 }
 
 impl DevIssuer {
@@ -127,24 +98,46 @@ impl DevIssuer {
         let keys = tokio::task::spawn_blocking(|| {
             KeyKind::ALL
                 .into_iter()
-                .map(generate_key)
+                .map(SigningKeyPair::generate)
                 .collect::<anyhow::Result<Vec<_>>>()
         })
         .await
         .context("key generation task failed")??;
+        Self::start_with(addr, None, keys).await
+    }
+
+    /// Publishes `keys` (in this order; the last of each kind is current for
+    /// [`DevIssuer::mint`]) and serves on `addr`. The issuer URL is
+    /// `issuer_url` exactly as given, or `http://<bound address>`: pass the
+    /// URL clients and proxies reach this server at when that is not the
+    /// bind address (e.g. `http://issuer:8080` in a compose network). It
+    /// must have no path, because discovery is served at the root.
+    pub async fn start_with(
+        addr: SocketAddr,
+        issuer_url: Option<String>,
+        keys: Vec<SigningKeyPair>,
+    ) -> anyhow::Result<DevIssuer> {
+        anyhow::ensure!(!keys.is_empty(), "a token issuer needs at least one key");
+        let mut store = KeyStore::default();
+        for key in keys {
+            anyhow::ensure!(
+                store.find(&key.kid()).is_none(),
+                "key {} is given twice",
+                key.kid()
+            );
+            store.add(key);
+        }
+        if let Some(url) = &issuer_url {
+            check_issuer_url(url)?;
+        }
 
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} for the token issuer"))?;
         let addr = listener.local_addr()?;
 
-        let mut store = KeyStore::default();
-        for key in keys {
-            store.current.insert(key.kind, key.kid.clone());
-            store.all.push(key);
-        }
         let shared = Arc::new(Shared {
-            base: format!("http://{addr}"),
+            base: issuer_url.unwrap_or_else(|| format!("http://{addr}")),
             keys: Mutex::new(store),
             jwks_fetches: AtomicUsize::new(0),
             discovery_fetches: AtomicUsize::new(0),
@@ -182,19 +175,31 @@ impl DevIssuer {
         &self.handle.shared
     }
 
-    /// The base URL, without a trailing slash; also the `iss` of minted tokens.
+    /// The issuer URL (without a trailing slash unless one was given to
+    /// [`DevIssuer::start_with`]); also the `iss` of minted tokens.
     pub fn issuer(&self) -> String {
         self.shared().base.clone()
     }
 
     /// Where the key set is served.
     pub fn jwks_url(&self) -> String {
-        format!("{}{JWKS_PATH}", self.shared().base)
+        self.shared().jwks_url()
     }
 
     /// Where the discovery document is served.
     pub fn discovery_url(&self) -> String {
-        format!("{}{DISCOVERY_PATH}", self.shared().base)
+        format!("{}{DISCOVERY_PATH}", self.shared().root())
+    }
+
+    /// The kids of the published keys, in JWKS order.
+    pub fn published_kids(&self) -> Vec<String> {
+        let store = self.shared().keys.lock().expect("issuer keys poisoned");
+        store
+            .all
+            .iter()
+            .filter(|key| key.published)
+            .map(|key| key.pair.kid())
+            .collect()
     }
 
     /// The address actually bound (the port is chosen by the OS for port 0).
@@ -215,7 +220,7 @@ impl DevIssuer {
     /// Like [`DevIssuer::mint`] but with any key generated here, published or
     /// retired, chosen by `kid`. Panics on an unknown kid.
     pub fn mint_with_kid(&self, kid: &str, claims: Value) -> String {
-        let claims = self.with_default_claims(claims);
+        let claims = Value::Object(self.with_default_claims(claims));
         self.sign_with_kid(kid, &claims)
     }
 
@@ -229,25 +234,27 @@ impl DevIssuer {
     /// Signs with a freshly generated key that is never published, so the
     /// verifier meets a `kid` absent from the JWKS even after refetching.
     pub fn mint_with_unpublished_key(&self, kind: KeyKind, claims: Value) -> String {
-        let key = generate_key(kind).expect("key generation failed");
-        sign(&key, &self.with_default_claims(claims))
+        let key = SigningKeyPair::generate(kind).expect("key generation failed");
+        key.sign(&Value::Object(self.with_default_claims(claims)))
     }
 
-    /// The `kid` that [`DevIssuer::mint`] uses for `kind`.
+    /// The `kid` that [`DevIssuer::mint`] uses for `kind`. Panics if this
+    /// issuer holds no key of that kind.
     pub fn current_kid(&self, kind: KeyKind) -> String {
         let store = self.shared().keys.lock().expect("issuer keys poisoned");
-        store.current[&kind].clone()
+        store
+            .current
+            .get(&kind)
+            .unwrap_or_else(|| panic!("this issuer holds no {} key", kind.alg_name()))
+            .clone()
     }
 
     /// Generates a new key of `kind`, publishes it and makes it current for
     /// [`DevIssuer::mint`]; earlier keys stay published. Returns the new kid.
     pub fn rotate(&self, kind: KeyKind) -> String {
-        let key = generate_key(kind).expect("key generation failed");
-        let kid = key.kid.clone();
+        let key = SigningKeyPair::generate(kind).expect("key generation failed");
         let mut store = self.shared().keys.lock().expect("issuer keys poisoned");
-        store.current.insert(kind, kid.clone());
-        store.all.push(key);
-        kid
+        store.add(key)
     }
 
     /// Stops publishing the key with this kid. It can still sign via
@@ -264,7 +271,7 @@ impl DevIssuer {
 
     fn set_published(&self, kid: &str, published: bool) {
         let mut store = self.shared().keys.lock().expect("issuer keys poisoned");
-        if let Some(key) = store.all.iter_mut().find(|key| key.kid == kid) {
+        if let Some(key) = store.all.iter_mut().find(|key| key.pair.kid() == kid) {
             key.published = published;
         }
     }
@@ -355,37 +362,51 @@ impl DevIssuer {
         claims
     }
 
-    fn sign_with_kid<T: serde::Serialize>(&self, kid: &str, claims: &T) -> String {
+    fn sign_with_kid(&self, kid: &str, claims: &Value) -> String {
         let store = self.shared().keys.lock().expect("issuer keys poisoned");
         let key = store
-            .all
-            .iter()
-            .find(|key| key.kid == kid)
-            .unwrap_or_else(|| panic!("no key with kid {kid} was generated by this issuer"));
-        sign(key, claims)
+            .find(kid)
+            .unwrap_or_else(|| panic!("this issuer holds no key with kid {kid}"));
+        key.pair.sign(claims)
     }
 }
 
 impl Shared {
+    /// The issuer URL without a trailing slash, to append paths to.
+    fn root(&self) -> &str {
+        self.base.trim_end_matches('/')
+    }
+
+    fn jwks_url(&self) -> String {
+        format!("{}{JWKS_PATH}", self.root())
+    }
+
     fn jwks(&self) -> Value {
         let store = self.keys.lock().expect("issuer keys poisoned");
-        let keys: Vec<Value> = store
-            .all
-            .iter()
-            .filter(|key| key.published)
-            .map(|key| key.public_jwk.clone())
-            .collect();
-        json!({ "keys": keys })
+        super::keys::jwks(
+            store
+                .all
+                .iter()
+                .filter(|key| key.published)
+                .map(|key| &key.pair),
+        )
     }
 
     fn discovery_document(&self) -> Value {
+        let algorithms: Vec<&str> = {
+            let store = self.keys.lock().expect("issuer keys poisoned");
+            KeyKind::ALL
+                .into_iter()
+                .filter(|kind| store.all.iter().any(|key| key.pair.kind() == *kind))
+                .map(KeyKind::alg_name)
+                .collect()
+        };
         json!({
             "issuer": self.base,
-            "jwks_uri": format!("{}{JWKS_PATH}", self.base),
+            "jwks_uri": self.jwks_url(),
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported":
-                KeyKind::ALL.map(KeyKind::alg_name),
+            "id_token_signing_alg_values_supported": algorithms,
         })
     }
 }
@@ -429,123 +450,23 @@ async fn respond(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) ->
     }
 }
 
-fn sign<T: serde::Serialize>(key: &SigningKey, claims: &T) -> String {
-    let mut header = Header::new(key.kind.algorithm());
-    header.kid = Some(key.kid.clone());
-    jsonwebtoken::encode(&header, claims, &key.encoding).expect("signing a token failed")
-}
-
-fn new_kid() -> String {
-    hex::encode(rand::random::<[u8; 6]>())
-}
-
-fn b64(bytes: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn generate_key(kind: KeyKind) -> anyhow::Result<SigningKey> {
-    let kid = new_kid();
-    let alg = kind.alg_name();
-    let (encoding, public_jwk) = match kind {
-        KeyKind::Rs256 => {
-            let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
-                .map_err(|_| anyhow::anyhow!("RSA key generation failed"))?;
-            let pkcs8: Pkcs8V1Der<'static> = pair
-                .as_der()
-                .map_err(|_| anyhow::anyhow!("RSA key export failed"))?;
-            let pkcs1 = pkcs8_private_key(pkcs8.as_ref())
-                .context("RSA PKCS#8 export has an unexpected shape")?;
-            let public = pair.public_key();
-            let jwk = json!({
-                "kty": "RSA",
-                "kid": kid,
-                "use": "sig",
-                "alg": alg,
-                "n": b64(public.modulus().big_endian_without_leading_zero()),
-                "e": b64(public.exponent().big_endian_without_leading_zero()),
-            });
-            (EncodingKey::from_rsa_der(pkcs1), jwk)
-        }
-        KeyKind::Es256 => {
-            let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
-                .map_err(|_| anyhow::anyhow!("P-256 key generation failed"))?;
-            let pkcs8 = pair
-                .to_pkcs8v1()
-                .map_err(|_| anyhow::anyhow!("P-256 key export failed"))?;
-            // Uncompressed SEC1 point: 0x04 || x (32 bytes) || y (32 bytes).
-            let point = pair.public_key().as_ref();
-            anyhow::ensure!(
-                point.len() == 65 && point[0] == 0x04,
-                "unexpected P-256 public key encoding"
-            );
-            let jwk = json!({
-                "kty": "EC",
-                "kid": kid,
-                "use": "sig",
-                "alg": alg,
-                "crv": "P-256",
-                "x": b64(&point[1..33]),
-                "y": b64(&point[33..65]),
-            });
-            (EncodingKey::from_ec_der(pkcs8.as_ref()), jwk)
-        }
-        KeyKind::EdDsa => {
-            let pair = Ed25519KeyPair::generate()
-                .map_err(|_| anyhow::anyhow!("Ed25519 key generation failed"))?;
-            let pkcs8 = pair
-                .to_pkcs8v1()
-                .map_err(|_| anyhow::anyhow!("Ed25519 key export failed"))?;
-            let public = pair.public_key().as_ref();
-            anyhow::ensure!(public.len() == 32, "unexpected Ed25519 public key length");
-            let jwk = json!({
-                "kty": "OKP",
-                "kid": kid,
-                "use": "sig",
-                "alg": alg,
-                "crv": "Ed25519",
-                "x": b64(public),
-            });
-            (EncodingKey::from_ed_der(pkcs8.as_ref()), jwk)
-        }
-    };
-    Ok(SigningKey {
-        kid,
-        kind,
-        encoding,
-        public_jwk,
-        published: true,
-    })
-}
-
-/// The `privateKey` OCTET STRING of a PKCS#8 `PrivateKeyInfo`; for RSA that is
-/// the PKCS#1 `RSAPrivateKey` that `EncodingKey::from_rsa_der` expects.
-fn pkcs8_private_key(der: &[u8]) -> anyhow::Result<&[u8]> {
-    let (info, _) = der_element(der, 0x30)?;
-    let (_version, rest) = der_element(info, 0x02)?;
-    let (_algorithm, rest) = der_element(rest, 0x30)?;
-    let (private_key, _) = der_element(rest, 0x04)?;
-    Ok(private_key)
-}
-
-/// Splits one DER element with the expected tag off `input`: (contents, rest).
-fn der_element(input: &[u8], tag: u8) -> anyhow::Result<(&[u8], &[u8])> {
-    let (&found, rest) = input.split_first().context("DER input ended early")?;
-    anyhow::ensure!(found == tag, "DER tag {found:#04x}, expected {tag:#04x}");
-    let (&first, mut rest) = rest.split_first().context("DER length missing")?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let count = usize::from(first & 0x7f);
-        anyhow::ensure!((1..=4).contains(&count), "unsupported DER length form");
-        anyhow::ensure!(rest.len() >= count, "DER length truncated");
-        let (bytes, after) = rest.split_at(count);
-        rest = after;
-        bytes
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
-    };
-    anyhow::ensure!(rest.len() >= len, "DER contents truncated");
-    Ok(rest.split_at(len))
+/// An issuer URL this server can stand for: http(s), a host, and no path,
+/// query or credentials, since discovery is served at the root.
+fn check_issuer_url(text: &str) -> anyhow::Result<()> {
+    let url = url::Url::parse(text).with_context(|| format!("issuer URL {text:?} is not a URL"))?;
+    anyhow::ensure!(
+        matches!(url.scheme(), "http" | "https") && url.host().is_some(),
+        "issuer URL {text:?} must be http:// or https:// with a host"
+    );
+    anyhow::ensure!(
+        url.path() == "/" && url.query().is_none() && url.fragment().is_none(),
+        "issuer URL {text:?} must have no path or query: this issuer serves {DISCOVERY_PATH} at the root"
+    );
+    anyhow::ensure!(
+        url.username().is_empty() && url.password().is_none(),
+        "issuer URL {text:?} must not contain credentials"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -689,7 +610,8 @@ mod tests {
         assert_eq!(keys.len(), 3);
         for key in keys {
             assert_eq!(key["use"], "sig");
-            assert_eq!(key["kid"].as_str().unwrap().len(), 12);
+            // The RFC 7638 thumbprint, base64url.
+            assert_eq!(key["kid"].as_str().unwrap().len(), 43);
         }
         issuer.set_jwks_max_age(5);
         let reply = get(issuer.local_addr(), JWKS_PATH).await;
@@ -814,10 +736,77 @@ mod tests {
         panic!("issuer still accepting connections after its last handle was dropped");
     }
 
-    #[test]
-    fn pkcs8_unwrap_rejects_garbage() {
-        assert!(pkcs8_private_key(&[]).is_err());
-        assert!(pkcs8_private_key(&[0x30, 0x05, 0x02]).is_err());
-        assert!(pkcs8_private_key(&[0x04, 0x00]).is_err());
+    #[tokio::test]
+    async fn start_with_publishes_given_keys_under_the_given_issuer() {
+        let ed = SigningKeyPair::generate(KeyKind::EdDsa).unwrap();
+        let es = SigningKeyPair::generate(KeyKind::Es256).unwrap();
+        let issuer = DevIssuer::start_with(
+            "127.0.0.1:0".parse().unwrap(),
+            Some("http://issuer.test:8080".into()),
+            vec![ed.clone(), es.clone()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(issuer.issuer(), "http://issuer.test:8080");
+        assert_eq!(issuer.jwks_url(), "http://issuer.test:8080/jwks.json");
+        assert_eq!(issuer.published_kids(), vec![ed.kid(), es.kid()]);
+        assert_eq!(issuer.current_kid(KeyKind::Es256), es.kid());
+
+        let doc = get(issuer.local_addr(), DISCOVERY_PATH).await.json();
+        assert_eq!(doc["issuer"], "http://issuer.test:8080");
+        assert_eq!(doc["jwks_uri"], "http://issuer.test:8080/jwks.json");
+        assert_eq!(
+            doc["id_token_signing_alg_values_supported"],
+            json!(["ES256", "EdDSA"])
+        );
+        let served = get(issuer.local_addr(), JWKS_PATH).await.json();
+        assert_eq!(served, super::super::keys::jwks([&ed, &es]));
+
+        let token = issuer.mint(KeyKind::EdDsa, json!({ "sub": "alice" }));
+        assert_eq!(decode_header(&token).unwrap().kid, Some(ed.kid()));
+        let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(&token)
+            .unwrap()
+            .claims;
+        assert_eq!(claims["iss"], "http://issuer.test:8080");
+        issuer.shutdown().await;
+
+        // A trailing slash stays in `iss` but not in the served URLs.
+        let issuer = DevIssuer::start_with(
+            "127.0.0.1:0".parse().unwrap(),
+            Some("https://issuer.test/".into()),
+            vec![es],
+        )
+        .await
+        .unwrap();
+        assert_eq!(issuer.issuer(), "https://issuer.test/");
+        assert_eq!(issuer.jwks_url(), "https://issuer.test/jwks.json");
+        issuer.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn start_with_refuses_what_it_cannot_serve() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let key = SigningKeyPair::generate(KeyKind::Es256).unwrap();
+        let refusal = |result: anyhow::Result<DevIssuer>| match result {
+            Ok(_) => panic!("start_with accepted what it must refuse"),
+            Err(e) => format!("{e:#}"),
+        };
+        let message = refusal(DevIssuer::start_with(addr, None, vec![]).await);
+        assert!(message.contains("at least one key"), "{message}");
+        let message =
+            refusal(DevIssuer::start_with(addr, None, vec![key.clone(), key.clone()]).await);
+        assert!(message.contains("given twice"), "{message}");
+        for (url, expected) in [
+            ("issuer:8080", "http:// or https://"),
+            ("ftp://issuer", "http:// or https://"),
+            ("not a url", "not a URL"),
+            ("http://issuer/realms/x", "no path"),
+            ("http://issuer/?q=1", "no path"),
+            ("http://user:pw@issuer", "credentials"),
+        ] {
+            let message =
+                refusal(DevIssuer::start_with(addr, Some(url.into()), vec![key.clone()]).await);
+            assert!(message.contains(expected), "{url}: {message}");
+        }
     }
 }

@@ -1,8 +1,10 @@
-//! Development parts shared by `rlsgate demo` and the test suite: a throwaway
-//! PostgreSQL server, a token issuer with a real discovery document and JWKS,
-//! and a sample todo application protected by RLS.
+//! Development parts shared by `rlsgate demo`, `keygen`, `token`, `issuer`
+//! and the test suite: a throwaway PostgreSQL server, token signing keys, a
+//! token issuer with a real discovery document and JWKS, and a sample todo
+//! application protected by RLS.
 
 pub mod issuer;
+pub mod keys;
 pub mod postgres;
 
 use std::net::SocketAddr;
