@@ -62,10 +62,11 @@ enum Command {
         /// A superuser or the database owner, e.g. postgresql://postgres@localhost/app.
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
-        /// Take the signing key from this configuration file's [claims] section.
-        #[arg(long, short, default_value = config::DEFAULT_PATH, conflicts_with = "signing_key")]
-        config: PathBuf,
-        /// The signing key (base64), instead of reading it from the configuration.
+        /// Take the signing key from this configuration file's [claims] section
+        /// (without --config or --signing-key: config/rlsgate.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The signing key (base64), when no --config is given.
         #[arg(long, env = "RLSGATE_CLAIMS_KEY", hide_env_values = true)]
         signing_key: Option<String>,
     },
@@ -178,9 +179,18 @@ pub fn main() -> anyhow::Result<()> {
                 config,
                 signing_key,
             } => {
-                let key = match signing_key {
-                    Some(text) => SigningKey::from_base64(&text).map_err(anyhow::Error::msg)?,
-                    None => Config::load(&config)?.claims.signing_key,
+                // A configuration named on the command line wins over the
+                // key's environment variable, which that file may expand.
+                let key = match (config, signing_key) {
+                    (Some(path), _) => Config::load(&path)?.claims.signing_key,
+                    (None, Some(text)) => {
+                        SigningKey::from_base64(&text).map_err(anyhow::Error::msg)?
+                    }
+                    (None, None) => {
+                        Config::load(std::path::Path::new(config::DEFAULT_PATH))?
+                            .claims
+                            .signing_key
+                    }
                 };
                 let report = init_db::run(&database_url, &[key.bytes().to_vec()]).await?;
                 println!("{report}");
