@@ -1,0 +1,251 @@
+// pgjdbc through rlsgate, used as its users use it: DriverManager with a URL
+// and with Properties, a DataSource (what connection pools are configured
+// with), PreparedStatement reuse, setAutoCommit(false) with commit and
+// rollback, and SQLException.getSQLState().
+//
+// The connection details come from the environment (tests/clients.rs sets
+// them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN,
+// EXPIRED_TOKEN, and SHORT_TOKEN, alice's token whose sessions the proxy ends
+// at SHORT_TOKEN_ENDS_AT (unix seconds). Exits 0 only if every check passed;
+// prints each check.
+// Build and run: javac -cp /usr/share/java/postgresql.jar -d out JdbcCheck.java
+//                java -cp out:/usr/share/java/postgresql.jar JdbcCheck
+
+import java.sql.Connection;
+import java.sql.DriverManager;
+import java.sql.PreparedStatement;
+import java.sql.ResultSet;
+import java.sql.SQLException;
+import java.sql.Statement;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Objects;
+import java.util.Properties;
+
+import org.postgresql.ds.PGSimpleDataSource;
+
+public class JdbcCheck {
+    static final String host = System.getenv("RLSGATE_HOST");
+    static final String port = System.getenv("RLSGATE_PORT");
+    static final String db = System.getenv("RLSGATE_DB");
+    static final String ALICE = System.getenv("ALICE_TOKEN");
+    static final String BOB = System.getenv("BOB_TOKEN");
+    static final String EXPIRED = System.getenv("EXPIRED_TOKEN");
+    static final String SHORT = System.getenv("SHORT_TOKEN");
+    static final long SHORT_ENDS_AT = Long.parseLong(System.getenv("SHORT_TOKEN_ENDS_AT"));
+
+    static final List<String> failures = new ArrayList<>();
+
+    static void check(String name, boolean ok, Object detail) {
+        System.out.println((ok ? "ok   " : "FAIL ") + name + (detail == null ? "" : ": " + detail));
+        if (!ok) {
+            failures.add(name);
+        }
+    }
+
+    interface Step {
+        void run() throws Exception;
+    }
+
+    static void step(String name, Step step) {
+        try {
+            step.run();
+        } catch (Exception e) {
+            java.io.StringWriter trace = new java.io.StringWriter();
+            e.printStackTrace(new java.io.PrintWriter(trace));
+            check(name, false, trace);
+        }
+    }
+
+    static Connection connectWithUrl(String token) throws SQLException {
+        // docs:begin jdbc-url
+        String url = "jdbc:postgresql://" + host + ":" + port + "/" + db + "?connectTimeout=10";
+        Connection conn = DriverManager.getConnection(url, "authenticated", token);
+        // docs:end
+        return conn;
+    }
+
+    static Connection connectWithProperties(String token) throws SQLException {
+        // docs:begin jdbc-properties
+        Properties props = new Properties();
+        props.setProperty("user", "authenticated");
+        props.setProperty("password", token); // the user's JWT
+        props.setProperty("connectTimeout", "10");
+        Connection conn = DriverManager.getConnection("jdbc:postgresql://" + host + ":" + port + "/" + db, props);
+        // docs:end
+        return conn;
+    }
+
+    static Connection connectWithDataSource(String token) throws SQLException {
+        // docs:begin jdbc-datasource
+        PGSimpleDataSource ds = new PGSimpleDataSource(); // or a pool's DataSource configuration
+        ds.setServerNames(new String[] {host});
+        ds.setPortNumbers(new int[] {Integer.parseInt(port)});
+        ds.setDatabaseName(db);
+        ds.setUser("authenticated");
+        ds.setPassword(token); // the user's JWT
+        ds.setConnectTimeout(10);
+        Connection conn = ds.getConnection();
+        // docs:end
+        return conn;
+    }
+
+    static String one(Connection conn, String sql) throws SQLException {
+        try (Statement st = conn.createStatement(); ResultSet rs = st.executeQuery(sql)) {
+            rs.next();
+            return rs.getString(1);
+        }
+    }
+
+    static List<String> column(Connection conn, String sql) throws SQLException {
+        List<String> values = new ArrayList<>();
+        try (Statement st = conn.createStatement(); ResultSet rs = st.executeQuery(sql)) {
+            while (rs.next()) {
+                values.add(rs.getString(1));
+            }
+        }
+        return values;
+    }
+
+    public static void main(String[] args) {
+        // A session of the short-lived token starts first, so that it is idle
+        // when the token runs out; the last step looks at it.
+        Connection[] shortLived = new Connection[1];
+        step("a session with a short-lived token starts", () -> {
+            shortLived[0] = connectWithProperties(SHORT);
+            String user = one(shortLived[0], "select auth.user_id()");
+            check("a short-lived token connects", "alice".equals(user), user);
+        });
+
+        step("connects both ways", () -> {
+            try (Connection conn = connectWithUrl(ALICE)) {
+                String user = one(conn, "select auth.user_id()");
+                check("URL: auth.user_id() is alice", "alice".equals(user), user);
+            }
+            try (Connection conn = connectWithProperties(ALICE)) {
+                String user = one(conn, "select auth.user_id()");
+                check("Properties: auth.user_id() is alice", "alice".equals(user), user);
+            }
+            try (Connection conn = connectWithDataSource(ALICE)) {
+                String user = one(conn, "select auth.user_id()");
+                check("DataSource: auth.user_id() is alice", "alice".equals(user), user);
+            }
+        });
+
+        step("queries and transactions", () -> {
+            try (Connection conn = connectWithUrl(ALICE)) {
+                try (PreparedStatement ps = conn.prepareStatement(
+                        "insert into todos (title) values (?) returning user_id")) {
+                    ps.setString(1, "jdbc: parameterized");
+                    try (ResultSet rs = ps.executeQuery()) {
+                        rs.next();
+                        check("parameterized insert fills user_id from the token",
+                                "alice".equals(rs.getString(1)), rs.getString(1));
+                    }
+                }
+                try (PreparedStatement ps = conn.prepareStatement("select count(*) from todos where title = ?")) {
+                    ps.setString(1, "jdbc: parameterized");
+                    try (ResultSet rs = ps.executeQuery()) {
+                        rs.next();
+                        check("parameterized select finds the row", rs.getInt(1) == 1, rs.getInt(1));
+                    }
+                }
+
+                // One PreparedStatement reused; past prepareThreshold (5)
+                // executions pgjdbc switches to a named server-side statement.
+                try (PreparedStatement ps = conn.prepareStatement("insert into todos (title) values (?)")) {
+                    for (int i = 0; i < 7; i++) {
+                        ps.setString(1, "jdbc: prepared " + i);
+                        ps.executeUpdate();
+                    }
+                    // A batch through the same statement.
+                    for (int i = 0; i < 3; i++) {
+                        ps.setString(1, "jdbc: batch " + i);
+                        ps.addBatch();
+                    }
+                    int[] counts = ps.executeBatch();
+                    check("the batch inserted three rows", counts.length == 3, counts.length);
+                }
+                String named = one(conn,
+                        "select count(*) from pg_prepared_statements where statement = 'insert into todos (title) values ($1)'");
+                check("the reused statement is prepared on the server", "1".equals(named), named);
+                String reused = one(conn, "select count(*) from todos where title like 'jdbc: prepared %'");
+                check("the reused statement ran seven times", "7".equals(reused), reused);
+
+                conn.setAutoCommit(false);
+                try (PreparedStatement ps = conn.prepareStatement("insert into todos (title) values (?)")) {
+                    ps.setString(1, "jdbc: committed");
+                    ps.executeUpdate();
+                    conn.commit();
+                    ps.setString(1, "jdbc: rolled back");
+                    ps.executeUpdate();
+                    conn.rollback();
+                }
+                conn.setAutoCommit(true);
+                List<String> titles = column(conn,
+                        "select title from todos where title in ('jdbc: committed', 'jdbc: rolled back') order by title");
+                check("the committed transaction stays, the rolled back one does not",
+                        titles.equals(List.of("jdbc: committed")), titles);
+            }
+        });
+
+        step("sees only own rows", () -> {
+            try (Connection conn = connectWithProperties(ALICE)) {
+                List<String> owners = column(conn, "select distinct user_id from todos");
+                check("alice sees only her own rows", owners.equals(List.of("alice")), owners);
+                try (PreparedStatement ps = conn.prepareStatement(
+                        "insert into todos (user_id, title) values (?, ?)")) {
+                    ps.setString(1, "bob");
+                    ps.setString(2, "jdbc: planted");
+                    ps.executeUpdate();
+                    check("an insert for bob is refused", false, "it succeeded");
+                } catch (SQLException e) {
+                    check("an insert for bob is refused with SQLSTATE 42501",
+                            "42501".equals(e.getSQLState()), e.getSQLState());
+                    check("the refusal names row-level security",
+                            Objects.toString(e.getMessage()).contains("row-level security"), e.getMessage());
+                }
+                String user = one(conn, "select auth.user_id()");
+                check("the session goes on after the refusal", "alice".equals(user), user);
+            }
+            try (Connection conn = connectWithUrl(BOB)) {
+                List<String> owners = column(conn, "select distinct user_id from todos");
+                check("bob sees only his own rows", owners.equals(List.of("bob")), owners);
+            }
+        });
+
+        step("expired token is refused", () -> {
+            try (Connection conn = connectWithUrl(EXPIRED)) {
+                check("an expired token is refused", false, "it connected");
+            } catch (SQLException e) {
+                check("the refusal has SQLSTATE 28000", "28000".equals(e.getSQLState()), e.getSQLState());
+                check("the refusal says the token expired",
+                        Objects.toString(e.getMessage()).contains("token expired"), e.getMessage());
+            }
+        });
+
+        step("sessions end with their token", () -> {
+            long wait = SHORT_ENDS_AT * 1000 + 1000 - System.currentTimeMillis();
+            if (wait > 0) {
+                Thread.sleep(wait);
+            }
+            try (Connection conn = shortLived[0]) {
+                one(conn, "select 1");
+                check("a query after the token expired fails", false, "the query ran");
+            } catch (SQLException e) {
+                check("a query after the token expired fails with SQLSTATE 28000",
+                        "28000".equals(e.getSQLState()), e.getSQLState() + ": " + e.getMessage());
+                check("it says the token expired",
+                        Objects.toString(e.getMessage()).contains("token expired"), e.getMessage());
+            }
+            check("the connection is closed", shortLived[0].isClosed(), null);
+        });
+
+        System.out.println("pgjdbc " + org.postgresql.util.DriverInfo.DRIVER_VERSION);
+        if (!failures.isEmpty()) {
+            System.out.println(failures.size() + " check(s) failed: " + String.join(", ", failures));
+            System.exit(1);
+        }
+        System.out.println("all JDBC checks passed");
+    }
+}
