@@ -98,7 +98,7 @@ pub async fn serve(
 }
 
 async fn establish(tcp: TcpStream, services: &Services, admitted: bool) -> Option<Session> {
-    let _ = tcp.set_nodelay(true);
+    crate::net::tune(&tcp);
     let request = match front_door::receive(tcp, services.tls.as_ref()).await {
         Ok(Arrival::Startup(request)) => request,
         Ok(Arrival::Cancel(key)) => {

@@ -18,6 +18,7 @@ pub mod front_door;
 pub mod init_db;
 pub mod jwks;
 pub mod listener;
+pub mod net;
 pub mod relay;
 pub mod shutdown;
 pub mod stream;

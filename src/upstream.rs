@@ -56,7 +56,7 @@ async fn open(upstream: &Upstream, login: Login<'_>) -> Result<UpstreamSession, 
     let mut stream = TcpStream::connect(&address)
         .await
         .map_err(|e| Refusal::database_unavailable(format!("cannot connect to {address}: {e}")))?;
-    let _ = stream.set_nodelay(true);
+    crate::net::tune(&stream);
 
     let user = login.role.upstream_user();
     let mut parameters: Vec<(&str, &str)> = vec![("user", user)];
