@@ -1,8 +1,14 @@
 //! Cancellation: clients hold keys the proxy made up; each maps to the
 //! upstream backend's real key, which never leaves the proxy.
+//!
+//! Cancel requests are unauthenticated by design, so each source address
+//! gets a small budget per second: guessing a 64-bit key stays hopeless, and
+//! a flood cannot make the proxy open upstream connections at its rate.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
@@ -16,9 +22,17 @@ struct Target {
     key: CancelKey,
 }
 
+/// Cancel requests one source address may make per [`RATE_WINDOW`].
+pub const RATE_LIMIT: u32 = 10;
+pub const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// Beyond this many tracked addresses, expired windows are swept.
+const TRACKED_ADDRESSES: usize = 10_000;
+
 #[derive(Default)]
 pub struct CancelRegistry {
     targets: Mutex<HashMap<CancelKey, Target>>,
+    /// Per source address: when its window began, and requests in it.
+    recent: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
 
 /// Keeps a session's key registered; dropping it unregisters the key.
@@ -63,8 +77,29 @@ impl CancelRegistry {
         }
     }
 
-    /// Forwards a cancel request; an unknown key is ignored, as Postgres does.
-    pub async fn cancel(&self, key: CancelKey) {
+    /// Whether `source` may make another cancel request now.
+    fn admit(&self, source: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut recent = self.recent.lock().expect("cancel rate lock");
+        if recent.len() > TRACKED_ADDRESSES {
+            recent.retain(|_, (start, _)| now.duration_since(*start) < RATE_WINDOW);
+        }
+        let (start, count) = recent.entry(source).or_insert((now, 0));
+        if now.duration_since(*start) >= RATE_WINDOW {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        *count <= RATE_LIMIT
+    }
+
+    /// Forwards a cancel request; an unknown key is ignored, as Postgres
+    /// does, and so is a request over `source`'s rate.
+    pub async fn cancel(&self, key: CancelKey, source: IpAddr) {
+        if !self.admit(source) {
+            tracing::info!(%source, "cancel request over the rate limit ignored");
+            return;
+        }
         let target = {
             let targets = self.targets.lock().expect("cancel lock");
             targets.get(&key).map(|t| (t.address.clone(), t.key))

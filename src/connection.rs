@@ -69,19 +69,17 @@ pub async fn serve(
     let span = tracing::info_span!("connection", %peer);
     async move {
         let timeout = services.config.listen.startup_timeout;
-        let session = match tokio::time::timeout(
-            timeout,
-            establish(tcp, &services, permit.is_some()),
-        )
-        .await
-        {
-            Ok(Some(session)) => session,
-            Ok(None) => return,
-            Err(_) => {
-                tracing::info!("closed: startup not finished within {timeout:?}");
-                return;
-            }
-        };
+        let session =
+            match tokio::time::timeout(timeout, establish(tcp, peer, &services, permit.is_some()))
+                .await
+            {
+                Ok(Some(session)) => session,
+                Ok(None) => return,
+                Err(_) => {
+                    tracing::info!("closed: startup not finished within {timeout:?}");
+                    return;
+                }
+            };
         let started = StdInstant::now();
         let ending = relay::run(
             session.client,
@@ -97,12 +95,17 @@ pub async fn serve(
     .await
 }
 
-async fn establish(tcp: TcpStream, services: &Services, admitted: bool) -> Option<Session> {
+async fn establish(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    services: &Services,
+    admitted: bool,
+) -> Option<Session> {
     crate::net::tune(&tcp);
     let request = match front_door::receive(tcp, services.tls.as_ref()).await {
         Ok(Arrival::Startup(request)) => request,
         Ok(Arrival::Cancel(key)) => {
-            services.cancels.cancel(key).await;
+            services.cancels.cancel(key, peer.ip()).await;
             return None;
         }
         Err(FrontDoorError::Closed(e)) => {

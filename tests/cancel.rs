@@ -192,3 +192,32 @@ async fn the_cancel_key_given_to_the_client_is_not_the_upstream_backends() {
     let other = h.raw_connect_as("alice").await;
     assert_ne!((other.pid, other.secret), (raw.pid, raw.secret));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_requests_beyond_the_per_address_rate_are_ignored_until_the_window_passes() {
+    let h = Harness::start().await;
+    let mut alice = h.raw_connect_as("alice").await;
+    alice.send_query("select pg_sleep(30)").await;
+
+    // Use up this address's budget with keys that cancel nothing...
+    for _ in 0..rlsgate::cancel::RATE_LIMIT {
+        send_cancel(h.port(), alice.pid ^ 1, alice.secret).await;
+    }
+    // ...so that even the right key is now ignored.
+    send_cancel(h.port(), alice.pid, alice.secret).await;
+    let mut first = [0u8; 1];
+    let answered =
+        tokio::time::timeout(Duration::from_millis(1500), alice.stream.peek(&mut first)).await;
+    assert!(
+        answered.is_err(),
+        "the over-rate cancel request was ignored"
+    );
+
+    // A new window: the right key cancels.
+    send_cancel(h.port(), alice.pid, alice.secret).await;
+    let err = tokio::time::timeout(WAIT, alice.read_result())
+        .await
+        .expect("the query ends after the cancel")
+        .unwrap_err();
+    assert_eq!(err.code, "57014");
+}
