@@ -70,6 +70,8 @@ pub struct Role {
     /// The Postgres role the proxy logs in as; defaults to `name`.
     upstream_user: Option<String>,
     pub upstream_password: Option<String>,
+    /// Sessions of this role at once (within `[listen] max_connections`).
+    pub max_connections: Option<usize>,
 }
 
 impl Role {
@@ -100,16 +102,60 @@ pub struct Provider {
     /// Allowed clock skew for `exp` and `nbf`.
     #[serde(default = "defaults::leeway", with = "humantime_serde")]
     pub leeway: Duration,
-    /// After an unknown `kid`, the JWKS is refetched at most this often.
+    /// The JWKS is fetched at most this often, whatever asks for it (an
+    /// unknown `kid`, an expiring set, a failed attempt).
     #[serde(default = "defaults::refetch_cooldown", with = "humantime_serde")]
     pub refetch_cooldown: Duration,
-    /// How long a fetched JWKS is used before it is fetched again.
+    /// Lower bound on the freshness of a fetched JWKS, which is its
+    /// `Cache-Control: max-age` (1 h without one). Unset: 5 min, or
+    /// `jwks_max_age` when that is shorter.
+    #[serde(default, with = "humantime_serde")]
+    jwks_min_age: Option<Duration>,
+    /// Upper bound on the freshness of a fetched JWKS, so that a key the
+    /// provider withdraws stops being trusted within this time.
     #[serde(default = "defaults::jwks_max_age", with = "humantime_serde")]
     pub jwks_max_age: Duration,
+    /// While the provider cannot be reached, cached keys keep serving this
+    /// long past their freshness; then tokens are refused (SQLSTATE 08006).
+    #[serde(default = "defaults::jwks_max_stale", with = "humantime_serde")]
+    pub jwks_max_stale: Duration,
+    /// Bound on each discovery or JWKS request.
+    #[serde(default = "defaults::fetch_timeout", with = "humantime_serde")]
+    pub fetch_timeout: Duration,
     /// Fetch keys over plain HTTP from a non-loopback host: only for a
     /// development issuer on a private network (e.g. a compose service).
     #[serde(default)]
     pub allow_plain_http: bool,
+}
+
+impl Provider {
+    /// The lower bound on JWKS freshness, its default kept within `jwks_max_age`.
+    pub fn jwks_min_age(&self) -> Duration {
+        self.jwks_min_age
+            .unwrap_or_else(|| defaults::jwks_min_age().min(self.jwks_max_age))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let named =
+            |problem: String| anyhow::anyhow!("[[provider]] issuer = {:?}: {problem}", self.issuer);
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        for (key, value) in [
+            ("jwks_max_age", self.jwks_max_age),
+            ("fetch_timeout", self.fetch_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(named(format!("{key} must be longer than 0s")));
+            }
+        }
+        match self.jwks_min_age {
+            Some(min) if min > self.jwks_max_age => Err(named(format!(
+                "jwks_min_age ({}) is longer than jwks_max_age ({})",
+                show(min),
+                show(self.jwks_max_age)
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,8 +191,17 @@ mod defaults {
     pub fn refetch_cooldown() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn jwks_min_age() -> Duration {
+        Duration::from_secs(5 * 60)
+    }
     pub fn jwks_max_age() -> Duration {
-        Duration::from_secs(3600)
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn jwks_max_stale() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn fetch_timeout() -> Duration {
+        Duration::from_secs(10)
     }
 }
 
@@ -214,6 +269,7 @@ impl Config {
             if let Some(url) = &provider.jwks_url {
                 check_fetch_url("jwks_url", url, allow_http)?;
             }
+            provider.validate()?;
         }
         match (&self.listen.tls_cert, &self.listen.tls_key) {
             (Some(_), None) | (None, Some(_)) => {
@@ -349,5 +405,58 @@ signing_key = "c2hvcnQ="
         let err = check_fetch_url("issuer", "http://example.com", false).unwrap_err();
         assert!(err.to_string().contains("https"), "{err}");
         assert!(check_fetch_url("issuer", "http://issuer:8080", true).is_ok());
+    }
+
+    fn with_provider(lines: &str) -> anyhow::Result<Config> {
+        Config::parse(&format!(
+            r#"
+[listen]
+address = "127.0.0.1:6432"
+[upstream]
+host = "127.0.0.1"
+[[role]]
+name = "authenticated"
+token = "required"
+[claims]
+signing_key = "cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM="
+[[provider]]
+issuer = "https://id.example"
+{lines}
+"#
+        ))
+    }
+
+    #[test]
+    fn provider_key_cache_defaults() {
+        let config = with_provider("").unwrap();
+        let p = &config.providers[0];
+        assert_eq!(p.jwks_min_age(), Duration::from_secs(300));
+        assert_eq!(p.jwks_max_age, Duration::from_secs(86400));
+        assert_eq!(p.jwks_max_stale, Duration::from_secs(86400));
+        assert_eq!(p.fetch_timeout, Duration::from_secs(10));
+        assert_eq!(p.refetch_cooldown, Duration::from_secs(30));
+        // An unset lower bound follows a short upper bound down.
+        let config = with_provider("jwks_max_age = \"1s\"").unwrap();
+        assert_eq!(config.providers[0].jwks_min_age(), Duration::from_secs(1));
+        let config = with_provider("jwks_min_age = \"1m\"\nfetch_timeout = \"2s\"").unwrap();
+        assert_eq!(config.providers[0].jwks_min_age(), Duration::from_secs(60));
+        assert_eq!(config.providers[0].fetch_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn provider_key_cache_bounds_are_checked() {
+        let err = |lines: &str| format!("{:#}", with_provider(lines).unwrap_err());
+        let message = err("jwks_min_age = \"10m\"\njwks_max_age = \"5m\"");
+        assert!(message.contains("jwks_min_age (10m)"), "{message}");
+        assert!(message.contains("jwks_max_age (5m)"), "{message}");
+        assert!(message.contains("https://id.example"), "{message}");
+        let message = err("jwks_min_age = \"2days\"");
+        assert!(message.contains("jwks_min_age"), "{message}");
+        let message = err("fetch_timeout = \"0s\"");
+        assert!(message.contains("fetch_timeout"), "{message}");
+        let message = err("jwks_max_age = \"0s\"");
+        assert!(message.contains("jwks_max_age"), "{message}");
+        let message = err("jwks_max_stale = \"soon\"");
+        assert!(message.contains("jwks_max_stale"), "{message}");
     }
 }

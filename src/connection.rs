@@ -1,6 +1,7 @@
 //! One client connection, top to bottom: front door, token check, upstream
 //! session with the claims bound to it, relay.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant as StdInstant};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
@@ -32,17 +33,20 @@ const LINGER_BYTES: usize = 1 << 20;
 /// What every connection shares.
 pub struct Services {
     pub config: Config,
+    /// Per-role session limits, for roles that set `max_connections`.
+    pub role_slots: HashMap<String, Arc<Semaphore>>,
     pub tokens: TokenChecker,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<TlsAcceptor>,
 }
 
-/// A client ready for the relay.
+/// A session admitted and connected upstream, ready for the relay.
 struct Session {
-    client: ClientStream,
     upstream: UpstreamSession,
     expiry: Option<Expiry>,
+    /// Held while the session lives: its cancel key and its role's slot.
     _cancel: Registration,
+    _role_slot: Option<OwnedSemaphorePermit>,
 }
 
 enum Failure {
@@ -69,11 +73,11 @@ pub async fn serve(
     let span = tracing::info_span!("connection", %peer);
     async move {
         let timeout = services.config.listen.startup_timeout;
-        let session =
+        let (client, session) =
             match tokio::time::timeout(timeout, establish(tcp, peer, &services, permit.is_some()))
                 .await
             {
-                Ok(Some(session)) => session,
+                Ok(Some(established)) => established,
                 Ok(None) => return,
                 Err(_) => {
                     tracing::info!("closed: startup not finished within {timeout:?}");
@@ -82,7 +86,7 @@ pub async fn serve(
             };
         let started = StdInstant::now();
         let ending = relay::run(
-            session.client,
+            client,
             session.upstream.stream,
             session.expiry,
             &mut shutdown,
@@ -100,7 +104,7 @@ async fn establish(
     peer: SocketAddr,
     services: &Services,
     admitted: bool,
-) -> Option<Session> {
+) -> Option<(ClientStream, Session)> {
     crate::net::tune(&tcp);
     let request = match front_door::receive(tcp, services.tls.as_ref()).await {
         Ok(Arrival::Startup(request)) => request,
@@ -133,12 +137,7 @@ async fn establish(
         )))
     };
     match result {
-        Ok((upstream, expiry, cancel)) => Some(Session {
-            client,
-            upstream,
-            expiry,
-            _cancel: cancel,
-        }),
+        Ok(session) => Some((client, session)),
         Err(Failure::Refused(refusal)) => {
             refuse(&mut client, &refusal).await;
             None
@@ -154,7 +153,7 @@ async fn open_session(
     client: &mut ClientStream,
     parameters: &std::collections::BTreeMap<String, String>,
     services: &Services,
-) -> Result<(UpstreamSession, Option<Expiry>, Registration), Failure> {
+) -> Result<Session, Failure> {
     let config = &services.config;
     let user = parameters.get("user").ok_or_else(|| {
         Refusal::auth("no user name given: connect as one of the roles rlsgate serves")
@@ -166,6 +165,19 @@ async fn open_session(
         ))
     })?;
     let forwarded = upstream::forwarded_parameters(parameters)?;
+    let role_slot = match services.role_slots.get(&role.name) {
+        Some(slots) => Some(Arc::clone(slots).try_acquire_owned().map_err(|_| {
+            Refusal::new(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "too many connections for role {:?}: rlsgate serves it at most {} at once",
+                    role.name,
+                    role.max_connections.unwrap_or_default()
+                ),
+            )
+        })?),
+        None => None,
+    };
 
     let (claims, expiry) = match role.token {
         TokenPolicy::None => {
@@ -242,7 +254,12 @@ async fn open_session(
         .await
         .map_err(|_| Failure::Closed)?;
     client.flush().await.map_err(|_| Failure::Closed)?;
-    Ok((upstream, expiry, cancel))
+    Ok(Session {
+        upstream,
+        expiry,
+        _cancel: cancel,
+        _role_slot: role_slot,
+    })
 }
 
 async fn refuse(client: &mut ClientStream, refusal: &Refusal) {

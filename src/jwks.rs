@@ -1,23 +1,44 @@
 //! A provider's signing keys: found through OIDC discovery or a direct JWKS
 //! URL, cached, and refetched when a token names a key the cache lacks.
 //!
-//! Refetches for unknown key ids are limited to one per cooldown and are
-//! single-flight, so a burst of tokens with a new (or bogus) `kid` causes at
-//! most one request to the provider. When the provider is unreachable the keys
-//! already fetched keep serving.
+//! A fetched set is fresh for the response's `Cache-Control: max-age`,
+//! clamped to the provider's `[jwks_min_age, jwks_max_age]`. A key in the
+//! cache is always answered at once: when the set nears the end of its
+//! freshness, or is past it, the refresh runs in the background, so a slow or
+//! unreachable provider never holds up a connection whose key is known.
+//! While the provider cannot be reached the cached keys keep serving for
+//! `jwks_max_stale` past their freshness, and then no longer: a compromised
+//! key the provider has since withdrawn must not stay trusted forever.
+//!
+//! Fetches are limited to one per `refetch_cooldown` and are single-flight,
+//! so a burst of tokens with a new (or bogus) `kid` causes at most one request
+//! to the provider.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use reqwest::header::{AGE, CACHE_CONTROL, HeaderMap};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
+use crate::config;
+
 /// Bound on a discovery document or JWKS, to keep a hostile server from
 /// filling memory.
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+/// Freshness of a JWKS served without `max-age` (before clamping): long
+/// enough to spare the provider, short enough that a withdrawn key goes.
+const DEFAULT_FRESHNESS: Duration = Duration::from_secs(3600);
+
+/// A set is refreshed in the background once it is in the last
+/// `1 / REFRESH_AHEAD` of its freshness, so that a busy proxy keeps a fresh
+/// set rather than serving from a stale one before each refresh.
+const REFRESH_AHEAD: u32 = 10;
 
 /// One verification key from a JWKS.
 pub struct VerifyingKey {
@@ -55,8 +76,24 @@ pub enum KeyError {
     UnknownKid { kid: String, issuer: String },
     #[error("the token has no kid and the JWKS of {issuer} does not hold exactly one key")]
     AmbiguousKey { issuer: String },
-    #[error("the signing keys of {issuer} cannot be fetched: {reason}")]
-    Unavailable { issuer: String, reason: String },
+    /// No cached key may be used: none was ever fetched, or those fetched
+    /// are older than freshness + `jwks_max_stale` (`older_than`).
+    #[error("the signing keys of {issuer} {}: {reason}", unavailable_state(.older_than))]
+    Unavailable {
+        issuer: String,
+        reason: String,
+        older_than: Option<Duration>,
+    },
+}
+
+fn unavailable_state(older_than: &Option<Duration>) -> String {
+    match older_than {
+        None => "cannot be fetched".to_owned(),
+        Some(limit) => format!(
+            "are older than {} and it cannot be reached",
+            humantime::format_duration(Duration::from_secs(limit.as_secs()))
+        ),
+    }
 }
 
 enum Source {
@@ -64,86 +101,151 @@ enum Source {
     Direct(String),
 }
 
+/// How long fetched keys are trusted, from the provider's configuration.
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    min_age: Duration,
+    max_age: Duration,
+    max_stale: Duration,
+    cooldown: Duration,
+    fetch_timeout: Duration,
+}
+
 #[derive(Default)]
 struct Cached {
     keys: Arc<Vec<Arc<VerifyingKey>>>,
     fetched_at: Option<Instant>,
+    /// Freshness of the current set, from its response's Cache-Control.
+    fresh_for: Duration,
     last_attempt: Option<Instant>,
+    /// Why the last attempt failed; cleared by a success.
+    last_error: Option<String>,
     /// Counts attempts, so that a waiter can tell someone else just fetched.
     attempts: u64,
     jwks_uri: Option<String>,
+}
+
+/// Where the cached set stands at a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    Fresh,
+    /// Still fresh, but close enough to the end to refresh in the background.
+    RefreshAhead,
+    /// Past freshness, within `max_stale`: served, refreshed in the background.
+    Stale,
+    /// Never fetched, or past `max_stale`: not served.
+    Unusable,
+}
+
+impl Standing {
+    fn usable(self) -> bool {
+        self != Standing::Unusable
+    }
+}
+
+impl Cached {
+    fn standing(&self, now: Instant, policy: &Policy) -> Standing {
+        let Some(at) = self.fetched_at else {
+            return Standing::Unusable;
+        };
+        let age = now.saturating_duration_since(at);
+        if age < self.fresh_for - self.fresh_for / REFRESH_AHEAD {
+            Standing::Fresh
+        } else if age < self.fresh_for {
+            Standing::RefreshAhead
+        } else if age < self.fresh_for.saturating_add(policy.max_stale) {
+            Standing::Stale
+        } else {
+            Standing::Unusable
+        }
+    }
+
+    fn cooled(&self, now: Instant, policy: &Policy) -> bool {
+        self.last_attempt
+            .is_none_or(|at| now.saturating_duration_since(at) >= policy.cooldown)
+    }
 }
 
 pub struct JwksCache {
     issuer: String,
     source: Source,
     http: reqwest::Client,
-    max_age: Duration,
-    cooldown: Duration,
+    policy: Policy,
     cached: RwLock<Cached>,
     fetching: Mutex<()>,
+    /// Set while a background refresh is pending, so that a busy proxy
+    /// spawns one, not one per connection.
+    refreshing: AtomicBool,
 }
 
 impl JwksCache {
-    pub fn new(
-        issuer: &str,
-        jwks_url: Option<&str>,
-        http: reqwest::Client,
-        max_age: Duration,
-        cooldown: Duration,
-    ) -> Self {
+    pub fn new(provider: &config::Provider, http: reqwest::Client) -> Self {
         JwksCache {
-            issuer: issuer.to_owned(),
-            source: match jwks_url {
-                Some(url) => Source::Direct(url.to_owned()),
+            issuer: provider.issuer.clone(),
+            source: match &provider.jwks_url {
+                Some(url) => Source::Direct(url.clone()),
                 None => Source::Discovery,
             },
             http,
-            max_age,
-            cooldown,
+            policy: Policy {
+                min_age: provider.jwks_min_age(),
+                max_age: provider.jwks_max_age,
+                max_stale: provider.jwks_max_stale,
+                cooldown: provider.refetch_cooldown,
+                fetch_timeout: provider.fetch_timeout,
+            },
             cached: RwLock::default(),
             fetching: Mutex::new(()),
+            refreshing: AtomicBool::new(false),
         }
     }
 
     /// The key for a token's `kid` (or the only key, for tokens without one).
     ///
-    /// A known key is answered from the cache at once, even when the cache
-    /// is due for a refresh (that runs in the background), so a slow or
-    /// unreachable provider never holds up a connection whose key is known.
+    /// Only an unknown key, or a cache with nothing usable in it, waits for
+    /// a fetch, and only past the cooldown.
     pub async fn key(self: &Arc<Self>, kid: Option<&str>) -> Result<Arc<VerifyingKey>, KeyError> {
-        let (found, attempts, fresh, cooled) = {
+        let now = Instant::now();
+        let (standing, found, attempts, cooled) = {
             let cached = self.cached.read().expect("jwks lock");
-            let fresh = cached
-                .fetched_at
-                .is_some_and(|at| at.elapsed() < self.max_age);
-            let cooled = cached
-                .last_attempt
-                .is_none_or(|at| at.elapsed() >= self.cooldown);
-            (find(&cached.keys, kid), cached.attempts, fresh, cooled)
+            (
+                cached.standing(now, &self.policy),
+                find(&cached.keys, kid),
+                cached.attempts,
+                cached.cooled(now, &self.policy),
+            )
         };
-        if let Some(key) = found {
-            if !fresh && cooled {
-                let cache = Arc::clone(self);
-                tokio::spawn(async move { cache.refresh_once(attempts).await });
+        if standing.usable() {
+            if let Some(key) = found {
+                if standing != Standing::Fresh && cooled {
+                    self.refresh_in_background(attempts);
+                }
+                return Ok(key);
             }
-            return Ok(key);
-        }
-        if !cooled {
-            return Err(self.missing(kid));
+            if !cooled {
+                return Err(self.missing(kid));
+            }
+        } else if !cooled {
+            return Err(self.unavailable(&self.cached.read().expect("jwks lock")));
         }
         self.refresh_once(attempts).await;
         let cached = self.cached.read().expect("jwks lock");
-        if let Some(key) = find(&cached.keys, kid) {
-            return Ok(key);
+        if !cached.standing(Instant::now(), &self.policy).usable() {
+            return Err(self.unavailable(&cached));
         }
-        if cached.fetched_at.is_none() {
-            return Err(KeyError::Unavailable {
-                issuer: self.issuer.clone(),
-                reason: "no successful fetch yet".into(),
-            });
+        find(&cached.keys, kid).ok_or_else(|| self.missing(kid))
+    }
+
+    fn refresh_in_background(self: &Arc<Self>, attempts: u64) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
         }
-        Err(self.missing(kid))
+        let cache = Arc::clone(self);
+        tokio::spawn(async move {
+            // Cleared on drop too, so a cancelled task cannot stop refreshes for good.
+            let _pending = Pending(&cache.refreshing);
+            cache.refresh_once(attempts).await;
+        });
     }
 
     /// Fetches unless another task fetched since `attempts` was read: many
@@ -167,34 +269,70 @@ impl JwksCache {
         }
     }
 
+    fn unavailable(&self, cached: &Cached) -> KeyError {
+        let reason = cached
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "no fetch has been attempted yet".to_owned());
+        KeyError::Unavailable {
+            issuer: self.issuer.clone(),
+            reason,
+            older_than: cached
+                .fetched_at
+                .map(|_| cached.fresh_for.saturating_add(self.policy.max_stale)),
+        }
+    }
+
     async fn refresh(&self) {
         let result = self.fetch().await;
+        let now = Instant::now();
         let mut cached = self.cached.write().expect("jwks lock");
         cached.attempts += 1;
-        cached.last_attempt = Some(Instant::now());
+        cached.last_attempt = Some(now);
         match result {
-            Ok((jwks_uri, keys)) => {
-                tracing::info!(issuer = %self.issuer, keys = keys.len(), "fetched signing keys");
-                cached.keys = Arc::new(keys);
-                cached.fetched_at = Some(Instant::now());
-                cached.jwks_uri = Some(jwks_uri);
+            Ok(fetched) => {
+                tracing::info!(
+                    issuer = %self.issuer,
+                    keys = fetched.keys.len(),
+                    fresh_for = %humantime::format_duration(fetched.fresh_for),
+                    "fetched signing keys"
+                );
+                cached.keys = Arc::new(fetched.keys);
+                cached.fetched_at = Some(now);
+                cached.fresh_for = fetched.fresh_for;
+                cached.jwks_uri = Some(fetched.jwks_uri);
+                cached.last_error = None;
             }
             Err(reason) => {
-                tracing::warn!(issuer = %self.issuer, %reason, cached_keys = cached.keys.len(), "cannot fetch signing keys");
+                let standing = cached.standing(now, &self.policy);
+                if standing.usable() {
+                    tracing::warn!(issuer = %self.issuer, %reason, cached_keys = cached.keys.len(), "cannot fetch signing keys; the cached keys keep serving");
+                } else if cached.fetched_at.is_some() {
+                    tracing::error!(issuer = %self.issuer, %reason, "cannot fetch signing keys, and the cached keys are past jwks_max_stale: tokens are refused");
+                } else {
+                    tracing::error!(issuer = %self.issuer, %reason, "cannot fetch signing keys: tokens are refused");
+                }
+                cached.last_error = Some(reason);
             }
         }
     }
 
-    async fn fetch(&self) -> Result<(String, Vec<Arc<VerifyingKey>>), String> {
+    async fn fetch(&self) -> Result<Fetched, String> {
         let known_uri = self.cached.read().expect("jwks lock").jwks_uri.clone();
         let jwks_uri = match (&self.source, known_uri) {
             (Source::Direct(url), _) => url.clone(),
             (Source::Discovery, Some(uri)) => uri,
             (Source::Discovery, None) => self.discover().await?,
         };
-        let document = get_json(&self.http, &jwks_uri).await?;
+        let (document, headers) =
+            get_json(&self.http, &jwks_uri, self.policy.fetch_timeout).await?;
         let keys = parse_jwks(&document).map_err(|e| format!("{jwks_uri}: {e}"))?;
-        Ok((jwks_uri, keys))
+        let fresh_for = freshness(&headers, self.policy.min_age, self.policy.max_age);
+        Ok(Fetched {
+            jwks_uri,
+            keys,
+            fresh_for,
+        })
     }
 
     async fn discover(&self) -> Result<String, String> {
@@ -207,7 +345,8 @@ impl JwksCache {
             "{}/.well-known/openid-configuration",
             self.issuer.trim_end_matches('/')
         );
-        let document: Discovery = serde_json::from_value(get_json(&self.http, &url).await?)
+        let (document, _) = get_json(&self.http, &url, self.policy.fetch_timeout).await?;
+        let document: Discovery = serde_json::from_value(document)
             .map_err(|e| format!("{url}: not an OpenID discovery document: {e}"))?;
         if document.issuer.trim_end_matches('/') != self.issuer.trim_end_matches('/') {
             return Err(format!(
@@ -215,8 +354,30 @@ impl JwksCache {
                 document.issuer, self.issuer
             ));
         }
+        // The configuration only allowed plain http for the issuer itself.
+        let secure_issuer = self.issuer.starts_with("https:");
+        if secure_issuer && !document.jwks_uri.starts_with("https:") {
+            return Err(format!(
+                "{url} names jwks_uri {:?}, which is not https",
+                document.jwks_uri
+            ));
+        }
         Ok(document.jwks_uri)
     }
+}
+
+struct Pending<'a>(&'a AtomicBool);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+struct Fetched {
+    jwks_uri: String,
+    keys: Vec<Arc<VerifyingKey>>,
+    fresh_for: Duration,
 }
 
 fn find(keys: &[Arc<VerifyingKey>], kid: Option<&str>) -> Option<Arc<VerifyingKey>> {
@@ -227,17 +388,33 @@ fn find(keys: &[Arc<VerifyingKey>], kid: Option<&str>) -> Option<Arc<VerifyingKe
     }
 }
 
-async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
+async fn get_json(
+    http: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> Result<(Value, HeaderMap), String> {
+    let failed = |e: reqwest::Error| {
+        if e.is_timeout() {
+            format!(
+                "{url}: no complete answer within {} (fetch_timeout)",
+                humantime::format_duration(timeout)
+            )
+        } else {
+            format!("{url}: {}", error_chain(&e.without_url()))
+        }
+    };
     let mut response = http
         .get(url)
+        .timeout(timeout)
         .send()
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(failed)?;
     if !response.status().is_success() {
         return Err(format!("{url}: HTTP {}", response.status()));
     }
+    let headers = response.headers().clone();
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+    while let Some(chunk) = response.chunk().await.map_err(failed)? {
         if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
             return Err(format!(
                 "{url}: response larger than {MAX_DOCUMENT_BYTES} bytes"
@@ -245,7 +422,145 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
         }
         body.extend_from_slice(&chunk);
     }
-    serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))
+    let document = serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
+    Ok((document, headers))
+}
+
+/// An error with its causes, which reqwest keeps out of its own message
+/// ("error sending request" says nothing about a refused connection).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// How long a JWKS response stays fresh: its `max-age` less its `Age`
+/// (RFC 9111), or [`DEFAULT_FRESHNESS`] without one, clamped to
+/// `[min, max]`. `no-store` and `no-cache` give the minimum.
+fn freshness(headers: &HeaderMap, min: Duration, max: Duration) -> Duration {
+    let lifetime = match cache_lifetime(headers) {
+        Lifetime::Unspecified => DEFAULT_FRESHNESS,
+        Lifetime::None => Duration::ZERO,
+        Lifetime::MaxAge(seconds) => {
+            let age = headers
+                .get(AGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| delta_seconds(v.trim()))
+                .unwrap_or(0);
+            Duration::from_secs(seconds.saturating_sub(age))
+        }
+    };
+    lifetime.clamp(min, max.max(min))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Lifetime {
+    /// No usable Cache-Control directive.
+    Unspecified,
+    /// `no-store` or `no-cache`: not to be reused without asking again.
+    None,
+    MaxAge(u64),
+}
+
+/// Reads the Cache-Control directives that matter to a private cache. A
+/// `max-age` given more than once counts at its smallest, and one that is
+/// not a number counts as zero (RFC 9111 treats such a response as stale).
+fn cache_lifetime(headers: &HeaderMap) -> Lifetime {
+    let mut max_age: Option<u64> = None;
+    for value in headers.get_all(CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else {
+            continue;
+        };
+        for (name, argument) in directives(value) {
+            if name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("no-cache") {
+                return Lifetime::None;
+            }
+            if name.eq_ignore_ascii_case("max-age") {
+                let seconds = argument.as_deref().and_then(delta_seconds).unwrap_or(0);
+                max_age = Some(max_age.map_or(seconds, |m| m.min(seconds)));
+            }
+        }
+    }
+    max_age.map_or(Lifetime::Unspecified, Lifetime::MaxAge)
+}
+
+/// Splits a Cache-Control value into `(name, argument)` pairs; commas inside
+/// quoted arguments (`private="a, b"`) do not split, and quotes are removed.
+fn directives(value: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut chars = value.chars().peekable();
+    loop {
+        while chars
+            .peek()
+            .is_some_and(|c| *c == ',' || c.is_ascii_whitespace())
+        {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            return out;
+        }
+        let mut name = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == ',' || c == '=' {
+                break;
+            }
+            name.push(c);
+            chars.next();
+        }
+        let mut argument = None;
+        if chars.peek() == Some(&'=') {
+            chars.next();
+            while chars.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+                chars.next();
+            }
+            let mut text = String::new();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => text.extend(chars.next()),
+                        c => text.push(c),
+                    }
+                }
+                // Anything between the closing quote and the next comma is junk.
+                while chars.peek().is_some_and(|c| *c != ',') {
+                    chars.next();
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c == ',' {
+                        break;
+                    }
+                    text.push(c);
+                    chars.next();
+                }
+                text.truncate(text.trim_end().len());
+            }
+            argument = Some(text);
+        }
+        let name = name.trim();
+        if !name.is_empty() {
+            out.push((name.to_owned(), argument));
+        }
+    }
+}
+
+/// A non-negative integer of seconds; too large for a u64 saturates, as
+/// RFC 9111 asks, and anything else is no number.
+fn delta_seconds(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(text.parse().unwrap_or(u64::MAX))
 }
 
 /// Keeps the usable signature keys of a JWKS. Symmetric (`kty: oct`) keys are
@@ -300,18 +615,19 @@ fn parse_jwks(document: &Value) -> Result<Vec<Arc<VerifyingKey>>, String> {
     Ok(keys)
 }
 
-/// The HTTP client for discovery and JWKS: bounded in time, and following
-/// redirects only within the same host.
+/// The HTTP client for discovery and JWKS: each request carries the
+/// provider's `fetch_timeout`; redirects are followed only within the same
+/// host and never from https to http.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(5))
         .redirect(reqwest::redirect::Policy::custom(|attempt| {
-            let same_host = attempt
-                .previous()
-                .first()
-                .is_some_and(|first| first.host_str() == attempt.url().host_str());
-            if same_host && attempt.previous().len() < 5 {
+            let safe = attempt.previous().first().is_some_and(|first| {
+                first.host_str() == attempt.url().host_str()
+                    && (first.scheme() == attempt.url().scheme()
+                        || attempt.url().scheme() == "https")
+            });
+            if safe && attempt.previous().len() < 5 {
                 attempt.follow()
             } else {
                 attempt.stop()
@@ -339,5 +655,165 @@ mod tests {
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].kid.as_deref(), Some("sig"));
         assert_eq!(keys[0].kind, KeyKind::Ed25519);
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    const MIN: Duration = Duration::from_secs(300);
+    const MAX: Duration = Duration::from_secs(86400);
+
+    fn fresh(pairs: &[(&str, &str)]) -> u64 {
+        freshness(&headers(pairs), MIN, MAX).as_secs()
+    }
+
+    #[test]
+    fn max_age_is_clamped_to_the_bounds() {
+        assert_eq!(fresh(&[("cache-control", "max-age=3600")]), 3600);
+        assert_eq!(fresh(&[("cache-control", "public, max-age=1")]), 300);
+        assert_eq!(fresh(&[("cache-control", "max-age=9999999")]), 86400);
+        assert_eq!(
+            fresh(&[("cache-control", "max-age=99999999999999999999999")]),
+            86400
+        );
+        // Names are case-insensitive; stray spaces around `=` are forgiven.
+        assert_eq!(fresh(&[("Cache-Control", "MAX-AGE = 600")]), 600);
+        assert_eq!(fresh(&[("Cache-Control", "Max-Age=600")]), 600);
+    }
+
+    #[test]
+    fn without_max_age_the_default_is_clamped() {
+        assert_eq!(fresh(&[]), DEFAULT_FRESHNESS.as_secs());
+        assert_eq!(fresh(&[("cache-control", "public")]), 3600);
+        let short = freshness(
+            &headers(&[]),
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+        );
+        assert_eq!(short, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn no_store_and_no_cache_give_the_minimum() {
+        assert_eq!(fresh(&[("cache-control", "no-store")]), 300);
+        assert_eq!(fresh(&[("cache-control", "max-age=3600, no-cache")]), 300);
+        assert_eq!(
+            fresh(&[
+                ("cache-control", "max-age=3600"),
+                ("cache-control", "No-Store")
+            ]),
+            300
+        );
+        assert_eq!(
+            fresh(&[("cache-control", "no-cache=\"set-cookie\", max-age=3600")]),
+            300
+        );
+    }
+
+    #[test]
+    fn the_parser_respects_quotes_and_odd_values() {
+        // A comma inside quotes does not start a directive.
+        assert_eq!(
+            fresh(&[("cache-control", "private=\"x, max-age=1\", max-age=7200")]),
+            7200
+        );
+        assert_eq!(fresh(&[("cache-control", "max-age=\"7200\"")]), 7200);
+        // Not a number, or repeated: the smallest (zero for junk) wins.
+        assert_eq!(fresh(&[("cache-control", "max-age=abc")]), 300);
+        assert_eq!(fresh(&[("cache-control", "max-age=-5")]), 300);
+        assert_eq!(
+            fresh(&[("cache-control", "max-age=7200, max-age=3600")]),
+            3600
+        );
+        assert_eq!(fresh(&[("cache-control", ",,max-age=3600,,")]), 3600);
+        assert_eq!(fresh(&[("cache-control", "max-age")]), 300);
+    }
+
+    #[test]
+    fn age_counts_against_max_age() {
+        assert_eq!(
+            fresh(&[("cache-control", "max-age=3600"), ("age", "600")]),
+            3000
+        );
+        assert_eq!(
+            fresh(&[("cache-control", "max-age=3600"), ("age", "7200")]),
+            300
+        );
+        assert_eq!(
+            fresh(&[("cache-control", "max-age=3600"), ("age", "junk")]),
+            3600
+        );
+    }
+
+    #[test]
+    fn a_set_ages_from_fresh_through_stale_to_unusable() {
+        let policy = Policy {
+            min_age: MIN,
+            max_age: MAX,
+            max_stale: Duration::from_secs(100),
+            cooldown: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(10),
+        };
+        let start = Instant::now();
+        let mut cached = Cached::default();
+        assert_eq!(cached.standing(start, &policy), Standing::Unusable);
+        assert!(cached.cooled(start, &policy));
+        cached.fetched_at = Some(start);
+        cached.last_attempt = Some(start);
+        cached.fresh_for = Duration::from_secs(1000);
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(cached.standing(at(0), &policy), Standing::Fresh);
+        assert_eq!(cached.standing(at(899), &policy), Standing::Fresh);
+        assert_eq!(cached.standing(at(900), &policy), Standing::RefreshAhead);
+        assert_eq!(cached.standing(at(1000), &policy), Standing::Stale);
+        assert_eq!(cached.standing(at(1099), &policy), Standing::Stale);
+        assert_eq!(cached.standing(at(1100), &policy), Standing::Unusable);
+        assert!(!cached.cooled(at(29), &policy));
+        assert!(cached.cooled(at(30), &policy));
+    }
+
+    #[test]
+    fn unavailable_names_the_provider_and_the_age() {
+        let never = KeyError::Unavailable {
+            issuer: "https://id.example".into(),
+            reason: "HTTP 503".into(),
+            older_than: None,
+        };
+        assert_eq!(
+            never.to_string(),
+            "the signing keys of https://id.example cannot be fetched: HTTP 503"
+        );
+        let stale = KeyError::Unavailable {
+            issuer: "https://id.example".into(),
+            reason: "HTTP 503".into(),
+            older_than: Some(Duration::from_millis(25 * 3600 * 1000 + 1)),
+        };
+        assert_eq!(
+            stale.to_string(),
+            "the signing keys of https://id.example are older than 1day 1h and it cannot be reached: HTTP 503"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_says_why() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}/jwks.json");
+        let err = get_json(&http_client(), &url, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(err.starts_with(&url), "{err}");
+        assert!(err.to_lowercase().contains("refused"), "{err}");
     }
 }

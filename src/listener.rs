@@ -25,7 +25,16 @@ pub fn services(config: Config) -> anyhow::Result<Services> {
         (Some(cert), Some(key)) => Some(front_door::acceptor(tls::server_config(cert, key)?)),
         _ => None,
     };
+    let role_slots = config
+        .roles
+        .iter()
+        .filter_map(|role| {
+            let limit = role.max_connections?;
+            Some((role.name.clone(), Arc::new(Semaphore::new(limit))))
+        })
+        .collect();
     Ok(Services {
+        role_slots,
         tokens: TokenChecker::new(&config, jwks::http_client()),
         cancels: Arc::new(CancelRegistry::default()),
         tls,

@@ -1,7 +1,8 @@
 //! The token check: is the password a JWT that a configured provider signed,
 //! and are its claims acceptable?
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,18 +12,36 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
-use serde::Deserialize;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::config::Config;
 use crate::error::{Refusal, sqlstate};
 use crate::jwks::{JwksCache, KeyError};
 
+/// Longest `kid` looked up in a JWKS. Real key ids are short (a thumbprint
+/// is 43 characters, a UUID 36); a longer one is refused before any lookup,
+/// so that it neither costs a refetch nor lands in a message or a log line.
+const MAX_KID_BYTES: usize = 256;
+
+/// The last second of year 9999 (9999-12-31T23:59:59Z): the latest `exp` or
+/// `nbf` accepted.
+///
+/// RFC 7519 sets no upper bound on a NumericDate, but everything downstream
+/// has one: the session's expiry timer, the envelope's `exp` (cast to
+/// `bigint` in SQL) and the RFC 3339 times in messages, which stop at year
+/// 9999. A token beyond it is refused rather than clamped: no provider
+/// mints tokens valid for eight thousand years, so such an `exp` is a
+/// mistake or an attack, and clamping would quietly give the session a
+/// lifetime the token does not state.
+const LATEST_NUMERIC_DATE: u64 = 253_402_300_799;
+
 /// Claims that passed every check, and when they stop being valid.
 #[derive(Debug, Clone)]
 pub struct VerifiedToken {
     pub claims: Map<String, Value>,
-    /// The token's `exp` (unix seconds).
+    /// The token's `exp` (unix seconds): a fractional `exp` rounded down, and
+    /// never beyond [`LATEST_NUMERIC_DATE`].
     pub expires_at: u64,
 }
 
@@ -54,13 +73,7 @@ impl TokenChecker {
                     issuer: p.issuer.clone(),
                     audience: p.audience.clone(),
                     leeway: p.leeway,
-                    keys: Arc::new(JwksCache::new(
-                        &p.issuer,
-                        p.jwks_url.as_deref(),
-                        http.clone(),
-                        p.jwks_max_age,
-                        p.refetch_cooldown,
-                    )),
+                    keys: Arc::new(JwksCache::new(p, http.clone())),
                 };
                 (p.issuer.clone(), provider)
             })
@@ -85,24 +98,8 @@ impl TokenChecker {
             ));
         }
         let (header, payload) = split(token)?;
-        let alg = match header.alg.as_str() {
-            "none" => {
-                return Err(Refusal::auth(
-                    "unsigned tokens (alg \"none\") are not accepted",
-                ));
-            }
-            hs if hs.starts_with("HS") => {
-                return Err(Refusal::auth(format!(
-                    "symmetric algorithm {hs} is not accepted: tokens must be signed with a key the provider publishes in its JWKS"
-                )));
-            }
-            other => Algorithm::from_str(other).map_err(|_| {
-                Refusal::auth(format!(
-                    "token algorithm {:?} is not supported",
-                    clip(other)
-                ))
-            })?,
-        };
+        let Header { alg, kid } = Header::read(&header)?;
+        let validity = Validity::read(&payload)?;
         let issuer = payload.get("iss").and_then(Value::as_str).ok_or_else(|| {
             Refusal::auth("the token has no \"iss\" claim, so no provider can verify it")
         })?;
@@ -113,7 +110,7 @@ impl TokenChecker {
 
         let key = provider
             .keys
-            .key(header.kid.as_deref())
+            .key(kid.as_deref())
             .await
             .map_err(|e| match e {
                 KeyError::Unavailable { .. } => Refusal::new(
@@ -130,71 +127,275 @@ impl TokenChecker {
             )));
         }
 
+        // `exp` and `nbf` are `validity`'s: jsonwebtoken rounds fractional
+        // times, calls a string `exp` missing and an object `exp` malformed.
         let mut validation = Validation::new(alg);
-        validation.leeway = provider.leeway.as_secs();
-        validation.validate_nbf = true;
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.set_issuer(&[&provider.issuer]);
         if provider.audience.is_empty() {
             validation.validate_aud = false;
-            validation.set_required_spec_claims(&["exp", "iss"]);
+            validation.set_required_spec_claims(&["iss"]);
         } else {
             validation.set_audience(&provider.audience);
-            validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+            validation.set_required_spec_claims(&["iss", "aud"]);
         }
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation)
             .map_err(|e| refusal_for(e.into_kind(), &payload, provider))?;
-        let expires_at = data
-            .claims
-            .get("exp")
-            .and_then(Value::as_f64)
-            .filter(|exp| *exp >= 0.0)
-            .ok_or_else(|| Refusal::auth("the token's \"exp\" claim is not a number"))?
-            as u64;
+        validity.check(provider.leeway)?;
         Ok(VerifiedToken {
             claims: data.claims,
-            expires_at,
+            expires_at: validity.exp,
         })
     }
 }
 
-#[derive(Deserialize)]
+/// A JSON object: a token's header or claims set.
+type JsonObject = Map<String, Value>;
+
+/// Splits a JWS in compact serialization and decodes its header and claims
+/// without trusting them: they only choose the provider and key that then
+/// verify the whole token.
+///
+/// Every part must be base64url without padding (RFC 7515 §2), the
+/// signature included, so that a token has one spelling: `=`, `+`, `/` or
+/// any other character outside the alphabet refuse it here.
+fn split(token: &str) -> Result<(JsonObject, JsonObject), Refusal> {
+    let parts: Vec<&str> = token.split('.').collect();
+    let [header, payload, signature] = parts[..] else {
+        if parts.len() == 5 {
+            return Err(Refusal::auth(
+                "encrypted tokens (JWE) are not accepted: send the signed JWT the provider issued",
+            ));
+        }
+        return Err(not_jwt());
+    };
+    let header = decode_object(header, "the token header")?;
+    let claims = decode_object(payload, "the token's claims set")?;
+    URL_SAFE_NO_PAD.decode(signature).map_err(|_| not_jwt())?;
+    Ok((header, claims))
+}
+
+fn not_jwt() -> Refusal {
+    Refusal::auth(
+        "the password is not a JWT (expected header.payload.signature in base64url, without padding)",
+    )
+}
+
+/// One part of a token as a JSON object, `what` naming it in refusals.
+///
+/// A repeated member name is refused rather than resolved. RFC 7515 §5.2 and
+/// RFC 7519 §4 allow either, but serde_json keeps the last of repeated
+/// members while jsonwebtoken refuses them in the claims it checks: refusing
+/// them all leaves no room for the two readings to differ.
+fn decode_object(part: &str, what: &str) -> Result<JsonObject, Refusal> {
+    let json = URL_SAFE_NO_PAD.decode(part).map_err(|_| not_jwt())?;
+    match serde_json::from_slice(&json).map_err(|_| not_jwt())? {
+        Value::Object(members) => match repeated_name(&json) {
+            Some(name) => Err(Refusal::auth(format!(
+                "{:?} appears twice in {what}",
+                clip(&name)
+            ))),
+            None => Ok(members),
+        },
+        _ => Err(Refusal::auth(format!("{what} is not a JSON object"))),
+    }
+}
+
+/// The first member name repeated at the top level of `json`, a JSON object.
+fn repeated_name(json: &[u8]) -> Option<String> {
+    struct FirstRepeated(Option<String>);
+
+    impl<'de> Deserialize<'de> for FirstRepeated {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_map(FirstRepeatedVisitor)
+        }
+    }
+
+    struct FirstRepeatedVisitor;
+
+    impl<'de> Visitor<'de> for FirstRepeatedVisitor {
+        type Value = FirstRepeated;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<FirstRepeated, A::Error> {
+            let mut seen = HashSet::new();
+            let mut repeated = None;
+            while let Some((name, IgnoredAny)) = members.next_entry::<String, IgnoredAny>()? {
+                if repeated.is_none() && !seen.insert(name.clone()) {
+                    repeated = Some(name);
+                }
+            }
+            Ok(FirstRepeated(repeated))
+        }
+    }
+
+    serde_json::from_slice::<FirstRepeated>(json).ok()?.0
+}
+
+/// What the JOSE header decides: the algorithm, and which key verifies.
 struct Header {
-    alg: String,
+    alg: Algorithm,
     kid: Option<String>,
 }
 
-/// Decodes header and payload without trusting them: they only choose the
-/// provider and key that then verify the whole token.
-fn split(token: &str) -> Result<(Header, Map<String, Value>), Refusal> {
-    let not_jwt = || {
-        Refusal::auth("the password is not a JWT (expected header.payload.signature in base64url)")
-    };
-    let mut parts = token.split('.');
-    let (Some(header), Some(payload), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(not_jwt());
-    };
-    let header: Header = decode_part(header).ok_or_else(not_jwt)?;
-    let payload: Map<String, Value> = decode_part(payload).ok_or_else(not_jwt)?;
-    Ok((header, payload))
+impl Header {
+    /// Reads `alg`, `crit` and `kid`. Every other member is ignored: in
+    /// particular `jku`, `x5u`, `jwk` and `x5c` are never fetched nor
+    /// trusted, since keys come only from the provider's JWKS.
+    fn read(header: &JsonObject) -> Result<Header, Refusal> {
+        let alg = algorithm(header.get("alg"))?;
+        refuse_critical_extensions(header.get("crit"))?;
+        let kid = key_id(header.get("kid"))?;
+        Ok(Header { alg, kid })
+    }
 }
 
-fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {
-    let bytes = URL_SAFE_NO_PAD.decode(part).ok()?;
-    serde_json::from_slice(&bytes).ok()
+fn algorithm(alg: Option<&Value>) -> Result<Algorithm, Refusal> {
+    let alg = match alg {
+        Some(Value::String(alg)) => alg.as_str(),
+        Some(_) => return Err(Refusal::auth("the token header's \"alg\" is not a string")),
+        None => {
+            return Err(Refusal::auth(
+                "the token header has no \"alg\", so it names no signature algorithm",
+            ));
+        }
+    };
+    match alg {
+        "" => Err(Refusal::auth(
+            "the token header's \"alg\" is empty, so it names no signature algorithm",
+        )),
+        // Algorithm names are case-sensitive (RFC 7515 §4.1.1), so "None" is
+        // no algorithm at all; but it is meant as "none", and said so.
+        none if none.eq_ignore_ascii_case("none") => Err(Refusal::auth(format!(
+            "unsigned tokens (alg {none:?}) are not accepted"
+        ))),
+        hs if hs.starts_with("HS") => Err(Refusal::auth(format!(
+            "symmetric algorithm {:?} is not accepted: tokens must be signed with a key the provider publishes in its JWKS",
+            clip(hs)
+        ))),
+        other => Algorithm::from_str(other).map_err(|_| {
+            Refusal::auth(format!(
+                "token algorithm {:?} is not supported",
+                clip(other)
+            ))
+        }),
+    }
+}
+
+/// RFC 7515 §4.1.11: a token whose `crit` header lists an extension the
+/// recipient does not understand is invalid. rlsgate understands none, so any
+/// `crit` refuses the token; jsonwebtoken reads `crit` but does not enforce it.
+fn refuse_critical_extensions(crit: Option<&Value>) -> Result<(), Refusal> {
+    let Some(crit) = crit else {
+        return Ok(());
+    };
+    let names: Vec<&str> = crit
+        .as_array()
+        .map(|names| names.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if names.is_empty() {
+        return Err(Refusal::auth(
+            "the token header's \"crit\" is malformed: it must be a non-empty list of extension names (RFC 7515 §4.1.11)",
+        ));
+    }
+    let names: Vec<String> = names.iter().map(|name| format!("{name:?}")).collect();
+    Err(Refusal::auth(format!(
+        "the token requires critical header extension {}, which rlsgate does not support (\"crit\", RFC 7515 §4.1.11)",
+        clip(&names.join(", "))
+    )))
+}
+
+fn key_id(kid: Option<&Value>) -> Result<Option<String>, Refusal> {
+    match kid {
+        None => Ok(None),
+        Some(Value::String(kid)) if kid.len() > MAX_KID_BYTES => Err(Refusal::auth(format!(
+            "the token's kid is too long: {} bytes, where key ids have at most {MAX_KID_BYTES}",
+            kid.len()
+        ))),
+        Some(Value::String(kid)) => Ok(Some(kid.clone())),
+        Some(_) => Err(Refusal::auth("the token's kid is not a string")),
+    }
+}
+
+/// When a token is valid, in whole unix seconds.
+struct Validity {
+    exp: u64,
+    nbf: Option<u64>,
+}
+
+impl Validity {
+    /// Reads `exp` (required) and `nbf` (optional) as RFC 7519
+    /// NumericDates: JSON numbers of seconds since 1970, which may have a
+    /// fraction. A string, boolean, null, array or object is refused, and so
+    /// is a number below 0 or beyond [`LATEST_NUMERIC_DATE`]. A fraction
+    /// never lengthens validity: `exp` is rounded down, `nbf` up.
+    fn read(claims: &JsonObject) -> Result<Validity, Refusal> {
+        let exp = numeric_date(claims, "exp")?
+            .ok_or_else(|| Refusal::auth("the token has no \"exp\" claim"))?;
+        let nbf = numeric_date(claims, "nbf")?;
+        Ok(Validity {
+            exp: exp.floor() as u64,
+            nbf: nbf.map(|nbf| nbf.ceil() as u64),
+        })
+    }
+
+    /// Refuses a token that has expired or is not valid yet, by `leeway`.
+    fn check(&self, leeway: Duration) -> Result<(), Refusal> {
+        let now = now_unix();
+        let leeway = leeway.as_secs();
+        if self.exp.saturating_add(leeway) < now {
+            return Err(Refusal::auth(format!(
+                "token expired at {}",
+                format_time(self.exp)
+            )));
+        }
+        if let Some(nbf) = self.nbf.filter(|nbf| *nbf > now.saturating_add(leeway)) {
+            return Err(Refusal::auth(format!(
+                "token is not valid before {}",
+                format_time(nbf)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The claim `name` as a NumericDate within range, if present.
+fn numeric_date(claims: &JsonObject, name: &str) -> Result<Option<f64>, Refusal> {
+    let Some(value) = claims.get(name) else {
+        return Ok(None);
+    };
+    let Some(seconds) = value.as_f64() else {
+        return Err(Refusal::auth(format!(
+            "the token's {name:?} claim is not a NumericDate: expected a JSON number of seconds since 1970, got {}",
+            json_kind(value)
+        )));
+    };
+    if !(0.0..=LATEST_NUMERIC_DATE as f64).contains(&seconds) {
+        return Err(Refusal::auth(format!(
+            "the token's {name:?} claim {} is out of range: it must lie between 1970 and the end of year 9999",
+            clip(&value.to_string())
+        )));
+    }
+    Ok(Some(seconds))
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 fn refusal_for(kind: ErrorKind, payload: &Map<String, Value>, provider: &Provider) -> Refusal {
-    let time_claim = |name: &str| {
-        payload
-            .get(name)
-            .and_then(Value::as_f64)
-            .map_or_else(|| "?".to_owned(), |t| format_time(t as u64))
-    };
     let message = match kind {
-        ErrorKind::ExpiredSignature => format!("token expired at {}", time_claim("exp")),
-        ErrorKind::ImmatureSignature => format!("token is not valid before {}", time_claim("nbf")),
         ErrorKind::InvalidAudience => format!(
             "token audience {} is not accepted by {} (expected one of {:?})",
             payload
@@ -205,7 +406,6 @@ fn refusal_for(kind: ErrorKind, payload: &Map<String, Value>, provider: &Provide
         ),
         ErrorKind::InvalidIssuer => format!("token issuer is not {}", provider.issuer),
         ErrorKind::MissingRequiredClaim(claim) => format!("the token has no {claim:?} claim"),
-        ErrorKind::InvalidClaimFormat(claim) => format!("the token's {claim:?} claim is malformed"),
         ErrorKind::InvalidSignature => format!(
             "token signature does not verify with the key of {}",
             provider.issuer

@@ -144,3 +144,50 @@ async fn connections_beyond_the_limit_get_53300_until_one_closes() {
         .get(0);
     assert_eq!(who, "carol");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roles_own_limit_refuses_only_that_role() {
+    let h = Harness::start_with(
+        r#"
+[[role]]
+name = "reporting"
+token = "required"
+upstream_user = "authenticated"
+upstream_password = "authenticated-dev-password"
+max_connections = 1
+"#,
+    )
+    .await;
+    let first = h.connect("reporting", &h.token("alice")).await.unwrap();
+
+    let err = h.connect("reporting", &h.token("bob")).await.unwrap_err();
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "53300");
+    assert!(message.contains("role \"reporting\""), "{message}");
+    assert!(message.contains("at most 1"), "{message}");
+    // Other roles are not limited by it.
+    let bob = h.connect_as("bob").await;
+    bob.query_one("select 1", &[]).await.unwrap();
+
+    drop(first);
+    let mut again = None;
+    for _ in 0..50 {
+        match h.connect("reporting", &h.token("carol")).await {
+            Ok(client) => {
+                again = Some(client);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(db_error(&e).0, "53300", "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let carol = again.expect("the role's slot frees after its session closes");
+    let who: String = carol
+        .query_one("select auth.user_id()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "carol");
+}
