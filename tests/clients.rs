@@ -5,6 +5,12 @@
 //! first, and a prerequisite it cannot install is a failure that says so. tokio-postgres is what the other
 //! test files use throughout.
 //!
+//! Each program runs twice, in two tests: over plaintext on loopback, and
+//! (`…_over_tls_works_through_rlsgate`) against a proxy with a throwaway
+//! certificate, with `RLSGATE_SSLMODE=require` in its environment: the
+//! drivers' "require", encrypted without checking the certificate, and where
+//! the driver can tell, each connection is checked to be encrypted.
+//!
 //! The last two tests check docs/clients.md: its code blocks are, verbatim,
 //! the marked lines (`docs:begin NAME` … `docs:end`) of these programs, and
 //! the files, tests and versions it names are the real ones.
@@ -16,9 +22,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
 use support::{Harness, unix_now};
+use tempfile::TempDir;
 
 /// How long one client program may run before it is a failure.
 const PROGRAM_TIME: Duration = Duration::from_secs(60);
@@ -47,6 +58,51 @@ fn clients_dir(sub: &str) -> PathBuf {
 struct Setup {
     h: Harness,
     env: Vec<(&'static str, String)>,
+    /// The certificate and key of a proxy with TLS.
+    _pki: Option<TempDir>,
+}
+
+/// Over plaintext on loopback, or with TLS.
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    Plaintext,
+    Tls,
+}
+
+/// A throwaway CA and a server certificate it signed for `localhost` and
+/// 127.0.0.1, written to a temporary directory, and the `[listen]` lines
+/// that give them to the proxy.
+fn throwaway_pki() -> (TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "rlsgate client checks CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let cert_pem = dir.path().join("server.pem");
+    let key_pem = dir.path().join("server.key");
+    std::fs::write(&cert_pem, cert.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    let listen = format!(
+        "[listen]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert_pem.display(),
+        key_pem.display()
+    );
+    (dir, listen)
 }
 
 /// Runs `clients/install.sh` once per test run, so that `cargo test` works on
@@ -69,9 +125,15 @@ fn ensure_drivers_installed() {
     });
 }
 
-async fn setup() -> Setup {
+async fn setup(transport: Transport) -> Setup {
     ensure_drivers_installed();
-    let h = Harness::start().await;
+    let (h, pki) = match transport {
+        Transport::Plaintext => (Harness::start().await, None),
+        Transport::Tls => {
+            let (dir, listen) = throwaway_pki();
+            (Harness::start_with(&listen).await, Some(dir))
+        }
+    };
     let expired = h.token_with(
         KeyKind::Rs256,
         json!({"sub": "alice", "aud": "todo-app", "exp": unix_now() - 60}),
@@ -87,7 +149,7 @@ async fn setup() -> Setup {
         KeyKind::Rs256,
         json!({"sub": "alice", "aud": "todo-app", "exp": short_exp}),
     );
-    let env = vec![
+    let mut env = vec![
         ("RLSGATE_HOST", "127.0.0.1".to_owned()),
         ("RLSGATE_PORT", h.port().to_string()),
         ("RLSGATE_DB", "app".to_owned()),
@@ -97,7 +159,10 @@ async fn setup() -> Setup {
         ("SHORT_TOKEN", short),
         ("SHORT_TOKEN_ENDS_AT", (short_exp + 2).to_string()),
     ];
-    Setup { h, env }
+    if transport == Transport::Tls {
+        env.push(("RLSGATE_SSLMODE", "require".to_owned()));
+    }
+    Setup { h, env, _pki: pki }
 }
 
 impl Setup {
@@ -218,8 +283,17 @@ fn path_with(dir: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_works_through_rlsgate() {
+    check_psql(Transport::Plaintext).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_over_tls_works_through_rlsgate() {
+    check_psql(Transport::Tls).await;
+}
+
+async fn check_psql(transport: Transport) {
     let psql = support::psql_binary();
-    let mut s = setup().await;
+    let mut s = setup(transport).await;
     s.env
         .push(("PATH", path_with(psql.parent().expect("psql's directory"))));
     s.run(
@@ -234,9 +308,18 @@ async fn psql_works_through_rlsgate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_works_through_rlsgate() {
+    check_pgbench(Transport::Plaintext).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_over_tls_works_through_rlsgate() {
+    check_pgbench(Transport::Tls).await;
+}
+
+async fn check_pgbench(transport: Transport) {
     let psql = support::psql_binary();
     let pgbench = pgbench_binary();
-    let mut s = setup().await;
+    let mut s = setup(transport).await;
     s.env.push((
         "PATH",
         path_with(pgbench.parent().expect("pgbench's directory")),
@@ -268,6 +351,15 @@ async fn pgbench_works_through_rlsgate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_works_through_rlsgate() {
+    check_psycopg(Transport::Plaintext).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_over_tls_works_through_rlsgate() {
+    check_psycopg(Transport::Tls).await;
+}
+
+async fn check_psycopg(transport: Transport) {
     let python = clients_dir("python/.venv/bin/python");
     assert!(
         python.exists(),
@@ -284,7 +376,7 @@ async fn psycopg_works_through_rlsgate() {
         python.display(),
         String::from_utf8_lossy(&imports.stderr)
     );
-    let s = setup().await;
+    let s = setup(transport).await;
     s.run(
         "clients/python/check_psycopg.py",
         &python,
@@ -309,8 +401,17 @@ fn node_with(module: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_postgres_works_through_rlsgate() {
+    check_node_postgres(Transport::Plaintext).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_over_tls_works_through_rlsgate() {
+    check_node_postgres(Transport::Tls).await;
+}
+
+async fn check_node_postgres(transport: Transport) {
     let node = node_with("pg");
-    let s = setup().await;
+    let s = setup(transport).await;
     s.run(
         "clients/node/check_pg.js",
         &node,
@@ -323,8 +424,17 @@ async fn node_postgres_works_through_rlsgate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_js_works_through_rlsgate() {
+    check_postgres_js(Transport::Plaintext).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_js_over_tls_works_through_rlsgate() {
+    check_postgres_js(Transport::Tls).await;
+}
+
+async fn check_postgres_js(transport: Transport) {
     let node = node_with("postgres");
-    let s = setup().await;
+    let s = setup(transport).await;
     s.run(
         "clients/node/check_postgres_js.js",
         &node,
@@ -339,6 +449,15 @@ const PGJDBC_JAR: &str = "/usr/share/java/postgresql.jar";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jdbc_works_through_rlsgate() {
+    check_jdbc(Transport::Plaintext).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jdbc_over_tls_works_through_rlsgate() {
+    check_jdbc(Transport::Tls).await;
+}
+
+async fn check_jdbc(transport: Transport) {
     let javac = require_program("javac", "a JDK");
     let java = require_program("java", "a JDK");
     assert!(
@@ -359,7 +478,7 @@ async fn jdbc_works_through_rlsgate() {
         String::from_utf8_lossy(&compiled.stderr)
     );
     let classpath = format!("{}:{PGJDBC_JAR}", classes.path().display());
-    let s = setup().await;
+    let s = setup(transport).await;
     s.run(
         "clients/jdbc/JdbcCheck.java",
         &java,

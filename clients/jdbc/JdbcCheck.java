@@ -6,11 +6,16 @@
 // The connection details come from the environment (tests/clients.rs sets
 // them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN,
 // EXPIRED_TOKEN, and SHORT_TOKEN, alice's token whose sessions the proxy ends
-// at SHORT_TOKEN_ENDS_AT (unix seconds). Exits 0 only if every check passed;
-// prints each check.
+// at SHORT_TOKEN_ENDS_AT (unix seconds). With RLSGATE_SSLMODE=require (the
+// proxy has a certificate), every connection must be encrypted: pgjdbc's
+// default sslmode, prefer, encrypts when the server offers TLS without
+// checking the certificate, and each connection's socket is checked to be
+// an SSLSocket; one more connection sets sslmode=require explicitly. Exits 0
+// only if every check passed; prints each check.
 // Build and run: javac -cp /usr/share/java/postgresql.jar -d out JdbcCheck.java
 //                java -cp out:/usr/share/java/postgresql.jar JdbcCheck
 
+import java.lang.reflect.Field;
 import java.sql.Connection;
 import java.sql.DriverManager;
 import java.sql.PreparedStatement;
@@ -22,6 +27,12 @@ import java.util.List;
 import java.util.Objects;
 import java.util.Properties;
 
+import javax.net.ssl.SSLSocket;
+
+import org.postgresql.core.BaseConnection;
+import org.postgresql.core.PGStream;
+import org.postgresql.core.QueryExecutor;
+import org.postgresql.core.QueryExecutorBase;
 import org.postgresql.ds.PGSimpleDataSource;
 
 public class JdbcCheck {
@@ -33,6 +44,7 @@ public class JdbcCheck {
     static final String EXPIRED = System.getenv("EXPIRED_TOKEN");
     static final String SHORT = System.getenv("SHORT_TOKEN");
     static final long SHORT_ENDS_AT = Long.parseLong(System.getenv("SHORT_TOKEN_ENDS_AT"));
+    static final boolean TLS = "require".equals(System.getenv("RLSGATE_SSLMODE"));
 
     static final List<String> failures = new ArrayList<>();
 
@@ -41,6 +53,26 @@ public class JdbcCheck {
         if (!ok) {
             failures.add(name);
         }
+    }
+
+    /** Whether pgjdbc speaks to the server over TLS on this connection. */
+    static boolean encrypted(Connection conn) throws Exception {
+        QueryExecutor executor = conn.unwrap(BaseConnection.class).getQueryExecutor();
+        Field stream = QueryExecutorBase.class.getDeclaredField("pgStream");
+        stream.setAccessible(true);
+        return ((PGStream) stream.get(executor)).getSocket() instanceof SSLSocket;
+    }
+
+    /** With RLSGATE_SSLMODE=require, the connection must be encrypted. */
+    static Connection checkEncrypted(String form, Connection conn) throws SQLException {
+        if (TLS) {
+            try {
+                check(form + ": the connection is encrypted", encrypted(conn), null);
+            } catch (Exception e) {
+                check(form + ": the connection is encrypted", false, e);
+            }
+        }
+        return conn;
     }
 
     interface Step {
@@ -62,7 +94,7 @@ public class JdbcCheck {
         String url = "jdbc:postgresql://" + host + ":" + port + "/" + db + "?connectTimeout=10";
         Connection conn = DriverManager.getConnection(url, "authenticated", token);
         // docs:end
-        return conn;
+        return checkEncrypted("URL", conn);
     }
 
     static Connection connectWithProperties(String token) throws SQLException {
@@ -73,7 +105,7 @@ public class JdbcCheck {
         props.setProperty("connectTimeout", "10");
         Connection conn = DriverManager.getConnection("jdbc:postgresql://" + host + ":" + port + "/" + db, props);
         // docs:end
-        return conn;
+        return checkEncrypted("Properties", conn);
     }
 
     static Connection connectWithDataSource(String token) throws SQLException {
@@ -87,7 +119,7 @@ public class JdbcCheck {
         ds.setConnectTimeout(10);
         Connection conn = ds.getConnection();
         // docs:end
-        return conn;
+        return checkEncrypted("DataSource", conn);
     }
 
     static String one(Connection conn, String sql) throws SQLException {
@@ -131,6 +163,17 @@ public class JdbcCheck {
                 check("DataSource: auth.user_id() is alice", "alice".equals(user), user);
             }
         });
+
+        if (TLS) {
+            step("sslmode=require", () -> {
+                String url = "jdbc:postgresql://" + host + ":" + port + "/" + db + "?connectTimeout=10&sslmode=require";
+                try (Connection conn = DriverManager.getConnection(url, "authenticated", ALICE)) {
+                    check("sslmode=require connects without checking the certificate", encrypted(conn), null);
+                    String user = one(conn, "select auth.user_id()");
+                    check("sslmode=require: auth.user_id() is alice", "alice".equals(user), user);
+                }
+            });
+        }
 
         step("queries and transactions", () -> {
             try (Connection conn = connectWithUrl(ALICE)) {

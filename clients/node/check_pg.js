@@ -3,8 +3,12 @@
 // The connection details come from the environment (tests/clients.rs sets
 // them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN,
 // EXPIRED_TOKEN, and SHORT_TOKEN, alice's token whose sessions the proxy
-// ends at SHORT_TOKEN_ENDS_AT (unix seconds). Exits 0 only if every check
-// passed; prints each check.
+// ends at SHORT_TOKEN_ENDS_AT (unix seconds). With RLSGATE_SSLMODE=require
+// (the proxy has a certificate), every connection is encrypted without
+// checking the certificate: node-postgres reads PGSSLMODE=no-verify as
+// `ssl: { rejectUnauthorized: false }` (none of the configurations below
+// sets `ssl`), and each connection's socket is checked to be a TLS one.
+// Exits 0 only if every check passed; prints each check.
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -18,6 +22,9 @@ const BOB = process.env.BOB_TOKEN;
 const EXPIRED = process.env.EXPIRED_TOKEN;
 const SHORT = process.env.SHORT_TOKEN;
 const SHORT_ENDS_AT = Number(process.env.SHORT_TOKEN_ENDS_AT);
+const TLS = process.env.RLSGATE_SSLMODE === 'require';
+if (TLS) process.env.PGSSLMODE = 'no-verify';
+else delete process.env.PGSSLMODE;
 
 const failures = [];
 
@@ -25,6 +32,11 @@ function check(name, ok, detail) {
   const shown = detail === undefined ? '' : `: ${typeof detail === 'string' ? detail : JSON.stringify(detail)}`;
   console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${shown}`);
   if (!ok) failures.push(name);
+}
+
+// With RLSGATE_SSLMODE=require, the client's connection must be encrypted.
+function checkEncrypted(form, client) {
+  if (TLS) check(`${form}: the connection is encrypted`, client.connection.stream.encrypted === true);
 }
 
 async function step(name, fn) {
@@ -43,6 +55,7 @@ async function connectWithUrl(jwt) {
   });
   await client.connect();
   // docs:end
+  checkEncrypted('connection string', client);
   return client;
 }
 
@@ -58,6 +71,7 @@ async function connectWithParameters(jwt) {
   });
   await client.connect();
   // docs:end
+  checkEncrypted('parameters', client);
   return client;
 }
 
@@ -206,6 +220,9 @@ await step('pool serves concurrent queries', async () => {
   const sessions = new Set(rows.map((r) => r.pid)).size;
   check('the pool used several sessions', sessions > 1, sessions);
   check('poolFor gives the same pool for the same token', poolFor(ALICE) === pool);
+  const pooled = await pool.connect();
+  checkEncrypted('pooled', pooled);
+  pooled.release();
   pools.delete(ALICE);
   await pool.end();
 });

@@ -5,8 +5,12 @@
 // The connection details come from the environment (tests/clients.rs sets
 // them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN,
 // EXPIRED_TOKEN, and SHORT_TOKEN, alice's token whose sessions the proxy
-// ends at SHORT_TOKEN_ENDS_AT (unix seconds). Exits 0 only if every check
-// passed; prints each check.
+// ends at SHORT_TOKEN_ENDS_AT (unix seconds). With RLSGATE_SSLMODE=require
+// (the proxy has a certificate), every connection is made with
+// `ssl: 'require'`: encrypted, the certificate not checked. postgres.js does
+// not show whether a connection is encrypted, but with 'require' it fails
+// unless the server agrees to TLS and the handshake succeeds. Exits 0 only
+// if every check passed; prints each check.
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -20,6 +24,7 @@ const BOB = process.env.BOB_TOKEN;
 const EXPIRED = process.env.EXPIRED_TOKEN;
 const SHORT = process.env.SHORT_TOKEN;
 const SHORT_ENDS_AT = Number(process.env.SHORT_TOKEN_ENDS_AT);
+const ssl = process.env.RLSGATE_SSLMODE || false;
 
 const failures = [];
 
@@ -42,6 +47,7 @@ function sqlWithUrl(jwt) {
   const sql = postgres(`postgresql://authenticated:${jwt}@${host}:${port}/${db}`, {
     max: 10, // a pool of up to 10 connections, all with this token
     connect_timeout: 10,
+    ssl, // false or 'require' here; off loopback 'verify-full' (see TLS)
   });
   // docs:end
   return sql;
@@ -57,6 +63,7 @@ function sqlWithParameters(jwt) {
     password: jwt, // the user's token
     max: 10,
     connect_timeout: 10,
+    ssl, // false or 'require' here; off loopback 'verify-full' (see TLS)
   });
   // docs:end
   return sql;
@@ -84,7 +91,7 @@ await step('connects both ways', async () => {
 
 await step('queries and transactions', async () => {
   // One connection, so that the prepared statements are all on one session.
-  const sql = postgres(`postgresql://authenticated:${ALICE}@${host}:${port}/${db}`, { max: 1, connect_timeout: 10 });
+  const sql = postgres(`postgresql://authenticated:${ALICE}@${host}:${port}/${db}`, { max: 1, connect_timeout: 10, ssl });
   try {
     const title = 'postgres.js: parameterized';
     const [inserted] = await sql`insert into todos (title) values (${title}) returning user_id, title`;
@@ -199,6 +206,7 @@ await step('sessions end with their token', async () => {
   }
 });
 
+console.log(`ssl: ${JSON.stringify(ssl)}`);
 const { version } = JSON.parse(readFileSync(new URL('./node_modules/postgres/package.json', import.meta.url), 'utf8'));
 console.log(`postgres ${version}`);
 if (failures.length > 0) {

@@ -6,12 +6,17 @@
 #
 # The connection details come from the environment (tests/clients.rs sets
 # them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN.
-# Exits 0 only if every check passed.
+# With RLSGATE_SSLMODE=require (the proxy has a certificate), pgbench and psql
+# connect with libpq's PGSSLMODE=require: encrypted, the certificate not
+# checked. Exits 0 only if every check passed.
 set -uo pipefail
 cd "$(dirname "$0")"
 
 export PSQLRC=/dev/null PGCONNECT_TIMEOUT=10
 unset PGSERVICE PGSSLMODE
+if [ -n "${RLSGATE_SSLMODE:-}" ]; then
+  export PGSSLMODE=$RLSGATE_SSLMODE
+fi
 PSQL=${PSQL:-psql}
 
 failures=()
@@ -47,6 +52,15 @@ count() { # TOKEN
 }
 check "alice sees the 400 rows pgbench inserted, all hers" "400 alice" "$(count "$ALICE_TOKEN")"
 check "bob sees none of them" "0 -" "$(count "$BOB_TOKEN")"
+if [ "${RLSGATE_SSLMODE:-}" = require ]; then
+  conninfo=$(PGPASSWORD=$ALICE_TOKEN "$PSQL" -h "$RLSGATE_HOST" -p "$RLSGATE_PORT" -U authenticated -d "$RLSGATE_DB" -c '\conninfo' 2>&1)
+  if [[ "$conninfo" == *"SSL connection"* ]]; then
+    echo "ok   sslmode=require encrypts: $conninfo"
+  else
+    echo "FAIL sslmode=require encrypts: [$conninfo]"
+    failures+=("sslmode=require encrypts")
+  fi
+fi
 
 pgbench --version
 if [ "${#failures[@]}" -gt 0 ]; then

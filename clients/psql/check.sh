@@ -6,12 +6,17 @@
 # The connection details come from the environment (tests/clients.rs sets
 # them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN,
 # EXPIRED_TOKEN, and SHORT_TOKEN, alice's token whose sessions the proxy ends
-# at SHORT_TOKEN_ENDS_AT (unix seconds). Exits 0 only if every check passed;
-# prints each check.
+# at SHORT_TOKEN_ENDS_AT (unix seconds). With RLSGATE_SSLMODE=require (the
+# proxy has a certificate), every connection is encrypted: libpq's
+# PGSSLMODE=require, which does not check the certificate. Exits 0 only if
+# every check passed; prints each check.
 set -uo pipefail
 
 export PSQLRC=/dev/null PGCONNECT_TIMEOUT=10
 unset PGPASSWORD PGSERVICE PGSSLMODE
+if [ -n "${RLSGATE_SSLMODE:-}" ]; then
+  export PGSSLMODE=$RLSGATE_SSLMODE
+fi
 
 failures=()
 check() { # NAME WANT GOT
@@ -50,6 +55,11 @@ check "connection string: auth.user_id() is alice" alice "$(cat "$out")"
   # docs:end
 } >"$out" 2>&1
 check "parameters: auth.user_id() is alice" alice "$(cat "$out")"
+
+if [ "${RLSGATE_SSLMODE:-}" = require ]; then
+  PGPASSWORD=$ALICE_TOKEN psql -h "$RLSGATE_HOST" -p "$RLSGATE_PORT" -U authenticated -d "$RLSGATE_DB" -c '\conninfo' >"$out" 2>&1
+  check_contains "\\conninfo: the session is encrypted" "SSL connection" "$(cat "$out")"
+fi
 
 as() { # TOKEN, then psql's arguments
   local token=$1

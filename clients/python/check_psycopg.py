@@ -3,8 +3,11 @@
 The connection details come from the environment (tests/clients.rs sets
 them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN,
 EXPIRED_TOKEN, and SHORT_TOKEN, alice's token whose sessions the proxy ends
-at SHORT_TOKEN_ENDS_AT (unix seconds). Exits 0 only if every check passed;
-prints each check.
+at SHORT_TOKEN_ENDS_AT (unix seconds). With RLSGATE_SSLMODE=require (the
+proxy has a certificate), every connection is encrypted: libpq's
+PGSSLMODE=require, which does not check the certificate, and each
+connection's pgconn.ssl_in_use is checked. Exits 0 only if every check
+passed; prints each check.
 """
 
 import os
@@ -25,6 +28,9 @@ BOB = os.environ["BOB_TOKEN"]
 EXPIRED = os.environ["EXPIRED_TOKEN"]
 SHORT = os.environ["SHORT_TOKEN"]
 SHORT_ENDS_AT = int(os.environ["SHORT_TOKEN_ENDS_AT"])
+SSLMODE = os.environ.get("RLSGATE_SSLMODE")
+if SSLMODE:
+    os.environ["PGSSLMODE"] = SSLMODE  # libpq reads it at each connect
 
 failures = []
 
@@ -33,6 +39,12 @@ def check(name, ok, detail=""):
     print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + str(detail) if detail else ''}")
     if not ok:
         failures.append(name)
+
+
+def check_encrypted(form, conn):
+    """With RLSGATE_SSLMODE=require, the connection must be encrypted."""
+    if SSLMODE == "require":
+        check(f"{form}: the connection is encrypted", conn.pgconn.ssl_in_use)
 
 
 def step(fn):
@@ -51,6 +63,7 @@ def connect_with_url(token):
         connect_timeout=10,
     )
     # docs:end
+    check_encrypted("connection string", conn)
     return conn
 
 
@@ -65,6 +78,7 @@ def connect_with_parameters(token):
         connect_timeout=10,
     )
     # docs:end
+    check_encrypted("keyword parameters", conn)
     return conn
 
 
@@ -190,9 +204,10 @@ def pool_serves_concurrent_queries():
 
     def one(i):
         with pool.connection() as conn:
-            return conn.execute(
+            row = conn.execute(
                 "select auth.user_id(), pg_backend_pid(), %s::int from pg_sleep(0.05)", (i,)
             ).fetchone()
+            return (*row, conn.pgconn.ssl_in_use)
 
     try:
         with ThreadPoolExecutor(max_workers=20) as executor:
@@ -203,6 +218,8 @@ def pool_serves_concurrent_queries():
     check("every pooled query ran as alice", all(r[0] == "alice" for r in rows), {r[0] for r in rows})
     backends = len({r[1] for r in rows})
     check("the pool used several sessions", backends > 1, backends)
+    if SSLMODE == "require":
+        check("every pooled connection is encrypted", all(r[3] for r in rows))
 
 
 @step
