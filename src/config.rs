@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
 use crate::claims::SigningKey;
@@ -47,6 +48,10 @@ pub struct Listen {
     /// On shutdown, how long sessions may run on before they are ended.
     #[serde(default = "defaults::shutdown_drain", with = "humantime_serde")]
     pub shutdown_drain: Duration,
+    /// Verified tokens remembered so that reconnecting with one skips the
+    /// signature check; 0 disables the cache.
+    #[serde(default = "defaults::token_cache_entries")]
+    pub token_cache_entries: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,13 +131,83 @@ pub struct Provider {
     /// development issuer on a private network (e.g. a compose service).
     #[serde(default)]
     pub allow_plain_http: bool,
+    /// Where the discovery document is, for providers that do not serve it at
+    /// `{issuer}/.well-known/openid-configuration` (Azure AD B2C).
+    pub discovery_url: Option<String>,
+    /// Signature algorithms accepted; unset: every asymmetric one. Narrowing
+    /// it keeps a provider's tokens to the algorithm it actually signs with.
+    #[serde(default)]
+    algorithms: Option<Vec<String>>,
+    /// Tokens whose `iat` is older than this are refused, whatever their `exp`.
+    #[serde(default, with = "humantime_serde")]
+    pub max_token_age: Option<Duration>,
+    /// Claims (names or dotted paths) every token must carry.
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// A claim (name or dotted path) holding the roles the token may connect
+    /// as: a string or an array of strings.
+    pub role_claim: Option<String>,
+    /// A shared secret for HS256 tokens (Supabase's legacy JWT secret). Only
+    /// this provider's tokens may use it; without it HS256 is refused.
+    pub hs256_secret: Option<Secret>,
 }
+
+/// A configured secret, kept out of `Debug` output.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Every asymmetric algorithm: the default of `algorithms`.
+pub const ASYMMETRIC_ALGORITHMS: [Algorithm; 9] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// Shortest `hs256_secret`: RFC 7518 §3.2 asks for a key at least as long as
+/// the hash output (32 bytes).
+const MIN_HS256_SECRET_BYTES: usize = 32;
 
 impl Provider {
     /// The lower bound on JWKS freshness, its default kept within `jwks_max_age`.
     pub fn jwks_min_age(&self) -> Duration {
         self.jwks_min_age
             .unwrap_or_else(|| defaults::jwks_min_age().min(self.jwks_max_age))
+    }
+
+    /// The accepted asymmetric algorithms (HS256 goes by `hs256_secret`).
+    pub fn algorithms(&self) -> Vec<Algorithm> {
+        match &self.algorithms {
+            None => ASYMMETRIC_ALGORITHMS.to_vec(),
+            Some(names) => names.iter().filter_map(|n| asymmetric(n).ok()).collect(),
+        }
+    }
+
+    /// Whether keys are fetched: not for a provider that only has a shared secret.
+    pub fn has_jwks(&self) -> bool {
+        self.hs256_secret.is_none() || self.jwks_url.is_some() || self.discovery_url.is_some()
+    }
+
+    fn discovers_at_issuer(&self) -> bool {
+        self.has_jwks() && self.jwks_url.is_none() && self.discovery_url.is_none()
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -147,15 +222,72 @@ impl Provider {
                 return Err(named(format!("{key} must be longer than 0s")));
             }
         }
-        match self.jwks_min_age {
-            Some(min) if min > self.jwks_max_age => Err(named(format!(
+        if let Some(min) = self.jwks_min_age.filter(|min| *min > self.jwks_max_age) {
+            return Err(named(format!(
                 "jwks_min_age ({}) is longer than jwks_max_age ({})",
                 show(min),
                 show(self.jwks_max_age)
-            ))),
-            _ => Ok(()),
+            )));
         }
+        if self.jwks_url.is_some() && self.discovery_url.is_some() {
+            return Err(named(
+                "give jwks_url or discovery_url, not both: jwks_url skips discovery".to_owned(),
+            ));
+        }
+        if let Some(names) = &self.algorithms {
+            if names.is_empty() {
+                return Err(named(
+                    "algorithms is empty: no token could be accepted".to_owned(),
+                ));
+            }
+            for name in names {
+                asymmetric(name).map_err(|problem| named(format!("algorithms: {problem}")))?;
+            }
+        }
+        if self.max_token_age.is_some_and(|age| age.is_zero()) {
+            return Err(named("max_token_age must be longer than 0s".to_owned()));
+        }
+        for (key, path) in self
+            .required_claims
+            .iter()
+            .map(|c| ("required_claims", c))
+            .chain(self.role_claim.iter().map(|c| ("role_claim", c)))
+        {
+            if path.is_empty() || path.split('.').any(str::is_empty) {
+                return Err(named(format!(
+                    "{key}: {path:?} is not a claim name or dotted path"
+                )));
+            }
+        }
+        if let Some(secret) = &self.hs256_secret
+            && secret.bytes().len() < MIN_HS256_SECRET_BYTES
+        {
+            return Err(named(format!(
+                "hs256_secret is {} bytes; it must have at least {MIN_HS256_SECRET_BYTES}",
+                secret.bytes().len()
+            )));
+        }
+        Ok(())
     }
+}
+
+/// An asymmetric algorithm by its JWS name; symmetric ones are refused here
+/// because a shared secret is configured only through `hs256_secret`.
+fn asymmetric(name: &str) -> Result<Algorithm, String> {
+    if name.starts_with("HS") {
+        return Err(format!(
+            "{name:?} is symmetric; HS256 is accepted only through hs256_secret"
+        ));
+    }
+    ASYMMETRIC_ALGORITHMS
+        .into_iter()
+        .find(|a| format!("{a:?}") == name)
+        .ok_or_else(|| {
+            format!(
+                "unknown algorithm {name:?} (known: {})",
+                ASYMMETRIC_ALGORITHMS.map(|a| format!("{a:?}")).join(", ")
+            )
+        })
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +310,9 @@ mod defaults {
     }
     pub fn shutdown_drain() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn token_cache_entries() -> usize {
+        10_000
     }
     pub fn postgres_port() -> u16 {
         5432
@@ -265,9 +400,18 @@ impl Config {
                 bail!("[[provider]] issuer = {:?} appears twice", provider.issuer);
             }
             let allow_http = provider.allow_plain_http;
-            check_fetch_url("issuer", &provider.issuer, allow_http)?;
+            // `iss` is any string (RFC 7519 §4.1.1; Stytch's is
+            // `stytch.com/<project>`): a URL only when discovery starts there.
+            if provider.discovers_at_issuer() {
+                check_fetch_url("issuer", &provider.issuer, allow_http)?;
+            } else if provider.issuer.is_empty() {
+                bail!("[[provider]] issuer is empty");
+            }
             if let Some(url) = &provider.jwks_url {
                 check_fetch_url("jwks_url", url, allow_http)?;
+            }
+            if let Some(url) = &provider.discovery_url {
+                check_fetch_url("discovery_url", url, allow_http)?;
             }
             provider.validate()?;
         }
@@ -458,5 +602,66 @@ issuer = "https://id.example"
         assert!(message.contains("jwks_max_age"), "{message}");
         let message = err("jwks_max_stale = \"soon\"");
         assert!(message.contains("jwks_max_stale"), "{message}");
+    }
+
+    #[test]
+    fn provider_claim_rules_are_checked_by_name() {
+        let err = |lines: &str| format!("{:#}", with_provider(lines).unwrap_err());
+        let message = err("algorithms = [\"RS256\", \"HS256\"]");
+        assert!(message.contains("https://id.example"), "{message}");
+        assert!(message.contains("algorithms"), "{message}");
+        assert!(message.contains("hs256_secret"), "{message}");
+        let message = err("algorithms = [\"RS1\"]");
+        assert!(message.contains("unknown algorithm \"RS1\""), "{message}");
+        assert!(err("algorithms = []").contains("algorithms is empty"));
+        assert!(err("max_token_age = \"0s\"").contains("max_token_age"));
+        assert!(err("required_claims = [\"a..b\"]").contains("required_claims"));
+        assert!(err("role_claim = \"\"").contains("role_claim"));
+        let message = err("hs256_secret = \"short\"");
+        assert!(message.contains("hs256_secret is 5 bytes"), "{message}");
+        assert!(
+            !format!(
+                "{:?}",
+                with_provider("hs256_secret = \"a-secret-of-at-least-thirty-two-bytes\"")
+                    .unwrap()
+                    .providers[0]
+            )
+            .contains("thirty-two")
+        );
+        let message =
+            err("jwks_url = \"https://id.example/k\"\ndiscovery_url = \"https://id.example/d\"");
+        assert!(message.contains("not both"), "{message}");
+        assert!(err("discovery_url = \"http://id.example/d\"").contains("discovery_url"));
+
+        let config =
+            with_provider("algorithms = [\"ES256\", \"EdDSA\"]\nmax_token_age = \"1h\"").unwrap();
+        let p = &config.providers[0];
+        assert_eq!(p.algorithms(), [Algorithm::ES256, Algorithm::EdDSA]);
+        assert_eq!(p.max_token_age, Some(Duration::from_secs(3600)));
+        assert!(p.has_jwks());
+        let config = with_provider("").unwrap();
+        assert_eq!(config.providers[0].algorithms(), ASYMMETRIC_ALGORITHMS);
+        let config =
+            with_provider("hs256_secret = \"a-secret-of-at-least-thirty-two-bytes\"").unwrap();
+        assert!(!config.providers[0].has_jwks());
+    }
+
+    #[test]
+    fn an_issuer_need_not_be_a_url_when_keys_come_from_elsewhere() {
+        let parse = |provider: &str| {
+            Config::parse(&format!(
+                "[listen]\naddress = \"127.0.0.1:6432\"\n[upstream]\nhost = \"h\"\n[[role]]\nname = \"a\"\ntoken = \"required\"\n[claims]\nsigning_key = \"cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM=\"\n[[provider]]\n{provider}\n"
+            ))
+        };
+        assert!(parse("issuer = \"stytch.com/project-test-1\"\njwks_url = \"https://test.stytch.com/v1/sessions/jwks/project-test-1\"").is_ok());
+        let err = format!(
+            "{:#}",
+            parse("issuer = \"stytch.com/project-test-1\"").unwrap_err()
+        );
+        assert!(
+            err.contains("issuer = \"stytch.com/project-test-1\" is not a URL"),
+            "{err}"
+        );
+        assert!(parse("issuer = \"\"\njwks_url = \"https://id.example/k\"").is_err());
     }
 }

@@ -207,7 +207,7 @@ async fn open_session(
                 Err(PasswordError::Refused(refusal)) => return Err(refusal.into()),
             };
             let print = fingerprint(&token);
-            let verified = services.tokens.check(&token).await.map_err(|refusal| {
+            let verified = services.tokens.check(&token, &role.name).await.map_err(|refusal| {
                 tracing::info!(token = %print, role = %role.name, reason = %refusal, "token refused");
                 refusal
             })?;
@@ -268,10 +268,11 @@ async fn refuse(client: &mut ClientStream, refusal: &Refusal) {
     refusal.encode(&mut out);
     let _ = client.write_all(&out).await;
     let _ = client.flush().await;
-    let _ = client.shutdown().await;
-    // Closing with unread input makes the kernel answer with a reset, which
-    // can destroy the error in flight: read what the client still sends
-    // (bounded in time and size) until it closes.
+    // Let the client read the error and hang up first (bounded in time and
+    // size): closing with its input unread makes the kernel answer with a
+    // reset that can destroy the error in flight, and an immediate TLS
+    // close_notify makes libpq add "SSL connection has been closed
+    // unexpectedly" to the message.
     let mut sink = [0u8; 4096];
     let mut drained = 0;
     let _ = tokio::time::timeout(LINGER, async {
@@ -283,4 +284,5 @@ async fn refuse(client: &mut ClientStream, refusal: &Refusal) {
         }
     })
     .await;
+    let _ = client.shutdown().await;
 }

@@ -97,7 +97,8 @@ fn unavailable_state(older_than: &Option<Duration>) -> String {
 }
 
 enum Source {
-    Discovery,
+    /// The discovery document's URL.
+    Discovery(String),
     Direct(String),
 }
 
@@ -184,7 +185,12 @@ impl JwksCache {
             issuer: provider.issuer.clone(),
             source: match &provider.jwks_url {
                 Some(url) => Source::Direct(url.clone()),
-                None => Source::Discovery,
+                None => Source::Discovery(provider.discovery_url.clone().unwrap_or_else(|| {
+                    format!(
+                        "{}/.well-known/openid-configuration",
+                        provider.issuer.trim_end_matches('/')
+                    )
+                })),
             },
             http,
             policy: Policy {
@@ -321,8 +327,8 @@ impl JwksCache {
         let known_uri = self.cached.read().expect("jwks lock").jwks_uri.clone();
         let jwks_uri = match (&self.source, known_uri) {
             (Source::Direct(url), _) => url.clone(),
-            (Source::Discovery, Some(uri)) => uri,
-            (Source::Discovery, None) => self.discover().await?,
+            (Source::Discovery(_), Some(uri)) => uri,
+            (Source::Discovery(url), None) => self.discover(url).await?,
         };
         let (document, headers) =
             get_json(&self.http, &jwks_uri, self.policy.fetch_timeout).await?;
@@ -335,17 +341,13 @@ impl JwksCache {
         })
     }
 
-    async fn discover(&self) -> Result<String, String> {
+    async fn discover(&self, url: &str) -> Result<String, String> {
         #[derive(Deserialize)]
         struct Discovery {
             issuer: String,
             jwks_uri: String,
         }
-        let url = format!(
-            "{}/.well-known/openid-configuration",
-            self.issuer.trim_end_matches('/')
-        );
-        let (document, _) = get_json(&self.http, &url, self.policy.fetch_timeout).await?;
+        let (document, _) = get_json(&self.http, url, self.policy.fetch_timeout).await?;
         let document: Discovery = serde_json::from_value(document)
             .map_err(|e| format!("{url}: not an OpenID discovery document: {e}"))?;
         if document.issuer.trim_end_matches('/') != self.issuer.trim_end_matches('/') {
@@ -354,9 +356,8 @@ impl JwksCache {
                 document.issuer, self.issuer
             ));
         }
-        // The configuration only allowed plain http for the issuer itself.
-        let secure_issuer = self.issuer.starts_with("https:");
-        if secure_issuer && !document.jwks_uri.starts_with("https:") {
+        // The configuration only allowed plain http for the document itself.
+        if url.starts_with("https:") && !document.jwks_uri.starts_with("https:") {
             return Err(format!(
                 "{url} names jwks_uri {:?}, which is not https",
                 document.jwks_uri

@@ -23,5 +23,6 @@ pub mod relay;
 pub mod shutdown;
 pub mod stream;
 pub mod tls;
+pub mod token_cache;
 pub mod token_check;
 pub mod upstream;

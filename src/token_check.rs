@@ -11,13 +11,14 @@ use aws_lc_rs::digest;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::config::Config;
 use crate::error::{Refusal, sqlstate};
 use crate::jwks::{JwksCache, KeyError};
+use crate::token_cache::{TokenCache, TokenDigest};
 
 /// Longest `kid` looked up in a JWKS. Real key ids are short (a thumbprint
 /// is 43 characters, a UUID 36); a longer one is refused before any lookup,
@@ -55,12 +56,19 @@ struct Provider {
     issuer: String,
     audience: Vec<String>,
     leeway: Duration,
-    keys: Arc<JwksCache>,
+    algorithms: Vec<Algorithm>,
+    max_token_age: Option<Duration>,
+    required_claims: Vec<String>,
+    role_claim: Option<String>,
+    hs256: Option<DecodingKey>,
+    /// None for a provider that verifies only with its `hs256_secret`.
+    keys: Option<Arc<JwksCache>>,
 }
 
 /// Verifies tokens against every configured provider, chosen by `iss`.
 pub struct TokenChecker {
     providers: HashMap<String, Provider>,
+    cache: TokenCache,
 }
 
 impl TokenChecker {
@@ -73,12 +81,25 @@ impl TokenChecker {
                     issuer: p.issuer.clone(),
                     audience: p.audience.clone(),
                     leeway: p.leeway,
-                    keys: Arc::new(JwksCache::new(p, http.clone())),
+                    algorithms: p.algorithms(),
+                    max_token_age: p.max_token_age,
+                    required_claims: p.required_claims.clone(),
+                    role_claim: p.role_claim.clone(),
+                    hs256: p
+                        .hs256_secret
+                        .as_ref()
+                        .map(|s| DecodingKey::from_secret(s.bytes())),
+                    keys: p
+                        .has_jwks()
+                        .then(|| Arc::new(JwksCache::new(p, http.clone()))),
                 };
                 (p.issuer.clone(), provider)
             })
             .collect();
-        TokenChecker { providers }
+        TokenChecker {
+            providers,
+            cache: TokenCache::new(config.listen.token_cache_entries),
+        }
     }
 
     /// The leeway granted to the provider that issued these claims.
@@ -91,7 +112,46 @@ impl TokenChecker {
             .map_or(Duration::ZERO, |p| p.leeway)
     }
 
-    pub async fn check(&self, token: &str) -> Result<VerifiedToken, Refusal> {
+    /// Serves a token verified before from the cache while its `exp` has
+    /// not passed and its issuer is still configured; everything else gets
+    /// the full check (see [`crate::token_cache`]). The provider's claim
+    /// rules run on every call, cached or not: `role` (the `[[role]]` the
+    /// client connects as) differs between connections, and `max_token_age`
+    /// moves with the clock.
+    pub async fn check(&self, token: &str, role: &str) -> Result<VerifiedToken, Refusal> {
+        if !self.cache.is_enabled() {
+            return self
+                .verify(token)
+                .await
+                .and_then(|v| self.apply_rules(v, role));
+        }
+        let digest = TokenDigest::of(token);
+        let hit = self.cache.get(&digest, now_unix());
+        if let Some(hit) = hit.filter(|hit| self.providers.contains_key(&hit.issuer)) {
+            return self.apply_rules(hit.verified.clone(), role);
+        }
+        let verified = self.verify(token).await?;
+        if let Some(issuer) = verified.claims.get("iss").and_then(Value::as_str) {
+            self.cache
+                .insert(digest, verified.clone(), issuer.to_owned());
+        }
+        self.apply_rules(verified, role)
+    }
+
+    /// The issuing provider's claim rules (see [`Provider::check_claims`]).
+    fn apply_rules(&self, verified: VerifiedToken, role: &str) -> Result<VerifiedToken, Refusal> {
+        let provider = verified
+            .claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .and_then(|iss| self.providers.get(iss))
+            .ok_or_else(|| Refusal::auth("the token's issuer is no longer configured"))?;
+        provider.check_claims(&verified.claims, role)?;
+        Ok(verified)
+    }
+
+    /// The full check: signature, issuer, audience and validity.
+    async fn verify(&self, token: &str) -> Result<VerifiedToken, Refusal> {
         if token.is_empty() {
             return Err(Refusal::auth(
                 "a token is required: send the JWT as the password",
@@ -108,24 +168,43 @@ impl TokenChecker {
             .get(issuer)
             .ok_or_else(|| Refusal::auth(format!("issuer {:?} is not configured", clip(issuer))))?;
 
-        let key = provider
-            .keys
-            .key(kid.as_deref())
-            .await
-            .map_err(|e| match e {
+        let jwk;
+        let key = if alg == Algorithm::HS256 {
+            provider.hs256.as_ref().ok_or_else(|| {
+                Refusal::auth(format!(
+                    "symmetric algorithm \"HS256\" is not accepted from {}: it has no hs256_secret, and its tokens must be signed with a key it publishes in its JWKS",
+                    provider.issuer
+                ))
+            })?
+        } else {
+            if !provider.algorithms.contains(&alg) {
+                return Err(Refusal::auth(format!(
+                    "token algorithm {alg:?} is not accepted by {} (algorithms = {:?})",
+                    provider.issuer, provider.algorithms
+                )));
+            }
+            let keys = provider.keys.as_ref().ok_or_else(|| {
+                Refusal::auth(format!(
+                    "{} accepts only HS256 tokens signed with its hs256_secret, not {alg:?}",
+                    provider.issuer
+                ))
+            })?;
+            jwk = keys.key(kid.as_deref()).await.map_err(|e| match e {
                 KeyError::Unavailable { .. } => Refusal::new(
                     sqlstate::CONNECTION_FAILURE,
                     format!("cannot verify the token now: {e}"),
                 ),
                 _ => Refusal::auth(e.to_string()),
             })?;
-        if !key.kind.fits(alg) || key.alg.is_some_and(|a| a != alg) {
-            return Err(Refusal::auth(format!(
-                "token algorithm {alg:?} does not match key {:?} of {}",
-                key.kid.as_deref().unwrap_or(""),
-                provider.issuer
-            )));
-        }
+            if !jwk.kind.fits(alg) || jwk.alg.is_some_and(|a| a != alg) {
+                return Err(Refusal::auth(format!(
+                    "token algorithm {alg:?} does not match key {:?} of {}",
+                    jwk.kid.as_deref().unwrap_or(""),
+                    provider.issuer
+                )));
+            }
+            &jwk.key
+        };
 
         // `exp` and `nbf` are `validity`'s: jsonwebtoken rounds fractional
         // times, calls a string `exp` missing and an object `exp` malformed.
@@ -140,7 +219,7 @@ impl TokenChecker {
             validation.set_audience(&provider.audience);
             validation.set_required_spec_claims(&["iss", "aud"]);
         }
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation)
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation)
             .map_err(|e| refusal_for(e.into_kind(), &payload, provider))?;
         validity.check(provider.leeway)?;
         Ok(VerifiedToken {
@@ -148,6 +227,72 @@ impl TokenChecker {
             expires_at: validity.exp,
         })
     }
+}
+
+impl Provider {
+    /// The provider's own rules, on claims whose signature has been verified.
+    fn check_claims(&self, claims: &JsonObject, role: &str) -> Result<(), Refusal> {
+        if let Some(max_age) = self.max_token_age {
+            let iat = numeric_date(claims, "iat")?.ok_or_else(|| {
+                Refusal::auth(format!(
+                    "the token has no \"iat\" claim, which {} requires (max_token_age)",
+                    self.issuer
+                ))
+            })?;
+            let (iat, now, leeway) = (iat.floor() as u64, now_unix(), self.leeway.as_secs());
+            if iat.saturating_add(max_age.as_secs()).saturating_add(leeway) < now {
+                return Err(Refusal::auth(format!(
+                    "token was issued at {}, more than {} ago (max_token_age of {})",
+                    format_time(iat),
+                    humantime::format_duration(max_age),
+                    self.issuer
+                )));
+            }
+            // A future `iat` would otherwise stretch the allowed age.
+            if iat > now.saturating_add(leeway) {
+                return Err(Refusal::auth(format!(
+                    "token claims to be issued at {}, which is in the future",
+                    format_time(iat)
+                )));
+            }
+        }
+        for name in &self.required_claims {
+            if claim_at(claims, name).is_none_or(Value::is_null) {
+                return Err(Refusal::auth(format!(
+                    "the token has no {name:?} claim, which {} requires",
+                    self.issuer
+                )));
+            }
+        }
+        if let Some(path) = &self.role_claim {
+            let allowed = match claim_at(claims, path) {
+                Some(Value::String(r)) => r == role,
+                Some(Value::Array(roles)) => roles.iter().any(|r| r.as_str() == Some(role)),
+                _ => false,
+            };
+            if !allowed {
+                let held = claim_at(claims, path)
+                    .map_or_else(|| "absent".to_owned(), |v| clip(&v.to_string()));
+                return Err(Refusal::auth(format!(
+                    "token does not allow role {role:?}: its {path:?} claim is {held}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The claim at `path`: a top-level name, or names joined by dots into nested
+/// objects. Names may contain dots themselves (Auth0's namespaced claims are
+/// URLs), so every split is tried, the whole name first.
+fn claim_at<'a>(object: &'a JsonObject, path: &str) -> Option<&'a Value> {
+    if let Some(value) = object.get(path) {
+        return Some(value);
+    }
+    path.match_indices('.').find_map(|(at, _)| {
+        let inner = object.get(&path[..at])?.as_object()?;
+        claim_at(inner, &path[at + 1..])
+    })
 }
 
 /// A JSON object: a token's header or claims set.
@@ -273,6 +418,9 @@ fn algorithm(alg: Option<&Value>) -> Result<Algorithm, Refusal> {
         none if none.eq_ignore_ascii_case("none") => Err(Refusal::auth(format!(
             "unsigned tokens (alg {none:?}) are not accepted"
         ))),
+        // HS256 only with a provider's `hs256_secret`, decided once the
+        // provider is known.
+        "HS256" => Ok(Algorithm::HS256),
         hs if hs.starts_with("HS") => Err(Refusal::auth(format!(
             "symmetric algorithm {:?} is not accepted: tokens must be signed with a key the provider publishes in its JWKS",
             clip(hs)
