@@ -395,7 +395,7 @@ impl Shared {
     fn discovery_document(&self) -> Value {
         let algorithms: Vec<&str> = {
             let store = self.keys.lock().expect("issuer keys poisoned");
-            KeyKind::ALL
+            KeyKind::EVERY
                 .into_iter()
                 .filter(|kind| store.all.iter().any(|key| key.pair.kind() == *kind))
                 .map(KeyKind::alg_name)

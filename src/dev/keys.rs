@@ -17,7 +17,8 @@ use std::path::Path;
 use anyhow::Context as _;
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _,
+    ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
+    EcdsaSigningAlgorithm, Ed25519KeyPair, KeyPair as _,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -31,20 +32,43 @@ pub enum KeyKind {
     Rs256,
     /// ECDSA P-256, signed as ES256.
     Es256,
+    /// ECDSA P-384, signed as ES384.
+    Es384,
     /// Ed25519, signed as EdDSA.
     EdDsa,
 }
 
 impl KeyKind {
-    /// Every kind, in the order keys are generated at start.
+    /// The kinds a `DevIssuer` generates one key of at start, in that order.
+    /// P-384 keys are used only where given explicitly (see [`KeyKind::EVERY`]).
     pub const ALL: [KeyKind; 3] = [KeyKind::Rs256, KeyKind::Es256, KeyKind::EdDsa];
+
+    /// Every kind, including those not generated at start.
+    pub const EVERY: [KeyKind; 4] = [
+        KeyKind::Rs256,
+        KeyKind::Es256,
+        KeyKind::Es384,
+        KeyKind::EdDsa,
+    ];
 
     /// The JWS algorithm tokens of this kind are signed with.
     pub fn algorithm(self) -> Algorithm {
         match self {
             KeyKind::Rs256 => Algorithm::RS256,
             KeyKind::Es256 => Algorithm::ES256,
+            KeyKind::Es384 => Algorithm::ES384,
             KeyKind::EdDsa => Algorithm::EdDSA,
+        }
+    }
+
+    /// Whether a key of this kind can sign as `alg`: an RSA key under any
+    /// RSA algorithm (RS256/384/512, PS256/384/512), the others only under
+    /// their own.
+    pub fn signs_as(self, alg: Algorithm) -> bool {
+        use Algorithm::*;
+        match self {
+            KeyKind::Rs256 => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
+            _ => alg == self.algorithm(),
         }
     }
 
@@ -53,6 +77,7 @@ impl KeyKind {
         match self {
             KeyKind::Rs256 => "RS256",
             KeyKind::Es256 => "ES256",
+            KeyKind::Es384 => "ES384",
             KeyKind::EdDsa => "EdDSA",
         }
     }
@@ -66,6 +91,8 @@ pub struct SigningKeyPair {
     kind: KeyKind,
     pkcs8: Vec<u8>,
     public: PublicKey,
+    /// Whether the JWK names `alg` (see [`SigningKeyPair::without_jwk_alg`]).
+    jwk_alg: bool,
 }
 
 /// The public parameters a JWK carries, as unsigned big-endian bytes.
@@ -73,6 +100,7 @@ pub struct SigningKeyPair {
 enum PublicKey {
     Rsa { n: Vec<u8>, e: Vec<u8> },
     P256 { x: Vec<u8>, y: Vec<u8> },
+    P384 { x: Vec<u8>, y: Vec<u8> },
     Ed25519 { x: Vec<u8> },
 }
 
@@ -102,12 +130,15 @@ impl SigningKeyPair {
                     .map_err(|_| anyhow::anyhow!("RSA key export failed"))?;
                 der.as_ref().to_vec()
             }
-            KeyKind::Es256 => EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
-                .map_err(|_| anyhow::anyhow!("P-256 key generation failed"))?
-                .to_pkcs8v1()
-                .map_err(|_| anyhow::anyhow!("P-256 key export failed"))?
-                .as_ref()
-                .to_vec(),
+            KeyKind::Es256 | KeyKind::Es384 => {
+                let (curve, name) = ec_curve(kind);
+                EcdsaKeyPair::generate(curve)
+                    .map_err(|_| anyhow::anyhow!("{name} key generation failed"))?
+                    .to_pkcs8v1()
+                    .map_err(|_| anyhow::anyhow!("{name} key export failed"))?
+                    .as_ref()
+                    .to_vec()
+            }
             KeyKind::EdDsa => Ed25519KeyPair::generate()
                 .map_err(|_| anyhow::anyhow!("Ed25519 key generation failed"))?
                 .to_pkcs8v1()
@@ -120,7 +151,7 @@ impl SigningKeyPair {
     }
 
     /// Reads an unencrypted PKCS#8 `PrivateKeyInfo` (DER). The kind follows
-    /// from its algorithm: RSA, EC on P-256, or Ed25519.
+    /// from its algorithm: RSA, EC on P-256 or P-384, or Ed25519.
     pub fn from_pkcs8_der(der: &[u8]) -> anyhow::Result<SigningKeyPair> {
         let kind = pkcs8_kind(der)?;
         let public = match kind {
@@ -133,18 +164,23 @@ impl SigningKeyPair {
                     e: public.exponent().big_endian_without_leading_zero().to_vec(),
                 }
             }
-            KeyKind::Es256 => {
-                let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der)
-                    .map_err(|e| anyhow::anyhow!("not a usable P-256 private key: {e}"))?;
-                // Uncompressed SEC1 point: 0x04 || x (32 bytes) || y (32 bytes).
+            KeyKind::Es256 | KeyKind::Es384 => {
+                let (curve, name) = ec_curve(kind);
+                let pair = EcdsaKeyPair::from_pkcs8(curve, der)
+                    .map_err(|e| anyhow::anyhow!("not a usable {name} private key: {e}"))?;
+                // Uncompressed SEC1 point: 0x04 || x || y, each coordinate
+                // 32 bytes on P-256 and 48 on P-384.
                 let point = pair.public_key().as_ref();
+                let size = if kind == KeyKind::Es256 { 32 } else { 48 };
                 anyhow::ensure!(
-                    point.len() == 65 && point[0] == 0x04,
-                    "unexpected P-256 public key encoding"
+                    point.len() == 1 + 2 * size && point[0] == 0x04,
+                    "unexpected {name} public key encoding"
                 );
-                PublicKey::P256 {
-                    x: point[1..33].to_vec(),
-                    y: point[33..65].to_vec(),
+                let (x, y) = (point[1..=size].to_vec(), point[1 + size..].to_vec());
+                if kind == KeyKind::Es256 {
+                    PublicKey::P256 { x, y }
+                } else {
+                    PublicKey::P384 { x, y }
                 }
             }
             KeyKind::EdDsa => {
@@ -163,6 +199,7 @@ impl SigningKeyPair {
             kind,
             pkcs8: der.to_vec(),
             public,
+            jwk_alg: true,
         })
     }
 
@@ -271,19 +308,45 @@ impl SigningKeyPair {
         self.public.thumbprint()
     }
 
-    /// The public key as a JWK, with `kid`, `use: sig` and `alg`.
+    /// This key, published without `alg` in its JWK, so that verifiers
+    /// accept every algorithm that fits the key: for an RSA key, tokens
+    /// signed with [`SigningKeyPair::sign_as`] under RS384, PS256 and the rest.
+    pub fn without_jwk_alg(mut self) -> SigningKeyPair {
+        self.jwk_alg = false;
+        self
+    }
+
+    /// The public key as a JWK, with `kid`, `use: sig` and `alg` (unless
+    /// [`SigningKeyPair::without_jwk_alg`]).
     pub fn public_jwk(&self) -> Value {
         let mut jwk = self.public.members();
         jwk.insert("kid".into(), json!(self.kid()));
         jwk.insert("use".into(), json!("sig"));
-        jwk.insert("alg".into(), json!(self.kind.alg_name()));
+        if self.jwk_alg {
+            jwk.insert("alg".into(), json!(self.kind.alg_name()));
+        }
         Value::Object(jwk)
     }
 
     /// Signs `claims` exactly as given (nothing is added); the header
     /// carries this key's `alg` and `kid`.
     pub fn sign(&self, claims: &Value) -> String {
-        let mut header = Header::new(self.kind.algorithm());
+        self.sign_as(self.kind.algorithm(), claims)
+    }
+
+    /// Like [`SigningKeyPair::sign`] but under `alg`, which must fit the key
+    /// (see [`KeyKind::signs_as`]): an RSA key signs as any RSA algorithm.
+    /// A verifier accepts `alg` other than the kind's own only if the JWK
+    /// does not pin it (see [`SigningKeyPair::without_jwk_alg`]).
+    ///
+    /// Panics if `alg` does not fit the key.
+    pub fn sign_as(&self, alg: Algorithm, claims: &Value) -> String {
+        assert!(
+            self.kind.signs_as(alg),
+            "a {} key cannot sign as {alg:?}",
+            self.kind.alg_name()
+        );
+        let mut header = Header::new(alg);
         header.kid = Some(self.kid());
         jsonwebtoken::encode(&header, claims, &self.encoding_key())
             .expect("signing with a checked key failed")
@@ -294,9 +357,17 @@ impl SigningKeyPair {
             KeyKind::Rs256 => EncodingKey::from_rsa_der(
                 pkcs8_private_key(&self.pkcs8).expect("RSA key shape checked at load"),
             ),
-            KeyKind::Es256 => EncodingKey::from_ec_der(&self.pkcs8),
+            KeyKind::Es256 | KeyKind::Es384 => EncodingKey::from_ec_der(&self.pkcs8),
             KeyKind::EdDsa => EncodingKey::from_ed_der(&self.pkcs8),
         }
+    }
+}
+
+/// The aws-lc-rs signing algorithm and the curve name of an ECDSA kind.
+fn ec_curve(kind: KeyKind) -> (&'static EcdsaSigningAlgorithm, &'static str) {
+    match kind {
+        KeyKind::Es384 => (&ECDSA_P384_SHA384_FIXED_SIGNING, "P-384"),
+        _ => (&ECDSA_P256_SHA256_FIXED_SIGNING, "P-256"),
     }
 }
 
@@ -324,6 +395,9 @@ impl PublicKey {
             PublicKey::P256 { x, y } => {
                 json!({ "kty": "EC", "crv": "P-256", "x": b64(x), "y": b64(y) })
             }
+            PublicKey::P384 { x, y } => {
+                json!({ "kty": "EC", "crv": "P-384", "x": b64(x), "y": b64(y) })
+            }
             PublicKey::Ed25519 { x } => json!({ "kty": "OKP", "crv": "Ed25519", "x": b64(x) }),
         };
         match value {
@@ -343,6 +417,11 @@ impl PublicKey {
             }
             PublicKey::P256 { x, y } => format!(
                 r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+                b64(x),
+                b64(y)
+            ),
+            PublicKey::P384 { x, y } => format!(
+                r#"{{"crv":"P-384","kty":"EC","x":"{}","y":"{}"}}"#,
                 b64(x),
                 b64(y)
             ),
@@ -373,9 +452,15 @@ fn pkcs8_kind(der: &[u8]) -> anyhow::Result<KeyKind> {
             let curve = der_element(params, 0x06).map(|(curve, _)| curve).ok();
             match curve {
                 Some(OID_P256) => Ok(KeyKind::Es256),
-                Some(OID_P384) => anyhow::bail!("P-384 keys are not supported; use P-256 (ES256)"),
-                Some(OID_P521) => anyhow::bail!("P-521 keys are not supported; use P-256 (ES256)"),
-                _ => anyhow::bail!("unsupported elliptic curve; use P-256 (ES256)"),
+                Some(OID_P384) => Ok(KeyKind::Es384),
+                Some(OID_P521) => {
+                    anyhow::bail!(
+                        "P-521 keys are not supported; use P-256 (ES256) or P-384 (ES384)"
+                    )
+                }
+                _ => {
+                    anyhow::bail!("unsupported elliptic curve; use P-256 (ES256) or P-384 (ES384)")
+                }
             }
         }
         OID_RSASSA_PSS => {
@@ -384,7 +469,7 @@ fn pkcs8_kind(der: &[u8]) -> anyhow::Result<KeyKind> {
         OID_ED448 => anyhow::bail!("Ed448 keys are not supported; use Ed25519"),
         OID_X25519 => anyhow::bail!("X25519 is a key-agreement key and cannot sign; use Ed25519"),
         other => anyhow::bail!(
-            "unsupported key algorithm (OID bytes {}); use RSA, EC P-256 or Ed25519",
+            "unsupported key algorithm (OID bytes {}); use RSA, EC P-256/P-384 or Ed25519",
             hex::encode(other)
         ),
     }
@@ -463,7 +548,7 @@ mod tests {
 
     #[test]
     fn pem_round_trip_keeps_kind_kid_and_jwk() {
-        for kind in KeyKind::ALL {
+        for kind in KeyKind::EVERY {
             let key = SigningKeyPair::generate(kind).unwrap();
             let pem = key.to_pem();
             assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
@@ -488,7 +573,7 @@ mod tests {
 
     #[test]
     fn loaded_key_signs_tokens_that_verify_against_its_jwk() {
-        for kind in KeyKind::ALL {
+        for kind in KeyKind::EVERY {
             let key = SigningKeyPair::from_pem(&SigningKeyPair::generate(kind).unwrap().to_pem())
                 .unwrap();
             let claims = json!({ "sub": "alice", "exp": 4_000_000_000u64, "n": [1, 2] });
@@ -549,17 +634,17 @@ mod tests {
 
     #[test]
     fn other_algorithms_are_named_in_the_error() {
-        // PKCS#8 for a P-384 key, generated by aws-lc-rs.
-        let p384 = EcdsaKeyPair::generate(&aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED_SIGNING)
+        // PKCS#8 for a P-521 key, generated by aws-lc-rs.
+        let p521 = EcdsaKeyPair::generate(&aws_lc_rs::signature::ECDSA_P521_SHA512_FIXED_SIGNING)
             .unwrap()
             .to_pkcs8v1()
             .unwrap();
         let message = format!(
             "{:#}",
-            SigningKeyPair::from_pkcs8_der(p384.as_ref()).unwrap_err()
+            SigningKeyPair::from_pkcs8_der(p521.as_ref()).unwrap_err()
         );
         assert!(
-            message.contains("P-384 keys are not supported"),
+            message.contains("P-521 keys are not supported"),
             "{message}"
         );
 
@@ -613,5 +698,56 @@ mod tests {
         assert!(pkcs8_private_key(&[]).is_err());
         assert!(pkcs8_private_key(&[0x30, 0x05, 0x02]).is_err());
         assert!(pkcs8_private_key(&[0x04, 0x00]).is_err());
+    }
+
+    #[test]
+    fn p384_key_publishes_48_byte_coordinates_and_signs_es384() {
+        let key = SigningKeyPair::generate(KeyKind::Es384).unwrap();
+        let jwk = key.public_jwk();
+        assert_eq!(jwk["kty"], "EC");
+        assert_eq!(jwk["crv"], "P-384");
+        assert_eq!(jwk["alg"], "ES384");
+        for coordinate in ["x", "y"] {
+            assert_eq!(unb64(jwk[coordinate].as_str().unwrap()).len(), 48);
+        }
+        let reloaded = SigningKeyPair::from_pem(&key.to_pem()).unwrap();
+        assert_eq!(reloaded.kind(), KeyKind::Es384);
+        assert_eq!(reloaded.kid(), key.kid());
+    }
+
+    #[test]
+    fn rsa_key_signs_as_every_rsa_algorithm_and_can_be_published_without_alg() {
+        use Algorithm::*;
+        let key = SigningKeyPair::generate(KeyKind::Rs256)
+            .unwrap()
+            .without_jwk_alg();
+        let jwk = key.public_jwk();
+        assert!(jwk.get("alg").is_none(), "{jwk}");
+        let decoding = DecodingKey::from_jwk(&serde_json::from_value::<Jwk>(jwk).unwrap()).unwrap();
+        let claims = json!({ "sub": "alice", "exp": 4_000_000_000u64 });
+        for alg in [RS256, RS384, RS512, PS256, PS384, PS512] {
+            let token = key.sign_as(alg, &claims);
+            assert_eq!(decode_header(&token).unwrap().alg, alg);
+            let verified = decode::<Value>(&token, &decoding, &Validation::new(alg))
+                .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+            assert_eq!(verified.claims, claims);
+        }
+        // The same key without the call still names RS256.
+        let pinned = SigningKeyPair::generate(KeyKind::Rs256).unwrap();
+        assert_eq!(pinned.public_jwk()["alg"], "RS256");
+    }
+
+    #[test]
+    fn only_rsa_keys_sign_as_another_algorithm() {
+        use Algorithm::*;
+        assert!(KeyKind::Rs256.signs_as(PS512));
+        assert!(!KeyKind::Rs256.signs_as(ES256));
+        assert!(KeyKind::Es384.signs_as(ES384));
+        assert!(!KeyKind::Es256.signs_as(ES384));
+        assert!(!KeyKind::Es384.signs_as(ES256));
+        assert!(!KeyKind::EdDsa.signs_as(RS256));
+        let key = SigningKeyPair::generate(KeyKind::Es256).unwrap();
+        let refused = std::panic::catch_unwind(|| key.sign_as(ES384, &json!({ "sub": "a" })));
+        assert!(refused.is_err());
     }
 }
