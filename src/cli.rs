@@ -86,7 +86,7 @@ enum Command {
         /// The directory to write issuer.pem and jwks.json to; created if missing.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// The key type; the proxy accepts all three.
+        /// The key type; the proxy accepts each of them.
         #[arg(long, value_enum, default_value = "es256")]
         alg: KeyAlg,
         /// Replace an existing issuer.pem and jwks.json. Tokens signed with the
@@ -159,6 +159,8 @@ enum KeyAlg {
     Rs256,
     /// ECDSA P-256 (ES256): small keys and tokens, widely supported.
     Es256,
+    /// ECDSA P-384 (ES384).
+    Es384,
     /// Ed25519 (EdDSA): the smallest and fastest; not every library has it.
     Eddsa,
 }
@@ -232,6 +234,7 @@ fn keygen(out: &std::path::Path, alg: KeyAlg, force: bool) -> anyhow::Result<()>
     let kind = match alg {
         KeyAlg::Rs256 => KeyKind::Rs256,
         KeyAlg::Es256 => KeyKind::Es256,
+        KeyAlg::Es384 => KeyKind::Es384,
         KeyAlg::Eddsa => KeyKind::EdDsa,
     };
     let key_path = out.join("issuer.pem");
