@@ -99,6 +99,22 @@ async fn tls_is_declined_when_no_certificate_is_configured() {
     );
 }
 
+/// Connects carol as `user`, retrying while the proxy still counts a session
+/// that just closed (it frees the slot once it sees the end), and returns
+/// who the session is.
+async fn carol_once_a_slot_frees(h: &Harness, user: &str) -> String {
+    for _ in 0..50 {
+        match h.connect(user, &h.token("carol")).await {
+            Ok(carol) => return support::user_id_of(&carol).await.unwrap(),
+            Err(e) => {
+                assert_eq!(db_error(&e).0, "53300", "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    panic!("no slot freed within 5 s of a session closing");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_get_53300_until_one_closes() {
     let h = Harness::start_with("[listen]\nmax_connections = 2").await;
@@ -122,27 +138,7 @@ async fn connections_beyond_the_limit_get_53300_until_one_closes() {
         .unwrap();
 
     drop(first);
-    // The slot frees once the proxy sees the session end.
-    let mut carol = None;
-    for _ in 0..50 {
-        match h.connect("authenticated", &h.token("carol")).await {
-            Ok(client) => {
-                carol = Some(client);
-                break;
-            }
-            Err(e) => {
-                assert_eq!(db_error(&e).0, "53300", "{e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
-    let carol = carol.expect("a slot frees after a session closes");
-    let who: String = carol
-        .query_one("select auth.user_id()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(who, "carol");
+    assert_eq!(carol_once_a_slot_frees(&h, "authenticated").await, "carol");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,24 +166,5 @@ max_connections = 1
     bob.query_one("select 1", &[]).await.unwrap();
 
     drop(first);
-    let mut again = None;
-    for _ in 0..50 {
-        match h.connect("reporting", &h.token("carol")).await {
-            Ok(client) => {
-                again = Some(client);
-                break;
-            }
-            Err(e) => {
-                assert_eq!(db_error(&e).0, "53300", "{e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
-    let carol = again.expect("the role's slot frees after its session closes");
-    let who: String = carol
-        .query_one("select auth.user_id()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(who, "carol");
+    assert_eq!(carol_once_a_slot_frees(&h, "reporting").await, "carol");
 }
