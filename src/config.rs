@@ -52,6 +52,11 @@ pub struct Listen {
     /// signature check; 0 disables the cache.
     #[serde(default = "defaults::token_cache_entries")]
     pub token_cache_entries: usize,
+    /// End each session when its token expires (after the leeway), with
+    /// FATAL 28000. With `false` a session outlives its token, and so do its
+    /// claims in the database; tokens are still checked when clients connect.
+    #[serde(default = "defaults::yes")]
+    pub end_sessions_at_token_expiry: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -310,6 +315,9 @@ mod defaults {
     }
     pub fn shutdown_drain() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn yes() -> bool {
+        true
     }
     pub fn token_cache_entries() -> usize {
         10_000

@@ -23,7 +23,8 @@ use crate::stream::ClientStream;
 use crate::token_check::{TokenChecker, fingerprint, now_unix};
 use crate::upstream::{self, Login, UpstreamSession};
 
-/// Validity of the envelope for roles served without a token (year 2106).
+/// Validity of the envelope when nothing expires: roles served without a
+/// token, and sessions allowed to outlive theirs (year 2106).
 const NO_EXPIRY: u64 = u32::MAX as u64;
 
 /// How long, and how much, a refused client may still send before we close.
@@ -211,20 +212,28 @@ async fn open_session(
                 tracing::info!(token = %print, role = %role.name, reason = %refusal, "token refused");
                 refusal
             })?;
-            let leeway = services.tokens.leeway(&verified);
-            let valid_until = verified.expires_at + leeway.as_secs();
+            let ends_with_token = config.listen.end_sessions_at_token_expiry;
+            let valid_until = if ends_with_token {
+                let leeway = services.tokens.leeway(&verified);
+                verified.expires_at.saturating_add(leeway.as_secs())
+            } else {
+                // The database's check agrees with the proxy's choice.
+                NO_EXPIRY
+            };
             tracing::info!(token = %print, role = %role.name, sub = verified.subject().unwrap_or(""), "token accepted");
             let sealed = config.claims.signing_key.seal(
                 role.upstream_user(),
                 valid_until,
                 Some(&verified.claims),
             );
-            let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
-            let expiry = Expiry {
-                at: tokio::time::Instant::now() + left,
-                exp: verified.expires_at,
-            };
-            (sealed, Some(expiry))
+            let expiry = ends_with_token.then(|| {
+                let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
+                Expiry {
+                    at: tokio::time::Instant::now() + left,
+                    exp: verified.expires_at,
+                }
+            });
+            (sealed, expiry)
         }
     };
 

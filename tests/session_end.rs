@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::{Harness, client_config, db_error, refusal, unix_now};
+use support::{Harness, client_config, db_error, refusal, unix_now, user_id_of};
 use tokio_postgres::NoTls;
 
 /// A token for alice that expires `seconds` from now (the harness grants 2 s leeway).
@@ -135,4 +135,25 @@ async fn shutdown_ends_idle_sessions_with_57p01_after_the_drain_time() {
         .expect("shutdown completes")
         .unwrap();
     drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_outlives_its_token_when_configured_to_and_keeps_its_claims() {
+    let h = Harness::start_with("[listen]\nend_sessions_at_token_expiry = false").await;
+    let token = short_lived(&h, 1);
+    let client = h.connect("authenticated", &token).await.unwrap();
+    assert_eq!(user_id_of(&client).await.as_deref(), Some("alice"));
+
+    // Past exp and the 2 s leeway: the session, and its claims in the
+    // database, are still there.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(user_id_of(&client).await.as_deref(), Some("alice"));
+    client
+        .execute("insert into todos (title) values ('after expiry')", &[])
+        .await
+        .unwrap();
+
+    // The token itself is still refused for new connections.
+    let err = h.connect("authenticated", &token).await.unwrap_err();
+    assert!(refusal(&err).starts_with("token expired at "), "{err}");
 }
