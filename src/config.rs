@@ -79,7 +79,7 @@ pub struct Role {
     pub token: TokenPolicy,
     /// The Postgres role the proxy logs in as; defaults to `name`.
     upstream_user: Option<String>,
-    pub upstream_password: Option<String>,
+    pub upstream_password: Option<Secret>,
     /// Sessions of this role at once (within `[listen] max_connections`).
     pub max_connections: Option<usize>,
 }
@@ -165,6 +165,10 @@ pub struct Secret(String);
 impl Secret {
     pub fn bytes(&self) -> &[u8] {
         self.0.as_bytes()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -547,6 +551,13 @@ signing_key = "c2hvcnQ="
             TokenPolicy::Required
         );
         assert!(!config.providers.is_empty());
+        // Debug output (as in a log line) carries neither secrets nor keys.
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("value-of-AUTHENTICATED_PASSWORD"),
+            "{shown}"
+        );
+        assert!(!shown.contains("cmxzZ2F0ZS1leGFtcGxl"), "{shown}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::claims;
-use crate::config::{Role, Upstream};
+use crate::config::{Role, Secret, Upstream};
 use crate::error::{Refusal, sqlstate};
 use crate::front_door::CancelKey;
 
@@ -85,7 +85,7 @@ async fn open(upstream: &Upstream, login: Login<'_>) -> Result<UpstreamSession, 
     };
     stream.write_all(&out).await.map_err(lost)?;
 
-    let password = login.role.upstream_password.as_deref();
+    let password = login.role.upstream_password.as_ref().map(Secret::as_str);
     let mut reader = FrameReader::default();
     let mut scram: Option<sasl::ScramSha256> = None;
     let mut greeting = BytesMut::new();

@@ -1155,8 +1155,9 @@ fn the_sample_schema_creates_the_roles_the_proxy_logs_in_as() {
     for role in &config.roles {
         if let Some(password) = &role.upstream_password {
             let create = format!(
-                "create role {} login password '{password}'",
-                role.upstream_user()
+                "create role {} login password '{}'",
+                role.upstream_user(),
+                password.as_str()
             );
             assert!(
                 sql.contains(&create),

@@ -63,40 +63,28 @@ async fn a_newer_minor_version_and_pq_options_are_negotiated_down_to_3_0() {
     assert_eq!(wire::data_row(&body), [Some("alice".to_owned())]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gssapi_encryption_is_declined_and_the_startup_continues() {
+/// Sends an encryption request that the proxy must decline with `N`, then
+/// logs in as alice on the same connection.
+async fn declined_then_logged_in(request: &[u8]) {
     let h = Harness::start().await;
     let mut stream = connect(&h).await;
-    wire::send(&mut stream, &GSSENC_REQUEST).await;
+    wire::send(&mut stream, request).await;
     assert_eq!(one_byte_answer(&mut stream).await, b'N');
     let mut session = RawSession::login(stream, APP_STARTUP, &h.token("alice"))
         .await
         .unwrap();
-    assert_eq!(
-        session
-            .query_value("select auth.user_id()")
-            .await
-            .as_deref(),
-        Some("alice")
-    );
+    let who = session.query_value("select auth.user_id()").await;
+    assert_eq!(who.as_deref(), Some("alice"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gssapi_encryption_is_declined_and_the_startup_continues() {
+    declined_then_logged_in(&GSSENC_REQUEST).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_is_declined_when_no_certificate_is_configured() {
-    let h = Harness::start().await;
-    let mut stream = connect(&h).await;
-    wire::send(&mut stream, &SSL_REQUEST).await;
-    assert_eq!(one_byte_answer(&mut stream).await, b'N');
-    let mut session = RawSession::login(stream, APP_STARTUP, &h.token("alice"))
-        .await
-        .unwrap();
-    assert_eq!(
-        session
-            .query_value("select auth.user_id()")
-            .await
-            .as_deref(),
-        Some("alice")
-    );
+    declined_then_logged_in(&SSL_REQUEST).await;
 }
 
 /// Connects carol as `user`, retrying while the proxy still counts a session
