@@ -1,14 +1,16 @@
 //! The command line.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::claims::SigningKey;
 use crate::config::{self, Config};
-use crate::{init_db, listener};
+use crate::{init_db, listener, reload};
 
 /// A Postgres proxy that takes a JWT as the password and binds its verified
 /// claims to the session, so Row-Level Security decides what each user sees.
@@ -222,9 +224,10 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
-    let services = listener::services(config)?;
+    let (services, current) = watch::channel(Arc::new(listener::services(config)?));
     tracing::info!(%address, config = %path.display(), "rlsgate listening");
-    listener::run(listener, services, shutdown_signal()).await;
+    tokio::spawn(async move { reload::on_hangup(&path, services).await });
+    listener::run(listener, current, shutdown_signal()).await;
     Ok(())
 }
 

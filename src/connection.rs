@@ -9,7 +9,7 @@ use std::time::{Duration, Instant as StdInstant};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
@@ -17,6 +17,7 @@ use crate::cancel::{CancelRegistry, Registration};
 use crate::config::{Config, TokenPolicy};
 use crate::error::{Refusal, sqlstate};
 use crate::front_door::{self, Arrival, FrontDoorError, PasswordError};
+use crate::limit::Limit;
 use crate::relay::{self, Expiry};
 use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
@@ -34,8 +35,10 @@ const LINGER_BYTES: usize = 1 << 20;
 /// What every connection shares.
 pub struct Services {
     pub config: Config,
-    /// Per-role session limits, for roles that set `max_connections`.
-    pub role_slots: HashMap<String, Arc<Semaphore>>,
+    /// `[listen] max_connections`, and per role for roles that set one.
+    /// Shared with the services a reload replaces these with.
+    pub limit: Arc<Limit>,
+    pub role_limits: HashMap<String, Arc<Limit>>,
     pub tokens: TokenChecker,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<TlsAcceptor>,
@@ -166,8 +169,8 @@ async fn open_session(
         ))
     })?;
     let forwarded = upstream::forwarded_parameters(parameters)?;
-    let role_slot = match services.role_slots.get(&role.name) {
-        Some(slots) => Some(Arc::clone(slots).try_acquire_owned().map_err(|_| {
+    let role_slot = match services.role_limits.get(&role.name) {
+        Some(limit) => Some(limit.try_acquire().ok_or_else(|| {
             Refusal::new(
                 sqlstate::TOO_MANY_CONNECTIONS,
                 format!(

@@ -96,20 +96,47 @@ fn unavailable_state(older_than: &Option<Duration>) -> String {
     }
 }
 
+#[derive(PartialEq)]
 enum Source {
     /// The discovery document's URL.
     Discovery(String),
     Direct(String),
 }
 
+impl Source {
+    fn of(provider: &config::Provider) -> Source {
+        match &provider.jwks_url {
+            Some(url) => Source::Direct(url.clone()),
+            None => Source::Discovery(provider.discovery_url.clone().unwrap_or_else(|| {
+                format!(
+                    "{}/.well-known/openid-configuration",
+                    provider.issuer.trim_end_matches('/')
+                )
+            })),
+        }
+    }
+}
+
 /// How long fetched keys are trusted, from the provider's configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Policy {
     min_age: Duration,
     max_age: Duration,
     max_stale: Duration,
     cooldown: Duration,
     fetch_timeout: Duration,
+}
+
+impl Policy {
+    fn of(provider: &config::Provider) -> Policy {
+        Policy {
+            min_age: provider.jwks_min_age(),
+            max_age: provider.jwks_max_age,
+            max_stale: provider.jwks_max_stale,
+            cooldown: provider.refetch_cooldown,
+            fetch_timeout: provider.fetch_timeout,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -183,27 +210,21 @@ impl JwksCache {
     pub fn new(provider: &config::Provider, http: reqwest::Client) -> Self {
         JwksCache {
             issuer: provider.issuer.clone(),
-            source: match &provider.jwks_url {
-                Some(url) => Source::Direct(url.clone()),
-                None => Source::Discovery(provider.discovery_url.clone().unwrap_or_else(|| {
-                    format!(
-                        "{}/.well-known/openid-configuration",
-                        provider.issuer.trim_end_matches('/')
-                    )
-                })),
-            },
+            source: Source::of(provider),
             http,
-            policy: Policy {
-                min_age: provider.jwks_min_age(),
-                max_age: provider.jwks_max_age,
-                max_stale: provider.jwks_max_stale,
-                cooldown: provider.refetch_cooldown,
-                fetch_timeout: provider.fetch_timeout,
-            },
+            policy: Policy::of(provider),
             cached: RwLock::default(),
             fetching: Mutex::new(()),
             refreshing: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this cache fetches and keeps keys as `provider` asks, so that
+    /// a reloaded configuration can go on using it.
+    pub fn serves(&self, provider: &config::Provider) -> bool {
+        self.issuer == provider.issuer
+            && self.source == Source::of(provider)
+            && self.policy == Policy::of(provider)
     }
 
     /// The key for a token's `kid` (or the only key, for tokens without one).

@@ -7,45 +7,76 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::connection::{self, Services};
 use crate::front_door;
 use crate::jwks;
+use crate::limit::Limit;
 use crate::shutdown::Shutdown;
 use crate::tls;
 use crate::token_check::TokenChecker;
 
 /// Builds what connections share from a validated configuration.
 pub fn services(config: Config) -> anyhow::Result<Services> {
+    build(None, config)
+}
+
+/// What connections accepted after a reload share. Certificates are read
+/// again; cancel keys, session counts and cached provider keys carry over,
+/// so sessions already running are neither dropped nor forgotten.
+pub fn reloaded(previous: &Services, config: Config) -> anyhow::Result<Services> {
+    if config.listen.address != previous.config.listen.address {
+        tracing::warn!(
+            old = %previous.config.listen.address,
+            new = %config.listen.address,
+            "listen.address changed: a restart applies it, a reload does not"
+        );
+    }
+    build(Some(previous), config)
+}
+
+fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services> {
     let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
         (Some(cert), Some(key)) => Some(front_door::acceptor(tls::server_config(cert, key)?)),
         _ => None,
     };
-    let role_slots = config
+    let resized = |old: Option<&Arc<Limit>>, size: usize| match old {
+        Some(limit) => {
+            limit.resize(size);
+            Arc::clone(limit)
+        }
+        None => Arc::new(Limit::new(size)),
+    };
+    let limit = resized(previous.map(|p| &p.limit), config.listen.max_connections);
+    let role_limits = config
         .roles
         .iter()
         .filter_map(|role| {
-            let limit = role.max_connections?;
-            Some((role.name.clone(), Arc::new(Semaphore::new(limit))))
+            let size = role.max_connections?;
+            let old = previous.and_then(|p| p.role_limits.get(&role.name));
+            Some((role.name.clone(), resized(old, size)))
         })
         .collect();
     Ok(Services {
-        role_slots,
-        tokens: TokenChecker::new(&config, jwks::http_client()),
-        cancels: Arc::new(CancelRegistry::default()),
+        limit,
+        role_limits,
+        tokens: TokenChecker::replacing(previous.map(|p| &p.tokens), &config, jwks::http_client()),
+        cancels: previous.map_or_else(Arc::default, |p| Arc::clone(&p.cancels)),
         tls,
         config,
     })
 }
 
-/// Serves until `shutdown` completes, then drains.
-pub async fn run(listener: TcpListener, services: Services, shutdown: impl Future) {
-    let services = Arc::new(services);
-    let limit = Arc::new(Semaphore::new(services.config.listen.max_connections));
+/// Serves until `shutdown` completes, then drains. Each connection is
+/// served with the services current when it was accepted.
+pub async fn run(
+    listener: TcpListener,
+    services: watch::Receiver<Arc<Services>>,
+    shutdown: impl Future,
+) {
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (session_done_tx, mut all_done_rx) = mpsc::channel::<()>(1);
 
@@ -60,8 +91,8 @@ pub async fn run(listener: TcpListener, services: Services, shutdown: impl Futur
                     continue;
                 }
             };
-            let permit = Arc::clone(&limit).try_acquire_owned().ok();
-            let services = Arc::clone(&services);
+            let services = Arc::clone(&services.borrow());
+            let permit = services.limit.try_acquire();
             let shutdown = Shutdown::new(notify_shutdown.subscribe());
             let done = session_done_tx.clone();
             tokio::spawn(async move {
@@ -77,7 +108,7 @@ pub async fn run(listener: TcpListener, services: Services, shutdown: impl Futur
     drop(listener);
     drop(session_done_tx);
 
-    let drain = services.config.listen.shutdown_drain;
+    let drain = services.borrow().config.listen.shutdown_drain;
     if tokio::time::timeout(drain, all_done_rx.recv())
         .await
         .is_err()
@@ -92,6 +123,7 @@ pub async fn run(listener: TcpListener, services: Services, shutdown: impl Futur
 /// A proxy serving in the background, as the tests and `demo` use it.
 pub struct RunningProxy {
     pub address: SocketAddr,
+    services: watch::Sender<Arc<Services>>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -103,14 +135,23 @@ impl RunningProxy {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen.address))?;
         let address = listener.local_addr()?;
-        let services = services(config)?;
+        let (services, current) = watch::channel(Arc::new(services(config)?));
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(listener, services, stopped));
+        let task = tokio::spawn(run(listener, current, stopped));
         Ok(RunningProxy {
             address,
+            services,
             stop: Some(stop),
             task,
         })
+    }
+
+    /// Applies `config` to the connections accepted from now on, as SIGHUP
+    /// does for `rlsgate serve`; on error the current configuration stays.
+    pub fn reload(&self, config: Config) -> anyhow::Result<()> {
+        let next = reloaded(&self.services.borrow(), config)?;
+        self.services.send_replace(Arc::new(next));
+        Ok(())
     }
 
     /// Stops accepting, drains and waits until every session has ended.

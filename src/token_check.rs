@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::error::{Refusal, sqlstate};
 use crate::jwks::{JwksCache, KeyError};
 use crate::token_cache::{TokenCache, TokenDigest};
@@ -73,6 +73,23 @@ pub struct TokenChecker {
 
 impl TokenChecker {
     pub fn new(config: &Config, http: reqwest::Client) -> Self {
+        Self::replacing(None, config, http)
+    }
+
+    /// The checker for a reloaded configuration. Providers whose keys come
+    /// from the same place under the same cache rules keep their cached keys,
+    /// so a reload neither refetches them nor loses them while the provider
+    /// is down. Verified tokens are forgotten: the rules they passed may have
+    /// changed.
+    pub fn replacing(
+        previous: Option<&TokenChecker>,
+        config: &Config,
+        http: reqwest::Client,
+    ) -> Self {
+        let cached_keys = |p: &config::Provider| {
+            let old = previous?.providers.get(&p.issuer)?.keys.as_ref()?;
+            old.serves(p).then(|| Arc::clone(old))
+        };
         let providers = config
             .providers
             .iter()
@@ -89,9 +106,9 @@ impl TokenChecker {
                         .hs256_secret
                         .as_ref()
                         .map(|s| DecodingKey::from_secret(s.bytes())),
-                    keys: p
-                        .has_jwks()
-                        .then(|| Arc::new(JwksCache::new(p, http.clone()))),
+                    keys: p.has_jwks().then(|| {
+                        cached_keys(p).unwrap_or_else(|| Arc::new(JwksCache::new(p, http.clone())))
+                    }),
                 };
                 (p.issuer.clone(), provider)
             })

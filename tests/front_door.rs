@@ -87,22 +87,6 @@ async fn tls_is_declined_when_no_certificate_is_configured() {
     declined_then_logged_in(&SSL_REQUEST).await;
 }
 
-/// Connects carol as `user`, retrying while the proxy still counts a session
-/// that just closed (it frees the slot once it sees the end), and returns
-/// who the session is.
-async fn carol_once_a_slot_frees(h: &Harness, user: &str) -> String {
-    for _ in 0..50 {
-        match h.connect(user, &h.token("carol")).await {
-            Ok(carol) => return support::user_id_of(&carol).await.unwrap(),
-            Err(e) => {
-                assert_eq!(db_error(&e).0, "53300", "{e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
-    panic!("no slot freed within 5 s of a session closing");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_get_53300_until_one_closes() {
     let h = Harness::start_with("[listen]\nmax_connections = 2").await;
@@ -126,7 +110,10 @@ async fn connections_beyond_the_limit_get_53300_until_one_closes() {
         .unwrap();
 
     drop(first);
-    assert_eq!(carol_once_a_slot_frees(&h, "authenticated").await, "carol");
+    assert_eq!(
+        support::carol_once_a_slot_frees(&h, "authenticated").await,
+        "carol"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,5 +141,8 @@ max_connections = 1
     bob.query_one("select 1", &[]).await.unwrap();
 
     drop(first);
-    assert_eq!(carol_once_a_slot_frees(&h, "reporting").await, "carol");
+    assert_eq!(
+        support::carol_once_a_slot_frees(&h, "reporting").await,
+        "carol"
+    );
 }

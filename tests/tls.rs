@@ -154,6 +154,39 @@ async fn psql_refuses_the_proxy_certificate_when_it_trusts_another_ca() {
     assert!(stderr.contains("certificate verify failed"), "{stderr}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_the_renewed_certificate() {
+    let old = TestPki::generate_named("rlsgate old CA", &[]);
+    let renewed = TestPki::generate_named("rlsgate renewed CA", &[]);
+    let served = TestPki::generate_named("rlsgate served CA", &[]);
+    let install = |pki: &TestPki| {
+        std::fs::copy(&pki.cert_pem, &served.cert_pem).unwrap();
+        std::fs::copy(&pki.key_pem, &served.key_pem).unwrap();
+    };
+    install(&old);
+    let h = Harness::start_with(&served.listen_toml()).await;
+    let verify_full = |ca: &TestPki| {
+        format!(
+            "host=localhost port={} user=authenticated dbname=app sslmode=verify-full sslrootcert={}",
+            h.port(),
+            ca.ca_pem.display()
+        )
+    };
+    psql_ok(&verify_full(&old), &h.token("alice"), &["select 1"]);
+
+    install(&renewed);
+    h.reload_with(&served.listen_toml()).expect("reload");
+
+    let text = psql_ok(
+        &verify_full(&renewed),
+        &h.token("alice"),
+        &["select auth.user_id()"],
+    );
+    assert_eq!(text.trim(), "alice", "{text}");
+    let stderr = psql_err(&verify_full(&old), &h.token("alice"), &["select 1"]);
+    assert!(stderr.contains("certificate verify failed"), "{stderr}");
+}
+
 fn client_tls(ca: &CertificateDer<'static>, alpn: Option<&[u8]>) -> TlsConnector {
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone()).unwrap();

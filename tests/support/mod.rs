@@ -81,6 +81,18 @@ impl Harness {
             .unwrap_or_else(|e| panic!("start a proxy on {ip}: {e:#}"))
     }
 
+    /// Reloads the proxy with the configuration `start_with(extra_toml)`
+    /// would have given it.
+    pub fn reload_with(&self, extra_toml: &str) -> anyhow::Result<()> {
+        let ip = self.proxy.address.ip();
+        self.proxy.reload(proxy_config(
+            ip,
+            self.pg.port(),
+            &self.issuer.issuer(),
+            extra_toml,
+        ))
+    }
+
     pub fn port(&self) -> u16 {
         self.proxy.address.port()
     }
@@ -165,6 +177,12 @@ impl Harness {
 /// `extra_toml` under a leading `[listen]` go into that section; the rest
 /// is appended (and so lands in the `[[provider]]`, unless it opens a section).
 fn proxy_config(ip: IpAddr, pg_port: u16, issuer: &str, extra_toml: &str) -> Config {
+    let toml = proxy_config_toml(ip, pg_port, issuer, extra_toml);
+    Config::parse(&toml).expect("test configuration parses")
+}
+
+/// The text of [`proxy_config`].
+pub fn proxy_config_toml(ip: IpAddr, pg_port: u16, issuer: &str, extra_toml: &str) -> String {
     let mut toml =
         rlsgate::dev::sample_config(SocketAddr::new(ip, 0), pg_port, issuer, SIGNING_KEY);
     toml.push_str("leeway = \"2s\"\nrefetch_cooldown = \"1s\"\n");
@@ -180,7 +198,7 @@ fn proxy_config(ip: IpAddr, pg_port: u16, issuer: &str, extra_toml: &str) -> Con
     } else if !extra.is_empty() {
         toml = format!("{toml}\n{extra}\n");
     }
-    Config::parse(&toml).expect("test configuration parses")
+    toml
 }
 
 /// A client configuration for the proxy at `address`; without a password,
@@ -340,4 +358,20 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+/// Connects carol as `user`, retrying while the proxy still counts a session
+/// that just closed (it frees the slot once it sees the end), and returns
+/// who the session is.
+pub async fn carol_once_a_slot_frees(h: &Harness, user: &str) -> String {
+    for _ in 0..50 {
+        match h.connect(user, &h.token("carol")).await {
+            Ok(carol) => return user_id_of(&carol).await.unwrap(),
+            Err(e) => {
+                assert_eq!(db_error(&e).0, "53300", "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    panic!("no slot freed within 5 s of a session closing");
 }
