@@ -222,9 +222,18 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
+    // The bound addresses, which differ from the configured ones for port 0.
+    let address = listener.local_addr()?;
+    let admin = listener::bind_admin(&config).await?;
+    let admin_address = admin.as_ref().map(TcpListener::local_addr).transpose()?;
     let services = listener::services(config)?;
-    tracing::info!(%address, config = %path.display(), "rlsgate listening");
-    listener::run(listener, services, shutdown_signal()).await;
+    tracing::info!(
+        %address,
+        admin = admin_address.map(tracing::field::display),
+        config = %path.display(),
+        "rlsgate listening"
+    );
+    listener::run(listener, admin, services, shutdown_signal()).await;
     Ok(())
 }
 

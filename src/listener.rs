@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::admin;
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::connection::{self, Services};
@@ -38,13 +39,37 @@ pub fn services(config: Config) -> anyhow::Result<Services> {
         tokens: TokenChecker::new(&config, jwks::http_client()),
         cancels: Arc::new(CancelRegistry::default()),
         tls,
+        metrics: crate::metrics::Metrics::new(),
         config,
     })
 }
 
-/// Serves until `shutdown` completes, then drains.
-pub async fn run(listener: TcpListener, services: Services, shutdown: impl Future) {
+/// Binds `[listen] admin_address`, when it is set.
+pub async fn bind_admin(config: &Config) -> anyhow::Result<Option<TcpListener>> {
+    let Some(address) = config.listen.admin_address else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} (admin_address)"))?;
+    Ok(Some(listener))
+}
+
+/// Serves until `shutdown` completes, then drains. The admin endpoints, when
+/// `admin` is given, serve until the last session has ended.
+pub async fn run(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    services: Services,
+    shutdown: impl Future,
+) {
     let services = Arc::new(services);
+    let (stop_admin, admin_stopped) = oneshot::channel::<()>();
+    let admin = admin.map(|admin| {
+        tokio::spawn(admin::serve(admin, Arc::clone(&services), async move {
+            let _ = admin_stopped.await;
+        }))
+    });
     let limit = Arc::new(Semaphore::new(services.config.listen.max_connections));
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (session_done_tx, mut all_done_rx) = mpsc::channel::<()>(1);
@@ -87,27 +112,44 @@ pub async fn run(listener: TcpListener, services: Services, shutdown: impl Futur
         let _ = all_done_rx.recv().await;
     }
     tracing::info!("all sessions ended");
+    drop(stop_admin);
+    if let Some(mut admin) = admin {
+        // Graceful, but an HTTP client holding a connection open cannot keep
+        // the process alive.
+        if tokio::time::timeout(ADMIN_GRACE, &mut admin).await.is_err() {
+            admin.abort();
+        }
+    }
 }
+
+/// How long the admin listener may take to finish its requests at shutdown.
+const ADMIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A proxy serving in the background, as the tests and `demo` use it.
 pub struct RunningProxy {
     pub address: SocketAddr,
+    /// Where the admin endpoints listen, when `admin_address` is set.
+    pub admin_address: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl RunningProxy {
-    /// Binds `config.listen.address` (port 0 picks a free one) and serves.
+    /// Binds `config.listen.address` and, when set, `admin_address` (port 0
+    /// picks a free one) and serves.
     pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         let listener = TcpListener::bind(config.listen.address)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen.address))?;
         let address = listener.local_addr()?;
+        let admin = bind_admin(&config).await?;
+        let admin_address = admin.as_ref().map(TcpListener::local_addr).transpose()?;
         let services = services(config)?;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(listener, services, stopped));
+        let task = tokio::spawn(run(listener, admin, services, stopped));
         Ok(RunningProxy {
             address,
+            admin_address,
             stop: Some(stop),
             task,
         })
