@@ -503,3 +503,77 @@ async fn logs_and_metrics_of_the_real_binary_never_show_tokens_signatures_keys_o
     }
     issuer.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_gauges_follow_an_open_session_and_cancel_requests_are_counted_by_result() {
+    let h = Harness::start_with_admin("").await;
+    let session = h.raw_connect_as("alice").await;
+    let text = metrics_text(&h).await;
+    assert_eq!(
+        metric(
+            &text,
+            "rlsgate_client_sessions_active",
+            &[("role", "authenticated")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "rlsgate_client_connections_active", &[]),
+        Some(1.0),
+        "{text}"
+    );
+
+    // A key that cancels nothing is ignored, and counted as such.
+    let mut cancel = tokio::net::TcpStream::connect(h.proxy.address)
+        .await
+        .unwrap();
+    support::wire::send(
+        &mut cancel,
+        &support::wire::cancel_request(session.pid ^ 1, session.secret),
+    )
+    .await;
+    let text = poll_until(WAIT, "the cancel request is counted", || async {
+        let text = metrics_text(&h).await;
+        metric(
+            &text,
+            "rlsgate_cancel_requests_total",
+            &[("result", "unknown_key")],
+        )
+        .is_some()
+        .then_some(text)
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            "rlsgate_cancel_requests_total",
+            &[("result", "unknown_key")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    drop(cancel);
+
+    session.terminate().await;
+    let text = poll_until(WAIT, "the session has ended", || async {
+        let text = metrics_when_idle(&h).await;
+        metric(
+            &text,
+            "rlsgate_client_sessions_active",
+            &[("role", "authenticated")],
+        )
+        .is_some_and(|active| active == 0.0)
+        .then_some(text)
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            "rlsgate_client_sessions_total",
+            &[("role", "authenticated"), ("outcome", "client_closed")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
