@@ -94,11 +94,13 @@ impl CancelRegistry {
     }
 
     /// Forwards a cancel request; an unknown key is ignored, as Postgres
-    /// does, and so is a request over `source`'s rate.
-    pub async fn cancel(&self, key: CancelKey, source: IpAddr) {
+    /// does, and so is a request over `source`'s rate. Returns what became
+    /// of it, for `rlsgate_cancel_requests_total{result}`: `forwarded`,
+    /// `unknown_key`, `rate_limited` or `failed`.
+    pub async fn cancel(&self, key: CancelKey, source: IpAddr) -> &'static str {
         if !self.admit(source) {
             tracing::info!(%source, "cancel request over the rate limit ignored");
-            return;
+            return "rate_limited";
         }
         let target = {
             let targets = self.targets.lock().expect("cancel lock");
@@ -106,17 +108,22 @@ impl CancelRegistry {
         };
         let Some((address, upstream)) = target else {
             tracing::info!("cancel request with an unknown key ignored");
-            return;
+            return "unknown_key";
         };
         let mut packet = BytesMut::with_capacity(16);
         frontend::cancel_request(upstream.pid, upstream.secret, &mut packet);
         match TcpStream::connect(&address).await {
-            Ok(mut stream) => {
-                if let Err(e) = stream.write_all(&packet).await {
+            Ok(mut stream) => match stream.write_all(&packet).await {
+                Ok(()) => "forwarded",
+                Err(e) => {
                     tracing::warn!(%address, error = %e, "cannot send cancel request upstream");
+                    "failed"
                 }
+            },
+            Err(e) => {
+                tracing::warn!(%address, error = %e, "cannot connect upstream to cancel");
+                "failed"
             }
-            Err(e) => tracing::warn!(%address, error = %e, "cannot connect upstream to cancel"),
         }
     }
 }

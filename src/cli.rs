@@ -224,10 +224,19 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
+    // The bound addresses, which differ from the configured ones for port 0.
+    let address = listener.local_addr()?;
+    let admin = listener::bind_admin(&config).await?;
+    let admin_address = admin.as_ref().map(TcpListener::local_addr).transpose()?;
     let (services, current) = watch::channel(Arc::new(listener::services(config)?));
-    tracing::info!(%address, config = %path.display(), "rlsgate listening");
+    tracing::info!(
+        %address,
+        admin = admin_address.map(tracing::field::display),
+        config = %path.display(),
+        "rlsgate listening"
+    );
     tokio::spawn(async move { reload::on_hangup(&path, services).await });
-    listener::run(listener, current, shutdown_signal()).await;
+    listener::run(listener, admin, current, shutdown_signal()).await;
     Ok(())
 }
 

@@ -31,6 +31,9 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     pub address: SocketAddr,
+    /// Where the admin HTTP endpoints listen (/metrics, /healthz, /readyz);
+    /// unset: no admin listener. Port 0 picks a free port.
+    pub admin_address: Option<SocketAddr>,
     /// PEM certificate chain; with `tls_key`, enables TLS for clients.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,

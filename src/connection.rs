@@ -15,13 +15,14 @@ use tracing::Instrument;
 
 use crate::cancel::{CancelRegistry, Registration};
 use crate::config::{Config, TokenPolicy};
-use crate::error::{Refusal, sqlstate};
+use crate::error::{Reason, Refusal, sqlstate};
 use crate::front_door::{self, Arrival, FrontDoorError, PasswordError};
 use crate::limit::Limit;
-use crate::relay::{self, Expiry};
+use crate::metrics::{self, Metrics};
+use crate::relay::{self, Expiry, Traffic};
 use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
-use crate::token_check::{TokenChecker, fingerprint, now_unix};
+use crate::token_check::{TokenChecker, VerifiedToken, fingerprint, now_unix};
 use crate::upstream::{self, Login, UpstreamSession};
 
 /// Validity of the envelope when nothing expires: roles served without a
@@ -42,10 +43,13 @@ pub struct Services {
     pub tokens: TokenChecker,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<TlsAcceptor>,
+    /// Kept across reloads, so counts go on.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A session admitted and connected upstream, ready for the relay.
 struct Session {
+    role: String,
     upstream: UpstreamSession,
     expiry: Option<Expiry>,
     /// Held while the session lives: its cancel key and its role's slot.
@@ -65,6 +69,14 @@ impl From<Refusal> for Failure {
     }
 }
 
+/// What is known of the client so far, for the one line that logs a refusal.
+#[derive(Default)]
+struct Seen {
+    role: Option<String>,
+    /// The token's fingerprint, never the token.
+    token: Option<String>,
+}
+
 /// Serves one connection. `permit` is `None` when the connection limit is
 /// reached: the client is then told so once it has said hello.
 pub async fn serve(
@@ -75,6 +87,7 @@ pub async fn serve(
     mut shutdown: Shutdown,
 ) {
     let span = tracing::info_span!("connection", %peer);
+    let _open = services.metrics.connection_opened();
     async move {
         let timeout = services.config.listen.startup_timeout;
         let (client, session) =
@@ -89,14 +102,31 @@ pub async fn serve(
                 }
             };
         let started = StdInstant::now();
+        let (to_server, to_client) = services.metrics.relayed_bytes();
+        let traffic = Traffic::new(to_server, to_client);
+        services.metrics.session_started(&session.role);
         let ending = relay::run(
             client,
             session.upstream.stream,
             session.expiry,
             &mut shutdown,
+            &traffic,
         )
         .await;
-        tracing::info!(?ending, duration = ?started.elapsed(), "session ended");
+        let duration = started.elapsed();
+        let (client_to_server, server_to_client) = traffic.bytes();
+        services
+            .metrics
+            .session_ended(&session.role, &ending, duration);
+        tracing::info!(
+            role = %session.role,
+            outcome = metrics::outcome(&ending),
+            ?ending,
+            ?duration,
+            client_to_server,
+            server_to_client,
+            "session ended"
+        );
         drop(permit);
     }
     .instrument(span)
@@ -113,7 +143,8 @@ async fn establish(
     let request = match front_door::receive(tcp, services.tls.as_ref()).await {
         Ok(Arrival::Startup(request)) => request,
         Ok(Arrival::Cancel(key)) => {
-            services.cancels.cancel(key, peer.ip()).await;
+            let result = services.cancels.cancel(key, peer.ip()).await;
+            services.metrics.cancel_request(result);
             return None;
         }
         Err(FrontDoorError::Closed(e)) => {
@@ -124,26 +155,30 @@ async fn establish(
             mut stream,
             refusal,
         }) => {
-            refuse(&mut stream, &refusal).await;
+            refuse(&mut stream, &refusal, &Seen::default(), &services.metrics).await;
             return None;
         }
     };
     let mut client = request.stream;
+    let mut seen = Seen::default();
     let result = if admitted {
-        open_session(&mut client, &request.parameters, services).await
+        open_session(&mut client, &request.parameters, services, &mut seen).await
     } else {
-        Err(Failure::Refused(Refusal::new(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            format!(
-                "too many connections: rlsgate serves at most {} at once",
-                services.config.listen.max_connections
-            ),
-        )))
+        Err(Failure::Refused(
+            Refusal::new(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "too many connections: rlsgate serves at most {} at once",
+                    services.config.listen.max_connections
+                ),
+            )
+            .because(Reason::Limit),
+        ))
     };
     match result {
         Ok(session) => Some((client, session)),
         Err(Failure::Refused(refusal)) => {
-            refuse(&mut client, &refusal).await;
+            refuse(&mut client, &refusal, &seen, &services.metrics).await;
             None
         }
         Err(Failure::Closed) => {
@@ -157,17 +192,21 @@ async fn open_session(
     client: &mut ClientStream,
     parameters: &std::collections::BTreeMap<String, String>,
     services: &Services,
+    seen: &mut Seen,
 ) -> Result<Session, Failure> {
     let config = &services.config;
     let user = parameters.get("user").ok_or_else(|| {
         Refusal::auth("no user name given: connect as one of the roles rlsgate serves")
+            .because(Reason::Role)
     })?;
     let role = config.role(user).ok_or_else(|| {
         Refusal::auth(format!(
             "role {:?} is not served by this proxy",
             user.chars().take(64).collect::<String>()
         ))
+        .because(Reason::Role)
     })?;
+    seen.role = Some(role.name.clone());
     let forwarded = upstream::forwarded_parameters(parameters)?;
     let role_slot = match services.role_limits.get(&role.name) {
         Some(limit) => Some(limit.try_acquire().ok_or_else(|| {
@@ -179,10 +218,12 @@ async fn open_session(
                     role.max_connections.unwrap_or_default()
                 ),
             )
+            .because(Reason::Limit)
         })?),
         None => None,
     };
 
+    let mut identity = None;
     let (claims, expiry) = match role.token {
         TokenPolicy::None => {
             // No token, so nothing expires; the envelope still names the role.
@@ -202,6 +243,7 @@ async fn open_session(
                 return Err(Refusal::auth(
                     "TLS is required to send a token: connect with sslmode=require (or verify-full)",
                 )
+                .because(Reason::TlsRequired)
                 .into());
             }
             let token = match front_door::ask_password(client, config.listen.max_token_bytes).await
@@ -210,11 +252,11 @@ async fn open_session(
                 Err(PasswordError::Closed(_)) => return Err(Failure::Closed),
                 Err(PasswordError::Refused(refusal)) => return Err(refusal.into()),
             };
-            let print = fingerprint(&token);
-            let verified = services.tokens.check(&token, &role.name).await.map_err(|refusal| {
-                tracing::info!(token = %print, role = %role.name, reason = %refusal, "token refused");
-                refusal
-            })?;
+            seen.token = Some(fingerprint(&token));
+            let checking = StdInstant::now();
+            let checked = services.tokens.check(&token, &role.name).await;
+            services.metrics.token_checked(checking.elapsed());
+            let verified = checked?;
             let ends_with_token = config.listen.end_sessions_at_token_expiry;
             let valid_until = if ends_with_token {
                 let leeway = services.tokens.leeway(&verified);
@@ -223,7 +265,6 @@ async fn open_session(
                 // The database's check agrees with the proxy's choice.
                 NO_EXPIRY
             };
-            tracing::info!(token = %print, role = %role.name, sub = verified.subject().unwrap_or(""), "token accepted");
             let sealed = config.claims.signing_key.seal(
                 role.upstream_user(),
                 valid_until,
@@ -236,10 +277,12 @@ async fn open_session(
                     exp: verified.expires_at,
                 }
             });
+            identity = Some(verified);
             (sealed, expiry)
         }
     };
 
+    let connecting = StdInstant::now();
     let upstream = upstream::connect(
         &config.upstream,
         Login {
@@ -249,7 +292,9 @@ async fn open_session(
             claims,
         },
     )
-    .await?;
+    .await;
+    services.metrics.upstream_connected(connecting.elapsed());
+    let upstream = upstream?;
     let address = format!("{}:{}", config.upstream.host, config.upstream.port);
     let cancel = services.cancels.register(address, upstream.key);
 
@@ -266,7 +311,19 @@ async fn open_session(
         .await
         .map_err(|_| Failure::Closed)?;
     client.flush().await.map_err(|_| Failure::Closed)?;
+    let iss = identity
+        .as_ref()
+        .and_then(|v| v.claims.get("iss"))
+        .and_then(serde_json::Value::as_str);
+    tracing::info!(
+        role = %role.name,
+        sub = identity.as_ref().and_then(VerifiedToken::subject),
+        iss,
+        token = seen.token.as_deref(),
+        "session started"
+    );
     Ok(Session {
+        role: role.name.clone(),
         upstream,
         expiry,
         _cancel: cancel,
@@ -274,8 +331,16 @@ async fn open_session(
     })
 }
 
-async fn refuse(client: &mut ClientStream, refusal: &Refusal) {
-    tracing::info!(reason = %refusal, "refused");
+/// Tells the client why, logs it (the one line for a refusal) and counts it.
+async fn refuse(client: &mut ClientStream, refusal: &Refusal, seen: &Seen, metrics: &Metrics) {
+    tracing::info!(
+        reason = %refusal.reason,
+        role = seen.role.as_deref(),
+        token = seen.token.as_deref(),
+        error = %refusal,
+        "refused"
+    );
+    metrics.refused(refusal.reason);
     let mut out = BytesMut::new();
     refusal.encode(&mut out);
     let _ = client.write_all(&out).await;

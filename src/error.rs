@@ -17,15 +17,68 @@ pub mod sqlstate {
     pub const ADMIN_SHUTDOWN: &str = "57P01";
 }
 
+/// What kind of refusal, for metrics (`rlsgate_refusals_total{reason}`) and
+/// logs: a short fixed name, never anything the client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The token's `exp` (or `nbf`, `iat` under `max_token_age`) rules it out now.
+    Expired,
+    /// The signature does not verify, or the algorithm does not fit the key.
+    BadSignature,
+    /// No provider is configured for the token's `iss`.
+    UnknownIssuer,
+    /// The provider publishes no key for the token's `kid`.
+    UnknownKey,
+    /// The token's `aud` is not accepted.
+    Audience,
+    /// The role is not served, or the token does not allow it.
+    Role,
+    /// A token sent over plaintext where TLS is required.
+    TlsRequired,
+    /// Too many connections, overall or for the role.
+    Limit,
+    /// The database, or the provider's keys, cannot be reached or refused.
+    Upstream,
+    /// Not a JWT, or a startup or password message that breaks the protocol.
+    Malformed,
+    Other,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Expired => "expired",
+            Reason::BadSignature => "bad_signature",
+            Reason::UnknownIssuer => "unknown_issuer",
+            Reason::UnknownKey => "unknown_key",
+            Reason::Audience => "audience",
+            Reason::Role => "role",
+            Reason::TlsRequired => "tls_required",
+            Reason::Limit => "limit",
+            Reason::Upstream => "upstream",
+            Reason::Malformed => "malformed",
+            Reason::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a client's session was refused or ended.
 ///
 /// `message` goes to the client in a FATAL ErrorResponse and must never hold a
-/// token, key or password; `detail` goes only to the log.
+/// token, key or password; `detail` goes only to the log; `reason` sorts it
+/// for metrics.
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub sqlstate: Cow<'static, str>,
     pub message: String,
     pub detail: Option<String>,
+    pub reason: Reason,
 }
 
 impl Refusal {
@@ -34,6 +87,7 @@ impl Refusal {
             sqlstate: sqlstate.into(),
             message: message.into(),
             detail: None,
+            reason: Reason::Other,
         }
     }
 
@@ -49,10 +103,17 @@ impl Refusal {
             "the database is unavailable; try again later",
         )
         .with_detail(detail)
+        .because(Reason::Upstream)
     }
 
     pub fn protocol(message: impl Into<String>) -> Self {
-        Self::new(sqlstate::PROTOCOL_VIOLATION, message)
+        Self::new(sqlstate::PROTOCOL_VIOLATION, message).because(Reason::Malformed)
+    }
+
+    /// Sets the kind of refusal (by default [`Reason::Other`]).
+    pub fn because(mut self, reason: Reason) -> Self {
+        self.reason = reason;
+        self
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {

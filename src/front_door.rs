@@ -111,7 +111,8 @@ pub async fn receive(tcp: TcpStream, tls: Option<&TlsAcceptor>) -> Result<Arriva
                         code >> 16,
                         code & 0xffff
                     ),
-                );
+                )
+                .because(crate::error::Reason::Malformed);
                 return Err(FrontDoorError::Refused { stream, refusal });
             }
         }
@@ -179,10 +180,13 @@ pub async fn ask_password(
         )));
     }
     if len - 5 > max_bytes {
-        return Err(PasswordError::Refused(Refusal::auth(format!(
-            "the password is {} bytes, more than the {max_bytes}-byte token limit",
-            len - 5
-        ))));
+        return Err(PasswordError::Refused(
+            Refusal::auth(format!(
+                "the password is {} bytes, more than the {max_bytes}-byte token limit",
+                len - 5
+            ))
+            .because(crate::error::Reason::Malformed),
+        ));
     }
     let mut body = vec![0u8; len - 4];
     stream.read_exact(&mut body).await?;
@@ -192,9 +196,10 @@ pub async fn ask_password(
         )));
     }
     String::from_utf8(body).map_err(|_| {
-        PasswordError::Refused(Refusal::auth(
-            "the password is not valid UTF-8, so it cannot be a token",
-        ))
+        PasswordError::Refused(
+            Refusal::auth("the password is not valid UTF-8, so it cannot be a token")
+                .because(crate::error::Reason::Malformed),
+        )
     })
 }
 

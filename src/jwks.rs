@@ -14,7 +14,7 @@
 //! so a burst of tokens with a new (or bogus) `kid` causes at most one request
 //! to the provider.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -204,6 +204,18 @@ pub struct JwksCache {
     /// Set while a background refresh is pending, so that a busy proxy
     /// spawns one, not one per connection.
     refreshing: AtomicBool,
+    /// Fetches that succeeded and that failed, for metrics.
+    fetches_ok: AtomicU64,
+    fetches_failed: AtomicU64,
+}
+
+/// A key cache's counts and age, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchStats {
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Since the keys held were fetched; `None` before the first success.
+    pub key_age: Option<Duration>,
 }
 
 impl JwksCache {
@@ -216,6 +228,53 @@ impl JwksCache {
             cached: RwLock::default(),
             fetching: Mutex::new(()),
             refreshing: AtomicBool::new(false),
+            fetches_ok: AtomicU64::new(0),
+            fetches_failed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn stats(&self) -> FetchStats {
+        let fetched_at = self.cached.read().expect("jwks lock").fetched_at;
+        FetchStats {
+            succeeded: self.fetches_ok.load(Ordering::Relaxed),
+            failed: self.fetches_failed.load(Ordering::Relaxed),
+            key_age: fetched_at.map(|at| at.elapsed()),
+        }
+    }
+
+    /// Whether tokens can be verified now: the cached keys are fresh, or
+    /// stale within `jwks_max_stale`. With nothing usable it fetches (past
+    /// the cooldown, like a token would) and answers from the result, so
+    /// that a proxy no client has used yet becomes ready, and one whose
+    /// provider came back recovers; stale keys get a background refresh.
+    pub async fn readiness(self: &Arc<Self>) -> Result<(), KeyError> {
+        let now = Instant::now();
+        let (standing, attempts, cooled) = {
+            let cached = self.cached.read().expect("jwks lock");
+            (
+                cached.standing(now, &self.policy),
+                cached.attempts,
+                cached.cooled(now, &self.policy),
+            )
+        };
+        if standing.usable() {
+            if standing != Standing::Fresh && cooled {
+                self.refresh_in_background(attempts);
+            }
+            return Ok(());
+        }
+        if cooled {
+            self.refresh_once(attempts).await;
+        }
+        let cached = self.cached.read().expect("jwks lock");
+        if cached.standing(Instant::now(), &self.policy).usable() {
+            Ok(())
+        } else {
+            Err(self.unavailable(&cached))
         }
     }
 
@@ -316,6 +375,10 @@ impl JwksCache {
         let mut cached = self.cached.write().expect("jwks lock");
         cached.attempts += 1;
         cached.last_attempt = Some(now);
+        match &result {
+            Ok(_) => self.fetches_ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.fetches_failed.fetch_add(1, Ordering::Relaxed),
+        };
         match result {
             Ok(fetched) => {
                 tracing::info!(

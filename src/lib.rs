@@ -6,6 +6,7 @@
 //! [`token_check`] (JWT against the provider's [`jwks`]), [`upstream`] (the
 //! Postgres session, with the signed [`claims`] bound to it) and [`relay`].
 
+pub mod admin;
 pub mod cancel;
 pub mod claims;
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod init_db;
 pub mod jwks;
 pub mod limit;
 pub mod listener;
+pub mod metrics;
 pub mod net;
 pub mod relay;
 pub mod reload;

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::admin;
 use crate::config::Config;
 use crate::connection::{self, Services};
 use crate::front_door;
@@ -66,17 +67,37 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
         tokens: TokenChecker::replacing(previous.map(|p| &p.tokens), &config, jwks::http_client()),
         cancels: previous.map_or_else(Arc::default, |p| Arc::clone(&p.cancels)),
         tls,
+        metrics: previous.map_or_else(Arc::default, |p| Arc::clone(&p.metrics)),
         config,
     })
 }
 
+/// Binds `[listen] admin_address`, when it is set.
+pub async fn bind_admin(config: &Config) -> anyhow::Result<Option<TcpListener>> {
+    let Some(address) = config.listen.admin_address else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} (admin_address)"))?;
+    Ok(Some(listener))
+}
+
 /// Serves until `shutdown` completes, then drains. Each connection is
-/// served with the services current when it was accepted.
+/// served with the services current when it was accepted. The admin
+/// endpoints, when `admin` is given, serve until the last session has ended.
 pub async fn run(
     listener: TcpListener,
+    admin: Option<TcpListener>,
     services: watch::Receiver<Arc<Services>>,
     shutdown: impl Future,
 ) {
+    let (stop_admin, admin_stopped) = oneshot::channel::<()>();
+    let admin = admin.map(|admin| {
+        tokio::spawn(admin::serve(admin, services.clone(), async move {
+            let _ = admin_stopped.await;
+        }))
+    });
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (session_done_tx, mut all_done_rx) = mpsc::channel::<()>(1);
 
@@ -118,28 +139,45 @@ pub async fn run(
         let _ = all_done_rx.recv().await;
     }
     tracing::info!("all sessions ended");
+    drop(stop_admin);
+    if let Some(mut admin) = admin {
+        // Graceful, but an HTTP client holding a connection open cannot keep
+        // the process alive.
+        if tokio::time::timeout(ADMIN_GRACE, &mut admin).await.is_err() {
+            admin.abort();
+        }
+    }
 }
+
+/// How long the admin listener may take to finish its requests at shutdown.
+const ADMIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A proxy serving in the background, as the tests and `demo` use it.
 pub struct RunningProxy {
     pub address: SocketAddr,
+    /// Where the admin endpoints listen, when `admin_address` is set.
+    pub admin_address: Option<SocketAddr>,
     services: watch::Sender<Arc<Services>>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl RunningProxy {
-    /// Binds `config.listen.address` (port 0 picks a free one) and serves.
+    /// Binds `config.listen.address` and, when set, `admin_address` (port 0
+    /// picks a free one) and serves.
     pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
         let listener = TcpListener::bind(config.listen.address)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen.address))?;
         let address = listener.local_addr()?;
+        let admin = bind_admin(&config).await?;
+        let admin_address = admin.as_ref().map(TcpListener::local_addr).transpose()?;
         let (services, current) = watch::channel(Arc::new(services(config)?));
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(listener, current, stopped));
+        let task = tokio::spawn(run(listener, admin, current, stopped));
         Ok(RunningProxy {
             address,
+            admin_address,
             services,
             stop: Some(stop),
             task,

@@ -4,6 +4,7 @@
 //! down — reaches the client as a whole FATAL message, never inside another.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -38,21 +39,69 @@ pub struct Expiry {
     pub exp: u64,
 }
 
+/// Bytes relayed each way: counted per read, for the session's log line,
+/// and added to the proxy's counters (`rlsgate_relayed_bytes_total`) as they go.
+pub struct Traffic {
+    client_to_server: AtomicU64,
+    server_to_client: AtomicU64,
+    client_to_server_total: metrics::Counter,
+    server_to_client_total: metrics::Counter,
+}
+
+impl Traffic {
+    /// Counts into these totals as well as its own.
+    pub fn new(client_to_server: metrics::Counter, server_to_client: metrics::Counter) -> Self {
+        Traffic {
+            client_to_server: AtomicU64::new(0),
+            server_to_client: AtomicU64::new(0),
+            client_to_server_total: client_to_server,
+            server_to_client_total: server_to_client,
+        }
+    }
+
+    /// Bytes relayed so far: (client to server, server to client).
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.client_to_server.load(Ordering::Relaxed),
+            self.server_to_client.load(Ordering::Relaxed),
+        )
+    }
+
+    fn to_server(&self, n: usize) {
+        self.client_to_server.fetch_add(n as u64, Ordering::Relaxed);
+        self.client_to_server_total.increment(n as u64);
+    }
+
+    fn to_client(&self, n: usize) {
+        self.server_to_client.fetch_add(n as u64, Ordering::Relaxed);
+        self.server_to_client_total.increment(n as u64);
+    }
+}
+
 pub async fn run(
     client: ClientStream,
     upstream: TcpStream,
     expiry: Option<Expiry>,
     shutdown: &mut Shutdown,
+    traffic: &Traffic,
 ) -> Ending {
     let (mut client_read, client_write) = tokio::io::split(client);
     let (upstream_read, mut upstream_write) = upstream.into_split();
     let to_upstream = async {
-        match tokio::io::copy(&mut client_read, &mut upstream_write).await {
-            Ok(_) => Ending::ClientClosed,
-            Err(e) => Ending::Failed(e),
+        let mut buf = vec![0u8; BUFFER];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) => return Ending::ClientClosed,
+                Ok(n) => n,
+                Err(e) => return Ending::Failed(e),
+            };
+            if let Err(e) = upstream_write.write_all(&buf[..n]).await {
+                return Ending::Failed(e);
+            }
+            traffic.to_server(n);
         }
     };
-    let to_client = to_client(upstream_read, client_write, expiry, shutdown);
+    let to_client = to_client(upstream_read, client_write, expiry, shutdown, traffic);
     let ending = tokio::select! {
         ending = to_upstream => ending,
         ending = to_client => ending,
@@ -69,6 +118,7 @@ async fn to_client<R, W>(
     mut client: W,
     expiry: Option<Expiry>,
     shutdown: &mut Shutdown,
+    traffic: &Traffic,
 ) -> Ending
 where
     R: AsyncRead + Unpin,
@@ -103,6 +153,7 @@ where
                 if let Err(e) = write(&mut client, &buf[..take]).await {
                     return Ending::Failed(e);
                 }
+                traffic.to_client(take);
             }
             () = &mut expires, if ending.is_none() && expiry.is_some() => {
                 ending = expiry.map(|e| Ending::TokenExpired(e.exp));

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest;
@@ -16,7 +17,7 @@ use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::config::{self, Config};
-use crate::error::{Refusal, sqlstate};
+use crate::error::{Reason, Refusal, sqlstate};
 use crate::jwks::{JwksCache, KeyError};
 use crate::token_cache::{TokenCache, TokenDigest};
 
@@ -69,6 +70,10 @@ struct Provider {
 pub struct TokenChecker {
     providers: HashMap<String, Provider>,
     cache: TokenCache,
+    /// Checks answered from the cache, and those that needed the full
+    /// check while the cache is enabled.
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 impl TokenChecker {
@@ -116,7 +121,24 @@ impl TokenChecker {
         TokenChecker {
             providers,
             cache: TokenCache::new(config.listen.token_cache_entries),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
         }
+    }
+
+    /// The token cache's hits and misses so far.
+    pub fn cache_counts(&self) -> (u64, u64) {
+        (
+            self.cache_hits.load(Ordering::Relaxed),
+            self.cache_misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Each provider's issuer and, unless it only has a shared secret, its key cache.
+    pub fn providers(&self) -> impl Iterator<Item = (&str, Option<&Arc<JwksCache>>)> {
+        self.providers
+            .values()
+            .map(|p| (p.issuer.as_str(), p.keys.as_ref()))
     }
 
     /// The leeway granted to the provider that issued these claims.
@@ -145,8 +167,10 @@ impl TokenChecker {
         let digest = TokenDigest::of(token);
         let hit = self.cache.get(&digest, now_unix());
         if let Some(hit) = hit.filter(|hit| self.providers.contains_key(&hit.issuer)) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return self.apply_rules(hit.verified.clone(), role);
         }
+        self.cache_misses.fetch_add(1, Ordering::Relaxed);
         let verified = self.verify(token).await?;
         if let Some(issuer) = verified.claims.get("iss").and_then(Value::as_str) {
             self.cache
@@ -162,7 +186,10 @@ impl TokenChecker {
             .get("iss")
             .and_then(Value::as_str)
             .and_then(|iss| self.providers.get(iss))
-            .ok_or_else(|| Refusal::auth("the token's issuer is no longer configured"))?;
+            .ok_or_else(|| {
+                Refusal::auth("the token's issuer is no longer configured")
+                    .because(Reason::UnknownIssuer)
+            })?;
         provider.check_claims(&verified.claims, role)?;
         Ok(verified)
     }
@@ -170,20 +197,22 @@ impl TokenChecker {
     /// The full check: signature, issuer, audience and validity.
     async fn verify(&self, token: &str) -> Result<VerifiedToken, Refusal> {
         if token.is_empty() {
-            return Err(Refusal::auth(
-                "a token is required: send the JWT as the password",
-            ));
+            return Err(
+                Refusal::auth("a token is required: send the JWT as the password")
+                    .because(Reason::Malformed),
+            );
         }
-        let (header, payload) = split(token)?;
-        let Header { alg, kid } = Header::read(&header)?;
-        let validity = Validity::read(&payload)?;
+        let (header, payload) = split(token).map_err(malformed)?;
+        let Header { alg, kid } = Header::read(&header).map_err(malformed)?;
+        let validity = Validity::read(&payload).map_err(malformed)?;
         let issuer = payload.get("iss").and_then(Value::as_str).ok_or_else(|| {
             Refusal::auth("the token has no \"iss\" claim, so no provider can verify it")
+                .because(Reason::UnknownIssuer)
         })?;
-        let provider = self
-            .providers
-            .get(issuer)
-            .ok_or_else(|| Refusal::auth(format!("issuer {:?} is not configured", clip(issuer))))?;
+        let provider = self.providers.get(issuer).ok_or_else(|| {
+            Refusal::auth(format!("issuer {:?} is not configured", clip(issuer)))
+                .because(Reason::UnknownIssuer)
+        })?;
 
         let jwk;
         let key = if alg == Algorithm::HS256 {
@@ -192,33 +221,38 @@ impl TokenChecker {
                     "symmetric algorithm \"HS256\" is not accepted from {}: it has no hs256_secret, and its tokens must be signed with a key it publishes in its JWKS",
                     provider.issuer
                 ))
+                .because(Reason::BadSignature)
             })?
         } else {
             if !provider.algorithms.contains(&alg) {
                 return Err(Refusal::auth(format!(
                     "token algorithm {alg:?} is not accepted by {} (algorithms = {:?})",
                     provider.issuer, provider.algorithms
-                )));
+                ))
+                .because(Reason::BadSignature));
             }
             let keys = provider.keys.as_ref().ok_or_else(|| {
                 Refusal::auth(format!(
                     "{} accepts only HS256 tokens signed with its hs256_secret, not {alg:?}",
                     provider.issuer
                 ))
+                .because(Reason::BadSignature)
             })?;
             jwk = keys.key(kid.as_deref()).await.map_err(|e| match e {
                 KeyError::Unavailable { .. } => Refusal::new(
                     sqlstate::CONNECTION_FAILURE,
                     format!("cannot verify the token now: {e}"),
-                ),
-                _ => Refusal::auth(e.to_string()),
+                )
+                .because(Reason::Upstream),
+                _ => Refusal::auth(e.to_string()).because(Reason::UnknownKey),
             })?;
             if !jwk.kind.fits(alg) || jwk.alg.is_some_and(|a| a != alg) {
                 return Err(Refusal::auth(format!(
                     "token algorithm {alg:?} does not match key {:?} of {}",
                     jwk.kid.as_deref().unwrap_or(""),
                     provider.issuer
-                )));
+                ))
+                .because(Reason::BadSignature));
             }
             &jwk.key
         };
@@ -263,7 +297,8 @@ impl Provider {
                     format_time(iat),
                     humantime::format_duration(max_age),
                     self.issuer
-                )));
+                ))
+                .because(Reason::Expired));
             }
             // A future `iat` would otherwise stretch the allowed age.
             if iat > now.saturating_add(leeway) {
@@ -292,7 +327,8 @@ impl Provider {
                     .map_or_else(|| "absent".to_owned(), |v| clip(&v.to_string()));
                 return Err(Refusal::auth(format!(
                     "token does not allow role {role:?}: its {path:?} claim is {held}"
-                )));
+                ))
+                .because(Reason::Role));
             }
         }
         Ok(())
@@ -338,10 +374,20 @@ fn split(token: &str) -> Result<(JsonObject, JsonObject), Refusal> {
     Ok((header, claims))
 }
 
+/// A refusal while reading the token's parts counts as malformed, unless it
+/// already says more precisely what is wrong.
+fn malformed(refusal: Refusal) -> Refusal {
+    match refusal.reason {
+        Reason::Other => refusal.because(Reason::Malformed),
+        _ => refusal,
+    }
+}
+
 fn not_jwt() -> Refusal {
     Refusal::auth(
         "the password is not a JWT (expected header.payload.signature in base64url, without padding)",
     )
+    .because(Reason::Malformed)
 }
 
 /// One part of a token as a JSON object, `what` naming it in refusals.
@@ -434,14 +480,16 @@ fn algorithm(alg: Option<&Value>) -> Result<Algorithm, Refusal> {
         // no algorithm at all; but it is meant as "none", and said so.
         none if none.eq_ignore_ascii_case("none") => Err(Refusal::auth(format!(
             "unsigned tokens (alg {none:?}) are not accepted"
-        ))),
+        ))
+        .because(Reason::BadSignature)),
         // HS256 only with a provider's `hs256_secret`, decided once the
         // provider is known.
         "HS256" => Ok(Algorithm::HS256),
         hs if hs.starts_with("HS") => Err(Refusal::auth(format!(
             "symmetric algorithm {:?} is not accepted: tokens must be signed with a key the provider publishes in its JWKS",
             clip(hs)
-        ))),
+        ))
+        .because(Reason::BadSignature)),
         other => Algorithm::from_str(other).map_err(|_| {
             Refusal::auth(format!(
                 "token algorithm {:?} is not supported",
@@ -513,16 +561,16 @@ impl Validity {
         let now = now_unix();
         let leeway = leeway.as_secs();
         if self.exp.saturating_add(leeway) < now {
-            return Err(Refusal::auth(format!(
-                "token expired at {}",
-                format_time(self.exp)
-            )));
+            return Err(
+                Refusal::auth(format!("token expired at {}", format_time(self.exp)))
+                    .because(Reason::Expired),
+            );
         }
         if let Some(nbf) = self.nbf.filter(|nbf| *nbf > now.saturating_add(leeway)) {
-            return Err(Refusal::auth(format!(
-                "token is not valid before {}",
-                format_time(nbf)
-            )));
+            return Err(
+                Refusal::auth(format!("token is not valid before {}", format_time(nbf)))
+                    .because(Reason::Expired),
+            );
         }
         Ok(())
     }
@@ -560,6 +608,13 @@ fn json_kind(value: &Value) -> &'static str {
 }
 
 fn refusal_for(kind: ErrorKind, payload: &Map<String, Value>, provider: &Provider) -> Refusal {
+    let reason = match &kind {
+        ErrorKind::InvalidAudience => Reason::Audience,
+        ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => Reason::Audience,
+        ErrorKind::InvalidIssuer => Reason::UnknownIssuer,
+        ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm => Reason::BadSignature,
+        _ => Reason::Malformed,
+    };
     let message = match kind {
         ErrorKind::InvalidAudience => format!(
             "token audience {} is not accepted by {} (expected one of {:?})",
@@ -577,10 +632,12 @@ fn refusal_for(kind: ErrorKind, payload: &Map<String, Value>, provider: &Provide
         ),
         ErrorKind::InvalidAlgorithm => "token algorithm does not match its key".to_owned(),
         other => {
-            return Refusal::auth("the token is malformed").with_detail(format!("{other:?}"));
+            return Refusal::auth("the token is malformed")
+                .with_detail(format!("{other:?}"))
+                .because(reason);
         }
     };
-    Refusal::auth(message)
+    Refusal::auth(message).because(reason)
 }
 
 /// A short, stable name for a token in logs: never the token itself.

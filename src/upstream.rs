@@ -199,7 +199,7 @@ fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str) -> Refusal {
             "upstream refused {user:?}: {code} {message}"
         ));
     }
-    Refusal::new(code, message)
+    Refusal::new(code, message).because(crate::error::Reason::Upstream)
 }
 
 /// Reads whole backend frames into a reused buffer.

@@ -215,6 +215,34 @@ impl TempPostgres {
         }
     }
 
+    /// Stops the server (immediate shutdown) but keeps its data and port, so
+    /// that [`TempPostgres::resume`] can start it again: a database outage.
+    /// Calling it again does nothing.
+    pub fn pause(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_postmaster(&mut child);
+        }
+    }
+
+    /// Starts a paused server again, on the same port and with the same
+    /// data, and waits until it accepts connections. Does nothing while it runs.
+    pub async fn resume(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        anyhow::ensure!(self.dir.is_some(), "the server was stopped for good");
+        let bindir = find_server_binaries()?;
+        let user = server_user()?;
+        match self.launch_on(self.port, &bindir, user).await {
+            Ok(()) => Ok(()),
+            Err(StartFailure::PortTaken(log)) => bail!(
+                "PostgreSQL could not take its port {} again; the server log ends with:\n{log}",
+                self.port
+            ),
+            Err(StartFailure::Other(e)) => Err(e),
+        }
+    }
+
     /// Stops the server but leaves its directory, whose path is returned, so
     /// that the data can be inspected or started again by hand.
     pub fn stop_and_keep(mut self) -> PathBuf {
@@ -291,6 +319,15 @@ impl TempPostgres {
         user: Option<ServerUser>,
     ) -> Result<(), StartFailure> {
         let port = free_port().map_err(StartFailure::Other)?;
+        self.launch_on(port, bindir, user).await
+    }
+
+    async fn launch_on(
+        &mut self,
+        port: u16,
+        bindir: &Path,
+        user: Option<ServerUser>,
+    ) -> Result<(), StartFailure> {
         self.port = port;
         // A fresh log per attempt, so an error shows this attempt's messages.
         let log = File::create(&self.log_path)

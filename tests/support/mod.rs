@@ -375,3 +375,79 @@ pub async fn carol_once_a_slot_frees(h: &Harness, user: &str) -> String {
     }
     panic!("no slot freed within 5 s of a session closing");
 }
+
+impl Harness {
+    /// Like [`Harness::start_with`], with the admin listener on a free
+    /// loopback port (see [`Harness::admin_url`]).
+    pub async fn start_with_admin(extra_toml: &str) -> Harness {
+        let mut h = Harness::start_with(extra_toml).await;
+        let mut config = proxy_config(
+            Ipv4Addr::LOCALHOST.into(),
+            h.pg.port(),
+            &h.issuer.issuer(),
+            extra_toml,
+        );
+        config.listen.admin_address = Some((Ipv4Addr::LOCALHOST, 0).into());
+        let with_admin = RunningProxy::start(config)
+            .await
+            .expect("start a proxy with an admin listener");
+        std::mem::replace(&mut h.proxy, with_admin).shutdown().await;
+        h
+    }
+
+    /// `http://127.0.0.1:PORT{path}` on the proxy's admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        let admin = self
+            .proxy
+            .admin_address
+            .expect("the proxy has an admin listener (Harness::start_with_admin)");
+        format!("http://{admin}{path}")
+    }
+}
+
+/// The status and body of a GET.
+pub async fn http_get(url: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .get(url)
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("a response body"))
+}
+
+/// The value of the sample `name` whose labels are exactly `labels` in a
+/// Prometheus text exposition, if there is one.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    wanted.sort();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric_name, mut found) = match series.split_once('{') {
+                Some((n, rest)) => (
+                    n,
+                    rest.trim_end_matches('}')
+                        .split(',')
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>(),
+                ),
+                None => (series, Vec::new()),
+            };
+            found.sort();
+            (metric_name == name && found == wanted).then(|| value.parse().ok())?
+        })
+}
+
+/// Every sample of `name` in a Prometheus text exposition, as whole lines.
+pub fn metric_lines<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .collect()
+}

@@ -1,0 +1,152 @@
+//! The admin listener (`[listen] admin_address`): plain HTTP for operators
+//! and orchestrators, off unless configured.
+//!
+//! - `GET /metrics`: the proxy's metrics in the Prometheus text format (see
+//!   [`crate::metrics`]).
+//! - `GET /healthz`: 200 `ok` while the process runs (liveness).
+//! - `GET /readyz`: 200 when new clients can be served, else 503, with a
+//!   JSON body either way (readiness; see [`readiness`]).
+//!
+//! It shows no secrets, but it does show issuer URLs and traffic: bind it
+//! to loopback or a private network.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::connection::Services;
+
+/// What the endpoints report on: the services new connections get, which a
+/// reload replaces.
+type Current = watch::Receiver<Arc<Services>>;
+
+/// Serves the admin endpoints until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    services: Current,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(services);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "the admin listener failed");
+    }
+}
+
+async fn metrics(State(current): State<Current>) -> Response {
+    let services = Arc::clone(&current.borrow());
+    let metrics = &services.metrics;
+    // Values the token checker keeps itself are copied in at each scrape.
+    let (hits, misses) = services.tokens.cache_counts();
+    metrics.token_cache(hits, misses);
+    for (issuer, keys) in services.tokens.providers() {
+        if let Some(keys) = keys {
+            let stats = keys.stats();
+            metrics.jwks(issuer, stats.succeeded, stats.failed, stats.key_age);
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+        .into_response()
+}
+
+async fn ready(State(current): State<Current>) -> Response {
+    let services = Arc::clone(&current.borrow());
+    let (ready, body) = readiness(&services).await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// Whether the proxy can serve a new client now, and why not:
+/// `{"ready":…,"providers":{"<issuer>":"ok"|"no usable keys: …"},"upstream":"ok"|"…"}`.
+///
+/// - Every provider must have usable keys: a cached JWKS that is fresh, or
+///   stale but within `jwks_max_stale`; a provider with only a shared secret
+///   always has. A provider with nothing usable is asked for its keys (past
+///   its refetch cooldown), so readiness comes without waiting for a client.
+/// - The upstream must accept a TCP connection to `host:port` within
+///   `connect_timeout`. This is a plain TCP connect, not a Postgres startup:
+///   it does not log in (which would need a role's password and show up in
+///   the database's logs at every probe), so a server that accepts
+///   connections but refuses logins still reads as ready.
+///
+/// The checks run concurrently, so one slow provider costs at most its
+/// `fetch_timeout`.
+pub async fn readiness(services: &Arc<Services>) -> (bool, serde_json::Value) {
+    let upstream = {
+        let config = &services.config.upstream;
+        let address = format!("{}:{}", config.host, config.port);
+        let limit = config.connect_timeout;
+        tokio::spawn(async move {
+            match tokio::time::timeout(limit, TcpStream::connect(&address)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("cannot connect to {address}: {e}")),
+                Err(_) => Err(format!(
+                    "no connection to {address} within {}",
+                    humantime::format_duration(limit)
+                )),
+            }
+        })
+    };
+    let checks: Vec<_> = services
+        .tokens
+        .providers()
+        .map(|(issuer, keys)| {
+            let keys = keys.cloned();
+            let check = tokio::spawn(async move {
+                match keys {
+                    Some(keys) => keys
+                        .readiness()
+                        .await
+                        .map_err(|e| format!("no usable keys: {e}")),
+                    None => Ok(()),
+                }
+            });
+            (issuer.to_owned(), check)
+        })
+        .collect();
+
+    let mut ready = true;
+    let mut providers = BTreeMap::new();
+    for (issuer, check) in checks {
+        let state = match check.await {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(why)) => why,
+            Err(e) => format!("the check failed: {e}"),
+        };
+        ready &= state == "ok";
+        providers.insert(issuer, state);
+    }
+    let upstream = match upstream.await {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(why)) => why,
+        Err(e) => format!("the check failed: {e}"),
+    };
+    ready &= upstream == "ok";
+    let body = json!({"ready": ready, "providers": providers, "upstream": upstream});
+    (ready, body)
+}

@@ -1,0 +1,310 @@
+//! Metrics: the names, and one small function per event so that call sites
+//! stay one line.
+//!
+//! Each proxy has its own registry (a Prometheus recorder that is never
+//! installed as the process-wide one), so several proxies in one process —
+//! the tests, `demo` — count separately. `/metrics` on the admin listener
+//! renders it (see [`crate::admin`]).
+//!
+//! Labels hold only fixed words, role names and issuer URLs: never a token,
+//! subject, signature, key or password.
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::error::Reason;
+use crate::relay::Ending;
+
+pub const CLIENT_CONNECTIONS_ACTIVE: &str = "rlsgate_client_connections_active";
+pub const CLIENT_SESSIONS_ACTIVE: &str = "rlsgate_client_sessions_active";
+pub const CLIENT_SESSIONS_TOTAL: &str = "rlsgate_client_sessions_total";
+pub const REFUSALS_TOTAL: &str = "rlsgate_refusals_total";
+pub const JWKS_FETCHES_TOTAL: &str = "rlsgate_jwks_fetches_total";
+pub const JWKS_KEY_AGE_SECONDS: &str = "rlsgate_jwks_key_age_seconds";
+pub const TOKEN_VERIFICATION_SECONDS: &str = "rlsgate_token_verification_seconds";
+pub const TOKEN_CACHE_HITS_TOTAL: &str = "rlsgate_token_cache_hits_total";
+pub const TOKEN_CACHE_MISSES_TOTAL: &str = "rlsgate_token_cache_misses_total";
+pub const UPSTREAM_CONNECT_SECONDS: &str = "rlsgate_upstream_connect_seconds";
+pub const SESSION_DURATION_SECONDS: &str = "rlsgate_session_duration_seconds";
+pub const RELAYED_BYTES_TOTAL: &str = "rlsgate_relayed_bytes_total";
+pub const CANCEL_REQUESTS_TOTAL: &str = "rlsgate_cancel_requests_total";
+
+/// Buckets for the latencies (token check, upstream connect), in seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Buckets for session lifetimes, in seconds.
+const SESSION_BUCKETS: &[f64] = &[
+    0.1,
+    1.0,
+    10.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4.0 * 3600.0,
+    24.0 * 3600.0,
+];
+
+const METADATA: Metadata<'static> = Metadata::new("rlsgate", metrics::Level::INFO, None);
+
+/// The outcome label of `rlsgate_client_sessions_total`.
+pub fn outcome(ending: &Ending) -> &'static str {
+    match ending {
+        Ending::ClientClosed => "client_closed",
+        Ending::UpstreamClosed => "server_closed",
+        Ending::TokenExpired(_) => "token_expired",
+        Ending::ShuttingDown => "shutdown",
+        Ending::Failed(_) => "error",
+    }
+}
+
+/// One proxy's metrics.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    connections_active: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(SESSION_DURATION_SECONDS.to_owned()),
+                SESSION_BUCKETS,
+            )
+            .and_then(|b| b.set_buckets(LATENCY_BUCKETS))
+            .expect("the bucket lists are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        describe(&recorder);
+        let connections_active =
+            recorder.register_gauge(&Key::from_static_name(CLIENT_CONNECTIONS_ACTIVE), &METADATA);
+        Metrics {
+            recorder,
+            handle,
+            connections_active,
+        }
+    }
+
+    /// The Prometheus text exposition of everything recorded so far.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    fn histogram(&self, name: &'static str, seconds: Duration) {
+        self.recorder
+            .register_histogram(&Key::from_static_name(name), &METADATA)
+            .record(seconds.as_secs_f64());
+    }
+
+    /// A TCP connection arrived; the gauge goes down when the guard is dropped.
+    pub fn connection_opened(&self) -> ConnectionGuard {
+        self.connections_active.increment(1.0);
+        ConnectionGuard(self.connections_active.clone())
+    }
+
+    /// A session was admitted and is about to relay.
+    pub fn session_started(&self, role: &str) {
+        self.gauge(
+            CLIENT_SESSIONS_ACTIVE,
+            vec![Label::new("role", role.to_owned())],
+        )
+        .increment(1.0);
+    }
+
+    /// A session that [`Metrics::session_started`] counted has ended.
+    pub fn session_ended(&self, role: &str, ending: &Ending, duration: Duration) {
+        self.gauge(
+            CLIENT_SESSIONS_ACTIVE,
+            vec![Label::new("role", role.to_owned())],
+        )
+        .decrement(1.0);
+        self.counter(
+            CLIENT_SESSIONS_TOTAL,
+            vec![
+                Label::new("role", role.to_owned()),
+                Label::from_static_parts("outcome", outcome(ending)),
+            ],
+        )
+        .increment(1);
+        self.histogram(SESSION_DURATION_SECONDS, duration);
+    }
+
+    pub fn refused(&self, reason: Reason) {
+        self.counter(
+            REFUSALS_TOTAL,
+            vec![Label::from_static_parts("reason", reason.as_str())],
+        )
+        .increment(1);
+    }
+
+    /// A token check (signature or cache) took `elapsed`, whatever its answer.
+    pub fn token_checked(&self, elapsed: Duration) {
+        self.histogram(TOKEN_VERIFICATION_SECONDS, elapsed);
+    }
+
+    /// Opening the upstream session (connect, authenticate, bind claims) took `elapsed`.
+    pub fn upstream_connected(&self, elapsed: Duration) {
+        self.histogram(UPSTREAM_CONNECT_SECONDS, elapsed);
+    }
+
+    /// `result`: forwarded, unknown_key, rate_limited or failed.
+    pub fn cancel_request(&self, result: &'static str) {
+        self.counter(
+            CANCEL_REQUESTS_TOTAL,
+            vec![Label::from_static_parts("result", result)],
+        )
+        .increment(1);
+    }
+
+    /// The counters of relayed bytes, client to server and server to client,
+    /// for the relay to add to as it reads.
+    pub fn relayed_bytes(&self) -> (Counter, Counter) {
+        let direction = |d: &'static str| vec![Label::from_static_parts("direction", d)];
+        (
+            self.counter(RELAYED_BYTES_TOTAL, direction("client_to_server")),
+            self.counter(RELAYED_BYTES_TOTAL, direction("server_to_client")),
+        )
+    }
+
+    /// The token cache's running totals, copied in before each render.
+    pub fn token_cache(&self, hits: u64, misses: u64) {
+        self.counter(TOKEN_CACHE_HITS_TOTAL, Vec::new())
+            .absolute(hits);
+        self.counter(TOKEN_CACHE_MISSES_TOTAL, Vec::new())
+            .absolute(misses);
+    }
+
+    /// A provider's key cache as it stands, copied in before each render:
+    /// fetch totals and the age of the keys it holds (none: no gauge).
+    pub fn jwks(&self, provider: &str, fetched: u64, failed: u64, key_age: Option<Duration>) {
+        let labels = |result: &'static str| {
+            vec![
+                Label::new("provider", provider.to_owned()),
+                Label::from_static_parts("result", result),
+            ]
+        };
+        if fetched > 0 {
+            self.counter(JWKS_FETCHES_TOTAL, labels("ok"))
+                .absolute(fetched);
+        }
+        if failed > 0 {
+            self.counter(JWKS_FETCHES_TOTAL, labels("error"))
+                .absolute(failed);
+        }
+        if let Some(age) = key_age {
+            self.gauge(
+                JWKS_KEY_AGE_SECONDS,
+                vec![Label::new("provider", provider.to_owned())],
+            )
+            .set(age.as_secs_f64());
+        }
+    }
+}
+
+/// Holds one count of `rlsgate_client_connections_active`.
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+fn describe(recorder: &PrometheusRecorder) {
+    let help: [(&'static str, Option<Unit>, &'static str); 13] = [
+        (
+            CLIENT_CONNECTIONS_ACTIVE,
+            None,
+            "Client TCP connections open now, those still in startup included.",
+        ),
+        (
+            CLIENT_SESSIONS_ACTIVE,
+            None,
+            "Sessions relaying now, by role.",
+        ),
+        (
+            CLIENT_SESSIONS_TOTAL,
+            None,
+            "Sessions ended, by role and outcome (client_closed, server_closed, token_expired, shutdown, error).",
+        ),
+        (REFUSALS_TOTAL, None, "Connections refused, by reason."),
+        (
+            JWKS_FETCHES_TOTAL,
+            None,
+            "Discovery and JWKS fetches, by provider (issuer URL) and result.",
+        ),
+        (
+            JWKS_KEY_AGE_SECONDS,
+            Some(Unit::Seconds),
+            "Age of the signing keys cached for each provider.",
+        ),
+        (
+            TOKEN_VERIFICATION_SECONDS,
+            Some(Unit::Seconds),
+            "Time to check a token, cached or not, accepted or not.",
+        ),
+        (
+            TOKEN_CACHE_HITS_TOTAL,
+            None,
+            "Tokens served from the verified-token cache.",
+        ),
+        (
+            TOKEN_CACHE_MISSES_TOTAL,
+            None,
+            "Tokens that needed the full signature check.",
+        ),
+        (
+            UPSTREAM_CONNECT_SECONDS,
+            Some(Unit::Seconds),
+            "Time to open an upstream session: connect, authenticate, bind claims.",
+        ),
+        (
+            SESSION_DURATION_SECONDS,
+            Some(Unit::Seconds),
+            "How long sessions lasted, from ready for queries to the end.",
+        ),
+        (
+            RELAYED_BYTES_TOTAL,
+            Some(Unit::Bytes),
+            "Bytes relayed after startup, by direction.",
+        ),
+        (
+            CANCEL_REQUESTS_TOTAL,
+            None,
+            "Cancel requests received, by result.",
+        ),
+    ];
+    for (name, unit, text) in help {
+        let (key, text) = (name.into(), text.into());
+        if name.ends_with("_total") {
+            recorder.describe_counter(key, unit, text);
+        } else if name.ends_with("_active") || name == JWKS_KEY_AGE_SECONDS {
+            recorder.describe_gauge(key, unit, text);
+        } else {
+            recorder.describe_histogram(key, unit, text);
+        }
+    }
+}
