@@ -22,6 +22,7 @@ use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
 use crate::token_check::{TokenChecker, fingerprint, now_unix};
 use crate::upstream::{self, Login, UpstreamSession};
+use crate::upstream_tls::UpstreamTls;
 
 /// Validity of the envelope when nothing expires: roles served without a
 /// token, and sessions allowed to outlive theirs (year 2106).
@@ -38,6 +39,8 @@ pub struct Services {
     pub role_slots: HashMap<String, Arc<Semaphore>>,
     pub tokens: TokenChecker,
     pub cancels: Arc<CancelRegistry>,
+    /// How the upstream connections of sessions and cancel requests are made.
+    pub upstream_tls: UpstreamTls,
     pub tls: Option<TlsAcceptor>,
 }
 
@@ -110,7 +113,10 @@ async fn establish(
     let request = match front_door::receive(tcp, services.tls.as_ref()).await {
         Ok(Arrival::Startup(request)) => request,
         Ok(Arrival::Cancel(key)) => {
-            services.cancels.cancel(key, peer.ip()).await;
+            services
+                .cancels
+                .cancel(key, peer.ip(), &services.upstream_tls)
+                .await;
             return None;
         }
         Err(FrontDoorError::Closed(e)) => {
@@ -239,6 +245,7 @@ async fn open_session(
 
     let upstream = upstream::connect(
         &config.upstream,
+        &services.upstream_tls,
         Login {
             role,
             database: parameters.get("database").map(String::as_str),
@@ -247,8 +254,11 @@ async fn open_session(
         },
     )
     .await?;
-    let address = format!("{}:{}", config.upstream.host, config.upstream.port);
-    let cancel = services.cancels.register(address, upstream.key);
+    let cancel = services.cancels.register(
+        config.upstream.host.clone(),
+        config.upstream.port,
+        upstream.key,
+    );
 
     let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 32);
     greeting.put_slice(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);

@@ -18,6 +18,7 @@ use crate::jwks;
 use crate::shutdown::Shutdown;
 use crate::tls;
 use crate::token_check::TokenChecker;
+use crate::upstream_tls::UpstreamTls;
 
 /// Builds what connections share from a validated configuration.
 pub fn services(config: Config) -> anyhow::Result<Services> {
@@ -37,6 +38,7 @@ pub fn services(config: Config) -> anyhow::Result<Services> {
         role_slots,
         tokens: TokenChecker::new(&config, jwks::http_client()),
         cancels: Arc::new(CancelRegistry::default()),
+        upstream_tls: UpstreamTls::from_config(&config.upstream)?,
         tls,
         config,
     })

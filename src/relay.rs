@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::error::{Refusal, sqlstate};
 use crate::shutdown::Shutdown;
-use crate::stream::ClientStream;
+use crate::stream::{ClientStream, UpstreamStream};
 use crate::token_check::format_time;
 
 const BUFFER: usize = 16 * 1024;
@@ -40,12 +39,12 @@ pub struct Expiry {
 
 pub async fn run(
     client: ClientStream,
-    upstream: TcpStream,
+    upstream: UpstreamStream,
     expiry: Option<Expiry>,
     shutdown: &mut Shutdown,
 ) -> Ending {
     let (mut client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, mut upstream_write) = upstream.into_split();
+    let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
     let to_upstream = async {
         match tokio::io::copy(&mut client_read, &mut upstream_write).await {
             Ok(_) => Ending::ClientClosed,
@@ -60,6 +59,7 @@ pub async fn run(
     if matches!(ending, Ending::TokenExpired(_) | Ending::ShuttingDown) {
         // Terminate, so the backend ends cleanly and rolls back any open transaction.
         let _ = upstream_write.write_all(&[b'X', 0, 0, 0, 4]).await;
+        let _ = upstream_write.flush().await;
     }
     ending
 }
