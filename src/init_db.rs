@@ -224,7 +224,9 @@ pub async fn run(
          (expected e.g. postgresql://user:password@host:5432/dbname?sslmode=verify-full)";
     let split = UrlTls::split(database_url);
     let tls = match (split.resolve().context(invalid)?, upstream) {
-        (Some((mode, ca)), _) => UpstreamTls::new(mode, ca.as_deref(), None),
+        (Some((mode, ca)), _) => {
+            UpstreamTls::new(mode, ca.as_deref(), None).map(UpstreamTls::named_as_in_urls)
+        }
         (None, Some(upstream)) => UpstreamTls::from_config(upstream),
         (None, None) => UpstreamTls::new(Default::default(), None, None),
     }

@@ -46,16 +46,35 @@ pub struct UpstreamTls {
     connector: Option<TlsConnector>,
     /// Set explicitly (`tls_server_name`); otherwise the host connected to.
     server_name: Option<String>,
-    /// Where trusted roots come from, for messages.
-    roots: String,
+    /// Whether a CA file (rather than the system's roots) is trusted.
+    ca_file: bool,
+    /// What the settings are called where they were given, for messages.
+    names: SettingNames,
 }
+
+/// How messages name the settings to change.
+#[derive(Clone, Copy, Debug)]
+struct SettingNames {
+    ca_file: &'static str,
+    server_name: &'static str,
+}
+
+const CONFIG_NAMES: SettingNames = SettingNames {
+    ca_file: "[upstream] tls_ca_file",
+    server_name: "set [upstream] tls_server_name to a name it carries",
+};
+
+const URL_NAMES: SettingNames = SettingNames {
+    ca_file: "sslrootcert",
+    server_name: "connect by a name it carries",
+};
 
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamTls")
             .field("mode", &self.mode)
             .field("server_name", &self.server_name)
-            .field("roots", &self.roots)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -83,18 +102,16 @@ impl UpstreamTls {
             })?;
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut roots = String::new();
         let verifier: Option<Arc<dyn ServerCertVerifier>> = match mode {
             UpstreamTlsMode::Disable => None,
             UpstreamTlsMode::Prefer | UpstreamTlsMode::Require => {
                 Some(Arc::new(AnyCertificate(Arc::clone(&provider))))
             }
             UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull => {
-                let (store, source) = match ca_file {
-                    Some(path) => (ca_roots(path)?, format!("tls_ca_file {}", path.display())),
-                    None => (system_roots()?, "the system's trusted roots".to_owned()),
+                let store = match ca_file {
+                    Some(path) => ca_roots(path)?,
+                    None => system_roots()?,
                 };
-                roots = source;
                 let webpki =
                     WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
                         .build()
@@ -123,8 +140,15 @@ impl UpstreamTls {
             mode,
             connector,
             server_name: server_name.map(str::to_owned),
-            roots,
+            ca_file: ca_file.is_some(),
+            names: CONFIG_NAMES,
         })
+    }
+
+    /// Messages name libpq's URL parameters instead of `[upstream]` keys.
+    pub fn named_as_in_urls(mut self) -> UpstreamTls {
+        self.names = URL_NAMES;
+        self
     }
 
     pub fn mode(&self) -> UpstreamTlsMode {
@@ -193,6 +217,12 @@ impl UpstreamTls {
 
     fn server_name(&self, host: &str) -> Result<ServerName<'static>, Refusal> {
         let name = self.server_name.as_deref().unwrap_or(host);
+        if self.mode != UpstreamTlsMode::VerifyFull && ServerName::try_from(name).is_err() {
+            // The name is not checked; without a valid one no SNI is sent.
+            return Ok(ServerName::IpAddress(
+                std::net::IpAddr::from([0u8, 0, 0, 0]).into(),
+            ));
+        }
         ServerName::try_from(name.to_owned()).map_err(|_| {
             Refusal::new(
                 sqlstate::CONNECTION_FAILURE,
@@ -216,20 +246,30 @@ impl UpstreamTls {
             return format!("the TLS handshake with the database failed: {tls_error}");
         };
         match problem {
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
-                "the database's TLS certificate is not trusted: it is not signed by a CA in {} \
-                 ([upstream] tls = \"{}\")",
-                self.roots,
-                self.mode.as_str()
-            ),
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                if self.ca_file {
+                    format!(
+                        "the database's TLS certificate is not trusted: it is not signed by a \
+                         CA in {}",
+                        self.names.ca_file
+                    )
+                } else {
+                    format!(
+                        "the database's TLS certificate is not trusted: it is not signed by a \
+                         CA the system trusts; name its CA in {}",
+                        self.names.ca_file
+                    )
+                }
+            }
             CertificateError::NotValidForName => format!(
-                "the database's TLS certificate is not valid for the name {name:?}; \
-                 set [upstream] tls_server_name to a name it carries"
+                "the database's TLS certificate is not valid for the name {name:?}; {}",
+                self.names.server_name
             ),
             CertificateError::NotValidForNameContext { presented, .. } => format!(
-                "the database's TLS certificate is not valid for the name {name:?} (it is for {}); \
-                 set [upstream] tls_server_name to a name it carries",
-                presented.join(", ")
+                "the database's TLS certificate is not valid for the name {name:?} (it is for \
+                 {}); {}",
+                presented.join(", "),
+                self.names.server_name
             ),
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                 "the database's TLS certificate has expired".to_owned()
