@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::front_door::CancelKey;
+use crate::upstream_tls::UpstreamTls;
 
 struct Target {
-    address: String,
+    host: String,
+    port: u16,
     key: CancelKey,
 }
 
@@ -53,7 +54,12 @@ impl Drop for Registration {
 
 impl CancelRegistry {
     /// Issues a fresh random key for a session whose backend is `upstream`.
-    pub fn register(self: &Arc<Self>, address: String, upstream: CancelKey) -> Registration {
+    pub fn register(
+        self: &Arc<Self>,
+        host: String,
+        port: u16,
+        upstream: CancelKey,
+    ) -> Registration {
         let mut targets = self.targets.lock().expect("cancel lock");
         let key = loop {
             let key = CancelKey {
@@ -67,7 +73,8 @@ impl CancelRegistry {
         targets.insert(
             key,
             Target {
-                address,
+                host,
+                port,
                 key: upstream,
             },
         );
@@ -94,34 +101,43 @@ impl CancelRegistry {
     }
 
     /// Forwards a cancel request; an unknown key is ignored, as Postgres
-    /// does, and so is a request over `source`'s rate. Returns what became
-    /// of it, for `rlsgate_cancel_requests_total{result}`: `forwarded`,
-    /// `unknown_key`, `rate_limited` or `failed`.
-    pub async fn cancel(&self, key: CancelKey, source: IpAddr) -> &'static str {
+    /// does, and so is a request over `source`'s rate. Like libpq, the
+    /// request goes over TLS as `[upstream] tls` says (a server that only
+    /// accepts `hostssl` connections ignores a plaintext one). Returns what
+    /// became of it, for `rlsgate_cancel_requests_total{result}`:
+    /// `forwarded`, `unknown_key`, `rate_limited` or `failed`.
+    pub async fn cancel(&self, key: CancelKey, source: IpAddr, tls: &UpstreamTls) -> &'static str {
         if !self.admit(source) {
             tracing::info!(%source, "cancel request over the rate limit ignored");
             return "rate_limited";
         }
         let target = {
             let targets = self.targets.lock().expect("cancel lock");
-            targets.get(&key).map(|t| (t.address.clone(), t.key))
+            targets.get(&key).map(|t| (t.host.clone(), t.port, t.key))
         };
-        let Some((address, upstream)) = target else {
+        let Some((host, port, upstream)) = target else {
             tracing::info!("cancel request with an unknown key ignored");
             return "unknown_key";
         };
         let mut packet = BytesMut::with_capacity(16);
         frontend::cancel_request(upstream.pid, upstream.secret, &mut packet);
-        match TcpStream::connect(&address).await {
-            Ok(mut stream) => match stream.write_all(&packet).await {
-                Ok(()) => "forwarded",
-                Err(e) => {
+        let address = format!("{host}:{port}");
+        match tls.connect(&host, port).await {
+            Ok(mut stream) => {
+                let sent = async {
+                    stream.write_all(&packet).await?;
+                    stream.flush().await
+                };
+                if let Err(e) = sent.await {
                     tracing::warn!(%address, error = %e, "cannot send cancel request upstream");
-                    "failed"
+                    return "failed";
                 }
-            },
-            Err(e) => {
-                tracing::warn!(%address, error = %e, "cannot connect upstream to cancel");
+                // The server closes the connection once it has read the request.
+                let _ = stream.shutdown().await;
+                "forwarded"
+            }
+            Err(refusal) => {
+                tracing::warn!(%address, reason = %refusal, "cannot connect upstream to cancel");
                 "failed"
             }
         }

@@ -62,6 +62,11 @@ enum Command {
     /// proxies using the old and the new key both work during a rotation.
     InitDb {
         /// A superuser or the database owner, e.g. postgresql://postgres@localhost/app.
+        ///
+        /// TLS as with libpq: add ?sslmode=verify-full (disable, prefer,
+        /// require, verify-ca, verify-full) and &sslrootcert=ca.pem (or
+        /// sslrootcert=system). Without sslmode, the TLS settings of the
+        /// configuration's [upstream] apply, else prefer.
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
         /// Take the signing key from this configuration file's [claims] section
@@ -185,18 +190,23 @@ pub fn main() -> anyhow::Result<()> {
             } => {
                 // A configuration named on the command line wins over the
                 // key's environment variable, which that file may expand.
-                let key = match (config, signing_key) {
-                    (Some(path), _) => Config::load(&path)?.claims.signing_key,
-                    (None, Some(text)) => {
-                        SigningKey::from_base64(&text).map_err(anyhow::Error::msg)?
+                // Its [upstream] gives the TLS settings the URL does not.
+                let (key, upstream) = match (config, signing_key) {
+                    (Some(path), _) => {
+                        let config = Config::load(&path)?;
+                        (config.claims.signing_key, Some(config.upstream))
                     }
+                    (None, Some(text)) => (
+                        SigningKey::from_base64(&text).map_err(anyhow::Error::msg)?,
+                        None,
+                    ),
                     (None, None) => {
-                        Config::load(std::path::Path::new(config::DEFAULT_PATH))?
-                            .claims
-                            .signing_key
+                        let config = Config::load(std::path::Path::new(config::DEFAULT_PATH))?;
+                        (config.claims.signing_key, Some(config.upstream))
                     }
                 };
-                let report = init_db::run(&database_url, &[key.bytes().to_vec()]).await?;
+                let report =
+                    init_db::run(&database_url, upstream.as_ref(), &[key.bytes().to_vec()]).await?;
                 println!("{report}");
                 Ok(())
             }

@@ -72,6 +72,93 @@ pub struct Upstream {
     pub database: Option<String>,
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// TLS to Postgres, with libpq's `sslmode` meanings.
+    #[serde(default)]
+    pub tls: UpstreamTlsMode,
+    /// PEM CA certificates that sign the server's certificate, for
+    /// `verify-ca` and `verify-full`; unset: the system's trusted roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// The name sent in SNI and checked by `verify-full`; unset: `host`.
+    pub tls_server_name: Option<String>,
+}
+
+impl Upstream {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.tls_ca_file.is_some() && !self.tls.verifies_chain() {
+            bail!(
+                "[upstream] tls_ca_file is only used with tls = \"verify-ca\" or \"verify-full\" \
+                 (tls = \"{}\" does not check the certificate)",
+                self.tls.as_str()
+            );
+        }
+        if let Some(name) = &self.tls_server_name {
+            if self.tls == UpstreamTlsMode::Disable {
+                bail!("[upstream] tls_server_name is set but tls = \"disable\"");
+            }
+            rustls::pki_types::ServerName::try_from(name.as_str()).map_err(|_| {
+                anyhow::anyhow!(
+                    "[upstream] tls_server_name = {name:?} is not a DNS name or IP address"
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// `[upstream] tls`: whether and how the connection to Postgres is encrypted,
+/// as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTlsMode {
+    /// Never: plaintext TCP.
+    Disable,
+    /// TLS when the server offers it, else plaintext; the certificate is not checked.
+    #[default]
+    Prefer,
+    /// TLS or no session; the certificate is not checked.
+    Require,
+    /// TLS with a certificate signed by a trusted CA, for any name.
+    VerifyCa,
+    /// TLS with a trusted certificate for `tls_server_name`.
+    VerifyFull,
+}
+
+impl UpstreamTlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamTlsMode::Disable => "disable",
+            UpstreamTlsMode::Prefer => "prefer",
+            UpstreamTlsMode::Require => "require",
+            UpstreamTlsMode::VerifyCa => "verify-ca",
+            UpstreamTlsMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// libpq's `sslmode` value of the same meaning.
+    pub fn from_sslmode(value: &str) -> Option<UpstreamTlsMode> {
+        Some(match value {
+            "disable" => UpstreamTlsMode::Disable,
+            // libpq's `allow` tries plaintext first; TLS-if-offered is closest.
+            "allow" | "prefer" => UpstreamTlsMode::Prefer,
+            "require" => UpstreamTlsMode::Require,
+            "verify-ca" => UpstreamTlsMode::VerifyCa,
+            "verify-full" => UpstreamTlsMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// Whether a session without TLS is refused.
+    pub fn requires_tls(self) -> bool {
+        !matches!(self, UpstreamTlsMode::Disable | UpstreamTlsMode::Prefer)
+    }
+
+    /// Whether the certificate chain is checked against trusted roots.
+    pub fn verifies_chain(self) -> bool {
+        matches!(
+            self,
+            UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull
+        )
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -439,6 +526,7 @@ impl Config {
         if self.listen.max_connections == 0 {
             bail!("[listen] max_connections must be at least 1");
         }
+        self.upstream.validate()?;
         Ok(())
     }
 }
@@ -685,5 +773,53 @@ issuer = "https://id.example"
             "{err}"
         );
         assert!(parse("issuer = \"\"\njwks_url = \"https://id.example/k\"").is_err());
+    }
+
+    fn with_upstream(lines: &str) -> anyhow::Result<Config> {
+        Config::parse(&format!(
+            "[listen]\naddress = \"127.0.0.1:6432\"\n[upstream]\nhost = \"db.internal\"\n{lines}\n\
+             [[role]]\nname = \"a\"\ntoken = \"none\"\n\
+             [claims]\nsigning_key = \"cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM=\"\n"
+        ))
+    }
+
+    #[test]
+    fn upstream_tls_defaults_to_prefer_like_libpq() {
+        let config = with_upstream("").unwrap();
+        assert_eq!(config.upstream.tls, UpstreamTlsMode::Prefer);
+        assert_eq!(config.upstream.tls_ca_file, None);
+        assert_eq!(config.upstream.tls_server_name, None);
+        for (text, mode) in [
+            ("disable", UpstreamTlsMode::Disable),
+            ("require", UpstreamTlsMode::Require),
+            ("verify-ca", UpstreamTlsMode::VerifyCa),
+            ("verify-full", UpstreamTlsMode::VerifyFull),
+        ] {
+            let config = with_upstream(&format!("tls = \"{text}\"")).unwrap();
+            assert_eq!(config.upstream.tls, mode);
+            assert_eq!(mode.as_str(), text);
+        }
+        let config = with_upstream(
+            "tls = \"verify-full\"\ntls_ca_file = \"/ca.pem\"\ntls_server_name = \"db.example.com\"",
+        )
+        .unwrap();
+        assert_eq!(config.upstream.tls_ca_file, Some(PathBuf::from("/ca.pem")));
+    }
+
+    #[test]
+    fn upstream_tls_settings_are_checked_by_name() {
+        let err = |lines: &str| format!("{:#}", with_upstream(lines).unwrap_err());
+        let message = err("tls = \"verify\"");
+        assert!(message.contains("tls"), "{message}");
+        assert!(message.contains("verify-full"), "{message}");
+        assert!(message.contains("line 5"), "{message}");
+        let message = err("tls = \"require\"\ntls_ca_file = \"/ca.pem\"");
+        assert!(message.contains("[upstream] tls_ca_file"), "{message}");
+        assert!(message.contains("verify-ca"), "{message}");
+        let message = err("tls_server_name = \"not a name\"");
+        assert!(message.contains("[upstream] tls_server_name"), "{message}");
+        let message = err("tls = \"disable\"\ntls_server_name = \"db.example.com\"");
+        assert!(message.contains("tls_server_name"), "{message}");
+        assert!(err("tls_sni = \"x\"").contains("tls_sni"));
     }
 }

@@ -24,6 +24,7 @@ use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
 use crate::token_check::{TokenChecker, VerifiedToken, fingerprint, now_unix};
 use crate::upstream::{self, Login, UpstreamSession};
+use crate::upstream_tls::UpstreamTls;
 
 /// Validity of the envelope when nothing expires: roles served without a
 /// token, and sessions allowed to outlive theirs (year 2106).
@@ -42,6 +43,8 @@ pub struct Services {
     pub role_limits: HashMap<String, Arc<Limit>>,
     pub tokens: TokenChecker,
     pub cancels: Arc<CancelRegistry>,
+    /// How the upstream connections of sessions and cancel requests are made.
+    pub upstream_tls: UpstreamTls,
     pub tls: Option<TlsAcceptor>,
     /// Kept across reloads, so counts go on.
     pub metrics: Arc<Metrics>,
@@ -143,7 +146,10 @@ async fn establish(
     let request = match front_door::receive(tcp, services.tls.as_ref()).await {
         Ok(Arrival::Startup(request)) => request,
         Ok(Arrival::Cancel(key)) => {
-            let result = services.cancels.cancel(key, peer.ip()).await;
+            let result = services
+                .cancels
+                .cancel(key, peer.ip(), &services.upstream_tls)
+                .await;
             services.metrics.cancel_request(result);
             return None;
         }
@@ -285,6 +291,7 @@ async fn open_session(
     let connecting = StdInstant::now();
     let upstream = upstream::connect(
         &config.upstream,
+        &services.upstream_tls,
         Login {
             role,
             database: parameters.get("database").map(String::as_str),
@@ -295,8 +302,11 @@ async fn open_session(
     .await;
     services.metrics.upstream_connected(connecting.elapsed());
     let upstream = upstream?;
-    let address = format!("{}:{}", config.upstream.host, config.upstream.port);
-    let cancel = services.cancels.register(address, upstream.key);
+    let cancel = services.cancels.register(
+        config.upstream.host.clone(),
+        config.upstream.port,
+        upstream.key,
+    );
 
     let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 32);
     greeting.put_slice(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);

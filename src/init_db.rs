@@ -15,10 +15,12 @@
 use std::fmt;
 
 use anyhow::{Context, bail};
+use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
 
 use crate::claims::{SigningKey, key_pads};
+use crate::config::Upstream;
+use crate::upstream_tls::{UpstreamTls, UrlTls};
 
 /// The schema migrations, in order; each runs once, recorded in
 /// `auth.schema_version`.
@@ -208,16 +210,35 @@ async fn refuse_foreign_auth_schema(client: &Client) -> anyhow::Result<()> {
 }
 
 /// Connects to `database_url` and runs [`install`].
-pub async fn run(database_url: &str, keys: &[Vec<u8>]) -> anyhow::Result<InstallReport> {
-    let config: tokio_postgres::Config = database_url.parse().context(
-        "--database-url is not a valid connection string \
-         (expected e.g. postgresql://user:password@host:5432/dbname)",
-    )?;
+///
+/// TLS is as libpq does it: `sslmode` (up to `verify-full`) and
+/// `sslrootcert` in the URL. A URL that says nothing about TLS takes
+/// `upstream`'s `tls`, `tls_ca_file` and `tls_server_name` (the
+/// configuration's `[upstream]`), and without one `prefer`.
+pub async fn run(
+    database_url: &str,
+    upstream: Option<&Upstream>,
+    keys: &[Vec<u8>],
+) -> anyhow::Result<InstallReport> {
+    let invalid = "--database-url is not a valid connection string \
+         (expected e.g. postgresql://user:password@host:5432/dbname?sslmode=verify-full)";
+    let split = UrlTls::split(database_url);
+    let tls = match (split.resolve().context(invalid)?, upstream) {
+        (Some((mode, ca)), _) => {
+            UpstreamTls::new(mode, ca.as_deref(), None).map(UpstreamTls::named_as_in_urls)
+        }
+        (None, Some(upstream)) => UpstreamTls::from_config(upstream),
+        (None, None) => UpstreamTls::new(Default::default(), None, None),
+    }
+    .context("--database-url: TLS settings")?;
+    let mut config: tokio_postgres::Config = split.rest.parse().context(invalid)?;
+    let connector = tls.for_postgres();
+    config.ssl_mode(connector.ssl_mode());
     let target = describe(&config);
     let (client, connection) = config
-        .connect(NoTls)
+        .connect(connector)
         .await
-        .with_context(|| format!("cannot connect to {target}"))?;
+        .with_context(|| format!("cannot connect to {target} (TLS: {})", tls.mode().as_str()))?;
     let connection = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "init-db connection ended");

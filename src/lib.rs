@@ -30,3 +30,4 @@ pub mod tls;
 pub mod token_cache;
 pub mod token_check;
 pub mod upstream;
+pub mod upstream_tls;

@@ -19,6 +19,7 @@ use crate::limit::Limit;
 use crate::shutdown::Shutdown;
 use crate::tls;
 use crate::token_check::TokenChecker;
+use crate::upstream_tls::UpstreamTls;
 
 /// Builds what connections share from a validated configuration.
 pub fn services(config: Config) -> anyhow::Result<Services> {
@@ -66,6 +67,7 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
         role_limits,
         tokens: TokenChecker::replacing(previous.map(|p| &p.tokens), &config, jwks::http_client()),
         cancels: previous.map_or_else(Arc::default, |p| Arc::clone(&p.cancels)),
+        upstream_tls: UpstreamTls::from_config(&config.upstream)?,
         tls,
         metrics: previous.map_or_else(Arc::default, |p| Arc::clone(&p.metrics)),
         config,

@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::error::{Refusal, sqlstate};
 use crate::shutdown::Shutdown;
-use crate::stream::ClientStream;
+use crate::stream::{ClientStream, UpstreamStream};
 use crate::token_check::format_time;
 
 const BUFFER: usize = 16 * 1024;
@@ -80,13 +79,13 @@ impl Traffic {
 
 pub async fn run(
     client: ClientStream,
-    upstream: TcpStream,
+    upstream: UpstreamStream,
     expiry: Option<Expiry>,
     shutdown: &mut Shutdown,
     traffic: &Traffic,
 ) -> Ending {
     let (mut client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, mut upstream_write) = upstream.into_split();
+    let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
     let to_upstream = async {
         let mut buf = vec![0u8; BUFFER];
         loop {
@@ -109,6 +108,7 @@ pub async fn run(
     if matches!(ending, Ending::TokenExpired(_) | Ending::ShuttingDown) {
         // Terminate, so the backend ends cleanly and rolls back any open transaction.
         let _ = upstream_write.write_all(&[b'X', 0, 0, 0, 4]).await;
+        let _ = upstream_write.flush().await;
     }
     ending
 }

@@ -10,20 +10,21 @@ use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::backend::{ErrorFields, Message};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::claims;
 use crate::config::{Role, Secret, Upstream};
 use crate::error::{Refusal, sqlstate};
 use crate::front_door::CancelKey;
+use crate::stream::UpstreamStream;
+use crate::upstream_tls::UpstreamTls;
 
 /// PostgreSQL refuses startup packets above this size.
 const MAX_STARTUP_PACKET: usize = 10_000;
 
 /// A ready upstream backend, idle after its first ReadyForQuery.
 pub struct UpstreamSession {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     /// The backend's process id and secret, for cancelling its queries.
     pub key: CancelKey,
     /// Raw ParameterStatus and NoticeResponse frames to pass on to the client.
@@ -41,8 +42,12 @@ pub struct Login<'a> {
     pub claims: String,
 }
 
-pub async fn connect(upstream: &Upstream, login: Login<'_>) -> Result<UpstreamSession, Refusal> {
-    match tokio::time::timeout(upstream.connect_timeout, open(upstream, login)).await {
+pub async fn connect(
+    upstream: &Upstream,
+    tls: &UpstreamTls,
+    login: Login<'_>,
+) -> Result<UpstreamSession, Refusal> {
+    match tokio::time::timeout(upstream.connect_timeout, open(upstream, tls, login)).await {
         Ok(result) => result,
         Err(_) => Err(Refusal::database_unavailable(format!(
             "no answer from {}:{} within {:?}",
@@ -51,12 +56,13 @@ pub async fn connect(upstream: &Upstream, login: Login<'_>) -> Result<UpstreamSe
     }
 }
 
-async fn open(upstream: &Upstream, login: Login<'_>) -> Result<UpstreamSession, Refusal> {
+async fn open(
+    upstream: &Upstream,
+    tls: &UpstreamTls,
+    login: Login<'_>,
+) -> Result<UpstreamSession, Refusal> {
     let address = format!("{}:{}", upstream.host, upstream.port);
-    let mut stream = TcpStream::connect(&address)
-        .await
-        .map_err(|e| Refusal::database_unavailable(format!("cannot connect to {address}: {e}")))?;
-    crate::net::tune(&stream);
+    let mut stream = tls.connect(&upstream.host, upstream.port).await?;
 
     let user = login.role.upstream_user();
     let mut parameters: Vec<(&str, &str)> = vec![("user", user)];
@@ -84,6 +90,7 @@ async fn open(upstream: &Upstream, login: Login<'_>) -> Result<UpstreamSession, 
         Refusal::database_unavailable(format!("connection to {address} lost during startup: {e}"))
     };
     stream.write_all(&out).await.map_err(lost)?;
+    stream.flush().await.map_err(lost)?;
 
     let password = login.role.upstream_password.as_ref().map(Secret::as_str);
     let mut reader = FrameReader::default();
@@ -178,6 +185,7 @@ async fn open(upstream: &Upstream, login: Login<'_>) -> Result<UpstreamSession, 
         }
         if !out.is_empty() {
             stream.write_all(&out).await.map_err(lost)?;
+            stream.flush().await.map_err(lost)?;
         }
     }
 }
@@ -209,7 +217,7 @@ struct FrameReader {
 }
 
 impl FrameReader {
-    async fn next(&mut self, stream: &mut TcpStream) -> io::Result<(u8, BytesMut)> {
+    async fn next(&mut self, stream: &mut (impl AsyncRead + Unpin)) -> io::Result<(u8, BytesMut)> {
         loop {
             if self.buf.len() >= 5 {
                 let len = (&self.buf[1..5]).get_u32() as usize;

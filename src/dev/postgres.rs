@@ -23,6 +23,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use tempfile::TempDir;
 use tokio_postgres::NoTls;
 
+use crate::config::UpstreamTlsMode;
+use crate::upstream_tls::UpstreamTls;
+
 const HOST: &str = "127.0.0.1";
 const SUPERUSER: &str = "postgres";
 /// The system user the server runs as when we are root.
@@ -59,6 +62,8 @@ pub struct TempPostgres {
     password: String,
     /// The postmaster; `None` once stopped.
     child: Option<Child>,
+    /// `ssl = on`, and TCP connections must use TLS.
+    tls: bool,
 }
 
 /// The uid and gid the server runs as; `None` means "as ourselves".
@@ -81,6 +86,17 @@ impl TempPostgres {
     /// server on 127.0.0.1 on a free port, and waits until it accepts
     /// connections.
     pub async fn start() -> Result<TempPostgres> {
+        Self::start_inner(None).await
+    }
+
+    /// Like [`start`](Self::start), with `ssl = on` serving this PEM
+    /// certificate chain and key, and TCP connections allowed only over TLS
+    /// (`hostssl` in pg_hba.conf): the server refuses plaintext ones.
+    pub async fn start_with_tls(cert_pem: &str, key_pem: &str) -> Result<TempPostgres> {
+        Self::start_inner(Some((cert_pem, key_pem))).await
+    }
+
+    async fn start_inner(tls: Option<(&str, &str)>) -> Result<TempPostgres> {
         let bindir = find_server_binaries()?;
         let user = server_user()?;
 
@@ -102,8 +118,12 @@ impl TempPostgres {
             port: 0,
             password: hex::encode(rand::random::<[u8; 16]>()),
             child: None,
+            tls: tls.is_some(),
         };
         pg.initdb(&bindir, user).await?;
+        if let Some((cert_pem, key_pem)) = tls {
+            pg.set_up_tls(cert_pem, key_pem, user)?;
+        }
 
         let mut last_conflict = String::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -170,25 +190,79 @@ impl TempPostgres {
         config
     }
 
-    /// A connected superuser client (no TLS); the connection task is spawned
-    /// on the current runtime.
+    /// A connected superuser client (over TLS, unchecked, when the server
+    /// was started with TLS); the connection task is spawned on the current
+    /// runtime.
     pub async fn connect(&self, database: &str) -> Result<tokio_postgres::Client> {
-        let (client, connection) =
-            self.config(database)
-                .connect(NoTls)
-                .await
-                .with_context(|| {
-                    format!(
-                        "connecting to database {database:?} on {HOST}:{} as {SUPERUSER}",
-                        self.port
-                    )
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection to the temporary PostgreSQL server ended");
-            }
-        });
-        Ok(client)
+        self.connect_with(self.config(database))
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to database {database:?} on {HOST}:{} as {SUPERUSER}",
+                    self.port
+                )
+            })
+    }
+
+    /// Whether the server was started with TLS (and requires it).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    async fn connect_with(
+        &self,
+        mut config: tokio_postgres::Config,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        fn spawn<T>(connection: T)
+        where
+            T: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+        {
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "connection to the temporary PostgreSQL server ended");
+                }
+            });
+        }
+        if self.tls {
+            let connector = UpstreamTls::new(UpstreamTlsMode::Require, None, None)
+                .expect("a TLS configuration that checks no certificate")
+                .for_postgres();
+            config.ssl_mode(connector.ssl_mode());
+            let (client, connection) = config.connect(connector).await?;
+            spawn(connection);
+            Ok(client)
+        } else {
+            let (client, connection) = config.connect(NoTls).await?;
+            spawn(connection);
+            Ok(client)
+        }
+    }
+
+    /// Writes the certificate and key where the server reads them (owned by
+    /// the server user, mode 0600, as PostgreSQL demands of a key) and allows
+    /// TCP connections only over TLS.
+    fn set_up_tls(&self, cert_pem: &str, key_pem: &str, user: Option<ServerUser>) -> Result<()> {
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = self.root().join(name);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(pem.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            give_to(&path, user)?;
+        }
+        let hba = self.data_dir.join("pg_hba.conf");
+        fs::write(
+            &hba,
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostssl all all ::1/128 scram-sha-256\n",
+        )
+        .with_context(|| format!("writing {}", hba.display()))?;
+        Ok(())
     }
 
     /// The cluster's data directory (inside the temporary directory).
@@ -370,8 +444,15 @@ impl TempPostgres {
                 "shared_buffers=32MB",
                 "-c",
                 "password_encryption=scram-sha-256",
-            ])
-            .current_dir(root)
+            ]);
+        if self.tls {
+            let dir = root.display();
+            cmd.args(["-c", "ssl=on", "-c"])
+                .arg(format!("ssl_cert_file={dir}/server.crt"))
+                .arg("-c")
+                .arg(format!("ssl_key_file={dir}/server.key"));
+        }
+        cmd.current_dir(root)
             .env("LC_ALL", "C")
             // Never the caller's stdio: a server holding a test's pipe would
             // keep whoever reads it waiting.
@@ -420,11 +501,10 @@ impl TempPostgres {
 
             // Bounded: whatever else holds the port may accept and say nothing.
             let config = self.config("postgres");
-            let error = match tokio::time::timeout(PROBE_TIMEOUT, config.connect(NoTls)).await {
-                Ok(Ok((client, connection))) => {
+            let error = match tokio::time::timeout(PROBE_TIMEOUT, self.connect_with(config)).await {
+                Ok(Ok(client)) => {
                     // Dropping the client makes the connection say goodbye.
                     drop(client);
-                    let _ = connection.await;
                     return Ok(());
                 }
                 Ok(Err(e)) => e.to_string(),

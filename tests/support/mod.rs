@@ -45,31 +45,7 @@ impl Harness {
     /// configuration (see `proxy_config`).
     pub async fn start_with(extra_toml: &str) -> Harness {
         let pg = TempPostgres::start().await.expect("start PostgreSQL");
-        let admin = pg.connect("postgres").await.expect("connect as superuser");
-        admin.batch_execute("create database app").await.unwrap();
-        let app = pg.connect("app").await.unwrap();
-        let key = rlsgate::claims::SigningKey::from_base64(SIGNING_KEY).unwrap();
-        rlsgate::init_db::install(&app, &[key.bytes().to_vec()])
-            .await
-            .expect("install schema auth");
-        app.batch_execute(rlsgate::dev::SAMPLE_SCHEMA)
-            .await
-            .expect("create sample schema");
-        app.batch_execute(TEST_SCHEMA)
-            .await
-            .expect("create test schema");
-
-        let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
-            .await
-            .expect("start token issuer");
-        let config = proxy_config(
-            Ipv4Addr::LOCALHOST.into(),
-            pg.port(),
-            &issuer.issuer(),
-            extra_toml,
-        );
-        let proxy = RunningProxy::start(config).await.expect("start proxy");
-        Harness { pg, issuer, proxy }
+        Self::start_on(pg, extra_toml).await
     }
 
     /// A second proxy in front of the same Postgres and issuer, configured
@@ -174,8 +150,8 @@ impl Harness {
 /// The proxy's configuration: the sample one, listening on `ip` (any port)
 /// in front of `pg_port` and `issuer`, with a leeway and refetch cooldown
 /// short enough that tests of expiry and refetching run quickly. Lines of
-/// `extra_toml` under a leading `[listen]` go into that section; the rest
-/// is appended (and so lands in the `[[provider]]`, unless it opens a section).
+/// `extra_toml` under a leading `[upstream]`, then under a leading
+/// `[listen]`, go into those sections; the rest is appended (and so lands in the `[[provider]]`, unless it opens a section).
 fn proxy_config(ip: IpAddr, pg_port: u16, issuer: &str, extra_toml: &str) -> Config {
     let toml = proxy_config_toml(ip, pg_port, issuer, extra_toml);
     Config::parse(&toml).expect("test configuration parses")
@@ -186,7 +162,8 @@ pub fn proxy_config_toml(ip: IpAddr, pg_port: u16, issuer: &str, extra_toml: &st
     let mut toml =
         rlsgate::dev::sample_config(SocketAddr::new(ip, 0), pg_port, issuer, SIGNING_KEY);
     toml.push_str("leeway = \"2s\"\nrefetch_cooldown = \"1s\"\n");
-    let extra = extra_toml.trim();
+    let (mut toml, extra) = place_upstream_lines(toml, extra_toml.trim());
+    let extra = extra.as_str();
     if let Some(listen) = extra.strip_prefix("[listen]\n") {
         let (listen_lines, rest) = match listen.find("\n[") {
             Some(at) => (&listen[..at], &listen[at..]),
@@ -450,4 +427,116 @@ pub fn metric_lines<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
                 .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
         })
         .collect()
+}
+
+impl Harness {
+    /// Starts the issuer and the proxy in front of `pg`, which gets the
+    /// sample application; `extra_toml` as in `start_with`.
+    pub async fn start_on(pg: TempPostgres, extra_toml: &str) -> Harness {
+        let admin = pg.connect("postgres").await.expect("connect as superuser");
+        admin.batch_execute("create database app").await.unwrap();
+        let app = pg.connect("app").await.unwrap();
+        let key = rlsgate::claims::SigningKey::from_base64(SIGNING_KEY).unwrap();
+        rlsgate::init_db::install(&app, &[key.bytes().to_vec()])
+            .await
+            .expect("install schema auth");
+        app.batch_execute(rlsgate::dev::SAMPLE_SCHEMA)
+            .await
+            .expect("create sample schema");
+        app.batch_execute(TEST_SCHEMA)
+            .await
+            .expect("create test schema");
+
+        let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("start token issuer");
+        let config = proxy_config(
+            Ipv4Addr::LOCALHOST.into(),
+            pg.port(),
+            &issuer.issuer(),
+            extra_toml,
+        );
+        let proxy = RunningProxy::start(config).await.expect("start proxy");
+        Harness { pg, issuer, proxy }
+    }
+
+    /// Whether this session's upstream connection uses TLS, as Postgres sees it.
+    pub async fn upstream_ssl(client: &Client) -> bool {
+        client
+            .query_one(
+                "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("read pg_stat_ssl")
+            .get(0)
+    }
+}
+
+/// Lines of `extra` under a leading `[upstream]` go into the sample
+/// configuration's `[upstream]`; returns the configuration and the rest.
+fn place_upstream_lines(toml: String, extra: &str) -> (String, String) {
+    let Some(upstream) = extra.strip_prefix("[upstream]\n") else {
+        return (toml, extra.to_owned());
+    };
+    let (lines, rest) = match upstream.find("\n[") {
+        Some(at) => (&upstream[..at], upstream[at..].trim()),
+        None => (upstream, ""),
+    };
+    let toml = toml.replacen("[upstream]\n", &format!("[upstream]\n{lines}\n"), 1);
+    (toml, rest.to_owned())
+}
+
+/// A test CA and a server certificate it signed for `localhost` and
+/// 127.0.0.1, as PEM text, with the CA also in a file (`ca_file`).
+pub struct TestCa {
+    _dir: tempfile::TempDir,
+    pub ca_file: std::path::PathBuf,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn generate(ca_name: &str) -> TestCa {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, ca_name);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        TestCa {
+            _dir: dir,
+            ca_file,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A PostgreSQL server presenting this CA's server certificate that
+    /// accepts TCP connections only over TLS.
+    pub async fn postgres(&self) -> TempPostgres {
+        TempPostgres::start_with_tls(&self.cert_pem, &self.key_pem)
+            .await
+            .expect("start PostgreSQL with TLS")
+    }
 }
