@@ -55,12 +55,16 @@ fuzz_target!(|data: &[u8]| {
                 match forwarded_parameters(&startup.parameters) {
                     Ok(forwarded) => {
                         for (name, _) in &forwarded {
-                            let name = name.to_ascii_lowercase();
+                            // PostgreSQL matches `user` and `database` exactly
+                            // and settings in any case.
+                            let setting = name.to_ascii_lowercase();
                             assert!(
-                                !matches!(
-                                    name.as_str(),
-                                    "user" | "database" | "role" | "session_authorization"
-                                ) && !name.starts_with("rlsgate."),
+                                !matches!(name.as_str(), "user" | "database")
+                                    && !matches!(
+                                        setting.as_str(),
+                                        "role" | "session_authorization"
+                                    )
+                                    && !setting.starts_with("rlsgate."),
                                 "{name} was forwarded upstream"
                             );
                         }
