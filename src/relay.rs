@@ -199,22 +199,26 @@ async fn end_with_fatal<W: AsyncWrite + Unpin>(client: &mut W, reason: Ending) -
 }
 
 /// Message boundaries in the server-to-client byte stream.
-#[derive(Default)]
-struct Frames {
+///
+/// Public so that the framing can be exercised on its own (the fuzz target
+/// in `fuzz/`), without sockets.
+#[derive(Debug, Default)]
+pub struct Frames {
     header: [u8; 5],
     header_len: usize,
     body_left: usize,
 }
 
 impl Frames {
-    fn at_boundary(&self) -> bool {
+    /// Whether the bytes consumed so far end exactly at a message boundary.
+    pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && self.body_left == 0
     }
 
     /// Walks `bytes`, returning how many belong to the stream: all of them,
     /// or with `stop_at_boundary` only up to the end of the current message.
     /// `None` when a length field is impossible.
-    fn consume(&mut self, bytes: &[u8], stop_at_boundary: bool) -> Option<usize> {
+    pub fn consume(&mut self, bytes: &[u8], stop_at_boundary: bool) -> Option<usize> {
         let mut at = 0;
         while at < bytes.len() {
             if self.body_left > 0 {
