@@ -17,6 +17,7 @@ use crate::cancel::{CancelRegistry, Registration};
 use crate::config::{Config, TokenPolicy};
 use crate::error::{Refusal, sqlstate};
 use crate::front_door::{self, Arrival, FrontDoorError, PasswordError};
+use crate::pool::{Lease, Pool};
 use crate::relay::{self, Expiry};
 use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
@@ -39,12 +40,16 @@ pub struct Services {
     pub tokens: TokenChecker,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<TlsAcceptor>,
+    /// Warm upstream connections, with `[pool] mode = "session"`.
+    pub pool: Option<Arc<Pool>>,
 }
 
 /// A session admitted and connected upstream, ready for the relay.
 struct Session {
     upstream: UpstreamSession,
     expiry: Option<Expiry>,
+    /// The upstream connection is pooled and goes back when the session ends.
+    lease: Option<Lease>,
     /// Held while the session lives: its cancel key and its role's slot.
     _cancel: Registration,
     _role_slot: Option<OwnedSemaphorePermit>,
@@ -86,13 +91,26 @@ pub async fn serve(
                 }
             };
         let started = StdInstant::now();
-        let ending = relay::run(
-            client,
-            session.upstream.stream,
-            session.expiry,
-            &mut shutdown,
-        )
-        .await;
+        let ending = match (session.lease, &services.pool) {
+            (Some(lease), Some(pool)) => {
+                let mut stream = session.upstream.stream;
+                let (ending, clean) =
+                    relay::run_pooled(client, &mut stream, session.expiry, &mut shutdown).await;
+                // The client's cancel key must not reach the next client's queries.
+                drop(session._cancel);
+                pool.give_back(stream, lease, clean).await;
+                ending
+            }
+            _ => {
+                relay::run(
+                    client,
+                    session.upstream.stream,
+                    session.expiry,
+                    &mut shutdown,
+                )
+                .await
+            }
+        };
         tracing::info!(?ending, duration = ?started.elapsed(), "session ended");
         drop(permit);
     }
@@ -237,16 +255,16 @@ async fn open_session(
         }
     };
 
-    let upstream = upstream::connect(
-        &config.upstream,
-        Login {
-            role,
-            database: parameters.get("database").map(String::as_str),
-            parameters: forwarded,
-            claims,
-        },
-    )
-    .await?;
+    let login = Login {
+        role,
+        database: parameters.get("database").map(String::as_str),
+        parameters: forwarded,
+        claims,
+    };
+    let (upstream, lease) = match &services.pool {
+        Some(pool) => pool.attach(&config.upstream, login).await?,
+        None => (upstream::connect(&config.upstream, login).await?, None),
+    };
     let address = format!("{}:{}", config.upstream.host, config.upstream.port);
     let cancel = services.cancels.register(address, upstream.key);
 
@@ -266,6 +284,7 @@ async fn open_session(
     Ok(Session {
         upstream,
         expiry,
+        lease,
         _cancel: cancel,
         _role_slot: role_slot,
     })

@@ -19,6 +19,7 @@ pub mod init_db;
 pub mod jwks;
 pub mod listener;
 pub mod net;
+pub mod pool;
 pub mod relay;
 pub mod shutdown;
 pub mod stream;

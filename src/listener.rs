@@ -11,10 +11,11 @@ use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::cancel::CancelRegistry;
-use crate::config::Config;
+use crate::config::{Config, PoolMode};
 use crate::connection::{self, Services};
 use crate::front_door;
 use crate::jwks;
+use crate::pool::Pool;
 use crate::shutdown::Shutdown;
 use crate::tls;
 use crate::token_check::TokenChecker;
@@ -38,6 +39,8 @@ pub fn services(config: Config) -> anyhow::Result<Services> {
         tokens: TokenChecker::new(&config, jwks::http_client()),
         cancels: Arc::new(CancelRegistry::default()),
         tls,
+        pool: (config.pool.mode == PoolMode::Session)
+            .then(|| Arc::new(Pool::new(config.pool.clone()))),
         config,
     })
 }

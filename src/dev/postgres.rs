@@ -225,6 +225,27 @@ impl TempPostgres {
         dir.keep()
     }
 
+    /// Stops the server the way a crash or an operator would (immediate
+    /// shutdown: every connection is dropped) and starts it again on the
+    /// same port with the same data.
+    pub async fn restart(&mut self) -> Result<()> {
+        let mut child = self
+            .child
+            .take()
+            .context("restarting a PostgreSQL server that is not running")?;
+        stop_postmaster(&mut child);
+        let bindir = find_server_binaries()?;
+        let user = server_user()?;
+        match self.launch_on(&bindir, user, self.port).await {
+            Ok(()) => Ok(()),
+            Err(StartFailure::PortTaken(log)) => bail!(
+                "PostgreSQL could not bind its port {} again; the server log ends with:\n{log}",
+                self.port
+            ),
+            Err(StartFailure::Other(e)) => Err(e),
+        }
+    }
+
     fn root(&self) -> &Path {
         self.data_dir
             .parent()
@@ -291,6 +312,16 @@ impl TempPostgres {
         user: Option<ServerUser>,
     ) -> Result<(), StartFailure> {
         let port = free_port().map_err(StartFailure::Other)?;
+        self.launch_on(bindir, user, port).await
+    }
+
+    /// Starts the postmaster on `port` and waits until it answers.
+    async fn launch_on(
+        &mut self,
+        bindir: &Path,
+        user: Option<ServerUser>,
+        port: u16,
+    ) -> Result<(), StartFailure> {
         self.port = port;
         // A fresh log per attempt, so an error shows this attempt's messages.
         let log = File::create(&self.log_path)
