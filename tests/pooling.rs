@@ -47,9 +47,8 @@ async fn wait_until_returned(admin: &Client, pid: i32) {
             )
             .await
             .unwrap();
-        if let Some(row) = row {
-            let state: Option<String> = row.get(0);
-            let query: Option<String> = row.get(1);
+        let seen: Option<(Option<String>, Option<String>)> = row.map(|r| (r.get(0), r.get(1)));
+        if let Some((state, query)) = &seen {
             if state.as_deref() == Some("idle") && query.as_deref() == Some("DISCARD ALL") {
                 // The proxy files it right after reading that answer.
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -58,7 +57,7 @@ async fn wait_until_returned(admin: &Client, pid: i32) {
         }
         assert!(
             Instant::now() < deadline,
-            "backend {pid} was not returned to the pool within {WAIT:?}: {row:?}"
+            "backend {pid} was not returned to the pool within {WAIT:?}: {seen:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
