@@ -488,3 +488,68 @@ fn close(stream: TcpStream) {
     let _ = stream.try_write(&[b'X', 0, 0, 0, 4]);
     drop(stream);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn startup_parameters_become_settings_with_client_encoding_last() {
+        let settings = settings_of(&pairs(&[
+            ("application_name", "psql"),
+            ("client_encoding", "UTF8"),
+            (
+                "options",
+                "-c statement_timeout=5s -c search_path=a\\ b -c log-min-messages=debug1",
+            ),
+            ("TimeZone", "UTC"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            settings,
+            pairs(&[
+                ("application_name", "psql"),
+                ("statement_timeout", "5s"),
+                ("search_path", "a b"),
+                ("log_min_messages", "debug1"),
+                ("TimeZone", "UTC"),
+                ("client_encoding", "UTF8"),
+            ])
+        );
+    }
+
+    #[test]
+    fn protocol_extensions_and_other_switches_are_not_pooled() {
+        assert_eq!(settings_of(&pairs(&[("_pq_.compression", "on")])), None);
+        assert_eq!(settings_of(&pairs(&[("options", "-d 5")])), None);
+        assert_eq!(settings_of(&pairs(&[("options", "-c novalue")])), None);
+    }
+
+    #[test]
+    fn a_greeting_is_rebuilt_from_parameter_status_values() {
+        let session_greeting = {
+            let lease = Lease {
+                key: PoolKey {
+                    database: None,
+                    user: "u".into(),
+                },
+                cancel: CancelKey { pid: 1, secret: 2 },
+                base: BTreeMap::new(),
+                current: [("TimeZone".to_owned(), "UTC".to_owned())].into(),
+                born: Instant::now(),
+            };
+            lease.greeting()
+        };
+        assert_eq!(&session_greeting[..], b"S\0\0\0\x11TimeZone\0UTC\0");
+        assert_eq!(
+            parameter_status(&session_greeting[5..]),
+            Some(("TimeZone".to_owned(), "UTC".to_owned()))
+        );
+    }
+}

@@ -450,3 +450,73 @@ async fn startup_settings_a_pooled_connection_cannot_take_get_a_connection_of_it
     drop(alice);
     wait_until_gone(&admin, pid).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_by_token_expiry_has_its_backend_closed_not_pooled() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+    let token = h.token_with(
+        rlsgate::dev::issuer::KeyKind::Rs256,
+        serde_json::json!({"sub": "alice", "aud": "todo-app", "exp": support::unix_now() + 2}),
+    );
+    let (alice, connection) = h
+        .client_config("authenticated", &token)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let pid = pid_of(&alice).await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), connection)
+        .await
+        .expect("the session ends after exp + leeway")
+        .unwrap();
+    let message = support::refusal(&ended.expect_err("the proxy ends the session with an error"));
+    assert!(message.starts_with("token expired at "), "{message}");
+    wait_until_gone(&admin, pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_clients_cancel_key_reaches_the_backend_it_was_lent() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    // Alice's backend goes back to the pool, and bob is lent it.
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    drop(alice);
+    wait_until_returned(&admin, pid).await;
+    let bob = h.connect_as("bob").await;
+    assert_eq!(pid_of(&bob).await, pid);
+
+    let token = bob.cancel_token();
+    let cancel = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let started = Instant::now();
+    let e = bob
+        .simple_query("select pg_sleep(30)")
+        .await
+        .expect_err("the sleep is cancelled");
+    assert_eq!(support::db_error(&e).0, "57014");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    cancel.await.unwrap().expect("the cancel request is sent");
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_are_closed_after_idle_timeout() {
+    let h = Harness::start_with("[pool]\nmode = \"session\"\nidle_timeout = \"1s\"\n").await;
+    let admin = h.admin().await;
+
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    drop(alice);
+    wait_until_returned(&admin, pid).await;
+    // Closed by the pool's sweep, with nobody asking for a connection.
+    wait_until_gone(&admin, pid).await;
+
+    let bob = h.connect_as("bob").await;
+    assert_ne!(pid_of(&bob).await, pid);
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
