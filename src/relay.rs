@@ -378,6 +378,69 @@ mod tests {
         assert!(frames.at_boundary());
     }
 
+    /// A client stream that arrives in these reads.
+    struct Reads(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Reads {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            if let Some(read) = self.0.pop_front() {
+                buf.put_slice(&read);
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn pooled_client(reads: Vec<Vec<u8>>) -> (Ending, Vec<u8>, Sent) {
+        // An empty read is the end of the stream.
+        let mut client = Reads(reads.into_iter().filter(|r| !r.is_empty()).collect());
+        let mut upstream = Vec::new();
+        let mut sent = Sent::default();
+        let ending = to_upstream_pooled(
+            &mut client,
+            &mut upstream,
+            &mut Frames::default(),
+            &mut sent,
+        )
+        .await;
+        (ending, upstream, sent)
+    }
+
+    #[tokio::test]
+    async fn a_pooled_clients_terminate_never_reaches_the_backend_however_it_is_split() {
+        let query = message(b'Q', b"select 1\0");
+        let mut stream = query.clone();
+        stream.extend(message(b'X', b""));
+        for split in 0..=stream.len() {
+            let (ending, upstream, sent) =
+                pooled_client(vec![stream[..split].to_vec(), stream[split..].to_vec()]).await;
+            assert!(matches!(ending, Ending::ClientClosed), "{ending:?}");
+            assert_eq!(upstream, query, "split at {split}");
+            assert_eq!(sent.syncs, 1);
+            assert!(!sent.unsynced);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pooled_client_that_sent_more_than_it_synced_is_unsynced() {
+        let mut stream = message(b'P', b"\0select 1\0\0\0");
+        stream.extend(message(b'X', b""));
+        let (_, upstream, sent) = pooled_client(vec![stream]).await;
+        assert_eq!(upstream, message(b'P', b"\0select 1\0\0\0"));
+        assert_eq!(sent.syncs, 0);
+        assert!(sent.unsynced);
+
+        let mut stream = message(b'Q', b"select 1\0");
+        stream.extend(message(b'X', b""));
+        stream.extend(message(b'Q', b"select 2\0"));
+        let (_, upstream, sent) = pooled_client(vec![stream]).await;
+        assert_eq!(upstream, message(b'Q', b"select 1\0"));
+        assert!(sent.unsynced, "something followed Terminate");
+    }
+
     #[test]
     fn impossible_lengths_are_refused() {
         let mut frames = Frames::default();
