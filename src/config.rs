@@ -724,6 +724,24 @@ issuer = "https://id.example"
     }
 
     #[test]
+    fn pooling_is_off_unless_configured_and_its_bounds_are_checked() {
+        let config = with_provider("").unwrap();
+        assert_eq!(config.pool.mode, PoolMode::None);
+        let config = with_provider(
+            "[pool]\nmode = \"session\"\nsize = 5\nidle_timeout = \"30s\"\nmax_lifetime = \"2h\"",
+        )
+        .unwrap();
+        assert_eq!(config.pool.mode, PoolMode::Session);
+        assert_eq!(config.pool.size, 5);
+        assert_eq!(config.pool.idle_timeout, Duration::from_secs(30));
+        assert_eq!(config.pool.max_lifetime, Duration::from_secs(7200));
+        let err = with_provider("[pool]\nmode = \"session\"\nsize = 0").unwrap_err();
+        assert!(err.to_string().contains("[pool] size"), "{err:#}");
+        let err = with_provider("[pool]\nmode = \"transaction\"").unwrap_err();
+        assert!(format!("{err:#}").contains("transaction"), "{err:#}");
+    }
+
+    #[test]
     fn an_issuer_need_not_be_a_url_when_keys_come_from_elsewhere() {
         let parse = |provider: &str| {
             Config::parse(&format!(
