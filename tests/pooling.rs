@@ -520,3 +520,19 @@ async fn idle_pooled_connections_are_closed_after_idle_timeout() {
     assert_ne!(pid_of(&bob).await, pid);
     assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
 }
+
+#[tokio::test]
+async fn a_connection_past_max_lifetime_is_closed_instead_of_reused() {
+    let h = Harness::start_with("[pool]\nmode = \"session\"\nmax_lifetime = \"1s\"\n").await;
+    let admin = h.admin().await;
+
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    drop(alice);
+    wait_until_gone(&admin, pid).await;
+
+    let bob = h.connect_as("bob").await;
+    assert_ne!(pid_of(&bob).await, pid);
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
