@@ -25,6 +25,9 @@ pub struct Config {
     #[serde(rename = "provider", default)]
     pub providers: Vec<Provider>,
     pub claims: Claims,
+    /// Warm upstream connections; off unless configured.
+    #[serde(default)]
+    pub pool: Pool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,7 +65,7 @@ pub struct Listen {
     pub end_sessions_at_token_expiry: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     pub host: String,
@@ -389,6 +392,44 @@ fn asymmetric(name: &str) -> Result<Algorithm, String> {
         })
 }
 
+/// `[pool]`: whether upstream connections outlive their clients.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    #[serde(default)]
+    pub mode: PoolMode,
+    /// Idle connections kept per (database, upstream user).
+    #[serde(default = "defaults::pool_size")]
+    pub size: usize,
+    /// An idle connection unused this long is closed.
+    #[serde(default = "defaults::pool_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A connection this old is closed rather than reused.
+    #[serde(default = "defaults::pool_max_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            mode: PoolMode::None,
+            size: defaults::pool_size(),
+            idle_timeout: defaults::pool_idle_timeout(),
+            max_lifetime: defaults::pool_max_lifetime(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// One upstream connection per client, closed when the client leaves.
+    #[default]
+    None,
+    /// A client's upstream connection is reset and kept for the next client.
+    Session,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Claims {
@@ -421,6 +462,15 @@ mod defaults {
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn pool_size() -> usize {
+        20
+    }
+    pub fn pool_idle_timeout() -> Duration {
+        Duration::from_secs(10 * 60)
+    }
+    pub fn pool_max_lifetime() -> Duration {
+        Duration::from_secs(3600)
     }
     pub fn leeway() -> Duration {
         Duration::from_secs(30)
@@ -527,6 +577,14 @@ impl Config {
             bail!("[listen] max_connections must be at least 1");
         }
         self.upstream.validate()?;
+        if self.pool.mode == PoolMode::Session {
+            if self.pool.size == 0 {
+                bail!("[pool] size must be at least 1 with mode = \"session\"");
+            }
+            if self.pool.idle_timeout.is_zero() || self.pool.max_lifetime.is_zero() {
+                bail!("[pool] idle_timeout and max_lifetime must be longer than zero");
+            }
+        }
         Ok(())
     }
 }
@@ -754,6 +812,24 @@ issuer = "https://id.example"
         let config =
             with_provider("hs256_secret = \"a-secret-of-at-least-thirty-two-bytes\"").unwrap();
         assert!(!config.providers[0].has_jwks());
+    }
+
+    #[test]
+    fn pooling_is_off_unless_configured_and_its_bounds_are_checked() {
+        let config = with_provider("").unwrap();
+        assert_eq!(config.pool.mode, PoolMode::None);
+        let config = with_provider(
+            "[pool]\nmode = \"session\"\nsize = 5\nidle_timeout = \"30s\"\nmax_lifetime = \"2h\"",
+        )
+        .unwrap();
+        assert_eq!(config.pool.mode, PoolMode::Session);
+        assert_eq!(config.pool.size, 5);
+        assert_eq!(config.pool.idle_timeout, Duration::from_secs(30));
+        assert_eq!(config.pool.max_lifetime, Duration::from_secs(7200));
+        let err = with_provider("[pool]\nmode = \"session\"\nsize = 0").unwrap_err();
+        assert!(err.to_string().contains("[pool] size"), "{err:#}");
+        let err = with_provider("[pool]\nmode = \"transaction\"").unwrap_err();
+        assert!(format!("{err:#}").contains("transaction"), "{err:#}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::error::{Reason, Refusal, sqlstate};
 use crate::front_door::{self, Arrival, FrontDoorError, PasswordError};
 use crate::limit::Limit;
 use crate::metrics::{self, Metrics};
+use crate::pool::{Lease, Pool};
 use crate::relay::{self, Expiry, Traffic};
 use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
@@ -48,6 +49,8 @@ pub struct Services {
     pub tls: Option<TlsAcceptor>,
     /// Kept across reloads, so counts go on.
     pub metrics: Arc<Metrics>,
+    /// Warm upstream connections, with `[pool] mode = "session"`.
+    pub pool: Option<Arc<Pool>>,
 }
 
 /// A session admitted and connected upstream, ready for the relay.
@@ -55,6 +58,8 @@ struct Session {
     role: String,
     upstream: UpstreamSession,
     expiry: Option<Expiry>,
+    /// The upstream connection is pooled and goes back when the session ends.
+    lease: Option<Lease>,
     /// Held while the session lives: its cancel key and its role's slot.
     _cancel: Registration,
     _role_slot: Option<OwnedSemaphorePermit>,
@@ -108,14 +113,28 @@ pub async fn serve(
         let (to_server, to_client) = services.metrics.relayed_bytes();
         let traffic = Traffic::new(to_server, to_client);
         services.metrics.session_started(&session.role);
-        let ending = relay::run(
-            client,
-            session.upstream.stream,
-            session.expiry,
-            &mut shutdown,
-            &traffic,
-        )
-        .await;
+        let ending = match (session.lease, &services.pool) {
+            (Some(lease), Some(pool)) => {
+                let mut stream = session.upstream.stream;
+                let (ending, clean) =
+                    relay::run_pooled(client, &mut stream, session.expiry, &mut shutdown, &traffic)
+                        .await;
+                // The client's cancel key must not reach the next client's queries.
+                drop(session._cancel);
+                pool.give_back(stream, lease, clean).await;
+                ending
+            }
+            _ => {
+                relay::run(
+                    client,
+                    session.upstream.stream,
+                    session.expiry,
+                    &mut shutdown,
+                    &traffic,
+                )
+                .await
+            }
+        };
         let duration = started.elapsed();
         let (client_to_server, server_to_client) = traffic.bytes();
         services
@@ -288,20 +307,24 @@ async fn open_session(
         }
     };
 
+    let login = Login {
+        role,
+        database: parameters.get("database").map(String::as_str),
+        parameters: forwarded,
+        claims,
+    };
     let connecting = StdInstant::now();
-    let upstream = upstream::connect(
-        &config.upstream,
-        &services.upstream_tls,
-        Login {
-            role,
-            database: parameters.get("database").map(String::as_str),
-            parameters: forwarded,
-            claims,
-        },
-    )
-    .await;
+    let attached = match &services.pool {
+        Some(pool) => {
+            pool.attach(&config.upstream, &services.upstream_tls, login)
+                .await
+        }
+        None => upstream::connect(&config.upstream, &services.upstream_tls, login)
+            .await
+            .map(|upstream| (upstream, None)),
+    };
     services.metrics.upstream_connected(connecting.elapsed());
-    let upstream = upstream?;
+    let (upstream, lease) = attached?;
     let cancel = services.cancels.register(
         config.upstream.host.clone(),
         config.upstream.port,
@@ -336,6 +359,7 @@ async fn open_session(
         role: role.name.clone(),
         upstream,
         expiry,
+        lease,
         _cancel: cancel,
         _role_slot: role_slot,
     })

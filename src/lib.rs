@@ -22,6 +22,7 @@ pub mod limit;
 pub mod listener;
 pub mod metrics;
 pub mod net;
+pub mod pool;
 pub mod relay;
 pub mod reload;
 pub mod shutdown;

@@ -11,11 +11,12 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin;
-use crate::config::Config;
+use crate::config::{Config, PoolMode};
 use crate::connection::{self, Services};
 use crate::front_door;
 use crate::jwks;
 use crate::limit::Limit;
+use crate::pool::Pool;
 use crate::shutdown::Shutdown;
 use crate::tls;
 use crate::token_check::TokenChecker;
@@ -70,6 +71,14 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
         upstream_tls: UpstreamTls::from_config(&config.upstream)?,
         tls,
         metrics: previous.map_or_else(Arc::default, |p| Arc::clone(&p.metrics)),
+        pool: match previous {
+            // Warm connections stay warm unless where or how they are made changed.
+            Some(p) if p.config.pool == config.pool && p.config.upstream == config.upstream => {
+                p.pool.clone()
+            }
+            _ => (config.pool.mode == PoolMode::Session)
+                .then(|| Arc::new(Pool::new(config.pool.clone()))),
+        },
         config,
     })
 }

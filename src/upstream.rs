@@ -212,12 +212,15 @@ fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str) -> Refusal {
 
 /// Reads whole backend frames into a reused buffer.
 #[derive(Default)]
-struct FrameReader {
+pub(crate) struct FrameReader {
     buf: BytesMut,
 }
 
 impl FrameReader {
-    async fn next(&mut self, stream: &mut (impl AsyncRead + Unpin)) -> io::Result<(u8, BytesMut)> {
+    pub(crate) async fn next(
+        &mut self,
+        stream: &mut (impl AsyncRead + Unpin),
+    ) -> io::Result<(u8, BytesMut)> {
         loop {
             if self.buf.len() >= 5 {
                 let len = (&self.buf[1..5]).get_u32() as usize;
@@ -317,7 +320,7 @@ fn filtered_options(options: &str) -> String {
 
 /// Splits like PostgreSQL's `pg_split_opts`: whitespace separates words, a
 /// backslash makes the next character literal.
-fn split_options(options: &str) -> Vec<String> {
+pub(crate) fn split_options(options: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut current = String::new();
     let mut chars = options.chars();

@@ -327,6 +327,18 @@ impl TempPostgres {
         dir.keep()
     }
 
+    /// Stops the server the way a crash or an operator would (immediate
+    /// shutdown: every connection is dropped) and starts it again on the
+    /// same port with the same data.
+    pub async fn restart(&mut self) -> Result<()> {
+        anyhow::ensure!(
+            self.child.is_some(),
+            "restarting a PostgreSQL server that is not running"
+        );
+        self.pause();
+        self.resume().await
+    }
+
     fn root(&self) -> &Path {
         self.data_dir
             .parent()

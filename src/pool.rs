@@ -1,0 +1,568 @@
+//! Warm upstream connections (`[pool] mode = "session"`).
+//!
+//! A pooled connection is opened with no client's claims: its startup
+//! packet sets [`claims::SETTING`] to the empty string, so anything that
+//! returns the setting to its startup value (`RESET`, `RESET ALL`,
+//! `DISCARD ALL`) makes the `auth` functions raise 28000 — a pooled session
+//! fails closed, never "no claims".
+//!
+//! A client is lent an idle connection (or a new one) once its token is
+//! checked, and in one round trip its startup parameters and its sealed
+//! claims are set with `set_config` as bound parameters of the extended
+//! protocol, so the envelope never appears in query text. A connection that
+//! fails that round trip is discarded and the next one tried: that is how no
+//! client is handed a dead connection. Startup parameters that cannot be
+//! applied that way get the client a connection of its own, outside the pool.
+//!
+//! A connection goes back to the pool only if its client left it idle (see
+//! [`relay::run_pooled`](crate::relay::run_pooled)), and only after
+//! `DISCARD ALL` answered with CommandComplete and ReadyForQuery "idle".
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::IsNull;
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt;
+
+use crate::claims;
+use crate::config::{self, Upstream};
+use crate::error::Refusal;
+use crate::front_door::CancelKey;
+use crate::stream::UpstreamStream;
+use crate::upstream::{self, FrameReader, Login, UpstreamSession};
+use crate::upstream_tls::UpstreamTls;
+
+/// How long returning a connection (its `DISCARD ALL`) may take.
+const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The statement that applies one setting; `false`: for the session.
+const SET_CONFIG: &str = "select pg_catalog.set_config($1, $2, false)";
+
+/// The `text` type, for both parameters of [`SET_CONFIG`].
+const TEXT_OID: u32 = 25;
+
+/// What connections are pooled by: they are interchangeable within one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    database: Option<String>,
+    user: String,
+}
+
+/// A pooled backend, lent to one client session at a time.
+pub struct Lease {
+    key: PoolKey,
+    cancel: CancelKey,
+    /// ParameterStatus values as the connection reported them at startup:
+    /// what `DISCARD ALL` returns them to.
+    base: BTreeMap<String, String>,
+    /// ParameterStatus values now.
+    current: BTreeMap<String, String>,
+    born: Instant,
+}
+
+struct Idle {
+    stream: UpstreamStream,
+    lease: Lease,
+    since: Instant,
+}
+
+pub struct Pool {
+    settings: config::Pool,
+    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+    reaper: AtomicBool,
+}
+
+/// Why binding a client to a pooled connection failed.
+enum BindFailure {
+    /// The connection is gone (or going): try another.
+    Dead(String),
+    /// The backend refused the client's settings: the client gets a
+    /// connection of its own, where Postgres says what is wrong.
+    Refused,
+}
+
+impl Pool {
+    pub fn new(settings: config::Pool) -> Pool {
+        Pool {
+            settings,
+            idle: Mutex::new(HashMap::new()),
+            reaper: AtomicBool::new(false),
+        }
+    }
+
+    /// An upstream session for one client, with its parameters applied and
+    /// its claims bound. The lease is `None` when the session is the
+    /// client's own, outside the pool.
+    pub async fn attach(
+        self: &Arc<Self>,
+        upstream: &Upstream,
+        tls: &UpstreamTls,
+        login: Login<'_>,
+    ) -> Result<(UpstreamSession, Option<Lease>), Refusal> {
+        let Some(settings) = settings_of(&login.parameters) else {
+            tracing::debug!("startup parameters a pooled connection cannot take: unpooled");
+            return Ok((upstream::connect(upstream, tls, login).await?, None));
+        };
+        let key = PoolKey {
+            database: upstream
+                .database
+                .clone()
+                .or_else(|| login.database.map(str::to_owned)),
+            user: login.role.upstream_user().to_owned(),
+        };
+        loop {
+            let (mut stream, mut lease, fresh) = match self.take(&key) {
+                Some(idle) => (idle.stream, idle.lease, false),
+                None => {
+                    let session = upstream::connect(
+                        upstream,
+                        tls,
+                        Login {
+                            role: login.role,
+                            database: login.database,
+                            parameters: Vec::new(),
+                            claims: String::new(),
+                        },
+                    )
+                    .await?;
+                    let lease = Lease::new(key.clone(), &session);
+                    (session.stream, lease, true)
+                }
+            };
+            let bound = tokio::time::timeout(
+                upstream.connect_timeout,
+                bind(&mut stream, &mut lease, &settings, &login.claims),
+            )
+            .await
+            .unwrap_or_else(|_| Err(BindFailure::Dead("no answer".to_owned())));
+            match bound {
+                Ok(()) => {
+                    let session = UpstreamSession {
+                        stream,
+                        key: lease.cancel,
+                        greeting: lease.greeting(),
+                        ready: BytesMut::from(&[b'Z', 0, 0, 0, 5, b'I'][..]),
+                    };
+                    return Ok((session, Some(lease)));
+                }
+                Err(BindFailure::Dead(reason)) if !fresh => {
+                    tracing::info!(%reason, "discarded a pooled upstream connection that failed");
+                }
+                Err(BindFailure::Dead(reason)) => {
+                    return Err(Refusal::database_unavailable(format!(
+                        "new upstream connection failed: {reason}"
+                    )));
+                }
+                Err(BindFailure::Refused) => {
+                    close(stream);
+                    tracing::debug!(
+                        "the client's settings were refused on a pooled connection: unpooled"
+                    );
+                    return Ok((upstream::connect(upstream, tls, login).await?, None));
+                }
+            }
+        }
+    }
+
+    /// Takes back a connection after its client session: kept, reset, if
+    /// the session left it clean and it is not too old; closed otherwise.
+    pub async fn give_back(
+        self: &Arc<Self>,
+        mut stream: UpstreamStream,
+        mut lease: Lease,
+        clean: bool,
+    ) {
+        self.start_reaper();
+        if !clean {
+            tracing::debug!("upstream connection not left idle by its client: closed");
+            close(stream);
+            return;
+        }
+        if lease.born.elapsed() >= self.settings.max_lifetime {
+            close(stream);
+            return;
+        }
+        match tokio::time::timeout(RESET_TIMEOUT, reset(&mut stream, &mut lease)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => {
+                tracing::info!(%reason, "upstream connection failed its reset: closed");
+                close(stream);
+                return;
+            }
+            Err(_) => {
+                tracing::info!("upstream connection did not answer its reset: closed");
+                close(stream);
+                return;
+            }
+        }
+        let full = {
+            let mut idle = self.idle.lock().expect("pool lock");
+            let list = idle.entry(lease.key.clone()).or_default();
+            if list.len() < self.settings.size {
+                list.push(Idle {
+                    stream,
+                    lease,
+                    since: Instant::now(),
+                });
+                None
+            } else {
+                Some(stream)
+            }
+        };
+        if let Some(stream) = full {
+            close(stream);
+        }
+    }
+
+    /// The most recently returned idle connection for `key` that is neither
+    /// idle nor alive for too long; the others are closed.
+    fn take(&self, key: &PoolKey) -> Option<Idle> {
+        let mut expired = Vec::new();
+        let found = {
+            let mut idle = self.idle.lock().expect("pool lock");
+            let list = idle.get_mut(key)?;
+            let mut found = None;
+            while let Some(entry) = list.pop() {
+                if self.expired(&entry) {
+                    expired.push(entry.stream);
+                } else {
+                    found = Some(entry);
+                    break;
+                }
+            }
+            found
+        };
+        expired.into_iter().for_each(close);
+        found
+    }
+
+    fn expired(&self, entry: &Idle) -> bool {
+        entry.since.elapsed() >= self.settings.idle_timeout
+            || entry.lease.born.elapsed() >= self.settings.max_lifetime
+    }
+
+    /// Closes idle connections past their idle timeout or lifetime.
+    fn sweep(&self) {
+        let mut expired = Vec::new();
+        {
+            let mut idle = self.idle.lock().expect("pool lock");
+            for list in idle.values_mut() {
+                let mut kept = Vec::with_capacity(list.len());
+                for entry in list.drain(..) {
+                    if self.expired(&entry) {
+                        expired.push(entry.stream);
+                    } else {
+                        kept.push(entry);
+                    }
+                }
+                *list = kept;
+            }
+            idle.retain(|_, list| !list.is_empty());
+        }
+        expired.into_iter().for_each(close);
+    }
+
+    /// Idle connections kept, over all databases and users.
+    pub fn idle_count(&self) -> usize {
+        let idle = self.idle.lock().expect("pool lock");
+        idle.values().map(Vec::len).sum()
+    }
+
+    /// Sweeps in the background for as long as the pool exists; started by
+    /// the first returned connection, inside the runtime.
+    fn start_reaper(self: &Arc<Self>) {
+        if self.reaper.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let period = (self.settings.idle_timeout.min(self.settings.max_lifetime) / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let pool: Weak<Pool> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(pool) = pool.upgrade() else { break };
+                pool.sweep();
+            }
+        });
+    }
+}
+
+impl Lease {
+    fn new(key: PoolKey, session: &UpstreamSession) -> Lease {
+        let mut base = BTreeMap::new();
+        let mut raw = &session.greeting[..];
+        while raw.len() >= 5 {
+            let len = u32::from_be_bytes([raw[1], raw[2], raw[3], raw[4]]) as usize;
+            let Some(frame) = raw.get(..len + 1) else {
+                break;
+            };
+            if frame[0] == b'S'
+                && let Some((name, value)) = parameter_status(&frame[5..])
+            {
+                base.insert(name, value);
+            }
+            raw = &raw[len + 1..];
+        }
+        Lease {
+            key,
+            cancel: session.key,
+            current: base.clone(),
+            base,
+            born: Instant::now(),
+        }
+    }
+
+    /// ParameterStatus messages for the connection's current values.
+    fn greeting(&self) -> BytesMut {
+        let mut out = BytesMut::new();
+        for (name, value) in &self.current {
+            out.put_u8(b'S');
+            out.put_u32((4 + name.len() + 1 + value.len() + 1) as u32);
+            out.put_slice(name.as_bytes());
+            out.put_u8(0);
+            out.put_slice(value.as_bytes());
+            out.put_u8(0);
+        }
+        out
+    }
+}
+
+/// The body of a ParameterStatus message.
+fn parameter_status(body: &[u8]) -> Option<(String, String)> {
+    let mut parts = body.split(|&b| b == 0);
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    let value = std::str::from_utf8(parts.next()?).ok()?;
+    Some((name.to_owned(), value.to_owned()))
+}
+
+/// The client's forwarded startup parameters as `set_config` pairs, or
+/// `None` when some cannot be applied that way (protocol extensions,
+/// backend switches in `options` other than `-c name=value`).
+fn settings_of(parameters: &[(String, String)]) -> Option<Vec<(String, String)>> {
+    let mut settings = Vec::with_capacity(parameters.len());
+    let mut encoding = None;
+    for (name, value) in parameters {
+        if name == "options" {
+            let mut words = upstream::split_options(value).into_iter();
+            while let Some(word) = words.next() {
+                if word != "-c" {
+                    return None;
+                }
+                let setting = words.next()?;
+                let (name, value) = setting.split_once('=')?;
+                settings.push((name.replace('-', "_"), value.to_owned()));
+            }
+        } else if name.starts_with("_pq_.") || name.is_empty() {
+            return None;
+        } else if name.eq_ignore_ascii_case("client_encoding") {
+            // Last, so that the values before it are read in the encoding
+            // the connection was opened with.
+            encoding = Some((name.clone(), value.clone()));
+        } else {
+            settings.push((name.clone(), value.clone()));
+        }
+    }
+    settings.extend(encoding);
+    Some(settings)
+}
+
+/// One round trip: the claims and each setting, by `set_config` with bound
+/// parameters, one Sync. ParameterStatus messages update `lease`.
+async fn bind(
+    stream: &mut UpstreamStream,
+    lease: &mut Lease,
+    settings: &[(String, String)],
+    sealed: &str,
+) -> Result<(), BindFailure> {
+    let dead = |e: io::Error| BindFailure::Dead(e.to_string());
+    let mut out = BytesMut::new();
+    frontend::parse("", SET_CONFIG, [TEXT_OID, TEXT_OID], &mut out).map_err(dead)?;
+    let claims = (claims::SETTING, sealed);
+    let all = std::iter::once(claims).chain(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    for (name, value) in all {
+        frontend::bind(
+            "",
+            "",
+            [0i16],
+            [name, value],
+            |v, buf| {
+                buf.put_slice(v.as_bytes());
+                Ok(IsNull::No)
+            },
+            [0i16],
+            &mut out,
+        )
+        .map_err(|_| BindFailure::Refused)?;
+        frontend::execute("", 0, &mut out).map_err(dead)?;
+    }
+    frontend::sync(&mut out);
+    stream.write_all(&out).await.map_err(dead)?;
+
+    let mut reader = FrameReader::default();
+    let mut refused = false;
+    loop {
+        let (kind, raw) = reader.next(stream).await.map_err(dead)?;
+        match kind {
+            b'1' | b'2' | b'D' | b'C' | b'N' | b'A' => {}
+            b'S' => {
+                if let Some((name, value)) = parameter_status(&raw[5..]) {
+                    lease.current.insert(name, value);
+                }
+            }
+            b'E' => {
+                if is_fatal(&raw) {
+                    return Err(BindFailure::Dead(
+                        "the backend ended the connection".to_owned(),
+                    ));
+                }
+                refused = true;
+            }
+            b'Z' => {
+                return match (refused, raw.get(5)) {
+                    (true, _) => Err(BindFailure::Refused),
+                    (false, Some(&b'I')) => Ok(()),
+                    (false, _) => Err(BindFailure::Dead(
+                        "not idle after binding the claims".to_owned(),
+                    )),
+                };
+            }
+            other => {
+                return Err(BindFailure::Dead(format!(
+                    "unexpected message {:?} while binding the claims",
+                    other as char
+                )));
+            }
+        }
+    }
+}
+
+/// Whether an ErrorResponse frame ends the connection (FATAL or PANIC).
+fn is_fatal(raw: &BytesMut) -> bool {
+    let Ok(Some(Message::ErrorResponse(body))) = Message::parse(&mut raw.clone()) else {
+        return true;
+    };
+    let mut fields = body.fields();
+    while let Ok(Some(field)) = fields.next() {
+        if matches!(field.type_(), b'S' | b'V') {
+            return matches!(field.value_bytes(), b"FATAL" | b"PANIC");
+        }
+    }
+    true
+}
+
+/// `DISCARD ALL`, answered by exactly CommandComplete and ReadyForQuery
+/// "idle" (ParameterStatus, notices and notifications aside).
+async fn reset(stream: &mut UpstreamStream, lease: &mut Lease) -> Result<(), String> {
+    let mut out = BytesMut::new();
+    frontend::query("DISCARD ALL", &mut out).map_err(|e| e.to_string())?;
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::default();
+    let mut reported = Vec::new();
+    let mut completed = false;
+    loop {
+        let (kind, raw) = reader.next(stream).await.map_err(|e| e.to_string())?;
+        match kind {
+            b'N' | b'A' => {}
+            b'S' => reported.extend(parameter_status(&raw[5..])),
+            b'C' if !completed && &raw[5..] == b"DISCARD ALL\0" => completed = true,
+            b'Z' if completed && raw.get(5) == Some(&b'I') => break,
+            other => {
+                return Err(format!(
+                    "unexpected message {:?} in answer to DISCARD ALL",
+                    other as char
+                ));
+            }
+        }
+    }
+    // Everything is back at its startup value, and what was reported just
+    // now is the newest word on it (a reloaded default, say).
+    for (name, value) in reported {
+        lease.base.insert(name, value);
+    }
+    lease.current = lease.base.clone();
+    Ok(())
+}
+
+/// Closes a connection in the background: Terminate, so the backend ends
+/// cleanly, then the socket (and its TLS session).
+fn close(mut stream: UpstreamStream) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(RESET_TIMEOUT, async {
+            stream.write_all(&[b'X', 0, 0, 0, 4]).await?;
+            stream.shutdown().await
+        })
+        .await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn startup_parameters_become_settings_with_client_encoding_last() {
+        let settings = settings_of(&pairs(&[
+            ("application_name", "psql"),
+            ("client_encoding", "UTF8"),
+            (
+                "options",
+                "-c statement_timeout=5s -c search_path=a\\ b -c log-min-messages=debug1",
+            ),
+            ("TimeZone", "UTC"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            settings,
+            pairs(&[
+                ("application_name", "psql"),
+                ("statement_timeout", "5s"),
+                ("search_path", "a b"),
+                ("log_min_messages", "debug1"),
+                ("TimeZone", "UTC"),
+                ("client_encoding", "UTF8"),
+            ])
+        );
+    }
+
+    #[test]
+    fn protocol_extensions_and_other_switches_are_not_pooled() {
+        assert_eq!(settings_of(&pairs(&[("_pq_.compression", "on")])), None);
+        assert_eq!(settings_of(&pairs(&[("options", "-d 5")])), None);
+        assert_eq!(settings_of(&pairs(&[("options", "-c novalue")])), None);
+    }
+
+    #[test]
+    fn a_greeting_is_rebuilt_from_parameter_status_values() {
+        let session_greeting = {
+            let lease = Lease {
+                key: PoolKey {
+                    database: None,
+                    user: "u".into(),
+                },
+                cancel: CancelKey { pid: 1, secret: 2 },
+                base: BTreeMap::new(),
+                current: [("TimeZone".to_owned(), "UTC".to_owned())].into(),
+                born: Instant::now(),
+            };
+            lease.greeting()
+        };
+        assert_eq!(&session_greeting[..], b"S\0\0\0\x11TimeZone\0UTC\0");
+        assert_eq!(
+            parameter_status(&session_greeting[5..]),
+            Some(("TimeZone".to_owned(), "UTC".to_owned()))
+        );
+    }
+}

@@ -1,0 +1,538 @@
+//! `[pool] mode = "session"`: upstream connections outlive their clients,
+//! and nothing one client leaves behind reaches the next.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use support::wire::{self, RawSession};
+use support::{Harness, WAIT, simple_rows, user_id_of};
+use tokio_postgres::Client;
+
+const POOLED: &str = "[pool]\nmode = \"session\"\nsize = 4\n";
+
+async fn pid_of(client: &Client) -> i32 {
+    client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("select pg_backend_pid()")
+        .get(0)
+}
+
+/// One text value from a simple query.
+async fn value(client: &Client, sql: &str) -> Option<String> {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    simple_rows(&messages)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("{sql} returned no row"))
+        .into_iter()
+        .next()
+        .unwrap()
+}
+
+/// Waits until backend `pid` sits idle after the pool's reset, i.e. back in
+/// the pool.
+async fn wait_until_returned(admin: &Client, pid: i32) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let row = admin
+            .query_opt(
+                "select state, query from pg_stat_activity where pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap();
+        let seen: Option<(Option<String>, Option<String>)> = row.map(|r| (r.get(0), r.get(1)));
+        if let Some((state, query)) = &seen {
+            if state.as_deref() == Some("idle") && query.as_deref() == Some("DISCARD ALL") {
+                // The proxy files it right after reading that answer.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend {pid} was not returned to the pool within {WAIT:?}: {seen:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until backend `pid` has exited.
+async fn wait_until_gone(admin: &Client, pid: i32) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let row = admin
+            .query_opt("select 1 from pg_stat_activity where pid = $1", &[&pid])
+            .await
+            .unwrap();
+        if row.is_none() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend {pid} was still there after {WAIT:?}: it must be closed, not pooled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn user_b_on_alices_backend_sees_nothing_she_left_behind() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+    admin
+        .batch_execute("create role helper; grant helper to authenticated;")
+        .await
+        .unwrap();
+
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+    alice
+        .batch_execute(
+            "create temp table alice_notes (body text);
+             insert into alice_notes values ('secret');
+             prepare alice_statement as select body from alice_notes;
+             set statement_timeout = '123s';
+             select pg_advisory_lock(42);
+             listen alice_channel;
+             set role helper;
+             set rlsgate.session = 'forged';",
+        )
+        .await
+        .expect("alice leaves things behind");
+    assert_eq!(
+        value(&alice, "select current_user").await.as_deref(),
+        Some("helper")
+    );
+    drop(alice);
+    wait_until_returned(&admin, pid).await;
+
+    let bob = h.connect_as("bob").await;
+    assert_eq!(
+        pid_of(&bob).await,
+        pid,
+        "bob must get alice's pooled backend"
+    );
+    let checks = [
+        (
+            "select count(*) from pg_prepared_statements where name = 'alice_statement' or from_sql",
+            "0",
+        ),
+        (
+            "select count(*) from pg_class where relname = 'alice_notes'",
+            "0",
+        ),
+        (
+            "select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+             where n.oid = pg_my_temp_schema()",
+            "0",
+        ),
+        ("select current_setting('statement_timeout')", "0"),
+        ("select current_user", "authenticated"),
+        ("select session_user", "authenticated"),
+        (
+            "select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()",
+            "0",
+        ),
+        ("select count(*) from pg_listening_channels()", "0"),
+        ("select auth.user_id()", "bob"),
+    ];
+    for (sql, expected) in checks {
+        assert_eq!(value(&bob, sql).await.as_deref(), Some(expected), "{sql}");
+    }
+    // The lock is free for anyone else too.
+    let other: bool = admin
+        .query_one("select pg_try_advisory_lock(42)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(other, "alice's advisory lock must be released");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_transaction_never_has_its_backend_reused() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    alice
+        .batch_execute("begin; insert into scratch values (1, 'uncommitted');")
+        .await
+        .unwrap();
+    drop(alice);
+    wait_until_gone(&admin, pid).await;
+
+    let bob = h.connect_as("bob").await;
+    assert_ne!(pid_of(&bob).await, pid);
+    assert_eq!(
+        value(&bob, "select count(*) from scratch").await.as_deref(),
+        Some("0"),
+        "alice's transaction must have been rolled back"
+    );
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_copy_never_has_its_backend_reused() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    let mut alice = h.raw_connect_as("alice").await;
+    let pid: i32 = alice
+        .query_value("select pg_backend_pid()")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    alice.send_query("copy scratch from stdin").await;
+    let (kind, _) = wire::read_message(&mut alice.stream).await.unwrap();
+    assert_eq!(kind, b'G', "CopyInResponse");
+    // Some data, then the client goes away without CopyDone or Terminate.
+    wire::send(
+        &mut alice.stream,
+        &[b'd', 0, 0, 0, 10, b'1', b'\t', b'x', b'y', b'\n', b'2'],
+    )
+    .await;
+    drop(alice);
+    wait_until_gone(&admin, pid).await;
+
+    let bob = h.connect_as("bob").await;
+    assert_ne!(pid_of(&bob).await, pid);
+    assert_eq!(
+        value(&bob, "select count(*) from scratch").await.as_deref(),
+        Some("0")
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_cleanly_has_its_backend_reused() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    alice
+        .batch_execute("begin; insert into scratch values (1, 'kept'); commit;")
+        .await
+        .unwrap();
+    drop(alice);
+    wait_until_returned(&admin, pid).await;
+
+    let mut bob = h.raw_connect_as("bob").await;
+    assert_eq!(
+        bob.query_value("select pg_backend_pid()").await,
+        Some(pid.to_string())
+    );
+    assert_eq!(
+        bob.query_value("select auth.user_id()").await.as_deref(),
+        Some("bob")
+    );
+    bob.terminate().await;
+    wait_until_returned(&admin, pid).await;
+}
+
+#[tokio::test]
+async fn dead_pooled_connections_are_replaced_after_an_upstream_restart() {
+    let mut h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    // Three backends in the pool.
+    let clients = [
+        h.connect_as("alice").await,
+        h.connect_as("bob").await,
+        h.connect_as("carol").await,
+    ];
+    let mut pids = Vec::new();
+    for client in &clients {
+        pids.push(pid_of(client).await);
+    }
+    drop(clients);
+    for pid in &pids {
+        wait_until_returned(&admin, *pid).await;
+    }
+    drop(admin);
+
+    h.pg.restart().await.expect("restart PostgreSQL");
+
+    for sub in ["dave", "erin", "frank", "grace"] {
+        let client = h.connect_as(sub).await;
+        assert_eq!(user_id_of(&client).await.as_deref(), Some(sub));
+        assert!(!pids.contains(&pid_of(&client).await));
+    }
+}
+
+#[tokio::test]
+async fn reset_all_on_a_pooled_session_fails_closed() {
+    let h = Harness::start_with(POOLED).await;
+    for reset in ["reset all", "reset rlsgate.session", "discard all"] {
+        let client = h.connect_as("alice").await;
+        assert_eq!(user_id_of(&client).await.as_deref(), Some("alice"));
+        client.batch_execute(reset).await.unwrap();
+        let e = client
+            .query_one("select auth.user_id()", &[])
+            .await
+            .expect_err("claims cleared by a reset must not read as no claims");
+        assert_eq!(support::db_error(&e).0, "28000", "after {reset}");
+    }
+}
+
+/// Logs in by hand with `parameters` besides user and database, returning
+/// the session and the ParameterStatus values it was greeted with.
+async fn login_with(
+    h: &Harness,
+    sub: &str,
+    parameters: &[(&str, &str)],
+) -> (RawSession, BTreeMap<String, String>) {
+    let mut all = wire::APP_STARTUP.to_vec();
+    all.extend_from_slice(parameters);
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", h.port()))
+        .await
+        .unwrap();
+    wire::send(&mut stream, &wire::startup_message(&all)).await;
+    let (kind, _) = wire::read_message(&mut stream).await.unwrap();
+    assert_eq!(kind, b'R');
+    wire::send(&mut stream, &wire::password_message(&h.token(sub))).await;
+    let mut status = BTreeMap::new();
+    let mut key = (0, 0);
+    loop {
+        let (kind, body) = wire::read_message(&mut stream).await.unwrap();
+        match kind {
+            b'R' | b'N' => {}
+            b'S' => {
+                let mut parts = body.split(|&b| b == 0);
+                let name = String::from_utf8(parts.next().unwrap().to_vec()).unwrap();
+                let value = String::from_utf8(parts.next().unwrap().to_vec()).unwrap();
+                status.insert(name, value);
+            }
+            b'K' => key = wire::backend_key_data(&body),
+            b'Z' => break,
+            b'E' => panic!("refused: {:?}", wire::error_response(&body)),
+            other => panic!("unexpected {:?} during login", other as char),
+        }
+    }
+    let session = RawSession {
+        stream,
+        pid: key.0,
+        secret: key.1,
+    };
+    (session, status)
+}
+
+/// What the backend itself says of every parameter the client was told of.
+async fn check_greeting_matches_backend(
+    session: &mut RawSession,
+    status: &BTreeMap<String, String>,
+) {
+    for (name, told) in status {
+        let actual = session
+            .query_value(&format!("select current_setting('{name}')"))
+            .await;
+        assert_eq!(actual.as_deref(), Some(told.as_str()), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn parameter_status_matches_the_backend() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    let (mut alice, status) = login_with(
+        &h,
+        "alice",
+        &[
+            ("application_name", "alice-app"),
+            ("TimeZone", "Pacific/Auckland"),
+            ("options", "-c DateStyle=German"),
+        ],
+    )
+    .await;
+    assert_eq!(status["application_name"], "alice-app");
+    assert_eq!(status["TimeZone"], "Pacific/Auckland");
+    assert!(status["DateStyle"].starts_with("German"), "{status:?}");
+    check_greeting_matches_backend(&mut alice, &status).await;
+    let pid: i32 = alice
+        .query_value("select pg_backend_pid()")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Changed during the session, to what happens to be the default.
+    alice.query("set TimeZone = 'UTC'").await.unwrap();
+    alice.terminate().await;
+    wait_until_returned(&admin, pid).await;
+
+    // The same backend, told its own values: none of alice's.
+    let (mut bob, status) = login_with(&h, "bob", &[("application_name", "bob-app")]).await;
+    assert_eq!(
+        bob.query_value("select pg_backend_pid()").await,
+        Some(pid.to_string())
+    );
+    assert_eq!(status["application_name"], "bob-app");
+    assert!(!status["DateStyle"].starts_with("German"), "{status:?}");
+    assert_ne!(status["TimeZone"], "Pacific/Auckland");
+    check_greeting_matches_backend(&mut bob, &status).await;
+    assert_eq!(
+        bob.query_value("select auth.user_id()").await.as_deref(),
+        Some("bob")
+    );
+}
+
+#[tokio::test]
+async fn the_envelope_never_appears_in_pg_stat_activity() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    // Alice on a new pooled backend, bob on the same one after her.
+    for sub in ["alice", "bob"] {
+        let client = h.connect_as(sub).await;
+        // Before the client's first query, the backend's last one is the bind.
+        let queries: Vec<String> = admin
+            .query(
+                "select query from pg_stat_activity where usename = 'authenticated'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            queries,
+            ["select pg_catalog.set_config($1, $2, false)"],
+            "{sub}'s claims are bound with parameters"
+        );
+        let pid = pid_of(&client).await;
+        let envelope = value(&client, "select current_setting('rlsgate.session')")
+            .await
+            .unwrap();
+        assert!(envelope.len() > 40, "the session has an envelope");
+        let mac = envelope.rsplit('.').next().unwrap().to_owned();
+        let payload = envelope.split('.').nth(1).unwrap().to_owned();
+        for part in [&envelope, &payload, &mac] {
+            let seen: i64 = admin
+                .query_one(
+                    "select count(*) from pg_stat_activity where strpos(query, $1) > 0",
+                    &[part],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(seen, 0, "the envelope is visible in pg_stat_activity");
+        }
+        drop(client);
+        wait_until_returned(&admin, pid).await;
+    }
+}
+
+#[tokio::test]
+async fn startup_settings_a_pooled_connection_cannot_take_get_a_connection_of_its_own() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    // Settable only when a backend starts, so not by set_config.
+    let mut config = h.client_config("authenticated", &h.token("alice"));
+    config.options("-c ignore_system_indexes=on");
+    let alice = support::connect(&config).await.expect("alice connects");
+    assert_eq!(
+        value(&alice, "show ignore_system_indexes").await.as_deref(),
+        Some("on")
+    );
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+    let pid = pid_of(&alice).await;
+    drop(alice);
+    wait_until_gone(&admin, pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_by_token_expiry_has_its_backend_closed_not_pooled() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+    let token = h.token_with(
+        rlsgate::dev::issuer::KeyKind::Rs256,
+        serde_json::json!({"sub": "alice", "aud": "todo-app", "exp": support::unix_now() + 2}),
+    );
+    let (alice, connection) = h
+        .client_config("authenticated", &token)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let pid = pid_of(&alice).await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), connection)
+        .await
+        .expect("the session ends after exp + leeway")
+        .unwrap();
+    let message = support::refusal(&ended.expect_err("the proxy ends the session with an error"));
+    assert!(message.starts_with("token expired at "), "{message}");
+    wait_until_gone(&admin, pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_clients_cancel_key_reaches_the_backend_it_was_lent() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    // Alice's backend goes back to the pool, and bob is lent it.
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    drop(alice);
+    wait_until_returned(&admin, pid).await;
+    let bob = h.connect_as("bob").await;
+    assert_eq!(pid_of(&bob).await, pid);
+
+    let token = bob.cancel_token();
+    let cancel = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let started = Instant::now();
+    let e = bob
+        .simple_query("select pg_sleep(30)")
+        .await
+        .expect_err("the sleep is cancelled");
+    assert_eq!(support::db_error(&e).0, "57014");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    cancel.await.unwrap().expect("the cancel request is sent");
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_are_closed_after_idle_timeout() {
+    let h = Harness::start_with("[pool]\nmode = \"session\"\nidle_timeout = \"1s\"\n").await;
+    let admin = h.admin().await;
+
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    drop(alice);
+    wait_until_returned(&admin, pid).await;
+    // Closed by the pool's sweep, with nobody asking for a connection.
+    wait_until_gone(&admin, pid).await;
+
+    let bob = h.connect_as("bob").await;
+    assert_ne!(pid_of(&bob).await, pid);
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
+
+#[tokio::test]
+async fn a_connection_past_max_lifetime_is_closed_instead_of_reused() {
+    let h = Harness::start_with("[pool]\nmode = \"session\"\nmax_lifetime = \"1s\"\n").await;
+    let admin = h.admin().await;
+
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    drop(alice);
+    wait_until_gone(&admin, pid).await;
+
+    let bob = h.connect_as("bob").await;
+    assert_ne!(pid_of(&bob).await, pid);
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
