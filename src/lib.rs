@@ -7,6 +7,7 @@
 //! Postgres session, with the signed [`claims`] bound to it) and [`relay`].
 
 pub mod cancel;
+pub mod check;
 pub mod claims;
 pub mod cli;
 pub mod config;
