@@ -192,7 +192,7 @@ fn without_quoted_lines(message: &str) -> String {
         .map(str::trim)
         .filter(|line| !line.is_empty())
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(": ")
 }
 
 async fn check_providers(config: &Config, report: &mut Report) {
@@ -487,8 +487,8 @@ async fn check_privileges(
     let row = session
         .one(
             "select r.rolsuper, r.rolbypassrls, \
-                    pg_catalog.to_regclass('auth.signing_keys') is not null \
-                    and pg_catalog.has_table_privilege('auth.signing_keys', 'SELECT') \
+                    coalesce(pg_catalog.has_table_privilege( \
+                      pg_catalog.to_regclass('auth.signing_keys'), 'SELECT'), false) \
                from pg_catalog.pg_roles r where r.rolname = session_user",
         )
         .await?;
@@ -732,7 +732,7 @@ mod tests {
         assert!(!shown.contains("c2VjcmV0"), "{shown}");
         assert_eq!(
             shown,
-            "in configuration file x.toml: TOML parse error at line 3, column 15 the signing key must be at least 32 bytes"
+            "in configuration file x.toml: TOML parse error at line 3, column 15: the signing key must be at least 32 bytes"
         );
     }
 }
