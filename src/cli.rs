@@ -56,6 +56,28 @@ enum Command {
         #[arg(long, short, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Check a configuration against the world it names, before serving with it.
+    ///
+    /// Validates the file as `serve` loads it; fetches each provider's
+    /// discovery document and JWKS and counts the signing keys; logs in to
+    /// Postgres as each role, as the proxy does, and checks that schema `auth`
+    /// is installed in the version this rlsgate expects and knows the
+    /// configured signing key; and looks for what Row-Level Security leaves
+    /// open to the served roles: tables they have privileges on with RLS
+    /// disabled, tables they own, superuser or BYPASSRLS.
+    ///
+    /// Prints one line per finding (ok, warn, FAIL) and a summary. Exits with
+    /// status 0 when nothing failed (warnings allowed), 1 otherwise. Prints no
+    /// passwords, keys or secrets.
+    Check {
+        /// The configuration file.
+        #[arg(long, short, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// The database to check when [upstream] names none (the proxy then
+        /// connects to the one each client asks for).
+        #[arg(long, value_name = "NAME")]
+        database: Option<String>,
+    },
     /// Install or upgrade schema `auth` (auth.user_id(), auth.session(), …) and register the claims signing key.
     ///
     /// Safe to run again; with a new signing key it adds that key, so that
@@ -179,6 +201,16 @@ pub fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => serve(config).await,
+            Command::Check { config, database } => {
+                let report = crate::check::run(&config, database.as_deref()).await;
+                print!("{report}");
+                if !report.passed() {
+                    use std::io::Write as _;
+                    let _ = std::io::stdout().flush();
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
             Command::Demo { port, json, keep } => {
                 let options = crate::demo::Options { port, json, keep };
                 crate::demo::run(options, shutdown_signal()).await

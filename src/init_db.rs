@@ -26,6 +26,9 @@ use crate::upstream_tls::{UpstreamTls, UrlTls};
 /// `auth.schema_version`.
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("auth_schema.sql"))];
 
+/// The version of schema `auth` this build installs and expects.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
 /// Serializes concurrent installs into one database ("rlsgate" in ASCII).
 const ADVISORY_LOCK_KEY: i64 = 0x726c_7367_6174_6500;
 

@@ -286,6 +286,13 @@ impl JwksCache {
             && self.policy == Policy::of(provider)
     }
 
+    /// Fetches the set now, past the cache and its cooldown, keeping nothing
+    /// (for `rlsgate check`): the JWKS URL and its usable keys, or why they
+    /// cannot be had.
+    pub async fn fetch_once(&self) -> Result<(String, Vec<Arc<VerifyingKey>>), String> {
+        self.fetch().await.map(|f| (f.jwks_uri, f.keys))
+    }
+
     /// The key for a token's `kid` (or the only key, for tokens without one).
     ///
     /// Only an unknown key, or a cache with nothing usable in it, waits for

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod cancel;
+pub mod check;
 pub mod claims;
 pub mod cli;
 pub mod config;
