@@ -4,7 +4,12 @@
 //! One connection walks these modules in order: [`listener`] accepts it,
 //! [`connection`] drives it through [`front_door`] (startup and password),
 //! [`token_check`] (JWT against the provider's [`jwks`]), [`upstream`] (the
-//! Postgres session, with the signed [`claims`] bound to it) and [`relay`].
+//! Postgres session over [`upstream_tls`], with the signed [`claims`] bound
+//! to it, or a warm one from the [`pool`]) and [`relay`].
+//!
+//! Around that path: [`cancel`] requests, [`limit`]s on sessions, the
+//! [`admin`] endpoints with their [`metrics`], configuration [`reload`] on
+//! SIGHUP, and the commands `init-db` ([`init_db`]) and `check` ([`check`]).
 
 pub mod admin;
 pub mod cancel;

@@ -4,7 +4,7 @@
 //! down — reaches the client as a whole FATAL message, never inside another.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -17,6 +17,8 @@ use crate::stream::{ClientStream, UpstreamStream};
 use crate::token_check::format_time;
 
 const BUFFER: usize = 16 * 1024;
+/// A client's Terminate message.
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 /// How long an ending waits for the upstream to finish the message in flight.
 const FINISH_MESSAGE_GRACE: Duration = Duration::from_secs(5);
 
@@ -86,6 +88,9 @@ pub async fn run(
 ) -> Ending {
     let (mut client_read, client_write) = tokio::io::split(client);
     let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    // Whether the client's last bytes were a Terminate: the upstream then
+    // closes, which may be seen before the client's own close.
+    let said_goodbye = AtomicBool::new(false);
     let to_upstream = async {
         let mut buf = vec![0u8; BUFFER];
         loop {
@@ -94,6 +99,7 @@ pub async fn run(
                 Ok(n) => n,
                 Err(e) => return Ending::Failed(e),
             };
+            said_goodbye.store(buf[..n].ends_with(&TERMINATE), Ordering::Relaxed);
             // Flushed, as TLS may hold written bytes back until then.
             if let Err(e) = write(&mut upstream_write, &buf[..n]).await {
                 return Ending::Failed(e);
@@ -114,12 +120,15 @@ pub async fn run(
         ending = to_upstream => ending,
         ending = to_client => ending,
     };
-    if matches!(ending, Ending::TokenExpired(_) | Ending::ShuttingDown) {
-        // Terminate, so the backend ends cleanly and rolls back any open transaction.
-        let _ = upstream_write.write_all(&[b'X', 0, 0, 0, 4]).await;
-        let _ = upstream_write.flush().await;
+    match ending {
+        Ending::UpstreamClosed if said_goodbye.load(Ordering::Relaxed) => Ending::ClientClosed,
+        Ending::TokenExpired(_) | Ending::ShuttingDown => {
+            // Terminate, so the backend ends cleanly and rolls back any open transaction.
+            let _ = write(&mut upstream_write, &TERMINATE).await;
+            ending
+        }
+        ending => ending,
     }
-    ending
 }
 
 async fn to_client<R, W>(
@@ -221,7 +230,7 @@ pub async fn run_pooled(
         }
     };
     if matches!(ending, Ending::TokenExpired(_) | Ending::ShuttingDown) {
-        let _ = write(&mut upstream_write, &[b'X', 0, 0, 0, 4]).await;
+        let _ = write(&mut upstream_write, &TERMINATE).await;
         return (ending, false);
     }
     let clean = matches!(ending, Ending::ClientClosed)
@@ -258,7 +267,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
     let mut buf = vec![0u8; BUFFER];
     let mut held = 0;
     loop {

@@ -1,8 +1,8 @@
 //! Hostile and broken clients before authentication: silent ones, slow ones,
 //! ones that speak another protocol or declare absurd lengths, and ones that
 //! vanish halfway. Each gets an ErrorResponse or a close within bounded time,
-//! none holds a connection slot once it is gone, and real clients are served
-//! all along.
+//! none holds a connection slot or stays counted once it is gone, and real
+//! clients are served all along.
 
 mod support;
 
@@ -98,6 +98,26 @@ async fn all_slots_serve_real_clients(h: &Harness) {
             Some(name.as_str())
         );
     }
+    drop(clients);
+    connections_gauge_returns_to_zero(h).await;
+}
+
+/// Once every client has gone, `rlsgate_client_connections_active` must
+/// come back to zero: no connection, hostile or not, is still counted.
+async fn connections_gauge_returns_to_zero(h: &Harness) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, text) = support::http_get(&h.admin_url("/metrics")).await;
+        let active = support::metric(&text, "rlsgate_client_connections_active", &[]);
+        if active == Some(0.0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rlsgate_client_connections_active is {active:?} {WAIT:?} after every client left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A StartupMessage for `authenticated` on `app`.
@@ -107,7 +127,7 @@ fn startup() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_sends_nothing_is_closed_at_the_startup_timeout() {
-    let h = Harness::start_with(SHORT_STARTUP).await;
+    let h = Harness::start_with_admin(SHORT_STARTUP).await;
     let mut silent = connect(&h).await;
     let (received, took) = read_until_closed(&mut silent).await;
     assert_eq!(received, b"", "a client that said nothing is told nothing");
@@ -118,7 +138,7 @@ async fn a_client_that_sends_nothing_is_closed_at_the_startup_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_byte_per_second_client_is_closed_at_the_startup_timeout() {
-    let h = Harness::start_with(SHORT_STARTUP).await;
+    let h = Harness::start_with_admin(SHORT_STARTUP).await;
     let (mut read, mut write) = connect(&h).await.into_split();
     let packet = startup();
     let drip = async {
@@ -156,7 +176,7 @@ async fn a_byte_per_second_client_is_closed_at_the_startup_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bytes_get_an_error_or_a_close() {
-    let h = Harness::start_with(SHORT_STARTUP).await;
+    let h = Harness::start_with_admin(SHORT_STARTUP).await;
 
     // Random bytes (a fixed sequence, so that a failure repeats).
     let mut state: u32 = 0x2545_f491;
@@ -221,7 +241,7 @@ fn tls_client_hello() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declared_length_of_one_gigabyte_is_refused_without_reading_it() {
-    let h = Harness::start_with(LONG_STARTUP).await;
+    let h = Harness::start_with_admin(LONG_STARTUP).await;
     let mut stream = connect(&h).await;
     // A startup packet of 1 GiB, of which only the version follows.
     let mut packet = (1u32 << 30).to_be_bytes().to_vec();
@@ -239,7 +259,7 @@ async fn a_declared_length_of_one_gigabyte_is_refused_without_reading_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_of_one_gigabyte_is_refused_without_reading_it() {
-    let h = Harness::start_with(LONG_STARTUP).await;
+    let h = Harness::start_with_admin(LONG_STARTUP).await;
     let mut stream = connect(&h).await;
     stream.write_all(&startup()).await.unwrap();
     let (kind, body) = tokio::time::timeout(WAIT, wire::read_message(&mut stream))
@@ -268,7 +288,7 @@ async fn a_password_of_one_gigabyte_is_refused_without_reading_it() {
 async fn a_client_that_disconnects_mid_startup_frees_its_slot() {
     // The startup timeout is far away: only noticing the disconnect frees
     // the slots within the wait.
-    let h = Harness::start_with(LONG_STARTUP).await;
+    let h = Harness::start_with_admin(LONG_STARTUP).await;
     let packet = startup();
     for _ in 0..SLOTS {
         let mut stream = connect(&h).await;
@@ -280,7 +300,7 @@ async fn a_client_that_disconnects_mid_startup_frees_its_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_mid_password_frees_its_slot() {
-    let h = Harness::start_with(LONG_STARTUP).await;
+    let h = Harness::start_with_admin(LONG_STARTUP).await;
     let password = wire::password_message(&h.token("mallory"));
     for _ in 0..SLOTS {
         let mut stream = connect(&h).await;
@@ -301,7 +321,7 @@ async fn a_client_that_disconnects_mid_password_frees_its_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_clients_are_unaffected() {
-    let h = Harness::start_with(LONG_STARTUP).await;
+    let h = Harness::start_with_admin(LONG_STARTUP).await;
     // Three hostile clients hang in the front door: one silent, one halfway
     // through its startup packet, one halfway through its password.
     let silent = connect(&h).await;
