@@ -22,14 +22,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
+use support::pki::TestPki;
 use support::{Harness, unix_now};
-use tempfile::TempDir;
 
 /// How long one client program may run before it is a failure.
 const PROGRAM_TIME: Duration = Duration::from_secs(60);
@@ -59,7 +55,7 @@ struct Setup {
     h: Harness,
     env: Vec<(&'static str, String)>,
     /// The certificate and key of a proxy with TLS.
-    _pki: Option<TempDir>,
+    _pki: Option<TestPki>,
 }
 
 /// Over plaintext on loopback, or with TLS.
@@ -67,42 +63,6 @@ struct Setup {
 enum Transport {
     Plaintext,
     Tls,
-}
-
-/// A throwaway CA and a server certificate it signed for `localhost` and
-/// 127.0.0.1, written to a temporary directory, and the `[listen]` lines
-/// that give them to the proxy.
-fn throwaway_pki() -> (TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "rlsgate client checks CA");
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
-    let cert_pem = dir.path().join("server.pem");
-    let key_pem = dir.path().join("server.key");
-    std::fs::write(&cert_pem, cert.pem()).unwrap();
-    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
-    let listen = format!(
-        "[listen]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
-        cert_pem.display(),
-        key_pem.display()
-    );
-    (dir, listen)
 }
 
 /// Runs `clients/install.sh` once per test run, so that `cargo test` works on
@@ -130,8 +90,8 @@ async fn setup(transport: Transport) -> Setup {
     let (h, pki) = match transport {
         Transport::Plaintext => (Harness::start().await, None),
         Transport::Tls => {
-            let (dir, listen) = throwaway_pki();
-            (Harness::start_with(&listen).await, Some(dir))
+            let pki = TestPki::generate_named("rlsgate client checks CA", &[]);
+            (Harness::start_with(&pki.listen_toml()).await, Some(pki))
         }
     };
     let expired = h.token_with(

@@ -6,92 +6,19 @@ mod support;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
+use support::pki::TestPki;
 use support::wire::{self, APP_STARTUP, RawSession};
 use support::{
     Harness, WAIT, client_config, connect, db_error, psql_binary, psql_err, psql_ok, user_id_of,
 };
-use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-
-/// A test CA and a server certificate it signed, written to a temporary
-/// directory as PEM files.
-struct TestPki {
-    _dir: TempDir,
-    ca_pem: PathBuf,
-    ca_der: CertificateDer<'static>,
-    cert_pem: PathBuf,
-    key_pem: PathBuf,
-}
-
-impl TestPki {
-    /// A server certificate for `localhost`, 127.0.0.1 and `extra_ips`.
-    fn generate(extra_ips: &[IpAddr]) -> TestPki {
-        Self::generate_named("rlsgate test CA", extra_ips)
-    }
-
-    /// With a CA of this name: two CAs of one name would make OpenSSL check
-    /// a signature with the wrong key rather than report an unknown issuer.
-    fn generate_named(ca_name: &str, extra_ips: &[IpAddr]) -> TestPki {
-        let dir = tempfile::tempdir().unwrap();
-
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, ca_name);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-
-        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-        names.extend(extra_ips.iter().map(IpAddr::to_string));
-        let mut params = CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&server_key, &ca).unwrap();
-
-        let ca_pem = dir.path().join("ca.pem");
-        let cert_pem = dir.path().join("server.pem");
-        let key_pem = dir.path().join("server.key");
-        std::fs::write(&ca_pem, ca.pem()).unwrap();
-        std::fs::write(&cert_pem, cert.pem()).unwrap();
-        std::fs::write(&key_pem, server_key.serialize_pem()).unwrap();
-        TestPki {
-            ca_der: ca.der().clone(),
-            _dir: dir,
-            ca_pem,
-            cert_pem,
-            key_pem,
-        }
-    }
-
-    /// The `[listen]` section that enables TLS with this certificate.
-    fn listen_toml(&self) -> String {
-        format!(
-            "[listen]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
-            self.cert_pem.display(),
-            self.key_pem.display()
-        )
-    }
-}
 
 fn psql_major_version() -> u32 {
     let out = Command::new(psql_binary())

@@ -8,7 +8,8 @@ mod support;
 use std::time::Duration;
 
 use rlsgate::dev::postgres::TempPostgres;
-use support::{Harness, SIGNING_KEY, TestCa, WAIT, db_error, user_id_of};
+use support::pki::TestPki;
+use support::{Harness, SIGNING_KEY, WAIT, db_error, user_id_of};
 
 fn toml_path(path: &std::path::Path) -> String {
     format!("{:?}", path.display().to_string())
@@ -27,12 +28,12 @@ async fn refused(harness: &Harness) -> (String, String) {
 
 #[tokio::test]
 async fn verify_full_with_the_right_ca_connects_over_tls() {
-    let ca = TestCa::generate("rlsgate upstream CA");
+    let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let harness = Harness::start_on(
         ca.postgres().await,
         &format!(
             "[upstream]\ntls = \"verify-full\"\ntls_ca_file = {}",
-            toml_path(&ca.ca_file)
+            toml_path(&ca.ca_pem)
         ),
     )
     .await;
@@ -43,13 +44,13 @@ async fn verify_full_with_the_right_ca_connects_over_tls() {
 
 #[tokio::test]
 async fn verify_full_refuses_a_certificate_from_an_untrusted_ca() {
-    let server_ca = TestCa::generate("rlsgate upstream CA");
-    let other_ca = TestCa::generate("some other CA");
+    let server_ca = TestPki::generate_named("rlsgate upstream CA", &[]);
+    let other_ca = TestPki::generate_named("some other CA", &[]);
     let harness = Harness::start_on(
         server_ca.postgres().await,
         &format!(
             "[upstream]\ntls = \"verify-full\"\ntls_ca_file = {}",
-            toml_path(&other_ca.ca_file)
+            toml_path(&other_ca.ca_pem)
         ),
     )
     .await;
@@ -63,12 +64,12 @@ async fn verify_full_refuses_a_certificate_from_an_untrusted_ca() {
 
 #[tokio::test]
 async fn verify_full_refuses_a_certificate_for_another_name() {
-    let ca = TestCa::generate("rlsgate upstream CA");
+    let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let harness = Harness::start_on(
         ca.postgres().await,
         &format!(
             "[upstream]\ntls = \"verify-full\"\ntls_ca_file = {}\ntls_server_name = \"db.example.com\"",
-            toml_path(&ca.ca_file)
+            toml_path(&ca.ca_pem)
         ),
     )
     .await;
@@ -83,12 +84,12 @@ async fn verify_full_refuses_a_certificate_for_another_name() {
 
 #[tokio::test]
 async fn verify_ca_accepts_a_trusted_certificate_for_another_name() {
-    let ca = TestCa::generate("rlsgate upstream CA");
+    let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let harness = Harness::start_on(
         ca.postgres().await,
         &format!(
             "[upstream]\ntls = \"verify-ca\"\ntls_ca_file = {}\ntls_server_name = \"db.example.com\"",
-            toml_path(&ca.ca_file)
+            toml_path(&ca.ca_pem)
         ),
     )
     .await;
@@ -98,13 +99,13 @@ async fn verify_ca_accepts_a_trusted_certificate_for_another_name() {
 
 #[tokio::test]
 async fn verify_ca_still_refuses_an_untrusted_certificate() {
-    let server_ca = TestCa::generate("rlsgate upstream CA");
-    let other_ca = TestCa::generate("some other CA");
+    let server_ca = TestPki::generate_named("rlsgate upstream CA", &[]);
+    let other_ca = TestPki::generate_named("some other CA", &[]);
     let harness = Harness::start_on(
         server_ca.postgres().await,
         &format!(
             "[upstream]\ntls = \"verify-ca\"\ntls_ca_file = {}",
-            toml_path(&other_ca.ca_file)
+            toml_path(&other_ca.ca_pem)
         ),
     )
     .await;
@@ -115,7 +116,7 @@ async fn verify_ca_still_refuses_an_untrusted_certificate() {
 
 #[tokio::test]
 async fn require_encrypts_without_checking_the_certificate() {
-    let ca = TestCa::generate("rlsgate upstream CA");
+    let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let harness = Harness::start_on(ca.postgres().await, "[upstream]\ntls = \"require\"").await;
     let client = harness.connect_as("alice").await;
     assert!(Harness::upstream_ssl(&client).await);
@@ -126,7 +127,7 @@ async fn require_encrypts_without_checking_the_certificate() {
 
 #[tokio::test]
 async fn prefer_is_the_default_and_uses_tls_when_the_database_offers_it() {
-    let ca = TestCa::generate("rlsgate upstream CA");
+    let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let harness = Harness::start_on(ca.postgres().await, "").await;
     let client = harness.connect_as("alice").await;
     assert!(Harness::upstream_ssl(&client).await);
@@ -151,7 +152,7 @@ async fn require_refuses_a_database_without_tls() {
 
 #[tokio::test]
 async fn disable_never_asks_for_tls() {
-    let ca = TestCa::generate("rlsgate upstream CA");
+    let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let harness = Harness::start_on(ca.postgres().await, "[upstream]\ntls = \"disable\"").await;
     // The server takes TCP connections over TLS only, so it refuses the proxy.
     let (code, message) = refused(&harness).await;
@@ -160,12 +161,12 @@ async fn disable_never_asks_for_tls() {
 
 #[tokio::test]
 async fn a_cancel_request_reaches_a_database_that_requires_tls() {
-    let ca = TestCa::generate("rlsgate upstream CA");
+    let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let harness = Harness::start_on(
         ca.postgres().await,
         &format!(
             "[upstream]\ntls = \"verify-full\"\ntls_ca_file = {}",
-            toml_path(&ca.ca_file)
+            toml_path(&ca.ca_pem)
         ),
     )
     .await;
@@ -188,7 +189,7 @@ async fn a_cancel_request_reaches_a_database_that_requires_tls() {
 
 #[tokio::test]
 async fn init_db_installs_over_verify_full_tls() {
-    let ca = TestCa::generate("rlsgate upstream CA");
+    let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let pg = ca.postgres().await;
     let admin = pg.connect("postgres").await.unwrap();
     admin.batch_execute("create database app").await.unwrap();
@@ -198,7 +199,7 @@ async fn init_db_installs_over_verify_full_tls() {
     let url = format!(
         "{}?sslmode=verify-full&sslrootcert={}",
         pg.url("app"),
-        ca.ca_file.display()
+        ca.ca_pem.display()
     );
     let report = rlsgate::init_db::run(&url, None, &keys)
         .await
@@ -211,7 +212,7 @@ async fn init_db_installs_over_verify_full_tls() {
          tls = \"verify-full\"\ntls_ca_file = {}\n\
          [[role]]\nname = \"anonymous\"\ntoken = \"none\"\n\
          [claims]\nsigning_key = \"{SIGNING_KEY}\"\n",
-        toml_path(&ca.ca_file)
+        toml_path(&ca.ca_pem)
     ))
     .unwrap();
     let report = rlsgate::init_db::run(&pg.url("app"), Some(&config.upstream), &keys)
@@ -220,11 +221,11 @@ async fn init_db_installs_over_verify_full_tls() {
     assert_eq!(report.version_before, Some(report.version_after));
 
     // A CA that did not sign the server's certificate is refused, and said so.
-    let other = TestCa::generate("some other CA");
+    let other = TestPki::generate_named("some other CA", &[]);
     let url = format!(
         "{}?sslmode=verify-full&sslrootcert={}",
         pg.url("app"),
-        other.ca_file.display()
+        other.ca_pem.display()
     );
     let error = rlsgate::init_db::run(&url, None, &keys)
         .await

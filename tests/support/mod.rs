@@ -3,6 +3,7 @@
 //! HTTP, and the proxy between them, configured through its TOML format.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -485,58 +486,4 @@ fn place_upstream_lines(toml: String, extra: &str) -> (String, String) {
     };
     let toml = toml.replacen("[upstream]\n", &format!("[upstream]\n{lines}\n"), 1);
     (toml, rest.to_owned())
-}
-
-/// A test CA and a server certificate it signed for `localhost` and
-/// 127.0.0.1, as PEM text, with the CA also in a file (`ca_file`).
-pub struct TestCa {
-    _dir: tempfile::TempDir,
-    pub ca_file: std::path::PathBuf,
-    pub cert_pem: String,
-    pub key_pem: String,
-}
-
-impl TestCa {
-    pub fn generate(ca_name: &str) -> TestCa {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-            IsCa, KeyPair, KeyUsagePurpose,
-        };
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, ca_name);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &ca).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, ca.pem()).unwrap();
-        TestCa {
-            _dir: dir,
-            ca_file,
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
-    }
-
-    /// A PostgreSQL server presenting this CA's server certificate that
-    /// accepts TCP connections only over TLS.
-    pub async fn postgres(&self) -> TempPostgres {
-        TempPostgres::start_with_tls(&self.cert_pem, &self.key_pem)
-            .await
-            .expect("start PostgreSQL with TLS")
-    }
 }
