@@ -109,6 +109,16 @@ pub async fn run(
             let _ = admin_stopped.await;
         }))
     });
+    let upkeep = {
+        let services = services.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(METRICS_UPKEEP);
+            loop {
+                every.tick().await;
+                services.borrow().metrics.run_upkeep();
+            }
+        })
+    };
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (session_done_tx, mut all_done_rx) = mpsc::channel::<()>(1);
 
@@ -150,6 +160,7 @@ pub async fn run(
         let _ = all_done_rx.recv().await;
     }
     tracing::info!("all sessions ended");
+    upkeep.abort();
     drop(stop_admin);
     if let Some(mut admin) = admin {
         // Graceful, but an HTTP client holding a connection open cannot keep
@@ -162,6 +173,9 @@ pub async fn run(
 
 /// How long the admin listener may take to finish its requests at shutdown.
 const ADMIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often pending histogram samples are folded into their buckets.
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A proxy serving in the background, as the tests and `demo` use it.
 pub struct RunningProxy {

@@ -103,6 +103,14 @@ impl Metrics {
         self.handle.render()
     }
 
+    /// Folds pending histogram samples into their buckets. A recorder of our
+    /// own gets no upkeep task from the exporter: without this, samples would
+    /// pile up for as long as nobody scrapes `/metrics` (or forever, with no
+    /// admin listener).
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
         self.recorder
             .register_counter(&Key::from_parts(name, labels), &METADATA)
