@@ -15,6 +15,16 @@ fn toml_path(path: &std::path::Path) -> String {
     format!("{:?}", path.display().to_string())
 }
 
+/// A proxy in front of a TLS-only PostgreSQL with `server`'s certificate,
+/// with `[upstream] tls = mode`, trusting `trusted`'s CA, plus `extra` lines.
+async fn proxy_to(server: &TestPki, mode: &str, trusted: &TestPki, extra: &str) -> Harness {
+    let upstream = format!(
+        "[upstream]\ntls = \"{mode}\"\ntls_ca_file = {}\n{extra}",
+        toml_path(&trusted.ca_pem)
+    );
+    Harness::start_on(server.postgres().await, upstream.trim_end()).await
+}
+
 /// The SQLSTATE and message with which the proxy refuses `alice`.
 async fn refused(harness: &Harness) -> (String, String) {
     match harness
@@ -29,14 +39,7 @@ async fn refused(harness: &Harness) -> (String, String) {
 #[tokio::test]
 async fn verify_full_with_the_right_ca_connects_over_tls() {
     let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
-    let harness = Harness::start_on(
-        ca.postgres().await,
-        &format!(
-            "[upstream]\ntls = \"verify-full\"\ntls_ca_file = {}",
-            toml_path(&ca.ca_pem)
-        ),
-    )
-    .await;
+    let harness = proxy_to(&ca, "verify-full", &ca, "").await;
     let client = harness.connect_as("alice").await;
     assert!(Harness::upstream_ssl(&client).await);
     assert_eq!(user_id_of(&client).await.as_deref(), Some("alice"));
@@ -46,14 +49,7 @@ async fn verify_full_with_the_right_ca_connects_over_tls() {
 async fn verify_full_refuses_a_certificate_from_an_untrusted_ca() {
     let server_ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let other_ca = TestPki::generate_named("some other CA", &[]);
-    let harness = Harness::start_on(
-        server_ca.postgres().await,
-        &format!(
-            "[upstream]\ntls = \"verify-full\"\ntls_ca_file = {}",
-            toml_path(&other_ca.ca_pem)
-        ),
-    )
-    .await;
+    let harness = proxy_to(&server_ca, "verify-full", &other_ca, "").await;
     let (code, message) = refused(&harness).await;
     assert_eq!(code, "08006", "{message}");
     assert!(message.contains("certificate is not trusted"), "{message}");
@@ -65,12 +61,11 @@ async fn verify_full_refuses_a_certificate_from_an_untrusted_ca() {
 #[tokio::test]
 async fn verify_full_refuses_a_certificate_for_another_name() {
     let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
-    let harness = Harness::start_on(
-        ca.postgres().await,
-        &format!(
-            "[upstream]\ntls = \"verify-full\"\ntls_ca_file = {}\ntls_server_name = \"db.example.com\"",
-            toml_path(&ca.ca_pem)
-        ),
+    let harness = proxy_to(
+        &ca,
+        "verify-full",
+        &ca,
+        "tls_server_name = \"db.example.com\"",
     )
     .await;
     let (code, message) = refused(&harness).await;
@@ -85,12 +80,11 @@ async fn verify_full_refuses_a_certificate_for_another_name() {
 #[tokio::test]
 async fn verify_ca_accepts_a_trusted_certificate_for_another_name() {
     let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
-    let harness = Harness::start_on(
-        ca.postgres().await,
-        &format!(
-            "[upstream]\ntls = \"verify-ca\"\ntls_ca_file = {}\ntls_server_name = \"db.example.com\"",
-            toml_path(&ca.ca_pem)
-        ),
+    let harness = proxy_to(
+        &ca,
+        "verify-ca",
+        &ca,
+        "tls_server_name = \"db.example.com\"",
     )
     .await;
     let client = harness.connect_as("alice").await;
@@ -101,14 +95,7 @@ async fn verify_ca_accepts_a_trusted_certificate_for_another_name() {
 async fn verify_ca_still_refuses_an_untrusted_certificate() {
     let server_ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let other_ca = TestPki::generate_named("some other CA", &[]);
-    let harness = Harness::start_on(
-        server_ca.postgres().await,
-        &format!(
-            "[upstream]\ntls = \"verify-ca\"\ntls_ca_file = {}",
-            toml_path(&other_ca.ca_pem)
-        ),
-    )
-    .await;
+    let harness = proxy_to(&server_ca, "verify-ca", &other_ca, "").await;
     let (code, message) = refused(&harness).await;
     assert_eq!(code, "08006", "{message}");
     assert!(message.contains("certificate is not trusted"), "{message}");
@@ -162,14 +149,7 @@ async fn disable_never_asks_for_tls() {
 #[tokio::test]
 async fn a_cancel_request_reaches_a_database_that_requires_tls() {
     let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
-    let harness = Harness::start_on(
-        ca.postgres().await,
-        &format!(
-            "[upstream]\ntls = \"verify-full\"\ntls_ca_file = {}",
-            toml_path(&ca.ca_pem)
-        ),
-    )
-    .await;
+    let harness = proxy_to(&ca, "verify-full", &ca, "").await;
     let client = harness.connect_as("alice").await;
     let cancel = client.cancel_token();
     let sleeping = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
