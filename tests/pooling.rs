@@ -536,3 +536,43 @@ async fn a_connection_past_max_lifetime_is_closed_instead_of_reused() {
     assert_ne!(pid_of(&bob).await, pid);
     assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
 }
+
+#[tokio::test]
+async fn a_reload_that_leaves_upstream_and_pool_alone_keeps_the_warm_connections() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    drop(alice);
+    wait_until_returned(&admin, pid).await;
+
+    h.reload_with(&format!(
+        "{POOLED}\n[[provider]]\nissuer = \"https://other.example\""
+    ))
+    .expect("reload");
+
+    let bob = h.connect_as("bob").await;
+    assert_eq!(pid_of(&bob).await, pid, "bob gets alice's warm backend");
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_the_pool_starts_a_new_one() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    drop(alice);
+    wait_until_returned(&admin, pid).await;
+
+    h.reload_with("[pool]\nmode = \"session\"\nsize = 2\n")
+        .expect("reload");
+
+    let bob = h.connect_as("bob").await;
+    assert_ne!(
+        pid_of(&bob).await,
+        pid,
+        "the new pool has no warm backend yet"
+    );
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
