@@ -1,5 +1,9 @@
 -- rlsgate: schema `auth`, version 1.
 --
+-- Version 2 (auth_schema_v2.sql) replaces auth.session() and the envelope:
+-- read it for what is in force. This file stays as it was installed, so that
+-- an upgrade runs the same steps as a fresh install.
+--
 -- Installed by `rlsgate init-db`, which runs this file inside one transaction
 -- under an advisory lock and records version 1 in auth.schema_version. Every
 -- statement is idempotent, so running it again changes nothing.

@@ -119,27 +119,35 @@ impl CancelRegistry {
             tracing::info!("cancel request with an unknown key ignored");
             return "unknown_key";
         };
-        let mut packet = BytesMut::with_capacity(16);
-        frontend::cancel_request(upstream.pid, upstream.secret, &mut packet);
-        let address = format!("{host}:{port}");
-        match tls.connect(&host, port).await {
-            Ok(mut stream) => {
-                let sent = async {
-                    stream.write_all(&packet).await?;
-                    stream.flush().await
-                };
-                if let Err(e) = sent.await {
-                    tracing::warn!(%address, error = %e, "cannot send cancel request upstream");
-                    return "failed";
-                }
-                // The server closes the connection once it has read the request.
-                let _ = stream.shutdown().await;
-                "forwarded"
-            }
-            Err(refusal) => {
-                tracing::warn!(%address, reason = %refusal, "cannot connect upstream to cancel");
+        match cancel_backend(&host, port, upstream, tls).await {
+            Ok(()) => "forwarded",
+            Err(e) => {
+                tracing::warn!(address = %format!("{host}:{port}"), error = %e, "cannot cancel upstream");
                 "failed"
             }
         }
     }
+}
+
+/// Sends a CancelRequest for the backend with `key` over a connection of
+/// its own. Like libpq, the request goes over TLS as `[upstream] tls` says
+/// (a server that only accepts `hostssl` connections ignores a plaintext
+/// one).
+pub async fn cancel_backend(
+    host: &str,
+    port: u16,
+    key: CancelKey,
+    tls: &UpstreamTls,
+) -> Result<(), String> {
+    let mut packet = BytesMut::with_capacity(16);
+    frontend::cancel_request(key.pid, key.secret, &mut packet);
+    let mut stream = tls.connect(host, port).await.map_err(|r| r.to_string())?;
+    let sent = async {
+        stream.write_all(&packet).await?;
+        stream.flush().await
+    };
+    sent.await.map_err(|e| e.to_string())?;
+    // The server closes the connection once it has read the request.
+    let _ = stream.shutdown().await;
+    Ok(())
 }

@@ -38,6 +38,7 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::claims::Identity;
 use crate::config::{Config, Role};
 use crate::init_db::SCHEMA_VERSION;
 use crate::jwks::{JwksCache, http_client};
@@ -328,21 +329,27 @@ fn unix_now() -> u64 {
 }
 
 /// Logs in as `role`'s upstream user through [`upstream::connect`], with
-/// null claims sealed by the configured key.
+/// null claims sealed by the configured key and bound as `serve` binds them.
 async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, String> {
-    let claims = config.claims.signing_key.seal(
-        role.upstream_user(),
-        unix_now() + ENVELOPE_VALIDITY.as_secs(),
-        None,
-    );
+    let identity = Identity {
+        upstream_user: role.upstream_user().to_owned(),
+        claims: None,
+        valid_until: unix_now() + ENVELOPE_VALIDITY.as_secs(),
+        lifetime: ENVELOPE_VALIDITY,
+    };
     let login = Login {
         role,
         database: Some(database),
         parameters: vec![("application_name".to_owned(), "rlsgate check".to_owned())],
-        claims,
     };
     let tls = UpstreamTls::from_config(&config.upstream).map_err(|e| format!("{e:#}"))?;
-    match upstream::connect(&config.upstream, &tls, login).await {
+    let key = &config.claims.signing_key;
+    let bound = async {
+        let mut session = upstream::connect(&config.upstream, &tls, login).await?;
+        upstream::bind_claims(&mut session, key, &identity, unix_now()).await?;
+        Ok::<_, crate::error::Refusal>(session)
+    };
+    match bound.await {
         Ok(session) => Ok(Session {
             stream: session.stream,
             buf: BytesMut::new(),

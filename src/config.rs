@@ -175,6 +175,10 @@ pub struct Role {
     pub upstream_password: Option<Secret>,
     /// Sessions of this role at once (within `[listen] max_connections`).
     pub max_connections: Option<usize>,
+    /// The settings `ALTER ROLE <upstream_user> [IN DATABASE …] SET` is expected to have, as
+    /// `pg_db_role_setting.setconfig` lists them ("name=value"); any other is refused at login.
+    #[serde(default)]
+    pub upstream_settings: Vec<String>,
 }
 
 impl Role {
@@ -435,10 +439,17 @@ pub enum PoolMode {
 pub struct Claims {
     /// Base64 of at least 32 random bytes, shared with the database by `rlsgate init-db`.
     pub signing_key: SigningKey,
+    /// The longest one envelope is valid; sessions that last longer get a
+    /// fresh one between transactions (see `claims`).
+    #[serde(default = "defaults::envelope_lifetime", with = "humantime_serde")]
+    pub envelope_lifetime: Duration,
 }
 
 mod defaults {
     use std::time::Duration;
+    pub fn envelope_lifetime() -> Duration {
+        crate::claims::LIFETIME
+    }
     pub fn max_connections() -> usize {
         1000
     }
@@ -575,6 +586,9 @@ impl Config {
         }
         if self.listen.max_connections == 0 {
             bail!("[listen] max_connections must be at least 1");
+        }
+        if self.claims.envelope_lifetime < Duration::from_secs(2) {
+            bail!("[claims] envelope_lifetime must be at least 2s");
         }
         self.upstream.validate()?;
         if self.pool.mode == PoolMode::Session {

@@ -14,22 +14,19 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::cancel::{CancelRegistry, Registration};
+use crate::claims::{Envelope, Identity, NO_EXPIRY};
 use crate::config::{Config, TokenPolicy};
 use crate::error::{Reason, Refusal, sqlstate};
 use crate::front_door::{self, Arrival, FrontDoorError, PasswordError};
 use crate::limit::Limit;
 use crate::metrics::{self, Metrics};
-use crate::pool::{Lease, Pool};
+use crate::pool::{Attached, Lease, Pool};
 use crate::relay::{self, Expiry, Traffic};
 use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
 use crate::token_check::{TokenChecker, VerifiedToken, fingerprint, now_unix};
 use crate::upstream::{self, Login, UpstreamSession};
 use crate::upstream_tls::UpstreamTls;
-
-/// Validity of the envelope when nothing expires: roles served without a
-/// token, and sessions allowed to outlive theirs (year 2106).
-const NO_EXPIRY: u64 = u32::MAX as u64;
 
 /// How long, and how much, a refused client may still send before we close.
 const LINGER: Duration = Duration::from_secs(1);
@@ -57,7 +54,7 @@ pub struct Services {
 struct Session {
     role: String,
     upstream: UpstreamSession,
-    expiry: Option<Expiry>,
+    plan: relay::Plan,
     /// The upstream connection is pooled and goes back when the session ends.
     lease: Option<Lease>,
     /// Held while the session lives: its cancel key and its role's slot.
@@ -113,35 +110,35 @@ pub async fn serve(
         let (to_server, to_client) = services.metrics.relayed_bytes();
         let traffic = Traffic::new(to_server, to_client);
         services.metrics.session_started(&session.role);
-        let ending = match (session.lease, &services.pool) {
-            (Some(lease), Some(pool)) => {
-                let mut stream = session.upstream.stream;
-                let (ending, clean) =
-                    relay::run_pooled(client, &mut stream, session.expiry, &mut shutdown, &traffic)
-                        .await;
-                // The client's cancel key must not reach the next client's queries.
-                drop(session._cancel);
-                pool.give_back(stream, lease, clean).await;
-                ending
-            }
+        let Session {
+            role,
+            upstream,
+            plan,
+            lease,
+            _cancel: cancel,
+            _role_slot: role_slot,
+        } = session;
+        let mut stream = upstream.stream;
+        let finish = relay::run(client, &mut stream, plan, &mut shutdown, &traffic).await;
+        // The client's cancel key must not reach the next client's queries,
+        // nor a backend being retired.
+        drop(cancel);
+        match (lease, &services.pool) {
+            (Some(lease), Some(pool)) if finish.clean => pool.give_back(stream, lease).await,
             _ => {
-                relay::run(
-                    client,
-                    session.upstream.stream,
-                    session.expiry,
-                    &mut shutdown,
-                    &traffic,
-                )
-                .await
+                let config = &services.config.upstream;
+                let target = (config.host.as_str(), config.port, upstream.key);
+                upstream::retire(stream, target, finish.in_flight, &services.upstream_tls).await;
             }
-        };
+        }
+        // The session's slots are free only now that its backend has ended.
+        drop(role_slot);
+        let ending = finish.ending;
         let duration = started.elapsed();
         let (client_to_server, server_to_client) = traffic.bytes();
-        services
-            .metrics
-            .session_ended(&session.role, &ending, duration);
+        services.metrics.session_ended(&role, &ending, duration);
         tracing::info!(
-            role = %session.role,
+            role = %role,
             outcome = metrics::outcome(&ending),
             ?ending,
             ?duration,
@@ -248,15 +245,17 @@ async fn open_session(
         None => None,
     };
 
-    let mut identity = None;
-    let (claims, expiry) = match role.token {
+    let mut verified_token = None;
+    let (identity, expiry) = match role.token {
         TokenPolicy::None => {
-            // No token, so nothing expires; the envelope still names the role.
-            let sealed = config
-                .claims
-                .signing_key
-                .seal(role.upstream_user(), NO_EXPIRY, None);
-            (sealed, None)
+            // No token, so the session does not expire; its envelopes still do.
+            let identity = Identity {
+                upstream_user: role.upstream_user().to_owned(),
+                claims: None,
+                valid_until: NO_EXPIRY,
+                lifetime: config.claims.envelope_lifetime,
+            };
+            (identity, None)
         }
         TokenPolicy::Required => {
             let plaintext = !client.is_tls();
@@ -287,14 +286,8 @@ async fn open_session(
                 let leeway = services.tokens.leeway(&verified);
                 verified.expires_at.saturating_add(leeway.as_secs())
             } else {
-                // The database's check agrees with the proxy's choice.
                 NO_EXPIRY
             };
-            let sealed = config.claims.signing_key.seal(
-                role.upstream_user(),
-                valid_until,
-                Some(&verified.claims),
-            );
             let expiry = ends_with_token.then(|| {
                 let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
                 Expiry {
@@ -302,8 +295,14 @@ async fn open_session(
                     exp: verified.expires_at,
                 }
             });
-            identity = Some(verified);
-            (sealed, expiry)
+            let identity = Identity {
+                upstream_user: role.upstream_user().to_owned(),
+                claims: Some(verified.claims.clone()),
+                valid_until,
+                lifetime: config.claims.envelope_lifetime,
+            };
+            verified_token = Some(verified);
+            (identity, expiry)
         }
     };
 
@@ -311,20 +310,35 @@ async fn open_session(
         role,
         database: parameters.get("database").map(String::as_str),
         parameters: forwarded,
-        claims,
     };
+    let key = &config.claims.signing_key;
     let connecting = StdInstant::now();
     let attached = match &services.pool {
         Some(pool) => {
-            pool.attach(&config.upstream, &services.upstream_tls, login)
-                .await
-        }
-        None => upstream::connect(&config.upstream, &services.upstream_tls, login)
+            pool.attach(
+                &config.upstream,
+                &services.upstream_tls,
+                login,
+                (key, &identity),
+            )
             .await
-            .map(|upstream| (upstream, None)),
+        }
+        None => {
+            Attached::unpooled(
+                &config.upstream,
+                &services.upstream_tls,
+                login,
+                (key, &identity),
+            )
+            .await
+        }
     };
     services.metrics.upstream_connected(connecting.elapsed());
-    let (upstream, lease) = attached?;
+    let Attached {
+        upstream,
+        lease,
+        claims_exp,
+    } = attached?;
     let cancel = services.cancels.register(
         config.upstream.host.clone(),
         config.upstream.port,
@@ -344,21 +358,27 @@ async fn open_session(
         .await
         .map_err(|_| Failure::Closed)?;
     client.flush().await.map_err(|_| Failure::Closed)?;
-    let iss = identity
+    let iss = verified_token
         .as_ref()
         .and_then(|v| v.claims.get("iss"))
         .and_then(serde_json::Value::as_str);
     tracing::info!(
         role = %role.name,
-        sub = identity.as_ref().and_then(VerifiedToken::subject),
+        sub = verified_token.as_ref().and_then(VerifiedToken::subject),
         iss,
         token = seen.token.as_deref(),
         "session started"
     );
+    let envelope = Envelope::new(key.clone(), identity, upstream.backend, claims_exp);
+    let plan = relay::Plan {
+        expiry,
+        pooled: lease.is_some(),
+        envelope,
+    };
     Ok(Session {
         role: role.name.clone(),
         upstream,
-        expiry,
+        plan,
         lease,
         _cancel: cancel,
         _role_slot: role_slot,

@@ -24,7 +24,10 @@ use crate::upstream_tls::{UpstreamTls, UrlTls};
 
 /// The schema migrations, in order; each runs once, recorded in
 /// `auth.schema_version`.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("auth_schema.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("auth_schema.sql")),
+    (2, include_str!("auth_schema_v2.sql")),
+];
 
 /// The version of schema `auth` this build installs and expects.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -323,9 +326,25 @@ mod tests {
             .as_secs() as i64
     }
 
-    /// The setting value per the contract, made independently of claims.rs.
-    fn seal(key: &[u8], user: &str, exp: i64, claims: Value) -> String {
-        let envelope = json!({"v": 1, "user": user, "exp": exp, "claims": claims});
+    /// The setting value per the contract, made independently of claims.rs,
+    /// for the backend of `client`.
+    async fn sealed(client: &Client, key: &[u8], user: &str, exp: i64, claims: Value) -> String {
+        let row = client
+            .query_one(
+                "select pg_backend_pid(), (extract(epoch from backend_start) * 1000000)::bigint \
+                 from pg_stat_activity where pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (pid, started): (i32, i64) = (row.get(0), row.get(1));
+        seal(
+            key,
+            json!({"v": 2, "user": user, "pid": pid, "started": started, "exp": exp, "claims": claims}),
+        )
+    }
+
+    fn seal(key: &[u8], envelope: Value) -> String {
         let signed = format!(
             "{}.{}",
             key_id(key),
@@ -392,7 +411,7 @@ mod tests {
             first,
             InstallReport {
                 version_before: None,
-                version_after: 1,
+                version_after: SCHEMA_VERSION,
                 keys_added: vec![key_id(&k1)],
             }
         );
@@ -400,14 +419,14 @@ mod tests {
         assert_eq!(
             again,
             InstallReport {
-                version_before: Some(1),
-                version_after: 1,
+                version_before: Some(SCHEMA_VERSION),
+                version_after: SCHEMA_VERSION,
                 keys_added: vec![],
             }
         );
         assert_eq!(
             again.to_string(),
-            "schema auth is up to date (version 1); no new signing keys"
+            format!("schema auth is up to date (version {SCHEMA_VERSION}); no new signing keys")
         );
 
         let rotated = install(&client, &[k1.clone(), k2.clone()]).await.unwrap();
@@ -417,11 +436,15 @@ mod tests {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(versions, 1);
+        assert_eq!(versions, i64::from(SCHEMA_VERSION), "one row per migration");
 
         let claims = json!({"sub": "alice"});
         for k in [&k1, &k2] {
-            set(&client, &seal(k, "postgres", now() + 60, claims.clone())).await;
+            set(
+                &client,
+                &sealed(&client, k, "postgres", now() + 60, claims.clone()).await,
+            )
+            .await;
             assert_eq!(user_id(&client).await.unwrap().as_deref(), Some("alice"));
         }
 
@@ -476,7 +499,11 @@ mod tests {
 
         let uuid = "3F2504E0-4F89-11D3-9A0C-0305E82C3301";
         let claims = json!({"sub": uuid, "role": "authenticated", "n": [1, 2]});
-        set(&client, &seal(&k, "postgres", now() + 60, claims.clone())).await;
+        set(
+            &client,
+            &sealed(&client, &k, "postgres", now() + 60, claims.clone()).await,
+        )
+        .await;
         let row = client
             .query_one(
                 "select auth.session()::text, auth.jwt()::text, auth.user_id(), auth.uid()::text",
@@ -496,7 +523,7 @@ mod tests {
         ] {
             set(
                 &client,
-                &seal(&k, "postgres", now() + 60, json!({"sub": sub})),
+                &sealed(&client, &k, "postgres", now() + 60, json!({"sub": sub})).await,
             )
             .await;
             let row = client
@@ -514,7 +541,7 @@ mod tests {
         let client = pg.connect("postgres").await.unwrap();
         let k = key(4, 32);
         install(&client, std::slice::from_ref(&k)).await.unwrap();
-        let good = seal(&k, "postgres", now() + 60, json!({"sub": "alice"}));
+        let good = sealed(&client, &k, "postgres", now() + 60, json!({"sub": "alice"})).await;
         let (signed, mac) = good.rsplit_once('.').unwrap();
 
         let flipped = if mac.starts_with('0') { "1" } else { "0" };
@@ -526,7 +553,7 @@ mod tests {
         let (_, payload) = signed.split_once('.').unwrap();
         let forged_payload = STANDARD.encode(
             serde_json::to_vec(
-                &json!({"v":1,"user":"postgres","exp":now()+60,"claims":{"sub":"bob"}}),
+                &json!({"v":2,"user":"postgres","exp":now()+60,"claims":{"sub":"bob"}}),
             )
             .unwrap(),
         );
@@ -536,7 +563,14 @@ mod tests {
         let unknown = key(5, 32);
         set(
             &client,
-            &seal(&unknown, "postgres", now() + 60, json!({"sub": "alice"})),
+            &sealed(
+                &client,
+                &unknown,
+                "postgres",
+                now() + 60,
+                json!({"sub": "alice"}),
+            )
+            .await,
         )
         .await;
         let message = refusal(&client).await;
@@ -546,13 +580,24 @@ mod tests {
         );
 
         let exp = now() - 5;
-        set(&client, &seal(&k, "postgres", exp, json!({"sub": "alice"}))).await;
+        set(
+            &client,
+            &sealed(&client, &k, "postgres", exp, json!({"sub": "alice"})).await,
+        )
+        .await;
         let message = refusal(&client).await;
         assert!(message.contains("claims expired at "), "{message}");
 
         set(
             &client,
-            &seal(&k, "someone_else", now() + 60, json!({"sub": "alice"})),
+            &sealed(
+                &client,
+                &k,
+                "someone_else",
+                now() + 60,
+                json!({"sub": "alice"}),
+            )
+            .await,
         )
         .await;
         assert!(refusal(&client).await.contains("another login role"));
@@ -620,7 +665,7 @@ mod tests {
 
         set(
             &app,
-            &seal(&k, "app_user", now() + 60, json!({"sub": "carol"})),
+            &sealed(&app, &k, "app_user", now() + 60, json!({"sub": "carol"})).await,
         )
         .await;
         assert_eq!(user_id(&app).await.unwrap().as_deref(), Some("carol"));
@@ -634,7 +679,7 @@ mod tests {
         // The superuser's envelope is worthless in app_user's session.
         set(
             &app,
-            &seal(&k, "postgres", now() + 60, json!({"sub": "carol"})),
+            &sealed(&app, &k, "postgres", now() + 60, json!({"sub": "carol"})).await,
         )
         .await;
         assert!(refusal(&app).await.contains("another login role"));
@@ -665,7 +710,14 @@ mod tests {
 
         set(
             &client,
-            &seal(&long, "postgres", now() + 60, json!({"sub": "dave"})),
+            &sealed(
+                &client,
+                &long,
+                "postgres",
+                now() + 60,
+                json!({"sub": "dave"}),
+            )
+            .await,
         )
         .await;
         assert_eq!(user_id(&client).await.unwrap().as_deref(), Some("dave"));

@@ -60,7 +60,7 @@ pub fn outcome(ending: &Ending) -> &'static str {
         Ending::UpstreamClosed => "server_closed",
         Ending::TokenExpired(_) => "token_expired",
         Ending::ShuttingDown => "shutdown",
-        Ending::Failed(_) => "error",
+        Ending::Failed(..) => "error",
     }
 }
 

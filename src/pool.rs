@@ -1,10 +1,11 @@
 //! Warm upstream connections (`[pool] mode = "session"`).
 //!
-//! A pooled connection is opened with no client's claims: its startup
-//! packet sets [`claims::SETTING`] to the empty string, so anything that
-//! returns the setting to its startup value (`RESET`, `RESET ALL`,
-//! `DISCARD ALL`) makes the `auth` functions raise 28000 — a pooled session
-//! fails closed, never "no claims".
+//! A pooled connection is opened with no client's claims: like every
+//! upstream session, its startup packet sets [`claims::SETTING`] to the
+//! empty string, so anything that returns the setting to its startup value
+//! (`RESET`, `RESET ALL`, `DISCARD ALL`) makes the `auth` functions raise
+//! 28000 — a pooled session fails closed, never "no claims". Each client's
+//! envelope names the backend it is lent, so it is worthless on any other.
 //!
 //! A client is lent an idle connection (or a new one) once its token is
 //! checked, and in one round trip its startup parameters and its sealed
@@ -15,38 +16,29 @@
 //! applied that way get the client a connection of its own, outside the pool.
 //!
 //! A connection goes back to the pool only if its client left it idle (see
-//! [`relay::run_pooled`](crate::relay::run_pooled)), and only after
+//! [`relay::Finish`](crate::relay::Finish)), and only after
 //! `DISCARD ALL` answered with CommandComplete and ReadyForQuery "idle".
 
 use std::collections::{BTreeMap, HashMap};
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use fallible_iterator::FallibleIterator;
-use postgres_protocol::IsNull;
-use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 
-use crate::claims;
+use crate::claims::{self, Backend, Identity, SigningKey};
 use crate::config::{self, Upstream};
 use crate::error::Refusal;
 use crate::front_door::CancelKey;
 use crate::stream::UpstreamStream;
-use crate::upstream::{self, FrameReader, Login, UpstreamSession};
+use crate::token_check::now_unix;
+use crate::upstream::{self, FrameReader, Login, SetFailure, UpstreamSession};
 use crate::upstream_tls::UpstreamTls;
 
 /// How long returning a connection (its `DISCARD ALL`) may take.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The statement that applies one setting; `false`: for the session.
-const SET_CONFIG: &str = "select pg_catalog.set_config($1, $2, false)";
-
-/// The `text` type, for both parameters of [`SET_CONFIG`].
-const TEXT_OID: u32 = 25;
 
 /// What connections are pooled by: they are interchangeable within one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -59,6 +51,7 @@ struct PoolKey {
 pub struct Lease {
     key: PoolKey,
     cancel: CancelKey,
+    backend: Backend,
     /// ParameterStatus values as the connection reported them at startup:
     /// what `DISCARD ALL` returns them to.
     base: BTreeMap<String, String>,
@@ -79,13 +72,40 @@ pub struct Pool {
     reaper: AtomicBool,
 }
 
-/// Why binding a client to a pooled connection failed.
-enum BindFailure {
-    /// The connection is gone (or going): try another.
-    Dead(String),
-    /// The backend refused the client's settings: the client gets a
-    /// connection of its own, where Postgres says what is wrong.
-    Refused,
+/// An upstream session ready for its client, with its claims bound.
+pub struct Attached {
+    pub upstream: UpstreamSession,
+    /// `None` when the session is the client's own, outside the pool.
+    pub lease: Option<Lease>,
+    /// When the bound envelope expires (unix seconds).
+    pub claims_exp: u64,
+}
+
+impl Attached {
+    /// A connection of the client's own, with its claims bound.
+    pub async fn unpooled(
+        upstream: &Upstream,
+        tls: &UpstreamTls,
+        login: Login<'_>,
+        (key, identity): (&SigningKey, &Identity),
+    ) -> Result<Attached, Refusal> {
+        let mut session = upstream::connect(upstream, tls, login).await?;
+        let bound = tokio::time::timeout(
+            upstream.connect_timeout,
+            upstream::bind_claims(&mut session, key, identity, now_unix()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refusal::database_unavailable(
+                "no answer while binding the session's claims",
+            ))
+        })?;
+        Ok(Attached {
+            upstream: session,
+            lease: None,
+            claims_exp: bound,
+        })
+    }
 }
 
 impl Pool {
@@ -105,10 +125,11 @@ impl Pool {
         upstream: &Upstream,
         tls: &UpstreamTls,
         login: Login<'_>,
-    ) -> Result<(UpstreamSession, Option<Lease>), Refusal> {
+        claims: (&SigningKey, &Identity),
+    ) -> Result<Attached, Refusal> {
         let Some(settings) = settings_of(&login.parameters) else {
             tracing::debug!("startup parameters a pooled connection cannot take: unpooled");
-            return Ok((upstream::connect(upstream, tls, login).await?, None));
+            return Attached::unpooled(upstream, tls, login, claims).await;
         };
         let key = PoolKey {
             database: upstream
@@ -121,70 +142,64 @@ impl Pool {
             let (mut stream, mut lease, fresh) = match self.take(&key) {
                 Some(idle) => (idle.stream, idle.lease, false),
                 None => {
-                    let session = upstream::connect(
-                        upstream,
-                        tls,
-                        Login {
-                            role: login.role,
-                            database: login.database,
-                            parameters: Vec::new(),
-                            claims: String::new(),
-                        },
-                    )
-                    .await?;
+                    let bare = Login {
+                        role: login.role,
+                        database: login.database,
+                        parameters: Vec::new(),
+                    };
+                    let session = upstream::connect(upstream, tls, bare).await?;
                     let lease = Lease::new(key.clone(), &session);
                     (session.stream, lease, true)
                 }
             };
+            let exp = claims.1.envelope_expiry(now_unix());
+            let sealed = claims.0.seal(claims.1, lease.backend, exp);
             let bound = tokio::time::timeout(
                 upstream.connect_timeout,
-                bind(&mut stream, &mut lease, &settings, &login.claims),
+                bind(&mut stream, &mut lease, &settings, &sealed),
             )
             .await
-            .unwrap_or_else(|_| Err(BindFailure::Dead("no answer".to_owned())));
+            .unwrap_or_else(|_| Err(SetFailure::Dead("no answer".to_owned())));
             match bound {
                 Ok(()) => {
                     let session = UpstreamSession {
                         stream,
                         key: lease.cancel,
+                        backend: lease.backend,
                         greeting: lease.greeting(),
                         ready: BytesMut::from(&[b'Z', 0, 0, 0, 5, b'I'][..]),
                     };
-                    return Ok((session, Some(lease)));
+                    return Ok(Attached {
+                        upstream: session,
+                        lease: Some(lease),
+                        claims_exp: exp,
+                    });
                 }
-                Err(BindFailure::Dead(reason)) if !fresh => {
+                Err(SetFailure::Dead(reason)) if !fresh => {
                     tracing::info!(%reason, "discarded a pooled upstream connection that failed");
                 }
-                Err(BindFailure::Dead(reason)) => {
+                Err(SetFailure::Dead(reason)) => {
                     return Err(Refusal::database_unavailable(format!(
                         "new upstream connection failed: {reason}"
                     )));
                 }
-                Err(BindFailure::Refused) => {
+                Err(SetFailure::Refused(reason)) => {
                     close(stream);
                     tracing::debug!(
+                        %reason,
                         "the client's settings were refused on a pooled connection: unpooled"
                     );
-                    return Ok((upstream::connect(upstream, tls, login).await?, None));
+                    return Attached::unpooled(upstream, tls, login, claims).await;
                 }
             }
         }
     }
 
-    /// Takes back a connection after its client session: kept, reset, if
-    /// the session left it clean and it is not too old; closed otherwise.
-    pub async fn give_back(
-        self: &Arc<Self>,
-        mut stream: UpstreamStream,
-        mut lease: Lease,
-        clean: bool,
-    ) {
+    /// Takes back a connection its client session left clean (see
+    /// [`relay::Finish`](crate::relay::Finish)): kept, reset, unless it is
+    /// too old. A connection left in any other state is retired instead.
+    pub async fn give_back(self: &Arc<Self>, mut stream: UpstreamStream, mut lease: Lease) {
         self.start_reaper();
-        if !clean {
-            tracing::debug!("upstream connection not left idle by its client: closed");
-            close(stream);
-            return;
-        }
         if lease.born.elapsed() >= self.settings.max_lifetime {
             close(stream);
             return;
@@ -313,6 +328,7 @@ impl Lease {
         Lease {
             key,
             cancel: session.key,
+            backend: session.backend,
             current: base.clone(),
             base,
             born: Instant::now(),
@@ -380,81 +396,22 @@ async fn bind(
     lease: &mut Lease,
     settings: &[(String, String)],
     sealed: &str,
-) -> Result<(), BindFailure> {
-    let dead = |e: io::Error| BindFailure::Dead(e.to_string());
+) -> Result<(), SetFailure> {
     let mut out = BytesMut::new();
-    frontend::parse("", SET_CONFIG, [TEXT_OID, TEXT_OID], &mut out).map_err(dead)?;
     let claims = (claims::SETTING, sealed);
     let all = std::iter::once(claims).chain(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-    for (name, value) in all {
-        frontend::bind(
-            "",
-            "",
-            [0i16],
-            [name, value],
-            |v, buf| {
-                buf.put_slice(v.as_bytes());
-                Ok(IsNull::No)
-            },
-            [0i16],
-            &mut out,
-        )
-        .map_err(|_| BindFailure::Refused)?;
-        frontend::execute("", 0, &mut out).map_err(dead)?;
+    if upstream::encode_set_config(&mut out, "", all).is_err() {
+        return Err(SetFailure::Refused("a setting has a NUL byte".to_owned()));
     }
-    frontend::sync(&mut out);
-    stream.write_all(&out).await.map_err(dead)?;
-
+    let sent = async { stream.write_all(&out).await.and(stream.flush().await) };
+    sent.await.map_err(|e| SetFailure::Dead(e.to_string()))?;
     let mut reader = FrameReader::default();
-    let mut refused = false;
-    loop {
-        let (kind, raw) = reader.next(stream).await.map_err(dead)?;
-        match kind {
-            b'1' | b'2' | b'D' | b'C' | b'N' | b'A' => {}
-            b'S' => {
-                if let Some((name, value)) = parameter_status(&raw[5..]) {
-                    lease.current.insert(name, value);
-                }
-            }
-            b'E' => {
-                if is_fatal(&raw) {
-                    return Err(BindFailure::Dead(
-                        "the backend ended the connection".to_owned(),
-                    ));
-                }
-                refused = true;
-            }
-            b'Z' => {
-                return match (refused, raw.get(5)) {
-                    (true, _) => Err(BindFailure::Refused),
-                    (false, Some(&b'I')) => Ok(()),
-                    (false, _) => Err(BindFailure::Dead(
-                        "not idle after binding the claims".to_owned(),
-                    )),
-                };
-            }
-            other => {
-                return Err(BindFailure::Dead(format!(
-                    "unexpected message {:?} while binding the claims",
-                    other as char
-                )));
-            }
+    upstream::read_set_config_answer(stream, &mut reader, |body| {
+        if let Some((name, value)) = parameter_status(body) {
+            lease.current.insert(name, value);
         }
-    }
-}
-
-/// Whether an ErrorResponse frame ends the connection (FATAL or PANIC).
-fn is_fatal(raw: &BytesMut) -> bool {
-    let Ok(Some(Message::ErrorResponse(body))) = Message::parse(&mut raw.clone()) else {
-        return true;
-    };
-    let mut fields = body.fields();
-    while let Ok(Some(field)) = fields.next() {
-        if matches!(field.type_(), b'S' | b'V') {
-            return matches!(field.value_bytes(), b"FATAL" | b"PANIC");
-        }
-    }
-    true
+    })
+    .await
 }
 
 /// `DISCARD ALL`, answered by exactly CommandComplete and ReadyForQuery
@@ -553,6 +510,7 @@ mod tests {
                     user: "u".into(),
                 },
                 cancel: CancelKey { pid: 1, secret: 2 },
+                backend: Backend { pid: 1, started: 3 },
                 base: BTreeMap::new(),
                 current: [("TimeZone".to_owned(), "UTC".to_owned())].into(),
                 born: Instant::now(),

@@ -1,20 +1,24 @@
-//! The relay: bytes both ways, untouched. The server-to-client direction
-//! tracks message boundaries (five header bytes per message, no parsing
-//! beyond that) so that an ending — the token expiring, the proxy shutting
-//! down — reaches the client as a whole FATAL message, never inside another.
+//! The relay: bytes both ways, untouched. Both directions track message
+//! boundaries (five header bytes per message, no parsing beyond that) so
+//! that an ending — the token expiring, the proxy shutting down — reaches
+//! the client as a whole FATAL message, never inside another; so that the
+//! proxy knows whether a statement is still running when a session ends;
+//! and so that it can replace the session's envelope while it is idle.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::claims::{self, Envelope};
 use crate::error::{Refusal, sqlstate};
 use crate::shutdown::Shutdown;
 use crate::stream::{ClientStream, UpstreamStream};
-use crate::token_check::format_time;
+use crate::token_check::{format_time, now_unix};
+use crate::upstream::encode_set_config;
 
 const BUFFER: usize = 16 * 1024;
 /// A client's Terminate message.
@@ -30,7 +34,15 @@ pub enum Ending {
     /// The token expired (unix seconds of its `exp`).
     TokenExpired(u64),
     ShuttingDown,
-    Failed(io::Error),
+    /// Reading from or writing to that side failed, or it broke the protocol.
+    Failed(Side, io::Error),
+}
+
+/// One side of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
 }
 
 /// When the session must end because its token does.
@@ -79,171 +91,43 @@ impl Traffic {
     }
 }
 
-pub async fn run(
-    client: ClientStream,
-    upstream: UpstreamStream,
-    expiry: Option<Expiry>,
-    shutdown: &mut Shutdown,
-    traffic: &Traffic,
-) -> Ending {
-    let (mut client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    // Whether the client's last bytes were a Terminate: the upstream then
-    // closes, which may be seen before the client's own close.
-    let said_goodbye = AtomicBool::new(false);
-    let to_upstream = async {
-        let mut buf = vec![0u8; BUFFER];
-        loop {
-            let n = match client_read.read(&mut buf).await {
-                Ok(0) => return Ending::ClientClosed,
-                Ok(n) => n,
-                Err(e) => return Ending::Failed(e),
-            };
-            said_goodbye.store(buf[..n].ends_with(&TERMINATE), Ordering::Relaxed);
-            // Flushed, as TLS may hold written bytes back until then.
-            if let Err(e) = write(&mut upstream_write, &buf[..n]).await {
-                return Ending::Failed(e);
-            }
-            traffic.to_server(n);
-        }
-    };
-    let mut frames = Frames::default();
-    let to_client = to_client(
-        upstream_read,
-        client_write,
-        expiry,
-        shutdown,
-        &mut frames,
-        traffic,
-    );
-    let ending = tokio::select! {
-        ending = to_upstream => ending,
-        ending = to_client => ending,
-    };
-    match ending {
-        Ending::UpstreamClosed if said_goodbye.load(Ordering::Relaxed) => Ending::ClientClosed,
-        Ending::TokenExpired(_) | Ending::ShuttingDown => {
-            // Terminate, so the backend ends cleanly and rolls back any open transaction.
-            let _ = write(&mut upstream_write, &TERMINATE).await;
-            ending
-        }
-        ending => ending,
-    }
+/// What a session's relay needs besides its two streams.
+pub struct Plan {
+    /// When the session ends with its token, if it does.
+    pub expiry: Option<Expiry>,
+    /// The backend outlives the session: the client's Terminate is kept
+    /// from it.
+    pub pooled: bool,
+    /// The session's envelope, replaced when due.
+    pub envelope: Envelope,
 }
 
-async fn to_client<R, W>(
-    mut upstream: R,
-    mut client: W,
-    expiry: Option<Expiry>,
-    shutdown: &mut Shutdown,
-    frames: &mut Frames,
-    traffic: &Traffic,
-) -> Ending
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER];
-    let mut ending: Option<Ending> = None;
-    let grace = tokio::time::sleep_until(far_future());
-    tokio::pin!(grace);
-    let expires = tokio::time::sleep_until(expiry.map_or_else(far_future, |e| e.at));
-    tokio::pin!(expires);
-
-    loop {
-        if let Some(reason) = ending.take() {
-            if frames.at_boundary() {
-                return end_with_fatal(&mut client, reason).await;
-            }
-            ending = Some(reason);
-        }
-        tokio::select! {
-            read = upstream.read(&mut buf) => {
-                let n = match read {
-                    Ok(0) => return Ending::UpstreamClosed,
-                    Ok(n) => n,
-                    Err(e) => return Ending::Failed(e),
-                };
-                let stop = ending.is_some();
-                let Some(take) = frames.consume(&buf[..n], stop) else {
-                    return Ending::Failed(io::Error::new(io::ErrorKind::InvalidData, "malformed message from upstream"));
-                };
-                if let Err(e) = write(&mut client, &buf[..take]).await {
-                    return Ending::Failed(e);
-                }
-                traffic.to_client(take);
-            }
-            () = &mut expires, if ending.is_none() && expiry.is_some() => {
-                ending = expiry.map(|e| Ending::TokenExpired(e.exp));
-                grace.as_mut().reset(Instant::now() + FINISH_MESSAGE_GRACE);
-            }
-            () = shutdown.recv(), if ending.is_none() && !shutdown.is_received() => {
-                ending = Some(Ending::ShuttingDown);
-                grace.as_mut().reset(Instant::now() + FINISH_MESSAGE_GRACE);
-            }
-            () = &mut grace => {
-                // The upstream stalled mid-message: close without a message
-                // rather than break the protocol.
-                return ending.unwrap_or(Ending::UpstreamClosed);
-            }
-        }
-    }
+/// How a session ended, and the state it left its backend in.
+#[derive(Debug)]
+pub struct Finish {
+    pub ending: Ending,
+    /// The client said goodbye (Terminate or end of stream) right after a
+    /// ReadyForQuery "idle" that answered everything it had sent: a pooled
+    /// backend can serve another client.
+    pub clean: bool,
+    /// Something the client sent was still unanswered: a statement may be
+    /// running on the backend, and must be cancelled rather than left to
+    /// finish (and commit) after its session ended.
+    pub in_flight: bool,
 }
 
-/// A pooled session: like [`run`], but the upstream connection outlives it.
-/// The client-to-server direction is framed too, so that the client's
-/// Terminate is kept from the backend and the session's last state is
-/// known. Returns why the session ended and whether the backend was left
-/// clean: the client said goodbye (Terminate or end of stream) right after
-/// a ReadyForQuery "idle" that answered everything it had sent.
-pub async fn run_pooled(
-    client: ClientStream,
-    upstream: &mut UpstreamStream,
-    expiry: Option<Expiry>,
-    shutdown: &mut Shutdown,
-    traffic: &Traffic,
-) -> (Ending, bool) {
-    let (mut client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    let mut from_server = Frames::default();
-    let mut from_client = Frames::default();
-    let mut sent = Sent::default();
-    let ending = {
-        let to_upstream = to_upstream_pooled(
-            &mut client_read,
-            &mut upstream_write,
-            &mut from_client,
-            &mut sent,
-            traffic,
-        );
-        let to_client = to_client(
-            upstream_read,
-            client_write,
-            expiry,
-            shutdown,
-            &mut from_server,
-            traffic,
-        );
-        tokio::select! {
-            ending = to_upstream => ending,
-            ending = to_client => ending,
-        }
-    };
-    if matches!(ending, Ending::TokenExpired(_) | Ending::ShuttingDown) {
-        let _ = write(&mut upstream_write, &TERMINATE).await;
-        return (ending, false);
-    }
-    let clean = matches!(ending, Ending::ClientClosed)
-        && from_client.at_boundary()
-        && !sent.unsynced
-        && from_server.at_boundary()
-        && from_server.kind == b'Z'
-        && from_server.first == b'I'
-        && from_server.readies == sent.syncs;
-    (ending, clean)
+/// What the two directions of a session tell each other.
+struct Shared {
+    /// ReadyForQuery messages passed to the client.
+    answered: AtomicU64,
+    /// The transaction status of the last ReadyForQuery.
+    status: AtomicU8,
+    /// Answers to the proxy's own messages (ReadyForQuery each) still to be
+    /// taken out of the server's stream.
+    swallow: AtomicU32,
 }
 
-/// What a pooled session's client has sent.
+/// What a session's client has sent.
 #[derive(Default)]
 struct Sent {
     /// Messages that are each answered by one ReadyForQuery: Query, Sync,
@@ -253,72 +137,364 @@ struct Sent {
     unsynced: bool,
 }
 
-/// The client-to-server direction of a pooled session. A partial header at
-/// the end of a read is held back until its type is known, so Terminate is
-/// never forwarded, not even in part.
-async fn to_upstream_pooled<R, W>(
-    client: &mut R,
-    upstream: &mut W,
-    frames: &mut Frames,
-    sent: &mut Sent,
+impl Shared {
+    /// Everything the client sent is answered, outside a transaction.
+    fn idle(&self, sent: &Sent) -> bool {
+        !sent.unsynced
+            && self.swallow.load(Ordering::Relaxed) == 0
+            && self.answered.load(Ordering::Relaxed) == sent.syncs
+            && self.status.load(Ordering::Relaxed) == b'I'
+    }
+}
+
+/// Relays a session both ways until one side ends it. Both directions are
+/// framed (five header bytes per message, no parsing beyond that), so that
+/// an ending reaches the client as a whole message, the client's Terminate
+/// is known, the proxy can slip a fresh envelope in while the session is
+/// idle, and what is still running when it ends is known.
+pub async fn run(
+    client: ClientStream,
+    upstream: &mut UpstreamStream,
+    plan: Plan,
+    shutdown: &mut Shutdown,
     traffic: &Traffic,
-) -> Ending
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER];
-    let mut held = 0;
-    loop {
-        let n = match client.read(&mut buf[held..]).await {
-            Ok(0) => return Ending::ClientClosed,
-            Ok(n) => n,
-            Err(e) => return Ending::Failed(e),
-        };
-        let end = held + n;
-        let mut at = held;
-        while at < end {
-            let Some(take) = frames.consume(&buf[at..end], true) else {
-                return Ending::Failed(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "malformed message from client",
-                ));
+) -> Finish {
+    let Plan {
+        expiry,
+        pooled,
+        mut envelope,
+    } = plan;
+    let (mut client_read, client_write) = tokio::io::split(client);
+    let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let shared = Shared {
+        answered: AtomicU64::new(0),
+        status: AtomicU8::new(b'I'),
+        swallow: AtomicU32::new(0),
+    };
+    let mut from_server = Frames::default();
+    let mut from_client = Frames::default();
+    let mut sent = Sent::default();
+    let ending = {
+        let to_upstream = ClientSide {
+            frames: &mut from_client,
+            sent: &mut sent,
+            shared: &shared,
+            envelope: &mut envelope,
+            pooled,
+            traffic,
+        }
+        .run(&mut client_read, &mut upstream_write);
+        let to_client = ServerSide {
+            frames: &mut from_server,
+            shared: &shared,
+            traffic,
+        }
+        .run(upstream_read, client_write, expiry, shutdown);
+        tokio::select! {
+            ending = to_upstream => ending,
+            ending = to_client => ending,
+        }
+    };
+    let answered = shared.answered.load(Ordering::Relaxed);
+    let in_flight = sent.unsynced || answered < sent.syncs;
+    let clean = matches!(ending, Ending::ClientClosed)
+        && from_client.at_boundary()
+        && from_server.at_boundary()
+        && shared.idle(&sent);
+    Finish {
+        ending,
+        clean,
+        in_flight,
+    }
+}
+
+/// The client-to-server direction.
+struct ClientSide<'a> {
+    frames: &'a mut Frames,
+    sent: &'a mut Sent,
+    shared: &'a Shared,
+    envelope: &'a mut Envelope,
+    pooled: bool,
+    traffic: &'a Traffic,
+}
+
+impl ClientSide<'_> {
+    /// A partial header at the end of a read is held back until its type is
+    /// known, so a pooled client's Terminate never reaches the backend, not
+    /// even in part.
+    async fn run<R, W>(mut self, client: &mut R, upstream: &mut W) -> Ending
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; BUFFER];
+        let mut held = 0;
+        loop {
+            let n = match client.read(&mut buf[held..]).await {
+                Ok(0) => return Ending::ClientClosed,
+                Ok(n) => n,
+                Err(e) => return Ending::Failed(Side::Client, e),
             };
-            at += take;
-            if !frames.at_boundary() {
+            if held == 0
+                && self.frames.at_boundary()
+                && let Err(e) = self.refresh_envelope(upstream).await
+            {
+                return Ending::Failed(Side::Upstream, e);
+            }
+            let end = held + n;
+            let (forward, terminated) = match self.frame(&buf[..end], held) {
+                Ok(walked) => walked,
+                Err(e) => return Ending::Failed(Side::Client, e),
+            };
+            if let Err(e) = write(upstream, &buf[..forward]).await {
+                return Ending::Failed(Side::Upstream, e);
+            }
+            self.traffic.to_server(forward);
+            if terminated {
+                return Ending::ClientClosed;
+            }
+            held = end - forward;
+            buf.copy_within(forward..end, 0);
+        }
+    }
+
+    /// Walks the messages of `bytes` from `from` (what comes before was held
+    /// back, already walked): how many bytes to forward now, and whether the
+    /// client said goodbye.
+    fn frame(&mut self, bytes: &[u8], from: usize) -> io::Result<(usize, bool)> {
+        let malformed = |what| io::Error::new(io::ErrorKind::InvalidData, what);
+        let mut at = from;
+        while at < bytes.len() {
+            at += self
+                .frames
+                .consume(&bytes[at..], true)
+                .ok_or_else(|| malformed("malformed message from client"))?;
+            if !self.frames.at_boundary() {
                 continue;
             }
-            match frames.kind {
+            match self.frames.kind {
                 b'X' => {
-                    // Terminate has no body and its header was held back, so
-                    // all of it is still here, unsent.
-                    if frames.header != TERMINATE {
-                        return Ending::Failed(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "malformed Terminate from client",
-                        ));
+                    if self.frames.header != TERMINATE {
+                        return Err(malformed("malformed Terminate from client"));
                     }
-                    sent.unsynced |= at < end;
-                    traffic.to_server(at - TERMINATE.len());
-                    return match write(upstream, &buf[..at - TERMINATE.len()]).await {
-                        Ok(()) => Ending::ClientClosed,
-                        Err(e) => Ending::Failed(e),
+                    self.sent.unsynced |= at < bytes.len();
+                    // A pooled backend outlives its client; any other ends
+                    // cleanly when it reads the Terminate.
+                    let forward = if self.pooled {
+                        at - TERMINATE.len()
+                    } else {
+                        at
                     };
+                    return Ok((forward, true));
                 }
                 b'Q' | b'S' | b'F' => {
-                    sent.syncs += 1;
-                    sent.unsynced = false;
+                    self.sent.syncs += 1;
+                    self.sent.unsynced = false;
                 }
-                _ => sent.unsynced = true,
+                _ => self.sent.unsynced = true,
             }
         }
-        let keep = frames.header_len;
-        if let Err(e) = write(upstream, &buf[..end - keep]).await {
-            return Ending::Failed(e);
+        Ok((bytes.len() - self.frames.header_len, false))
+    }
+
+    /// Sends a fresh envelope ahead of the client's next message when the
+    /// current one is due and the session is idle: outside a transaction,
+    /// so that no rollback can undo it, and with nothing in flight, so that
+    /// its answer is the next thing the server says.
+    async fn refresh_envelope<W: AsyncWrite + Unpin>(
+        &mut self,
+        upstream: &mut W,
+    ) -> io::Result<()> {
+        if !self.shared.idle(self.sent) {
+            return Ok(());
         }
-        traffic.to_server(end - keep);
-        buf.copy_within(end - keep..end, 0);
-        held = keep;
+        let Some(sealed) = self.envelope.renew(now_unix()) else {
+            return Ok(());
+        };
+        let mut out = BytesMut::new();
+        encode_set_config(
+            &mut out,
+            REFRESH_STATEMENT,
+            [(claims::SETTING, sealed.as_str())],
+        )?;
+        self.shared.swallow.fetch_add(1, Ordering::Relaxed);
+        write(upstream, &out).await
+    }
+}
+
+/// The name of the statement that refreshes an envelope: named and closed
+/// again, so that a client's unnamed statement survives it.
+const REFRESH_STATEMENT: &str = "rlsgate_envelope_refresh";
+
+/// The server-to-client direction.
+struct ServerSide<'a> {
+    frames: &'a mut Frames,
+    shared: &'a Shared,
+    traffic: &'a Traffic,
+}
+
+impl ServerSide<'_> {
+    async fn run<R, W>(
+        mut self,
+        mut upstream: R,
+        mut client: W,
+        expiry: Option<Expiry>,
+        shutdown: &mut Shutdown,
+    ) -> Ending
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; BUFFER];
+        let mut held = 0;
+        let mut filter = Filter::default();
+        let mut ending: Option<Ending> = None;
+        let grace = tokio::time::sleep_until(far_future());
+        tokio::pin!(grace);
+        let expires = tokio::time::sleep_until(expiry.map_or_else(far_future, |e| e.at));
+        tokio::pin!(expires);
+
+        loop {
+            if let Some(reason) = ending.take() {
+                // What is held back was not walked yet: it is dropped.
+                if self.frames.at_boundary() {
+                    return end_with_fatal(&mut client, reason).await;
+                }
+                ending = Some(reason);
+            }
+            tokio::select! {
+                read = upstream.read(&mut buf[held..]) => {
+                    let n = match read {
+                        Ok(0) => return Ending::UpstreamClosed,
+                        Ok(n) => n,
+                        Err(e) => return Ending::Failed(Side::Upstream, e),
+                    };
+                    let end = held + n;
+                    let (passed, taken) = match self.pass(&mut buf, end, ending.is_some(), &mut filter) {
+                        Ok(walked) => walked,
+                        Err(e) => return Ending::Failed(Side::Upstream, e),
+                    };
+                    if let Err(e) = write(&mut client, &buf[..passed]).await {
+                        return Ending::Failed(Side::Client, e);
+                    }
+                    self.traffic.to_client(passed);
+                    held = end - taken;
+                    buf.copy_within(taken..end, 0);
+                }
+                () = &mut expires, if ending.is_none() && expiry.is_some() => {
+                    ending = expiry.map(|e| Ending::TokenExpired(e.exp));
+                    grace.as_mut().reset(Instant::now() + FINISH_MESSAGE_GRACE);
+                }
+                () = shutdown.recv(), if ending.is_none() && !shutdown.is_received() => {
+                    ending = Some(Ending::ShuttingDown);
+                    grace.as_mut().reset(Instant::now() + FINISH_MESSAGE_GRACE);
+                }
+                () = &mut grace => {
+                    // The upstream stalled mid-message: close without a message
+                    // rather than break the protocol.
+                    return ending.unwrap_or(Ending::UpstreamClosed);
+                }
+            }
+        }
+    }
+
+    /// Walks `buf[..end]`: moves what goes to the client to the front of
+    /// `buf` and returns (its length, bytes walked). Bytes not walked (the
+    /// rest after a boundary when `stop`, or a partial header while the
+    /// proxy's own answers are being taken out) wait for the next read.
+    fn pass(
+        &mut self,
+        buf: &mut [u8],
+        end: usize,
+        stop: bool,
+        filter: &mut Filter,
+    ) -> io::Result<(usize, usize)> {
+        let malformed = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "malformed message from upstream",
+            )
+        };
+        if !filter.active(self.shared) {
+            // The common case: the bytes go as they came.
+            let taken = self
+                .frames
+                .consume(&buf[..end], stop)
+                .ok_or_else(malformed)?;
+            self.answered(filter);
+            return Ok((taken, taken));
+        }
+        let (mut passed, mut at) = (0, 0);
+        while at < end {
+            let begins = self.frames.at_boundary();
+            if begins && (end - at < 5 || (stop && at > 0)) {
+                break;
+            }
+            let take = self
+                .frames
+                .consume(&buf[at..end], true)
+                .ok_or_else(malformed)?;
+            if begins {
+                filter.dropping = filter.active(self.shared) && Filter::answers(self.frames.kind);
+            }
+            if !filter.dropping {
+                buf.copy_within(at..at + take, passed);
+                passed += take;
+            }
+            at += take;
+            if filter.dropping && self.frames.at_boundary() {
+                filter.dropped(self.frames.kind, self.shared);
+            }
+        }
+        self.answered(filter);
+        Ok((passed, at))
+    }
+
+    /// Publishes what the client has been answered, the proxy's own
+    /// answers left out.
+    fn answered(&self, filter: &Filter) {
+        let own = filter.readies + u64::from(filter.dropping && self.frames.kind == b'Z');
+        if self.frames.readies > own {
+            self.shared
+                .status
+                .store(self.frames.status, Ordering::Relaxed);
+        }
+        self.shared
+            .answered
+            .store(self.frames.readies - own, Ordering::Relaxed);
+    }
+}
+
+/// Takes the answers to the proxy's own messages out of the server's
+/// stream; notices and notifications still reach the client.
+#[derive(Default)]
+struct Filter {
+    /// The message in flight is an answer of the proxy's.
+    dropping: bool,
+    /// ReadyForQuery messages taken out so far.
+    readies: u64,
+}
+
+impl Filter {
+    fn active(&self, shared: &Shared) -> bool {
+        self.dropping || shared.swallow.load(Ordering::Relaxed) > 0
+    }
+
+    /// What the proxy's own extended-protocol messages are answered with.
+    fn answers(kind: u8) -> bool {
+        matches!(kind, b'1' | b'2' | b'3' | b'D' | b'C' | b'E' | b'Z')
+    }
+
+    fn dropped(&mut self, kind: u8, shared: &Shared) {
+        match kind {
+            b'E' => tracing::warn!("the session's envelope could not be refreshed"),
+            b'Z' => {
+                self.readies += 1;
+                shared.swallow.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        self.dropping = false;
     }
 }
 
@@ -360,13 +536,12 @@ pub struct Frames {
     body_left: usize,
     /// Type of the message in flight, or of the last one.
     kind: u8,
-    /// First body byte of the last message that had a body: the
-    /// transaction status of a ReadyForQuery.
-    first: u8,
     /// The body of the message in flight has not begun.
     fresh_body: bool,
     /// ReadyForQuery messages seen.
     readies: u64,
+    /// The transaction status of the last ReadyForQuery.
+    status: u8,
 }
 
 impl Frames {
@@ -384,7 +559,9 @@ impl Frames {
         while at < bytes.len() {
             if self.body_left > 0 {
                 if self.fresh_body {
-                    self.first = bytes[at];
+                    if self.kind == b'Z' {
+                        self.status = bytes[at];
+                    }
                     self.fresh_body = false;
                 }
                 let take = self.body_left.min(bytes.len() - at);
@@ -471,20 +648,47 @@ mod tests {
         }
     }
 
-    async fn pooled_client(reads: Vec<Vec<u8>>) -> (Ending, Vec<u8>, Sent) {
+    fn envelope() -> Envelope {
+        let key = crate::claims::SigningKey::from_bytes(vec![7; 32]).unwrap();
+        let identity = crate::claims::Identity {
+            upstream_user: "authenticated".into(),
+            claims: None,
+            valid_until: crate::claims::NO_EXPIRY,
+            lifetime: crate::claims::LIFETIME,
+        };
+        let backend = crate::claims::Backend { pid: 1, started: 1 };
+        // Fresh for the length of any test: never renewed.
+        Envelope::new(key, identity, backend, now_unix() + 3600)
+    }
+
+    fn shared() -> Shared {
+        Shared {
+            answered: AtomicU64::new(0),
+            status: AtomicU8::new(b'I'),
+            swallow: AtomicU32::new(0),
+        }
+    }
+
+    async fn client_side(reads: Vec<Vec<u8>>, pooled: bool) -> (Ending, Vec<u8>, Sent) {
         // An empty read is the end of the stream.
         let mut client = Reads(reads.into_iter().filter(|r| !r.is_empty()).collect());
         let mut upstream = Vec::new();
         let mut sent = Sent::default();
-        let ending = to_upstream_pooled(
-            &mut client,
-            &mut upstream,
-            &mut Frames::default(),
-            &mut sent,
-            &Traffic::new(metrics::Counter::noop(), metrics::Counter::noop()),
-        )
+        let ending = ClientSide {
+            frames: &mut Frames::default(),
+            sent: &mut sent,
+            shared: &shared(),
+            envelope: &mut envelope(),
+            pooled,
+            traffic: &Traffic::new(metrics::Counter::noop(), metrics::Counter::noop()),
+        }
+        .run(&mut client, &mut upstream)
         .await;
         (ending, upstream, sent)
+    }
+
+    async fn pooled_client(reads: Vec<Vec<u8>>) -> (Ending, Vec<u8>, Sent) {
+        client_side(reads, true).await
     }
 
     #[tokio::test]
@@ -517,6 +721,119 @@ mod tests {
         let (_, upstream, sent) = pooled_client(vec![stream]).await;
         assert_eq!(upstream, message(b'Q', b"select 1\0"));
         assert!(sent.unsynced, "something followed Terminate");
+    }
+
+    #[tokio::test]
+    async fn an_unpooled_clients_terminate_reaches_the_backend_and_ends_the_session() {
+        let mut stream = message(b'Q', b"select 1\0");
+        stream.extend(message(b'X', b""));
+        for split in 0..=stream.len() {
+            let (ending, upstream, sent) = client_side(
+                vec![stream[..split].to_vec(), stream[split..].to_vec()],
+                false,
+            )
+            .await;
+            assert!(matches!(ending, Ending::ClientClosed), "{ending:?}");
+            assert_eq!(upstream, stream, "split at {split}");
+            assert_eq!(sent.syncs, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_due_envelope_goes_ahead_of_the_next_message_only_when_the_session_is_idle() {
+        let shared = shared();
+        let mut sent = Sent::default();
+        let mut frames = Frames::default();
+        // A minute left of an envelope that may be renewed: due.
+        let now = now_unix();
+        let mut due = Envelope::new(
+            crate::claims::SigningKey::from_bytes(vec![7; 32]).unwrap(),
+            crate::claims::Identity {
+                upstream_user: "authenticated".into(),
+                claims: None,
+                valid_until: crate::claims::NO_EXPIRY,
+                lifetime: crate::claims::LIFETIME,
+            },
+            crate::claims::Backend { pid: 1, started: 1 },
+            now + 60,
+        );
+        let traffic = Traffic::new(metrics::Counter::noop(), metrics::Counter::noop());
+        let mut upstream = Vec::new();
+        let mut side = ClientSide {
+            frames: &mut frames,
+            sent: &mut sent,
+            shared: &shared,
+            envelope: &mut due,
+            pooled: false,
+            traffic: &traffic,
+        };
+        // In a transaction: nothing goes ahead.
+        shared.status.store(b'T', Ordering::Relaxed);
+        side.refresh_envelope(&mut upstream).await.unwrap();
+        assert!(upstream.is_empty());
+        // Idle: the refresh goes, and its answer is to be taken out.
+        shared.status.store(b'I', Ordering::Relaxed);
+        side.refresh_envelope(&mut upstream).await.unwrap();
+        assert_eq!(upstream[0], b'P', "a Parse first");
+        assert_eq!(shared.swallow.load(Ordering::Relaxed), 1);
+        let text = String::from_utf8_lossy(&upstream);
+        assert!(text.contains(REFRESH_STATEMENT) && text.contains("rlsgate.session"));
+        assert!(!text.contains("select 1"), "{text}");
+        // Not again while its answer is outstanding.
+        let before = upstream.len();
+        side.refresh_envelope(&mut upstream).await.unwrap();
+        assert_eq!(upstream.len(), before);
+    }
+
+    #[test]
+    fn the_proxys_own_answers_are_taken_out_and_everything_else_passes() {
+        let shared = shared();
+        shared.swallow.store(1, Ordering::Relaxed);
+        let mut frames = Frames::default();
+        let traffic = Traffic::new(metrics::Counter::noop(), metrics::Counter::noop());
+        let mut side = ServerSide {
+            frames: &mut frames,
+            shared: &shared,
+            traffic: &traffic,
+        };
+        let notify = message(b'A', b"\0\0\0\x01chan\0hi\0");
+        let mut stream = message(b'1', b"");
+        stream.extend(message(b'2', b""));
+        stream.extend(notify.clone());
+        stream.extend(message(b'D', b"\0\x01\0\0\0\x01x"));
+        stream.extend(message(b'C', b"SELECT 1\0"));
+        stream.extend(message(b'3', b""));
+        stream.extend(message(b'Z', b"I"));
+        let answer = [message(b'T', b"\0\0"), message(b'Z', b"I")].concat();
+        stream.extend(answer.clone());
+        for split in 0..stream.len() {
+            let mut filter = Filter::default();
+            shared.swallow.store(1, Ordering::Relaxed);
+            *side.frames = Frames::default();
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; 256];
+            let mut held = 0;
+            for chunk in [&stream[..split], &stream[split..]] {
+                buf[held..held + chunk.len()].copy_from_slice(chunk);
+                let end = held + chunk.len();
+                let (passed, taken) = side.pass(&mut buf, end, false, &mut filter).unwrap();
+                out.extend_from_slice(&buf[..passed]);
+                held = end - taken;
+                buf.copy_within(taken..end, 0);
+            }
+            assert_eq!(held, 0, "split at {split}");
+            assert_eq!(
+                out,
+                [notify.clone(), answer.clone()].concat(),
+                "split at {split}"
+            );
+            assert_eq!(shared.swallow.load(Ordering::Relaxed), 0);
+            assert_eq!(
+                shared.answered.load(Ordering::Relaxed),
+                1,
+                "split at {split}"
+            );
+        }
     }
 
     #[test]

@@ -1,20 +1,24 @@
 //! The upstream session: a connection to Postgres as the role's configured
 //! user, authenticated by the proxy, with the client's harmless startup
-//! parameters and the sealed claims.
+//! parameters; then one round trip that names the backend (for the claims
+//! envelope) and refuses a login role whose settings were changed behind the
+//! operator's back; then the envelope bound, by [`bind_claims`].
 
 use std::collections::BTreeMap;
 use std::io;
+use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use fallible_iterator::FallibleIterator;
+use postgres_protocol::IsNull;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::backend::{ErrorFields, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use crate::claims;
+use crate::claims::{self, Backend, Identity, SigningKey};
 use crate::config::{Role, Secret, Upstream};
-use crate::error::{Refusal, sqlstate};
+use crate::error::{Reason, Refusal, sqlstate};
 use crate::front_door::CancelKey;
 use crate::stream::UpstreamStream;
 use crate::upstream_tls::UpstreamTls;
@@ -27,6 +31,8 @@ pub struct UpstreamSession {
     pub stream: UpstreamStream,
     /// The backend's process id and secret, for cancelling its queries.
     pub key: CancelKey,
+    /// The backend as claims envelopes name it.
+    pub backend: Backend,
     /// Raw ParameterStatus and NoticeResponse frames to pass on to the client.
     pub greeting: BytesMut,
     /// The raw ReadyForQuery frame that ended startup.
@@ -38,8 +44,6 @@ pub struct Login<'a> {
     pub role: &'a Role,
     pub database: Option<&'a str>,
     pub parameters: Vec<(String, String)>,
-    /// The sealed envelope for [`claims::SETTING`].
-    pub claims: String,
 }
 
 pub async fn connect(
@@ -75,7 +79,9 @@ async fn open(
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str())),
     );
-    parameters.push((claims::SETTING, &login.claims));
+    // Empty until bound: a session whose envelope was never bound, or was
+    // reset to this value, is refused by the `auth` functions.
+    parameters.push((claims::SETTING, ""));
     let mut out = BytesMut::new();
     frontend::startup_message(parameters.iter().copied(), &mut out)
         .map_err(|e| Refusal::auth(format!("invalid startup parameter: {e}")))?;
@@ -106,9 +112,11 @@ async fn open(
         if kind == b'Z' {
             let key = key
                 .ok_or_else(|| Refusal::database_unavailable("upstream sent no BackendKeyData"))?;
+            let backend = inspect(&mut stream, &mut reader, key, login.role).await?;
             return Ok(UpstreamSession {
                 stream,
                 key,
+                backend,
                 greeting,
                 ready: raw,
             });
@@ -208,6 +216,302 @@ fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str) -> Refusal {
         ));
     }
     Refusal::new(code, message).because(crate::error::Reason::Upstream)
+}
+
+/// What the proxy asks every new backend before anyone uses it: its start
+/// time, for the claims envelope, and the settings its login role carries
+/// from `ALTER ROLE … [IN DATABASE …] SET`. Every name is qualified, so that
+/// a `search_path` set on the role cannot change what this query means; the
+/// start time is computed exactly as `auth.session()` computes it.
+const INSPECT: &str = "select (extract(epoch from a.backend_start) \
+       operator(pg_catalog.*) 1000000)::pg_catalog.int8, \
+     (select pg_catalog.json_agg(s.setting order by d.setdatabase, s.n) \
+        from pg_catalog.pg_db_role_setting d \
+             cross join lateral pg_catalog.unnest(d.setconfig) with ordinality as s(setting, n) \
+       where d.setrole operator(pg_catalog.=) (select r.oid from pg_catalog.pg_roles r \
+                 where r.rolname operator(pg_catalog.=) session_user) \
+         and d.setdatabase operator(pg_catalog.=) any (array[0::pg_catalog.oid, \
+             (select b.oid from pg_catalog.pg_database b \
+               where b.datname operator(pg_catalog.=) pg_catalog.current_database())])) \
+     from pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a";
+
+/// Runs [`INSPECT`] on a fresh backend: its identity for envelopes, and a
+/// refusal when its login role has settings the configuration does not
+/// declare. Every role may `ALTER ROLE` itself, so a user of the shared login
+/// role could otherwise change every later session of every other user
+/// (`statement_timeout`, `search_path`, `default_transaction_read_only`, …).
+async fn inspect(
+    stream: &mut UpstreamStream,
+    reader: &mut FrameReader,
+    key: CancelKey,
+    role: &Role,
+) -> Result<Backend, Refusal> {
+    let user = role.upstream_user();
+    let lost = |e: io::Error| {
+        Refusal::database_unavailable(format!("connection lost while inspecting the backend: {e}"))
+    };
+    let mut out = BytesMut::new();
+    frontend::query(INSPECT, &mut out).map_err(lost)?;
+    stream.write_all(&out).await.map_err(lost)?;
+    stream.flush().await.map_err(lost)?;
+    let mut row = None;
+    let mut failed = None;
+    loop {
+        let (kind, raw) = reader.next(stream).await.map_err(lost)?;
+        match kind {
+            b'T' | b'C' | b'N' | b'S' | b'A' => {}
+            b'D' => row = Some(raw),
+            b'E' => failed = Some(raw),
+            b'Z' => break,
+            other => {
+                return Err(Refusal::database_unavailable(format!(
+                    "unexpected message {:?} while inspecting the backend",
+                    other as char
+                )));
+            }
+        }
+    }
+    if let Some(raw) = failed {
+        let (code, message) = error_fields(&raw);
+        return Err(Refusal::database_unavailable(format!(
+            "the proxy's first query as {user:?} failed ({code} {message}); \
+             if a setting of the login role causes this, it was probably changed \
+             from inside a session: see `rlsgate check`"
+        ))
+        .because(Reason::Upstream));
+    }
+    let (started, settings) = row
+        .as_ref()
+        .and_then(inspected)
+        .ok_or_else(|| Refusal::database_unavailable("the backend did not say when it started"))?;
+    let undeclared: Vec<&String> = settings
+        .iter()
+        .filter(|s| !role.upstream_settings.contains(s))
+        .collect();
+    if !undeclared.is_empty() {
+        return Err(undeclared_settings(user, &undeclared));
+    }
+    Ok(Backend {
+        pid: key.pid,
+        started,
+    })
+}
+
+/// The start time and role settings of [`INSPECT`]'s one row.
+fn inspected(raw: &BytesMut) -> Option<(i64, Vec<String>)> {
+    let Ok(Some(Message::DataRow(body))) = Message::parse(&mut raw.clone()) else {
+        return None;
+    };
+    let buffer = body.buffer();
+    let mut columns = body.ranges();
+    let started = columns.next().ok()??.map(|r| &buffer[r])?;
+    let started = std::str::from_utf8(started).ok()?.parse().ok()?;
+    let settings = match columns.next().ok()?? {
+        Some(range) => serde_json::from_slice(&buffer[range]).ok()?,
+        None => Vec::new(),
+    };
+    Some((started, settings))
+}
+
+fn undeclared_settings(user: &str, undeclared: &[&String]) -> Refusal {
+    let list = undeclared
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let names = undeclared
+        .iter()
+        .map(|s| s.split('=').next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Refusal::database_unavailable(format!(
+        "login role {user:?} has settings the configuration does not declare: {list}; \
+         they apply to every session and were probably set from inside one \
+         (ALTER ROLE … SET). Remove them (ALTER ROLE {user} RESET {names}, \
+         also IN DATABASE …) or declare them in its [[role]] upstream_settings"
+    ))
+    .because(Reason::Upstream)
+}
+
+/// The SQLSTATE and message of an ErrorResponse frame.
+pub(crate) fn error_fields(raw: &BytesMut) -> (String, String) {
+    let mut code = String::new();
+    let mut message = String::new();
+    if let Ok(Some(Message::ErrorResponse(body))) = Message::parse(&mut raw.clone()) {
+        let mut fields = body.fields();
+        while let Ok(Some(field)) = fields.next() {
+            match field.type_() {
+                b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+                b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+                _ => {}
+            }
+        }
+    }
+    (code, message)
+}
+
+/// The statement that applies one setting; `false`: for the session.
+const SET_CONFIG: &str = "select pg_catalog.set_config($1, $2, false)";
+
+/// The `text` type, for both parameters of [`SET_CONFIG`].
+const TEXT_OID: u32 = 25;
+
+/// Why applying settings with [`encode_set_config`] failed.
+pub(crate) enum SetFailure {
+    /// The connection is gone (or going).
+    Dead(String),
+    /// The backend refused a setting; the connection is still usable.
+    Refused(String),
+}
+
+/// `set_config` for each pair, as bound parameters (never query text), then
+/// Sync. With a `statement` name the statement is closed afterwards, so the
+/// client's unnamed statement, if it has one, survives.
+pub(crate) fn encode_set_config<'a>(
+    out: &mut BytesMut,
+    statement: &str,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> io::Result<()> {
+    frontend::parse(statement, SET_CONFIG, [TEXT_OID, TEXT_OID], out)?;
+    for (name, value) in pairs {
+        frontend::bind(
+            "",
+            statement,
+            [0i16],
+            [name, value],
+            |v, buf| {
+                buf.put_slice(v.as_bytes());
+                Ok(IsNull::No)
+            },
+            [0i16],
+            out,
+        )
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a setting has a NUL byte"))?;
+        frontend::execute("", 0, out)?;
+    }
+    if !statement.is_empty() {
+        frontend::close(b'S', statement, out)?;
+    }
+    frontend::sync(out);
+    Ok(())
+}
+
+/// Reads the answer to [`encode_set_config`] up to its ReadyForQuery,
+/// passing each ParameterStatus on to `reported`.
+pub(crate) async fn read_set_config_answer(
+    stream: &mut UpstreamStream,
+    reader: &mut FrameReader,
+    mut reported: impl FnMut(&[u8]),
+) -> Result<(), SetFailure> {
+    let dead = |e: io::Error| SetFailure::Dead(e.to_string());
+    let mut refused = None;
+    loop {
+        let (kind, raw) = reader.next(stream).await.map_err(dead)?;
+        match kind {
+            b'1' | b'2' | b'3' | b'D' | b'C' | b'N' | b'A' => {}
+            b'S' => reported(&raw[5..]),
+            b'E' => {
+                if is_fatal(&raw) {
+                    return Err(SetFailure::Dead(
+                        "the backend ended the connection".to_owned(),
+                    ));
+                }
+                let (code, message) = error_fields(&raw);
+                refused = Some(format!("{code} {message}"));
+            }
+            b'Z' => {
+                return match (refused, raw.get(5)) {
+                    (Some(why), _) => Err(SetFailure::Refused(why)),
+                    (None, Some(&b'I')) => Ok(()),
+                    (None, _) => Err(SetFailure::Dead(
+                        "not idle after applying settings".to_owned(),
+                    )),
+                };
+            }
+            other => {
+                return Err(SetFailure::Dead(format!(
+                    "unexpected message {:?} while applying settings",
+                    other as char
+                )));
+            }
+        }
+    }
+}
+
+/// Whether an ErrorResponse frame ends the connection (FATAL or PANIC).
+pub(crate) fn is_fatal(raw: &BytesMut) -> bool {
+    let Ok(Some(Message::ErrorResponse(body))) = Message::parse(&mut raw.clone()) else {
+        return true;
+    };
+    let mut fields = body.fields();
+    while let Ok(Some(field)) = fields.next() {
+        if matches!(field.type_(), b'S' | b'V') {
+            return matches!(field.value_bytes(), b"FATAL" | b"PANIC");
+        }
+    }
+    true
+}
+
+/// Binds `identity`'s envelope to an unpooled session's backend, in one
+/// round trip. Returns the envelope's expiry.
+pub async fn bind_claims(
+    session: &mut UpstreamSession,
+    key: &SigningKey,
+    identity: &Identity,
+    now: u64,
+) -> Result<u64, Refusal> {
+    let exp = identity.envelope_expiry(now);
+    let sealed = key.seal(identity, session.backend, exp);
+    let failed = |why: String| {
+        Refusal::database_unavailable(format!("binding the session's claims failed: {why}"))
+    };
+    let mut out = BytesMut::new();
+    encode_set_config(&mut out, "", [(claims::SETTING, sealed.as_str())])
+        .map_err(|e| failed(e.to_string()))?;
+    let stream = &mut session.stream;
+    let written = async { stream.write_all(&out).await.and(stream.flush().await) };
+    written.await.map_err(|e| failed(e.to_string()))?;
+    let mut reader = FrameReader::default();
+    read_set_config_answer(&mut session.stream, &mut reader, |_| {})
+        .await
+        .map_err(|(SetFailure::Dead(why) | SetFailure::Refused(why))| failed(why))?;
+    Ok(exp)
+}
+
+/// How long a retired backend may take to end after its Terminate.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Ends a session's backend for good. A statement still running is
+/// cancelled first: left alone it would run on, and commit, after its
+/// session ended (its token expired, its client left), holding a Postgres
+/// backend that no slot of the proxy counts. Then Terminate, and a wait
+/// until the backend has closed the connection, so that the session's
+/// slots are released only once its backend is gone.
+pub async fn retire(
+    mut stream: UpstreamStream,
+    (host, port, key): (&str, u16, CancelKey),
+    in_flight: bool,
+    tls: &UpstreamTls,
+) {
+    if in_flight && let Err(e) = crate::cancel::cancel_backend(host, port, key, tls).await {
+        tracing::warn!(error = %e, "cannot cancel the statement of a session that ended");
+    }
+    let ended = tokio::time::timeout(RETIRE_TIMEOUT, async {
+        let mut terminate = BytesMut::new();
+        frontend::terminate(&mut terminate);
+        if stream.write_all(&terminate).await.is_ok() {
+            let _ = stream.flush().await;
+        }
+        let mut sink = [0u8; 1024];
+        while let Ok(1..) = stream.read(&mut sink).await {}
+    })
+    .await;
+    if ended.is_err() {
+        tracing::warn!(
+            "the backend of an ended session is still running {RETIRE_TIMEOUT:?} after it was \
+             told to end; its connection is closed and its slot freed"
+        );
+    }
 }
 
 /// Reads whole backend frames into a reused buffer.

@@ -6,8 +6,11 @@
 
 mod support;
 
+use std::time::Duration;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use rlsgate::claims::{Backend, Identity, SigningKey};
 use serde_json::Value;
 use support::wire::{APP_STARTUP, ErrorResponse, RawSession};
 use support::{Harness, connect, db_error, psql_command, simple_rows, user_id_of};
@@ -73,6 +76,25 @@ fn tampered(envelope: &str, edit: impl FnOnce(&mut Value)) -> String {
     format!("{kid}.{payload}.{mac}")
 }
 
+/// What an envelope says, for sealing by hand.
+fn identity(user: &str, claims: Option<serde_json::Map<String, Value>>) -> Identity {
+    Identity {
+        upstream_user: user.to_owned(),
+        claims,
+        valid_until: 4_000_000_000,
+        lifetime: Duration::from_secs(3600),
+    }
+}
+
+/// The backend an envelope is bound to.
+fn backend_of(envelope: &str) -> Backend {
+    let payload = payload_of(envelope);
+    Backend {
+        pid: payload["pid"].as_i64().expect("pid") as i32,
+        started: payload["started"].as_i64().expect("started"),
+    }
+}
+
 /// Values a client might try to put into `rlsgate.session` to become bob,
 /// built from alice's own envelope.
 fn forgeries(alice_envelope: &str) -> Vec<(&'static str, String)> {
@@ -84,7 +106,11 @@ fn forgeries(alice_envelope: &str) -> Vec<(&'static str, String)> {
     let other_key = rlsgate::claims::SigningKey::from_bytes(vec![42; 32]).unwrap();
     let mut claims = serde_json::Map::new();
     claims.insert("sub".into(), "bob".into());
-    let wrong_key_seal = other_key.seal("authenticated", 4_000_000_000, Some(&claims));
+    let wrong_key_seal = other_key.seal(
+        &identity("authenticated", Some(claims)),
+        backend_of(alice_envelope),
+        4_000_000_000,
+    );
     let (other_kid, other_payload, other_mac) = parts(&wrong_key_seal);
     vec![
         (
@@ -144,13 +170,15 @@ impl Way {
 }
 
 /// Runs `sql` in `client` after putting `value` into `rlsgate.session` the
-/// given way, then undoes the change (RESET, or ROLLBACK of the transaction).
+/// given way, then undoes the change (puts the session's own envelope back,
+/// or rolls the transaction back).
 async fn with_setting(
     client: &Client,
     way: Way,
     value: &str,
     sql: &str,
 ) -> Result<Vec<Vec<Option<String>>>, tokio_postgres::Error> {
+    let own = envelope_of(client).await;
     if way.is_local() {
         client.batch_execute("begin").await.unwrap();
     }
@@ -179,7 +207,10 @@ async fn with_setting(
     if way.is_local() {
         client.batch_execute("rollback").await.unwrap();
     } else {
-        client.batch_execute("reset rlsgate.session").await.unwrap();
+        client
+            .execute("select set_config('rlsgate.session', $1, false)", &[&own])
+            .await
+            .unwrap();
     }
     result
 }
@@ -273,9 +304,8 @@ async fn a_forged_setting_in_the_same_simple_query_as_the_read_raises_28000() {
         .execute("insert into todos (title) values ('bob secret')", &[])
         .await
         .unwrap();
-    let forged = tampered(&envelope_of(&alice).await, |p| {
-        p["claims"]["sub"] = "bob".into()
-    });
+    let own = envelope_of(&alice).await;
+    let forged = tampered(&own, |p| p["claims"]["sub"] = "bob".into());
 
     let err = alice
         .simple_query(&format!(
@@ -291,7 +321,7 @@ async fn a_forged_setting_in_the_same_simple_query_as_the_read_raises_28000() {
     assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
 
     // The same read as its own query after a committed SET fails too, and
-    // stays failing until the setting is reset.
+    // stays failing until her own envelope is put back.
     alice
         .batch_execute(&format!("set rlsgate.session = {}", literal(&forged)))
         .await
@@ -303,7 +333,10 @@ async fn a_forged_setting_in_the_same_simple_query_as_the_read_raises_28000() {
             .unwrap_err();
         assert_eq!(db_error(&err).0, "28000", "{}", db_error(&err).1);
     }
-    alice.batch_execute("reset rlsgate.session").await.unwrap();
+    alice
+        .execute("select set_config('rlsgate.session', $1, false)", &[&own])
+        .await
+        .unwrap();
     assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
 }
 
@@ -416,55 +449,63 @@ async fn replaying_alices_envelope_in_an_anonymous_session_raises_28000() {
     }
 }
 
-/// A role served without a token has no claims, and undoing a client's own
-/// SET gives that state back: `auth.session()` is NULL again, as at startup.
+/// A role served without a token has no claims. Returning the setting to
+/// its startup value (empty: the envelope is bound after login) fails
+/// closed, like clearing it; a rolled-back SET LOCAL leaves the bound "no
+/// claims" as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_anonymous_session_reads_no_claims_again_after_set_and_reset() {
+async fn an_anonymous_session_fails_closed_after_reset_and_reads_no_claims_after_rollback() {
     let h = Harness::start().await;
-    let anonymous = h.connect("anonymous", "").await.unwrap();
-    assert_eq!(user_id_of(&anonymous).await, None, "at startup");
-
-    for (set, undo) in [
-        ("set rlsgate.session = 'forged'", "reset rlsgate.session"),
-        ("set rlsgate.session = 'forged'", "reset all"),
-        ("set rlsgate.session = 'forged'", "discard all"),
-        (
-            "set rlsgate.session = 'forged'",
-            "set rlsgate.session to default",
-        ),
-        (
-            "select set_config('rlsgate.session', 'forged', false)",
-            "reset all",
-        ),
-        ("begin; set local rlsgate.session = 'forged'", "rollback"),
+    for undo in [
+        "reset rlsgate.session",
+        "reset all",
+        "discard all",
+        "set rlsgate.session to default",
     ] {
-        anonymous.batch_execute(set).await.unwrap();
-        let err = anonymous
-            .query_one("select auth.user_id()", &[])
+        let anonymous = h.connect("anonymous", "").await.unwrap();
+        assert_eq!(user_id_of(&anonymous).await, None, "at startup");
+        anonymous
+            .batch_execute("set rlsgate.session = 'forged'")
             .await
-            .unwrap_err();
-        assert_eq!(db_error(&err).0, "28000", "after `{set}`");
-        if set.starts_with("begin") {
-            anonymous.batch_execute("rollback").await.unwrap();
-        } else {
-            anonymous.batch_execute(undo).await.unwrap();
-        }
-        let claims = anonymous
+            .unwrap();
+        anonymous.batch_execute(undo).await.unwrap();
+        let err = anonymous
             .query_one("select auth.session()::text", &[])
             .await
-            .map(|row| row.get::<_, Option<String>>(0))
-            .map_err(|e| db_error(&e));
-        assert_eq!(claims, Ok(None), "after `{set}` and `{undo}`");
+            .unwrap_err();
+        let (code, message) = db_error(&err);
+        assert_eq!(code, "28000", "after `{undo}`: {message}");
+        assert!(
+            message.contains("were cleared"),
+            "after `{undo}`: {message}"
+        );
     }
+    let anonymous = h.connect("anonymous", "").await.unwrap();
+    anonymous
+        .batch_execute("begin; set local rlsgate.session = 'forged'")
+        .await
+        .unwrap();
+    assert!(
+        anonymous
+            .query_one("select auth.user_id()", &[])
+            .await
+            .is_err()
+    );
+    anonymous.batch_execute("rollback").await.unwrap();
+    let claims = anonymous
+        .query_one("select auth.session()::text", &[])
+        .await
+        .map(|row| row.get::<_, Option<String>>(0))
+        .map_err(|e| db_error(&e));
+    assert_eq!(claims, Ok(None));
 }
 
+/// RESET, RESET ALL and DISCARD ALL return the setting to its startup
+/// value, which is empty: alice's claims are gone (28000), and never
+/// replaced by anyone else's, whatever was SET before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reset_all_reset_and_discard_all_restore_alices_own_claims() {
+async fn reset_all_reset_and_discard_all_clear_alices_claims_and_never_leave_another() {
     let h = Harness::start().await;
-    let alice = h.connect_as("alice").await;
-    let envelope = envelope_of(&alice).await;
-    let forged = tampered(&envelope, |p| p["claims"]["sub"] = "bob".into());
-
     for undo in [
         "reset all",
         "reset rlsgate.session",
@@ -472,30 +513,32 @@ async fn reset_all_reset_and_discard_all_restore_alices_own_claims() {
         "set rlsgate.session to default",
         "select set_config('rlsgate.session', null, false)",
     ] {
-        // From a clean session, and from one where a forgery was SET first.
-        for before in [
-            String::new(),
-            format!("set rlsgate.session = {};", literal(&forged)),
-        ] {
-            alice.batch_execute(&before).await.unwrap();
-            if !before.is_empty() {
-                let err = alice
-                    .query_one("select auth.user_id()", &[])
+        for forge_first in [false, true] {
+            let alice = h.connect_as("alice").await;
+            let envelope = envelope_of(&alice).await;
+            if forge_first {
+                let forged = tampered(&envelope, |p| p["claims"]["sub"] = "bob".into());
+                alice
+                    .batch_execute(&format!("set rlsgate.session = {}", literal(&forged)))
                     .await
-                    .unwrap_err();
-                assert_eq!(db_error(&err).0, "28000");
+                    .unwrap();
             }
             alice.batch_execute(undo).await.unwrap();
-            assert_eq!(
-                envelope_of(&alice).await,
-                envelope,
-                "after `{before} {undo}`"
-            );
-            assert_is_alice(&alice, &format!("after `{before} {undo}`")).await;
+            let context = format!("`{undo}` (forged first: {forge_first})");
+            assert_eq!(envelope_of(&alice).await, "", "{context}");
+            let err = alice
+                .query_one("select auth.user_id()", &[])
+                .await
+                .unwrap_err();
+            assert_eq!(db_error(&err).0, "28000", "{context}");
         }
     }
 
     // A transaction-local forgery ends with its transaction, committed or not.
+    let alice = h.connect_as("alice").await;
+    let forged = tampered(&envelope_of(&alice).await, |p| {
+        p["claims"]["sub"] = "bob".into()
+    });
     for end in ["commit", "rollback"] {
         alice
             .batch_execute(&format!(
@@ -867,5 +910,108 @@ async fn pgoptions_through_psql_gain_nothing() {
             "{options}: {outcome:?}"
         );
         assert_not_elevated(options, &outcome);
+    }
+}
+
+const POOLED: &str = "[pool]\nmode = \"session\"\nsize = 4\n";
+
+/// A role served without a token that logs in to Postgres as the same role
+/// as `authenticated`.
+const SHARED_LOGIN: &str = "[[role]]\nname = \"guest\"\ntoken = \"none\"\n\
+    upstream_user = \"authenticated\"\nupstream_password = \"authenticated-dev-password\"\n";
+
+/// An envelope is bound to the backend it was issued for: alice's, copied
+/// into bob's session or into a session of a token-less role that logs in
+/// as the same Postgres role, raises 28000, in both pool modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alices_envelope_replayed_in_another_session_of_her_login_role_raises_28000() {
+    for pool in ["", POOLED] {
+        let h = Harness::start_with(&format!("{pool}{SHARED_LOGIN}")).await;
+        let alice = h.connect_as("alice").await;
+        // A row, so that the policies on todos have something to check.
+        alice
+            .execute("insert into todos (title) values ('alice plan')", &[])
+            .await
+            .unwrap();
+        let envelope = envelope_of(&alice).await;
+        let bob = h.connect_as("bob").await;
+        let guest = h.connect("guest", "").await.expect("guest needs no token");
+        for (who, client) in [("bob", &bob), ("guest", &guest)] {
+            for way in WAYS {
+                for sql in ["select auth.user_id()", "select * from todos"] {
+                    match with_setting(client, way, &envelope, sql).await {
+                        Ok(rows) => {
+                            panic!("{pool:?} {who} {way:?}: alice's envelope gave {rows:?}")
+                        }
+                        Err(e) => {
+                            let (code, message) = db_error(&e);
+                            assert_eq!(code, "28000", "{pool:?} {who} {way:?}: {message}");
+                            assert!(message.contains("another session"), "{message}");
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+        assert_eq!(user_id_of(&guest).await, None);
+        assert_is_alice(&alice, "her own session still is hers").await;
+    }
+}
+
+/// The backend is named by its process id and its start time, so an
+/// envelope made for an earlier backend with the same process id is
+/// refused; and every envelope expires within its lifetime (an hour by
+/// default), even when sessions outlive their tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_names_its_backends_pid_and_start_and_expires_within_the_hour() {
+    let h = Harness::start_with("[listen]\nend_sessions_at_token_expiry = false").await;
+    let alice = h.connect_as("alice").await;
+    let anonymous = h.connect("anonymous", "").await.unwrap();
+    for client in [&alice, &anonymous] {
+        let envelope = envelope_of(client).await;
+        let payload = payload_of(&envelope);
+        let row = client
+            .query_one(
+                "select pg_backend_pid(), \
+                 (extract(epoch from backend_start) * 1000000)::bigint \
+                 from pg_stat_activity where pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(payload["pid"].as_i64(), Some(row.get::<_, i32>(0).into()));
+        assert_eq!(payload["started"].as_i64(), Some(row.get::<_, i64>(1)));
+        let exp = payload["exp"].as_u64().expect("an expiry");
+        let now = support::unix_now();
+        assert!(
+            exp > now + 3500 && exp <= now + 3600,
+            "exp {exp}, now {now}"
+        );
+    }
+
+    // Sealed with the real key: for this backend it works (so the key is
+    // right), for the same process id started a microsecond earlier it is
+    // refused.
+    let key = SigningKey::from_base64(support::SIGNING_KEY).unwrap();
+    let own = payload_of(&envelope_of(&alice).await);
+    let claims = own["claims"].as_object().cloned();
+    let mut backend = backend_of(&envelope_of(&alice).await);
+    let exp = support::unix_now() + 60;
+    let right = key.seal(&identity("authenticated", claims.clone()), backend, exp);
+    let rows = with_setting(&alice, Way::Set, &right, "select auth.user_id()")
+        .await
+        .expect("an envelope for this backend works");
+    assert_eq!(rows, vec![vec![Some("alice".to_owned())]]);
+    backend.started -= 1;
+    let reused = key.seal(&identity("authenticated", claims), backend, exp);
+    for way in WAYS {
+        assert_28000(
+            &alice,
+            way,
+            "an earlier backend's",
+            &reused,
+            "select auth.user_id()",
+        )
+        .await;
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::{Harness, client_config, db_error, refusal, unix_now, user_id_of};
+use support::{
+    Harness, WAIT, client_config, db_error, envelope_payload, refusal, unix_now, user_id_of,
+};
 use tokio_postgres::NoTls;
 
 /// A token for alice that expires `seconds` from now (the harness grants 2 s leeway).
@@ -156,4 +158,152 @@ async fn a_session_outlives_its_token_when_configured_to_and_keeps_its_claims() 
     // The token itself is still refused for new connections.
     let err = h.connect("authenticated", &token).await.unwrap_err();
     assert!(refusal(&err).starts_with("token expired at "), "{err}");
+}
+
+const POOLED: &str = "[pool]\nmode = \"session\"\nsize = 4\n";
+
+/// Backends of `authenticated` other than the asking one that run `needle`.
+async fn running(admin: &tokio_postgres::Client, needle: &str) -> i64 {
+    admin
+        .query_one(
+            "select count(*) from pg_stat_activity \
+             where usename = 'authenticated' and pid <> pg_backend_pid() \
+               and query like '%' || $1 || '%'",
+            &[&needle],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until no backend runs `needle`; a failure after [`WAIT`].
+async fn until_none_runs(admin: &tokio_postgres::Client, needle: &str, context: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while running(admin, needle).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{context}: a backend still runs {needle:?} after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// At expiry the statement still running is cancelled before the backend
+/// is told to end, so what it would have written after expiry is never
+/// committed; in both pool modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_in_flight_at_expiry_is_cancelled_and_never_commits() {
+    for pool in ["", POOLED] {
+        let h = Harness::start_with(pool).await;
+        let admin = h.admin().await;
+        let client = h
+            .connect("authenticated", &short_lived(&h, 2))
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        // Sleeps past the expiry (2 s + 2 s leeway), then writes.
+        let err = client
+            .simple_query("insert into scratch (id, body) select 1, 'late' from pg_sleep(7)")
+            .await
+            .unwrap_err();
+        assert_token_expired(&err);
+        until_none_runs(&admin, "pg_sleep(7)", pool).await;
+        // Past the moment the statement would have finished on its own.
+        tokio::time::sleep_until(started + Duration::from_secs(8)).await;
+        let written: i64 = admin
+            .query_one("select count(*) from scratch", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            written, 0,
+            "{pool:?}: a statement committed after its token expired"
+        );
+    }
+}
+
+/// A client that leaves in the middle of a statement leaves no backend
+/// behind: the statement is cancelled and the backend ends, so one token
+/// holder cannot pile up Postgres backends; in both pool modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_abandoned_by_its_client_is_cancelled_and_its_backend_ends() {
+    for pool in ["", POOLED] {
+        let h = Harness::start_with(pool).await;
+        let admin = h.admin().await;
+        for _ in 0..3 {
+            let mut session = h.raw_connect_as("alice").await;
+            session.send_query("select pg_sleep(600)").await;
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while running(&admin, "pg_sleep(600)").await == 0 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the query never started"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            drop(session);
+            until_none_runs(&admin, "pg_sleep(600)", pool).await;
+        }
+        // The proxy is still fine.
+        let alice = h.connect_as("alice").await;
+        assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+    }
+}
+
+/// A session that outlives its envelope gets a fresh one ahead of its next
+/// statement between transactions, and its claims go on working; in both
+/// pool modes, with and without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_outlives_its_envelope_gets_a_fresh_one_between_transactions() {
+    for pool in ["", POOLED] {
+        let h = Harness::start_configured(pool, |c| {
+            c.claims.envelope_lifetime = Duration::from_secs(3)
+        })
+        .await;
+        let alice = h.connect_as("alice").await;
+        let anonymous = h.connect("anonymous", "").await.unwrap();
+        let first = envelope_payload(&alice).await["exp"].as_u64().unwrap();
+        assert!(first <= unix_now() + 3, "{first}");
+        // Past its expiry: the next statement still sees alice.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(
+            user_id_of(&alice).await.as_deref(),
+            Some("alice"),
+            "{pool:?}"
+        );
+        let second = envelope_payload(&alice).await["exp"].as_u64().unwrap();
+        assert!(second > first, "{pool:?}: {second} after {first}");
+        let row = anonymous.query_one("select auth.session()", &[]).await;
+        assert!(row.is_ok(), "{pool:?}: {row:?}");
+        // Prepared statements and the unnamed statement survive a refresh.
+        let statement = alice.prepare("select auth.user_id()").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let who: Option<String> = alice.query_one(&statement, &[]).await.unwrap().get(0);
+        assert_eq!(who.as_deref(), Some("alice"), "{pool:?}");
+    }
+}
+
+/// Inside a transaction the envelope is not replaced, and it expires by the
+/// time of the statement, not of the transaction (which began before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_expires_inside_a_transaction_begun_before_its_expiry() {
+    let h = Harness::start_configured("", |c| c.claims.envelope_lifetime = Duration::from_secs(3))
+        .await;
+    let alice = h.connect_as("alice").await;
+    alice.batch_execute("begin").await.unwrap();
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let err = alice
+        .query_one("select auth.user_id()", &[])
+        .await
+        .unwrap_err();
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "28000", "{message}");
+    assert!(message.contains("expired"), "{message}");
+    alice.batch_execute("rollback").await.unwrap();
+    assert_eq!(
+        user_id_of(&alice).await.as_deref(),
+        Some("alice"),
+        "refreshed after"
+    );
 }

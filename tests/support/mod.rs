@@ -325,6 +325,20 @@ pub fn simple_rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> 
 }
 
 /// The decoded header of a JWT.
+/// The payload of the claims envelope bound to `client`'s session.
+pub async fn envelope_payload(client: &Client) -> Value {
+    let envelope: String = client
+        .query_one("select current_setting('rlsgate.session')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let payload = envelope.split('.').nth(1).expect("KID.PAYLOAD.MAC");
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .expect("base64 payload");
+    serde_json::from_slice(&json).expect("JSON payload")
+}
+
 pub fn jwt_header(token: &str) -> Value {
     let header = token.split('.').next().unwrap();
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap()
@@ -434,6 +448,21 @@ impl Harness {
     /// Starts the issuer and the proxy in front of `pg`, which gets the
     /// sample application; `extra_toml` as in `start_with`.
     pub async fn start_on(pg: TempPostgres, extra_toml: &str) -> Harness {
+        Self::start_edited(pg, extra_toml, |_| {}).await
+    }
+
+    /// Starts everything, with the parsed configuration edited by `edit`
+    /// (for settings the TOML merge of `extra_toml` cannot reach).
+    pub async fn start_configured(extra_toml: &str, edit: impl FnOnce(&mut Config)) -> Harness {
+        let pg = TempPostgres::start().await.expect("start PostgreSQL");
+        Self::start_edited(pg, extra_toml, edit).await
+    }
+
+    async fn start_edited(
+        pg: TempPostgres,
+        extra_toml: &str,
+        edit: impl FnOnce(&mut Config),
+    ) -> Harness {
         let admin = pg.connect("postgres").await.expect("connect as superuser");
         admin.batch_execute("create database app").await.unwrap();
         let app = pg.connect("app").await.unwrap();
@@ -451,12 +480,13 @@ impl Harness {
         let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
             .await
             .expect("start token issuer");
-        let config = proxy_config(
+        let mut config = proxy_config(
             Ipv4Addr::LOCALHOST.into(),
             pg.port(),
             &issuer.issuer(),
             extra_toml,
         );
+        edit(&mut config);
         let proxy = RunningProxy::start(config).await.expect("start proxy");
         Harness { pg, issuer, proxy }
     }
