@@ -1015,3 +1015,76 @@ async fn an_envelope_names_its_backends_pid_and_start_and_expires_within_the_hou
         .await;
     }
 }
+
+/// Every role may `ALTER ROLE` itself, so a setting alice puts on the shared
+/// login role would change every later session of every user. The proxy
+/// refuses new upstream connections (unpooled and pooled alike) of a login
+/// role with settings the configuration does not declare, and serves it
+/// again once they are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_removed() {
+    for pool in ["", POOLED] {
+        let h = Harness::start_with(pool).await;
+        let admin = h.admin().await;
+        // alice keeps her session, so bob needs a new upstream connection.
+        let alice = h.connect_as("alice").await;
+        for setting in [
+            "alter role authenticated set statement_timeout = '1ms'",
+            "alter role authenticated in database app set search_path = 'nowhere'",
+        ] {
+            alice.batch_execute(setting).await.unwrap();
+            let err = h
+                .connect("authenticated", &h.token("bob"))
+                .await
+                .expect_err("a tampered login role is not served");
+            let (code, message) = db_error(&err);
+            assert_eq!(code, "08006", "{pool:?} after `{setting}`: {message}");
+            assert!(message.contains("the database is unavailable"), "{message}");
+            admin
+                .batch_execute(
+                    "alter role authenticated reset all; \
+                                alter role authenticated in database app reset all",
+                )
+                .await
+                .unwrap();
+            let bob = h.connect_as("bob").await;
+            assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"), "{pool:?}");
+        }
+    }
+}
+
+/// Settings the operator declares in `[[role]] upstream_settings` are
+/// served; any other setting is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_login_role_settings_are_served_and_others_still_refused() {
+    let h = Harness::start_configured("", |config| {
+        let role = config
+            .roles
+            .iter_mut()
+            .find(|r| r.name == "authenticated")
+            .unwrap();
+        role.upstream_settings = vec!["statement_timeout=5min".to_owned()];
+    })
+    .await;
+    let admin = h.admin().await;
+    admin
+        .batch_execute("alter role authenticated set statement_timeout = '5min'")
+        .await
+        .unwrap();
+    let alice = h.connect_as("alice").await;
+    let timeout: String = alice
+        .query_one("show statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "5min");
+    alice
+        .batch_execute("alter role authenticated set statement_timeout = '1ms'")
+        .await
+        .unwrap();
+    let err = h
+        .connect("authenticated", &h.token("bob"))
+        .await
+        .unwrap_err();
+    assert_eq!(db_error(&err).0, "08006");
+}
