@@ -135,6 +135,11 @@ struct Sent {
     syncs: u64,
     /// Something was sent after the last of those (or after Terminate).
     unsynced: bool,
+    /// Syncs sent since the last Execute. If that Execute turns out to be a
+    /// COPY FROM STDIN, the server ignores them (libpq sends one right after
+    /// the Execute, before it knows), and the client's CopyDone or CopyFail
+    /// says so.
+    syncs_after_execute: u64,
 }
 
 impl Shared {
@@ -290,6 +295,17 @@ impl ClientSide<'_> {
                 b'Q' | b'S' | b'F' => {
                     self.sent.syncs += 1;
                     self.sent.unsynced = false;
+                    self.sent.syncs_after_execute += u64::from(self.frames.kind == b'S');
+                }
+                b'E' => {
+                    self.sent.syncs_after_execute = 0;
+                    self.sent.unsynced = true;
+                }
+                // COPY FROM STDIN's data and its end belong to the Query or
+                // Execute that started it: answered by its ReadyForQuery.
+                b'd' => {}
+                b'c' | b'f' => {
+                    self.sent.syncs -= std::mem::take(&mut self.sent.syncs_after_execute);
                 }
                 _ => self.sent.unsynced = true,
             }

@@ -576,3 +576,73 @@ async fn a_reload_that_changes_the_pool_starts_a_new_one() {
     );
     assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
 }
+
+/// A session whose last statement was a COPY FROM STDIN leaves its backend
+/// idle, and so does one after an extended-protocol COPY (where the client
+/// sends a Sync the server ignores during the copy): the backend goes back
+/// to the pool and serves the next client, for each form of COPY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_is_reused_after_each_form_of_copy_from_stdin() {
+    use futures_util::SinkExt;
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    // Simple protocol, as psql's \copy: Query, CopyData, CopyDone.
+    let mut alice = h.raw_connect_as("alice").await;
+    let pid: i32 = alice
+        .query_value("select pg_backend_pid()")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    alice.send_query("copy scratch from stdin").await;
+    let (kind, _) = wire::read_message(&mut alice.stream).await.unwrap();
+    assert_eq!(kind, b'G', "CopyInResponse");
+    wire::send(
+        &mut alice.stream,
+        &[b'd', 0, 0, 0, 9, b'1', b'\t', b'x', b'y', b'\n'],
+    )
+    .await;
+    wire::send(&mut alice.stream, &[b'c', 0, 0, 0, 4]).await;
+    assert!(alice.read_result().await.is_ok(), "the COPY failed");
+    alice.terminate().await;
+    wait_until_returned(&admin, pid).await;
+
+    // Extended protocol, as libpq's PQexecParams and tokio-postgres do.
+    let bob = h.connect_as("bob").await;
+    assert_eq!(
+        pid_of(&bob).await,
+        pid,
+        "the backend came back after a simple COPY"
+    );
+    let sink = bob.copy_in("copy scratch from stdin").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"2\tz\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+    drop(bob);
+    wait_until_returned(&admin, pid).await;
+
+    // psql's \copy, ending the session right after it.
+    let carol = h.token("carol");
+    h.psql_ok(
+        "authenticated",
+        &carol,
+        "\\copy scratch (id) from program 'echo 3'",
+    );
+    wait_until_returned(&admin, pid).await;
+    let dave = h.connect_as("dave").await;
+    assert_eq!(
+        pid_of(&dave).await,
+        pid,
+        "the backend came back after the COPYs"
+    );
+    assert_eq!(
+        value(&dave, "select count(*) from scratch")
+            .await
+            .as_deref(),
+        Some("3")
+    );
+}
