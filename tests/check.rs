@@ -1,9 +1,8 @@
 //! `rlsgate check`, run as the real binary against the test world: a
 //! configuration that works passes, and each way of being wrong (no schema
 //! `auth`, a signing key the database does not know, a table open to a
-//! served role without RLS, a provider that cannot be reached) fails with a
-//! line that names the problem.
-
+//! served role without RLS, a role it can become that escapes RLS, a
+//! provider that cannot be reached) fails with a line that names the problem.
 mod support;
 
 use std::net::SocketAddr;
@@ -200,6 +199,166 @@ async fn check_fails_when_a_provider_is_unreachable() {
     let working = format!("provider {}", h.issuer.issuer());
     assert!(
         checked.lines("ok").iter().any(|l| l.contains(&working)),
+        "{checked}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_role_that_can_set_role_to_a_bypassrls_role_fails() {
+    let h = good_setup().await;
+    h.admin()
+        .await
+        .batch_execute(
+            "create role service_role nologin bypassrls; \
+             grant select on todos to service_role; \
+             grant service_role to authenticated; \
+             insert into todos (user_id, title) values ('bob', 'bob''s secret');",
+        )
+        .await
+        .unwrap();
+    // The escape is real: through the proxy, alice reads bob's row.
+    let alice = h.connect_as("alice").await;
+    let rows = alice
+        .simple_query("set role service_role; select title from todos")
+        .await
+        .unwrap();
+    let seen: Vec<&str> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seen, ["bob's secret"]);
+
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(!checked.success, "{checked}");
+    let line = checked.failure(&[
+        "role authenticated",
+        "authenticated can SET ROLE service_role",
+        "BYPASSRLS",
+    ]);
+    assert!(
+        line.contains("revoke service_role from authenticated"),
+        "{line}"
+    );
+    // anonymous was granted nothing.
+    assert!(
+        checked
+            .lines("FAIL")
+            .iter()
+            .all(|l| !l.contains("role anonymous")),
+        "{checked}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_grants_to_a_superuser_fails_and_names_the_path() {
+    let h = good_setup().await;
+    h.admin()
+        .await
+        .batch_execute(
+            "create role root_like superuser nologin; \
+             create role ops nologin; \
+             grant root_like to ops; \
+             grant ops to anonymous;",
+        )
+        .await
+        .unwrap();
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(!checked.success, "{checked}");
+    let line = checked.failure(&[
+        "role anonymous",
+        "anonymous can SET ROLE root_like (through ops)",
+        "superuser",
+    ]);
+    assert!(line.contains("revoke ops from anonymous"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_role_that_can_become_pg_read_all_data_or_pg_write_all_data_fails() {
+    let h = good_setup().await;
+    h.admin()
+        .await
+        .batch_execute(
+            "grant pg_read_all_data to anonymous; grant pg_write_all_data to authenticated;",
+        )
+        .await
+        .unwrap();
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(!checked.success, "{checked}");
+    let read = checked.failure(&["role anonymous", "pg_read_all_data", "reads every table"]);
+    assert!(
+        read.contains("revoke pg_read_all_data from anonymous"),
+        "{read}"
+    );
+    let write = checked.failure(&[
+        "role authenticated",
+        "pg_write_all_data",
+        "writes every table",
+    ]);
+    assert!(
+        write.contains("revoke pg_write_all_data from authenticated"),
+        "{write}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_the_served_user_can_only_set_role_to_is_checked_like_the_user() {
+    let h = good_setup().await;
+    // NOINHERIT: authenticated holds none of reporting's privileges until
+    // it runs `set role reporting`.
+    h.admin()
+        .await
+        .batch_execute(
+            "alter role authenticated noinherit; \
+             create role reporting nologin; \
+             grant reporting to authenticated; \
+             create table ledger (id int, amount int); \
+             insert into ledger values (1, 100); \
+             grant select on ledger to reporting; \
+             create table audit (id int); \
+             alter table audit enable row level security; \
+             alter table audit owner to reporting; \
+             grant truncate on todos to reporting; \
+             grant select on auth.signing_keys to reporting;",
+        )
+        .await
+        .unwrap();
+    let alice = h.connect_as("alice").await;
+    let denied = alice
+        .simple_query("select * from ledger")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denied.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    alice
+        .simple_query("set role reporting; select * from ledger")
+        .await
+        .expect("after set role reporting, alice reads ledger");
+
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(!checked.success, "{checked}");
+    let via = "authenticated can SET ROLE reporting";
+    let ledger = checked.failure(&["role authenticated", via, "public.ledger"]);
+    assert!(ledger.contains("row-level security disabled"), "{ledger}");
+    let audit = checked.failure(&["role authenticated", "public.audit", "owned by reporting"]);
+    assert!(
+        audit.contains("which authenticated can SET ROLE to"),
+        "{audit}"
+    );
+    assert!(audit.contains("force row level security"), "{audit}");
+    let keys = checked.failure(&["role authenticated", via, "auth.signing_keys"]);
+    assert!(
+        keys.contains("revoke reporting from authenticated"),
+        "{keys}"
+    );
+    assert!(
+        checked.lines("warn").iter().any(|l| l.contains(via)
+            && l.contains("TRUNCATE table public.todos")
+            && l.contains("revoke truncate on public.todos from reporting")),
         "{checked}"
     );
 }
