@@ -18,6 +18,8 @@
 //!    inherits from, through any chain of grants; being able to become a
 //!    predefined role that reads or writes past every grant
 //!    (`pg_read_all_data`, …) fails too.
+//! 5. What every user of a shared login role can do to the others:
+//!    creating large objects, which belong to the shared role, is a warning.
 //!
 //! The report has one line per finding, `ok`, `warn` or `FAIL`; it passes
 //! when nothing failed. A table meant to be readable by everyone should say
@@ -509,6 +511,15 @@ const PREDEFINED: [(&str, &str); 5] = [
     ),
 ];
 
+/// The functions that create a large object.
+const LARGE_OBJECT_CREATORS: [&str; 5] = [
+    "lo_create(oid)",
+    "lo_creat(integer)",
+    "lo_from_bytea(oid, bytea)",
+    "lo_import(text)",
+    "lo_import(text, oid)",
+];
+
 /// A role whose privileges sessions of the served user can use: the user
 /// itself, or a role it can SET ROLE to or inherits the privileges of.
 #[derive(Clone)]
@@ -661,7 +672,7 @@ async fn check_privileges(
         }
         escapes.report.ok(subject, message);
     }
-    Ok(())
+    check_large_objects(session, subject, user, report).await
 }
 
 /// The roles the session's user is a member of, directly or through a
@@ -881,6 +892,65 @@ fn judge_tables(escapes: &mut Escapes<'_>, reach: &Reach, tables: Vec<TableAcces
             );
         }
     }
+}
+
+/// Large objects belong to the role that creates them, here the login role
+/// every user of the proxy shares, and no policy covers them: one user can
+/// read, change or unlink another's.
+async fn check_large_objects(
+    session: &mut Session,
+    subject: &str,
+    user: &str,
+    report: &mut Report,
+) -> Result<(), String> {
+    let creators: Vec<String> = LARGE_OBJECT_CREATORS
+        .iter()
+        .map(|f| {
+            format!(
+                "case when coalesce(pg_catalog.has_function_privilege(session_user, \
+                   pg_catalog.to_regprocedure('pg_catalog.{f}'), 'EXECUTE'), false) \
+                 then 'pg_catalog.{f}' end"
+            )
+        })
+        .collect();
+    let row = session
+        .one(&format!(
+            "select pg_catalog.concat_ws(', ', {}), \
+                    pg_catalog.current_setting('lo_compat_privileges'), \
+                    (select pg_catalog.count(*) from pg_catalog.pg_largeobject_metadata \
+                      where pg_catalog.pg_has_role(session_user, lomowner, 'USAGE'))",
+            creators.join(", ")
+        ))
+        .await?;
+    let (creators, compat, owned) = (text(&row[0]), text(&row[1]), text(&row[2]));
+    if !creators.is_empty() {
+        report.warn(
+            subject,
+            format!(
+                "{user} can create large objects, which belong to {user} and so to every user \
+                 of it: one reads, changes or deletes another's (lo_get, lo_put, lo_unlink). \
+                 Unless the application uses them: revoke execute on function {creators} \
+                 from public, {user}"
+            ),
+        );
+    }
+    if owned != "0" && !owned.is_empty() {
+        report.warn(
+            subject,
+            format!(
+                "{user} owns {owned} large object(s): every user of it can read, change and \
+                 delete them (lo_unlink the ones no longer needed)"
+            ),
+        );
+    }
+    if compat == "on" {
+        report.warn(
+            subject,
+            "lo_compat_privileges is on: every role reads and writes every large object, \
+             whoever owns it (alter system set lo_compat_privileges = off)",
+        );
+    }
+    Ok(())
 }
 
 fn is_true(value: &Option<String>) -> bool {

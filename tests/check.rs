@@ -362,3 +362,72 @@ async fn a_role_the_served_user_can_only_set_role_to_is_checked_like_the_user() 
         "{checked}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_roles_that_can_create_large_objects_are_warned_until_execute_is_revoked() {
+    let h = good_setup().await;
+    // The exposure is real: alice reads and deletes the large object bob made.
+    let bob = h.connect_as("bob").await;
+    let made = bob
+        .query_one("select lo_from_bytea(0, 'bob''s secret')", &[])
+        .await
+        .unwrap();
+    let oid: u32 = made.get(0);
+    let alice = h.connect_as("alice").await;
+    let read = alice
+        .query_one("select convert_from(lo_get($1), 'UTF8')", &[&oid])
+        .await
+        .unwrap();
+    assert_eq!(read.get::<_, String>(0), "bob's secret");
+
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(checked.success, "warnings only:\n{checked}");
+    let warned = |checked: &Checked, role: &str, words: &[&str]| {
+        checked
+            .lines("warn")
+            .iter()
+            .any(|l| l.contains(&format!("role {role}:")) && words.iter().all(|w| l.contains(w)))
+    };
+    for role in ["authenticated", "anonymous"] {
+        assert!(
+            warned(
+                &checked,
+                role,
+                &[
+                    "can create large objects",
+                    "pg_catalog.lo_create(oid)",
+                    "pg_catalog.lo_creat(integer)",
+                    "pg_catalog.lo_from_bytea(oid, bytea)",
+                    "revoke execute on function",
+                ]
+            ),
+            "{checked}"
+        );
+    }
+    assert!(
+        warned(&checked, "authenticated", &["owns 1 large object(s)"]),
+        "{checked}"
+    );
+
+    alice
+        .query_one("select lo_unlink($1)", &[&oid])
+        .await
+        .expect("alice deletes bob's large object");
+    h.admin()
+        .await
+        .batch_execute(
+            "revoke execute on function lo_create(oid), lo_creat(integer), \
+             lo_from_bytea(oid, bytea) from public",
+        )
+        .await
+        .unwrap();
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(checked.success, "{checked}");
+    assert!(
+        checked
+            .lines("warn")
+            .iter()
+            .all(|l| !l.contains("large object")),
+        "{checked}"
+    );
+}
