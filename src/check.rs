@@ -19,7 +19,9 @@
 //!    predefined role that reads or writes past every grant
 //!    (`pg_read_all_data`, …) fails too.
 //! 5. What every user of a shared login role can do to the others:
-//!    creating large objects, which belong to the shared role, is a warning.
+//!    creating large objects, which belong to the shared role, and
+//!    logging in upstream with a password, which every role may change, are
+//!    warnings.
 //!
 //! The report has one line per finding, `ok`, `warn` or `FAIL`; it passes
 //! when nothing failed. A table meant to be readable by everyone should say
@@ -295,6 +297,9 @@ async fn check_upstream(config: &Config, path: &Path, database: Option<&str>, re
         } else {
             format!("role {} (upstream user {user})", role.name)
         };
+        if role.upstream_password.is_some() {
+            report.warn(&subject, password_exposure(user));
+        }
         let session = match open(config, role, database).await {
             Ok(session) => session,
             Err(reason) => {
@@ -323,6 +328,17 @@ async fn check_upstream(config: &Config, path: &Path, database: Option<&str>, re
         }
         session.close().await;
     }
+}
+
+/// Every role may change its own password: with password authentication
+/// upstream, one token holder can lock every user of the role out.
+fn password_exposure(user: &str) -> String {
+    format!(
+        "logs in to Postgres as {user} with upstream_password, and any token holder can change \
+         that password (alter role {user} password …), locking every user out: log in with a \
+         TLS client certificate instead ([upstream] tls_client_cert and tls_client_key, \
+         pg_hba.conf method cert), or over a Unix socket with pg_hba.conf method peer"
+    )
 }
 
 fn unix_now() -> u64 {

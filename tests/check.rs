@@ -431,3 +431,31 @@ async fn served_roles_that_can_create_large_objects_are_warned_until_execute_is_
         "{checked}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_logging_in_upstream_with_a_password_is_warned_that_a_token_holder_can_change_it() {
+    let h = good_setup().await;
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(checked.success, "warnings only:\n{checked}");
+    for role in ["authenticated", "anonymous"] {
+        assert!(
+            checked
+                .lines("warn")
+                .iter()
+                .any(|l| l.contains(&format!("role {role}:"))
+                    && l.contains("upstream_password")
+                    && l.contains("tls_client_cert")
+                    && l.contains("method cert")
+                    && l.contains("method peer")),
+            "no password warning for {role}:\n{checked}"
+        );
+    }
+    // The exposure is real: one token holder locks every user out.
+    let alice = h.connect_as("alice").await;
+    alice
+        .batch_execute("alter role authenticated password 'chosen-by-alice'")
+        .await
+        .unwrap();
+    let refused = h.connect("authenticated", &h.token("bob")).await;
+    assert!(refused.is_err(), "bob still connects");
+}
