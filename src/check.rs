@@ -18,7 +18,9 @@
 //!    inherits from, through any chain of grants; being able to become a
 //!    predefined role that reads or writes past every grant
 //!    (`pg_read_all_data`, …) fails too.
-//! 5. What every user of a shared login role can do to the others:
+//! 5. What every user of a shared login role can do to the others: settings
+//!    from `ALTER ROLE … SET` that the role does not declare in
+//!    `upstream_settings` fail (`ALTER DATABASE … SET` ones are a warning);
 //!    creating large objects, which belong to the shared role, and
 //!    logging in upstream with a password, which every role may change, are
 //!    warnings.
@@ -57,6 +59,18 @@ const ENVELOPE_VALIDITY: Duration = Duration::from_secs(60);
 
 /// Bound on each query of a check session.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Startup parameters of a check session. They outrank `ALTER ROLE … SET`
+/// and `ALTER DATABASE … SET`, which the check reports rather than suffers:
+/// a timeout of 1 ms must not hide them, nor a search_path put functions of
+/// the served user's own before the catalog's.
+const CHECK_PARAMETERS: [(&str, &str); 5] = [
+    ("application_name", "rlsgate check"),
+    ("search_path", "pg_catalog"),
+    ("statement_timeout", "0"),
+    ("lock_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+];
 
 /// The functions of schema `auth` that policies call.
 const AUTH_FUNCTIONS: [&str; 4] = ["session", "jwt", "user_id", "uid"];
@@ -290,6 +304,7 @@ async fn check_upstream(config: &Config, path: &Path, database: Option<&str>, re
         upstream.port
     );
     let mut users_checked = HashSet::new();
+    let mut database_checked = false;
     for role in &config.roles {
         let user = role.upstream_user();
         let subject = if user == role.name {
@@ -317,6 +332,11 @@ async fn check_upstream(config: &Config, path: &Path, database: Option<&str>, re
             if installed {
                 check_key(&mut session, &subject, key.id(), &init_db, report).await?;
             }
+            check_role_settings(&mut session, &subject, role, database, report).await?;
+            if !database_checked {
+                database_checked = true;
+                check_database_settings(&mut session, &subject, database, report).await?;
+            }
             if users_checked.insert(user.to_owned()) {
                 check_privileges(&mut session, &subject, user, report).await?;
             }
@@ -341,6 +361,127 @@ fn password_exposure(user: &str) -> String {
     )
 }
 
+/// `ALTER ROLE … SET` rows of the session's user, for every database and
+/// for this one: every role may set its own, and they apply to every later
+/// session of every user of the role. Those the role does not declare in
+/// `upstream_settings` fail.
+async fn check_role_settings(
+    session: &mut Session,
+    subject: &str,
+    role: &Role,
+    database: &str,
+    report: &mut Report,
+) -> Result<(), String> {
+    let user = role.upstream_user();
+    let rows = session
+        .query(
+            "select s.setdatabase <> 0, x.setting \
+               from pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) x(setting) \
+              where s.setrole = (select oid from pg_catalog.pg_roles \
+                                  where rolname = session_user) \
+                and s.setdatabase in (0, (select oid from pg_catalog.pg_database \
+                                           where datname = pg_catalog.current_database())) \
+              order by 1, 2",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut undeclared = 0;
+    for row in rows {
+        let setting = text(&row[1]);
+        if role.upstream_settings.contains(&setting) {
+            continue;
+        }
+        undeclared += 1;
+        let name = setting_name(&setting);
+        let scope = if is_true(&row[0]) {
+            format!("alter role {user} in database {database}")
+        } else {
+            format!("alter role {user}")
+        };
+        let declare = if is_secret_setting(name) {
+            "declare it".to_owned()
+        } else {
+            format!("declare {setting:?}")
+        };
+        report.fail(
+            subject,
+            format!(
+                "{user} has the setting {} ({scope} set), which every session of every user \
+                 of it gets, and [[role]] {:?} does not declare it: {scope} reset {name}, or \
+                 {declare} in its upstream_settings",
+                shown_setting(&setting),
+                role.name
+            ),
+        );
+    }
+    if undeclared == 0 {
+        report.ok(
+            subject,
+            format!("{user} has no role settings but those declared in upstream_settings"),
+        );
+    }
+    Ok(())
+}
+
+/// `ALTER DATABASE … SET` rows apply to every session of every role; they
+/// are the database owner's to make, so worth a mention but no failure.
+async fn check_database_settings(
+    session: &mut Session,
+    subject: &str,
+    database: &str,
+    report: &mut Report,
+) -> Result<(), String> {
+    let rows = session
+        .query(
+            "select x.setting \
+               from pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) x(setting) \
+              where s.setrole = 0 \
+                and s.setdatabase = (select oid from pg_catalog.pg_database \
+                                      where datname = pg_catalog.current_database()) \
+              order by 1",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    for row in rows {
+        let setting = text(&row[0]);
+        report.warn(
+            subject,
+            format!(
+                "database {database} has the setting {} (alter database {database} set), which \
+                 every session of every role gets: alter database {database} reset {} unless \
+                 it is meant",
+                shown_setting(&setting),
+                setting_name(&setting)
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The name of a `setconfig` entry, "name=value".
+fn setting_name(setting: &str) -> &str {
+    setting.split_once('=').map_or(setting, |(name, _)| name)
+}
+
+/// rlsgate's own settings carry envelopes, and settings named like a secret
+/// may hold one: the report names them without their value.
+fn is_secret_setting(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.starts_with("rlsgate.")
+        || ["password", "secret", "key", "token"]
+            .iter()
+            .any(|word| name.contains(word))
+}
+
+fn shown_setting(setting: &str) -> String {
+    let name = setting_name(setting);
+    if is_secret_setting(name) {
+        format!("{name} (its value not shown)")
+    } else {
+        setting.to_owned()
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -359,7 +500,10 @@ async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, S
     let login = Login {
         role,
         database: Some(database),
-        parameters: vec![("application_name".to_owned(), "rlsgate check".to_owned())],
+        parameters: CHECK_PARAMETERS
+            .iter()
+            .map(|&(name, value)| (name.to_owned(), value.to_owned()))
+            .collect(),
         claims,
     };
     let tls = UpstreamTls::from_config(&config.upstream).map_err(|e| format!("{e:#}"))?;
@@ -1096,6 +1240,23 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_that_may_hold_a_secret_are_shown_without_their_value() {
+        assert_eq!(
+            shown_setting("statement_timeout=1ms"),
+            "statement_timeout=1ms"
+        );
+        for setting in [
+            "rlsgate.session=v1.c2VhbGVk",
+            "app.api_key=c2VhbGVk",
+            "myapp.Password=c2VhbGVk",
+        ] {
+            let shown = shown_setting(setting);
+            assert!(!shown.contains("c2VhbGVk"), "{shown}");
+            assert!(shown.starts_with(setting_name(setting)), "{shown}");
+        }
+    }
 
     #[test]
     fn quoted_configuration_lines_are_left_out() {

@@ -1,8 +1,11 @@
 //! `rlsgate check`, run as the real binary against the test world: a
 //! configuration that works passes, and each way of being wrong (no schema
 //! `auth`, a signing key the database does not know, a table open to a
-//! served role without RLS, a role it can become that escapes RLS, a
-//! provider that cannot be reached) fails with a line that names the problem.
+//! served role without RLS, a role it can become that escapes RLS, an
+//! undeclared role setting, a provider that cannot be reached) fails with a
+//! line that names the problem; what one user of a shared login role can do
+//! to the others (large objects, its password) is a warning.
+
 mod support;
 
 use std::net::SocketAddr;
@@ -201,6 +204,13 @@ async fn check_fails_when_a_provider_is_unreachable() {
         checked.lines("ok").iter().any(|l| l.contains(&working)),
         "{checked}"
     );
+}
+
+/// `config_text` with `lines` added to the `[[role]]` named `authenticated`.
+fn with_authenticated_lines(toml: &str, lines: &str) -> String {
+    let anchor = "upstream_password = \"authenticated-dev-password\"\n";
+    assert!(toml.contains(anchor), "{toml}");
+    toml.replacen(anchor, &format!("{anchor}{lines}\n"), 1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,4 +468,66 @@ async fn a_role_logging_in_upstream_with_a_password_is_warned_that_a_token_holde
         .unwrap();
     let refused = h.connect("authenticated", &h.token("bob")).await;
     assert!(refused.is_err(), "bob still connects");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_setting_made_through_a_session_fails_the_check_until_it_is_declared() {
+    let h = good_setup().await;
+    let alice = h.connect_as("alice").await;
+    alice
+        .batch_execute(
+            "alter role authenticated set statement_timeout = '1ms'; \
+             alter role authenticated in database app set search_path = public;",
+        )
+        .await
+        .unwrap();
+    let toml = config_text(&h, SIGNING_KEY, "");
+    let checked = check(&toml, "app").await;
+    assert!(!checked.success, "{checked}");
+    let line = checked.failure(&["role authenticated", "statement_timeout=1ms"]);
+    assert!(
+        line.contains("alter role authenticated reset statement_timeout"),
+        "{line}"
+    );
+    assert!(line.contains("upstream_settings"), "{line}");
+    let line = checked.failure(&["role authenticated", "search_path=public"]);
+    assert!(
+        line.contains("alter role authenticated in database app reset search_path"),
+        "{line}"
+    );
+    assert_eq!(checked.lines("FAIL").len(), 2, "{checked}");
+
+    let declared = with_authenticated_lines(
+        &toml,
+        r#"upstream_settings = ["statement_timeout=1ms", "search_path=public"]"#,
+    );
+    let checked = check(&declared, "app").await;
+    assert!(checked.success, "{checked}");
+    assert!(checked.lines("FAIL").is_empty(), "{checked}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_wide_setting_is_a_warning() {
+    let h = good_setup().await;
+    h.admin()
+        .await
+        .batch_execute("alter database app set lo_compat_privileges = on")
+        .await
+        .unwrap();
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(checked.success, "warnings only:\n{checked}");
+    let warns = checked.lines("warn");
+    assert!(
+        warns.iter().any(
+            |l| l.contains("database app has the setting lo_compat_privileges=on")
+                && l.contains("alter database app reset lo_compat_privileges")
+        ),
+        "{checked}"
+    );
+    assert!(
+        warns
+            .iter()
+            .any(|l| l.contains("lo_compat_privileges is on")),
+        "{checked}"
+    );
 }
