@@ -549,6 +549,7 @@ impl Config {
             if !names.insert(role.name.as_str()) {
                 bail!("[[role]] name = {:?} appears twice", role.name);
             }
+            check_role_settings(role)?;
         }
         if self.roles.is_empty() {
             bail!("no [[role]] is configured: nobody could connect");
@@ -601,6 +602,22 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Entries of `upstream_settings` are compared with `setconfig` as text, so
+/// one that could never match is a mistake to point out now.
+fn check_role_settings(role: &Role) -> anyhow::Result<()> {
+    for setting in &role.upstream_settings {
+        let name = setting.split_once('=').map_or("", |(name, _)| name);
+        if name.is_empty() || name.trim() != name {
+            bail!(
+                "[[role]] {:?}: upstream_settings entry {setting:?} is not \"name=value\" \
+                 (as pg_db_role_setting lists it, e.g. \"statement_timeout=5s\")",
+                role.name
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Keys are fetched over HTTPS; plain HTTP only from this machine, where
@@ -721,6 +738,31 @@ signing_key = "c2hvcnQ="
             "{shown}"
         );
         assert!(!shown.contains("cmxzZ2F0ZS1leGFtcGxl"), "{shown}");
+    }
+
+    #[test]
+    fn role_settings_default_to_none_and_must_be_name_value() {
+        let text = |settings: &str| {
+            format!(
+                "[listen]\naddress = \"127.0.0.1:6432\"\n[upstream]\nhost = \"127.0.0.1\"\n\
+                 [[role]]\nname = \"anonymous\"\ntoken = \"none\"\n{settings}\n\
+                 [claims]\nsigning_key = \"cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM=\"\n"
+            )
+        };
+        let config = Config::parse(&text("")).unwrap();
+        assert!(config.roles[0].upstream_settings.is_empty());
+        let declared = r#"upstream_settings = ["statement_timeout=5s", "search_path=app, public"]"#;
+        let config = Config::parse(&text(declared)).unwrap();
+        assert_eq!(
+            config.roles[0].upstream_settings,
+            ["statement_timeout=5s", "search_path=app, public"]
+        );
+        for wrong in ["statement_timeout", "=5s", " statement_timeout=5s"] {
+            let line = format!("upstream_settings = [{wrong:?}]");
+            let err = format!("{:#}", Config::parse(&text(&line)).unwrap_err());
+            assert!(err.contains("upstream_settings"), "{err}");
+            assert!(err.contains(wrong), "{err}");
+        }
     }
 
     #[test]

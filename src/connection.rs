@@ -310,6 +310,7 @@ async fn open_session(
         role,
         database: parameters.get("database").map(String::as_str),
         parameters: forwarded,
+        refuse_undeclared_settings: true,
     };
     let key = &config.claims.signing_key;
     let connecting = StdInstant::now();

@@ -146,6 +146,7 @@ impl Pool {
                         role: login.role,
                         database: login.database,
                         parameters: Vec::new(),
+                        refuse_undeclared_settings: login.refuse_undeclared_settings,
                     };
                     let session = upstream::connect(upstream, tls, bare).await?;
                     let lease = Lease::new(key.clone(), &session);

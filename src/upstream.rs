@@ -44,6 +44,10 @@ pub struct Login<'a> {
     pub role: &'a Role,
     pub database: Option<&'a str>,
     pub parameters: Vec<(String, String)>,
+    /// Whether a login role with `ALTER ROLE … SET` settings its `[[role]]`
+    /// does not declare is refused (always, except for `rlsgate check`,
+    /// which reports them).
+    pub refuse_undeclared_settings: bool,
 }
 
 pub async fn connect(
@@ -112,7 +116,7 @@ async fn open(
         if kind == b'Z' {
             let key = key
                 .ok_or_else(|| Refusal::database_unavailable("upstream sent no BackendKeyData"))?;
-            let backend = inspect(&mut stream, &mut reader, key, login.role).await?;
+            let backend = inspect(&mut stream, &mut reader, key, &login).await?;
             return Ok(UpstreamSession {
                 stream,
                 key,
@@ -244,8 +248,9 @@ async fn inspect(
     stream: &mut UpstreamStream,
     reader: &mut FrameReader,
     key: CancelKey,
-    role: &Role,
+    login: &Login<'_>,
 ) -> Result<Backend, Refusal> {
+    let role = login.role;
     let user = role.upstream_user();
     let lost = |e: io::Error| {
         Refusal::database_unavailable(format!("connection lost while inspecting the backend: {e}"))
@@ -288,7 +293,7 @@ async fn inspect(
         .iter()
         .filter(|s| !role.upstream_settings.contains(s))
         .collect();
-    if !undeclared.is_empty() {
+    if !undeclared.is_empty() && login.refuse_undeclared_settings {
         return Err(undeclared_settings(user, &undeclared));
     }
     Ok(Backend {

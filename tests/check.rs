@@ -1,8 +1,10 @@
 //! `rlsgate check`, run as the real binary against the test world: a
 //! configuration that works passes, and each way of being wrong (no schema
 //! `auth`, a signing key the database does not know, a table open to a
-//! served role without RLS, a provider that cannot be reached) fails with a
-//! line that names the problem.
+//! served role without RLS, a role it can become that escapes RLS, an
+//! undeclared role setting, a provider that cannot be reached) fails with a
+//! line that names the problem; what one user of a shared login role can do
+//! to the others (large objects, its password) is a warning.
 
 mod support;
 
@@ -200,6 +202,332 @@ async fn check_fails_when_a_provider_is_unreachable() {
     let working = format!("provider {}", h.issuer.issuer());
     assert!(
         checked.lines("ok").iter().any(|l| l.contains(&working)),
+        "{checked}"
+    );
+}
+
+/// `config_text` with `lines` added to the `[[role]]` named `authenticated`.
+fn with_authenticated_lines(toml: &str, lines: &str) -> String {
+    let anchor = "upstream_password = \"authenticated-dev-password\"\n";
+    assert!(toml.contains(anchor), "{toml}");
+    toml.replacen(anchor, &format!("{anchor}{lines}\n"), 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_role_that_can_set_role_to_a_bypassrls_role_fails() {
+    let h = good_setup().await;
+    h.admin()
+        .await
+        .batch_execute(
+            "create role service_role nologin bypassrls; \
+             grant select on todos to service_role; \
+             grant service_role to authenticated; \
+             insert into todos (user_id, title) values ('bob', 'bob''s secret');",
+        )
+        .await
+        .unwrap();
+    // The escape is real: through the proxy, alice reads bob's row.
+    let alice = h.connect_as("alice").await;
+    let rows = alice
+        .simple_query("set role service_role; select title from todos")
+        .await
+        .unwrap();
+    let seen: Vec<&str> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seen, ["bob's secret"]);
+
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(!checked.success, "{checked}");
+    let line = checked.failure(&[
+        "role authenticated",
+        "authenticated can SET ROLE service_role",
+        "BYPASSRLS",
+    ]);
+    assert!(
+        line.contains("revoke service_role from authenticated"),
+        "{line}"
+    );
+    // anonymous was granted nothing.
+    assert!(
+        checked
+            .lines("FAIL")
+            .iter()
+            .all(|l| !l.contains("role anonymous")),
+        "{checked}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_grants_to_a_superuser_fails_and_names_the_path() {
+    let h = good_setup().await;
+    h.admin()
+        .await
+        .batch_execute(
+            "create role root_like superuser nologin; \
+             create role ops nologin; \
+             grant root_like to ops; \
+             grant ops to anonymous;",
+        )
+        .await
+        .unwrap();
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(!checked.success, "{checked}");
+    let line = checked.failure(&[
+        "role anonymous",
+        "anonymous can SET ROLE root_like (through ops)",
+        "superuser",
+    ]);
+    assert!(line.contains("revoke ops from anonymous"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_role_that_can_become_pg_read_all_data_or_pg_write_all_data_fails() {
+    let h = good_setup().await;
+    h.admin()
+        .await
+        .batch_execute(
+            "grant pg_read_all_data to anonymous; grant pg_write_all_data to authenticated;",
+        )
+        .await
+        .unwrap();
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(!checked.success, "{checked}");
+    let read = checked.failure(&["role anonymous", "pg_read_all_data", "reads every table"]);
+    assert!(
+        read.contains("revoke pg_read_all_data from anonymous"),
+        "{read}"
+    );
+    let write = checked.failure(&[
+        "role authenticated",
+        "pg_write_all_data",
+        "writes every table",
+    ]);
+    assert!(
+        write.contains("revoke pg_write_all_data from authenticated"),
+        "{write}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_the_served_user_can_only_set_role_to_is_checked_like_the_user() {
+    let h = good_setup().await;
+    // NOINHERIT: authenticated holds none of reporting's privileges until
+    // it runs `set role reporting`.
+    h.admin()
+        .await
+        .batch_execute(
+            "alter role authenticated noinherit; \
+             create role reporting nologin; \
+             grant reporting to authenticated; \
+             create table ledger (id int, amount int); \
+             insert into ledger values (1, 100); \
+             grant select on ledger to reporting; \
+             create table audit (id int); \
+             alter table audit enable row level security; \
+             alter table audit owner to reporting; \
+             grant truncate on todos to reporting; \
+             grant select on auth.signing_keys to reporting;",
+        )
+        .await
+        .unwrap();
+    let alice = h.connect_as("alice").await;
+    let denied = alice
+        .simple_query("select * from ledger")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denied.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    alice
+        .simple_query("set role reporting; select * from ledger")
+        .await
+        .expect("after set role reporting, alice reads ledger");
+
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(!checked.success, "{checked}");
+    let via = "authenticated can SET ROLE reporting";
+    let ledger = checked.failure(&["role authenticated", via, "public.ledger"]);
+    assert!(ledger.contains("row-level security disabled"), "{ledger}");
+    let audit = checked.failure(&["role authenticated", "public.audit", "owned by reporting"]);
+    assert!(
+        audit.contains("which authenticated can SET ROLE to"),
+        "{audit}"
+    );
+    assert!(audit.contains("force row level security"), "{audit}");
+    let keys = checked.failure(&["role authenticated", via, "auth.signing_keys"]);
+    assert!(
+        keys.contains("revoke reporting from authenticated"),
+        "{keys}"
+    );
+    assert!(
+        checked.lines("warn").iter().any(|l| l.contains(via)
+            && l.contains("TRUNCATE table public.todos")
+            && l.contains("revoke truncate on public.todos from reporting")),
+        "{checked}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_roles_that_can_create_large_objects_are_warned_until_execute_is_revoked() {
+    let h = good_setup().await;
+    // The exposure is real: alice reads and deletes the large object bob made.
+    let bob = h.connect_as("bob").await;
+    let made = bob
+        .query_one("select lo_from_bytea(0, 'bob''s secret')", &[])
+        .await
+        .unwrap();
+    let oid: u32 = made.get(0);
+    let alice = h.connect_as("alice").await;
+    let read = alice
+        .query_one("select convert_from(lo_get($1), 'UTF8')", &[&oid])
+        .await
+        .unwrap();
+    assert_eq!(read.get::<_, String>(0), "bob's secret");
+
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(checked.success, "warnings only:\n{checked}");
+    let warned = |checked: &Checked, role: &str, words: &[&str]| {
+        checked
+            .lines("warn")
+            .iter()
+            .any(|l| l.contains(&format!("role {role}:")) && words.iter().all(|w| l.contains(w)))
+    };
+    for role in ["authenticated", "anonymous"] {
+        assert!(
+            warned(
+                &checked,
+                role,
+                &[
+                    "can create large objects",
+                    "pg_catalog.lo_create(oid)",
+                    "pg_catalog.lo_creat(integer)",
+                    "pg_catalog.lo_from_bytea(oid, bytea)",
+                    "revoke execute on function",
+                ]
+            ),
+            "{checked}"
+        );
+    }
+    assert!(
+        warned(&checked, "authenticated", &["owns 1 large object(s)"]),
+        "{checked}"
+    );
+
+    alice
+        .query_one("select lo_unlink($1)", &[&oid])
+        .await
+        .expect("alice deletes bob's large object");
+    h.admin()
+        .await
+        .batch_execute(
+            "revoke execute on function lo_create(oid), lo_creat(integer), \
+             lo_from_bytea(oid, bytea) from public",
+        )
+        .await
+        .unwrap();
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(checked.success, "{checked}");
+    assert!(
+        checked
+            .lines("warn")
+            .iter()
+            .all(|l| !l.contains("large object")),
+        "{checked}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_logging_in_upstream_with_a_password_is_warned_that_a_token_holder_can_change_it() {
+    let h = good_setup().await;
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(checked.success, "warnings only:\n{checked}");
+    for role in ["authenticated", "anonymous"] {
+        assert!(
+            checked
+                .lines("warn")
+                .iter()
+                .any(|l| l.contains(&format!("role {role}:"))
+                    && l.contains("upstream_password")
+                    && l.contains("tls_client_cert")
+                    && l.contains("method cert")
+                    && l.contains("method peer")),
+            "no password warning for {role}:\n{checked}"
+        );
+    }
+    // The exposure is real: one token holder locks every user out.
+    let alice = h.connect_as("alice").await;
+    alice
+        .batch_execute("alter role authenticated password 'chosen-by-alice'")
+        .await
+        .unwrap();
+    let refused = h.connect("authenticated", &h.token("bob")).await;
+    assert!(refused.is_err(), "bob still connects");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_setting_made_through_a_session_fails_the_check_until_it_is_declared() {
+    let h = good_setup().await;
+    let alice = h.connect_as("alice").await;
+    alice
+        .batch_execute(
+            "alter role authenticated set statement_timeout = '1ms'; \
+             alter role authenticated in database app set search_path = public;",
+        )
+        .await
+        .unwrap();
+    let toml = config_text(&h, SIGNING_KEY, "");
+    let checked = check(&toml, "app").await;
+    assert!(!checked.success, "{checked}");
+    let line = checked.failure(&["role authenticated", "statement_timeout=1ms"]);
+    assert!(
+        line.contains("alter role authenticated reset statement_timeout"),
+        "{line}"
+    );
+    assert!(line.contains("upstream_settings"), "{line}");
+    let line = checked.failure(&["role authenticated", "search_path=public"]);
+    assert!(
+        line.contains("alter role authenticated in database app reset search_path"),
+        "{line}"
+    );
+    assert_eq!(checked.lines("FAIL").len(), 2, "{checked}");
+
+    let declared = with_authenticated_lines(
+        &toml,
+        r#"upstream_settings = ["statement_timeout=1ms", "search_path=public"]"#,
+    );
+    let checked = check(&declared, "app").await;
+    assert!(checked.success, "{checked}");
+    assert!(checked.lines("FAIL").is_empty(), "{checked}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_wide_setting_is_a_warning() {
+    let h = good_setup().await;
+    h.admin()
+        .await
+        .batch_execute("alter database app set lo_compat_privileges = on")
+        .await
+        .unwrap();
+    let checked = check(&config_text(&h, SIGNING_KEY, ""), "app").await;
+    assert!(checked.success, "warnings only:\n{checked}");
+    let warns = checked.lines("warn");
+    assert!(
+        warns.iter().any(
+            |l| l.contains("database app has the setting lo_compat_privileges=on")
+                && l.contains("alter database app reset lo_compat_privileges")
+        ),
+        "{checked}"
+    );
+    assert!(
+        warns
+            .iter()
+            .any(|l| l.contains("lo_compat_privileges is on")),
         "{checked}"
     );
 }
