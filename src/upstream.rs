@@ -91,7 +91,7 @@ async fn open(
         .map_err(|e| Refusal::auth(format!("invalid startup parameter: {e}")))?;
     if out.len() > MAX_STARTUP_PACKET {
         return Err(Refusal::auth(format!(
-            "the token's claims are too large to bind to a session ({} bytes of startup data, PostgreSQL accepts at most {MAX_STARTUP_PACKET})",
+            "the startup parameters are too large ({} bytes of startup data, PostgreSQL accepts at most {MAX_STARTUP_PACKET})",
             out.len()
         )));
     }

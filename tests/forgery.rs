@@ -1088,3 +1088,24 @@ async fn declared_login_role_settings_are_served_and_others_still_refused() {
         .unwrap_err();
     assert_eq!(db_error(&err).0, "08006");
 }
+
+/// The envelope is a bound parameter, not part of the startup packet (which
+/// PostgreSQL caps at 10 000 bytes), so large claims are bound whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_larger_than_a_startup_packet_are_bound_whole() {
+    for pool in ["", POOLED] {
+        let h = Harness::start_with(pool).await;
+        let groups = "g".repeat(10_000);
+        let token = h.token_with(
+            rlsgate::dev::issuer::KeyKind::Rs256,
+            serde_json::json!({"sub": "alice", "aud": "todo-app", "groups": groups}),
+        );
+        let alice = h.connect("authenticated", &token).await.unwrap();
+        let length: i32 = alice
+            .query_one("select length(auth.session() ->> 'groups')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(length, 10_000, "{pool:?}");
+    }
+}
