@@ -180,21 +180,28 @@ async fn a_client_that_leaves_mid_transaction_never_has_its_backend_reused() {
     assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
 }
 
-#[tokio::test]
-async fn a_client_that_leaves_mid_copy_never_has_its_backend_reused() {
-    let h = Harness::start_with(POOLED).await;
-    let admin = h.admin().await;
-
-    let mut alice = h.raw_connect_as("alice").await;
-    let pid: i32 = alice
+/// A raw session of `sub` in the middle of `copy scratch from stdin`, and
+/// its backend's pid.
+async fn copying_in(h: &Harness, sub: &str) -> (RawSession, i32) {
+    let mut session = h.raw_connect_as(sub).await;
+    let pid: i32 = session
         .query_value("select pg_backend_pid()")
         .await
         .unwrap()
         .parse()
         .unwrap();
-    alice.send_query("copy scratch from stdin").await;
-    let (kind, _) = wire::read_message(&mut alice.stream).await.unwrap();
+    session.send_query("copy scratch from stdin").await;
+    let (kind, _) = wire::read_message(&mut session.stream).await.unwrap();
     assert_eq!(kind, b'G', "CopyInResponse");
+    (session, pid)
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_copy_never_has_its_backend_reused() {
+    let h = Harness::start_with(POOLED).await;
+    let admin = h.admin().await;
+
+    let (mut alice, pid) = copying_in(&h, "alice").await;
     // Some data, then the client goes away without CopyDone or Terminate.
     wire::send(
         &mut alice.stream,
@@ -588,16 +595,7 @@ async fn a_backend_is_reused_after_each_form_of_copy_from_stdin() {
     let admin = h.admin().await;
 
     // Simple protocol, as psql's \copy: Query, CopyData, CopyDone.
-    let mut alice = h.raw_connect_as("alice").await;
-    let pid: i32 = alice
-        .query_value("select pg_backend_pid()")
-        .await
-        .unwrap()
-        .parse()
-        .unwrap();
-    alice.send_query("copy scratch from stdin").await;
-    let (kind, _) = wire::read_message(&mut alice.stream).await.unwrap();
-    assert_eq!(kind, b'G', "CopyInResponse");
+    let (mut alice, pid) = copying_in(&h, "alice").await;
     wire::send(
         &mut alice.stream,
         &[b'd', 0, 0, 0, 9, b'1', b'\t', b'x', b'y', b'\n'],
