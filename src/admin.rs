@@ -20,10 +20,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::connection::Services;
+use crate::stream::Transport;
 
 /// What the endpoints report on: the services new connections get, which a
 /// reload replaces.
@@ -88,21 +89,21 @@ async fn ready(State(current): State<Current>) -> Response {
 ///   stale but within `jwks_max_stale`; a provider with only a shared secret
 ///   always has. A provider with nothing usable is asked for its keys (past
 ///   its refetch cooldown), so readiness comes without waiting for a client.
-/// - The upstream must accept a TCP connection to `host:port` within
-///   `connect_timeout`. This is a plain TCP connect, not a Postgres startup:
-///   it does not log in (which would need a role's password and show up in
-///   the database's logs at every probe), so a server that accepts
-///   connections but refuses logins still reads as ready.
+/// - The upstream must accept a connection to `host:port` (or its Unix
+///   socket) within `connect_timeout`. This is a plain connect, not a
+///   Postgres startup: it does not log in (which would need a role's
+///   password and show up in the database's logs at every probe), so a
+///   server that accepts connections but refuses logins still reads as ready.
 ///
 /// The checks run concurrently, so one slow provider costs at most its
 /// `fetch_timeout`.
 pub async fn readiness(services: &Arc<Services>) -> (bool, serde_json::Value) {
     let upstream = {
         let config = &services.config.upstream;
-        let address = format!("{}:{}", config.host, config.port);
+        let (host, port, address) = (config.host.clone(), config.port, config.address());
         let limit = config.connect_timeout;
         tokio::spawn(async move {
-            match tokio::time::timeout(limit, TcpStream::connect(&address)).await {
+            match tokio::time::timeout(limit, Transport::connect(&host, port)).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => Err(format!("cannot connect to {address}: {e}")),
                 Err(_) => Err(format!(

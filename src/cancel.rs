@@ -121,7 +121,7 @@ impl CancelRegistry {
         };
         let mut packet = BytesMut::with_capacity(16);
         frontend::cancel_request(upstream.pid, upstream.secret, &mut packet);
-        let address = format!("{host}:{port}");
+        let address = crate::stream::address(&host, port);
         match tls.connect(&host, port).await {
             Ok(mut stream) => {
                 let sent = async {

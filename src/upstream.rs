@@ -50,8 +50,9 @@ pub async fn connect(
     match tokio::time::timeout(upstream.connect_timeout, open(upstream, tls, login)).await {
         Ok(result) => result,
         Err(_) => Err(Refusal::database_unavailable(format!(
-            "no answer from {}:{} within {:?}",
-            upstream.host, upstream.port, upstream.connect_timeout
+            "no answer from {} within {:?}",
+            upstream.address(),
+            upstream.connect_timeout
         ))),
     }
 }
@@ -61,7 +62,7 @@ async fn open(
     tls: &UpstreamTls,
     login: Login<'_>,
 ) -> Result<UpstreamSession, Refusal> {
-    let address = format!("{}:{}", upstream.host, upstream.port);
+    let address = upstream.address();
     let mut stream = tls.connect(&upstream.host, upstream.port).await?;
 
     let user = login.role.upstream_user();
@@ -86,9 +87,7 @@ async fn open(
         )));
     }
 
-    let lost = |e: io::Error| {
-        Refusal::database_unavailable(format!("connection to {address} lost during startup: {e}"))
-    };
+    let lost = |e: io::Error| lost_during_startup(tls, &address, e);
     stream.write_all(&out).await.map_err(lost)?;
     stream.flush().await.map_err(lost)?;
 
@@ -175,7 +174,7 @@ async fn open(
                     secret: body.secret_key(),
                 });
             }
-            Message::ErrorResponse(body) => return Err(upstream_refusal(body.fields(), user)),
+            Message::ErrorResponse(body) => return Err(upstream_refusal(body.fields(), user, tls)),
             _ => {
                 return Err(Refusal::database_unavailable(format!(
                     "unexpected message {:?} from upstream during startup",
@@ -190,9 +189,21 @@ async fn open(
     }
 }
 
+/// A connection that broke during startup; with TLS 1.3 that is also how
+/// the server's refusal of a client certificate arrives.
+fn lost_during_startup(tls: &UpstreamTls, address: &str, e: io::Error) -> Refusal {
+    match tls.client_certificate_refusal(&e) {
+        Some(refused) => Refusal::database_unavailable(refused),
+        None => Refusal::database_unavailable(format!(
+            "connection to {address} lost during startup: {e}"
+        )),
+    }
+}
+
 /// The upstream's own refusal. Authentication failures are the proxy's
-/// configuration, not the client's doing, so they read as unavailability.
-fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str) -> Refusal {
+/// configuration, not the client's doing, so they read as unavailability;
+/// the log says what to check.
+fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str, tls: &UpstreamTls) -> Refusal {
     let mut code = String::new();
     let mut message = String::new();
     while let Ok(Some(field)) = fields.next() {
@@ -202,7 +213,20 @@ fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str) -> Refusal {
             _ => {}
         }
     }
-    if code.starts_with("28") || code.starts_with("08") || code.is_empty() {
+    if code.starts_with("28") {
+        let check = if tls.has_client_certificate() {
+            "check that pg_hba.conf admits the proxy, and that the CN of [upstream] \
+             tls_client_cert is the login role or is mapped to it in pg_ident.conf"
+        } else {
+            "check pg_hba.conf's line for the proxy: `cert` needs [upstream] tls_client_cert \
+             and tls_client_key; `peer` needs a Unix socket host, and pg_ident.conf to map the \
+             proxy's OS user to the role"
+        };
+        return Refusal::database_unavailable(format!(
+            "upstream refused {user:?}: {code} {message}; {check}"
+        ));
+    }
+    if code.starts_with("08") || code.is_empty() {
         return Refusal::database_unavailable(format!(
             "upstream refused {user:?}: {code} {message}"
         ));
