@@ -83,7 +83,8 @@ async fn ready(State(current): State<Current>) -> Response {
 }
 
 /// Whether the proxy can serve a new client now, and why not:
-/// `{"ready":…,"providers":{"<issuer>":"ok"|"no usable keys: …"},"upstream":"ok"|"…"}`.
+/// `{"ready":…,"providers":{"<issuer>":"ok"|"no usable keys: …"},"upstream":"ok"|"…"}`,
+/// and `"tampering":[{"kind":…,"upstream_user":…,"detail":…}]` while an alarm is raised.
 ///
 /// - Every provider must have usable keys: a cached JWKS that is fresh, or
 ///   stale but within `jwks_max_stale`; a provider with only a shared secret
@@ -92,8 +93,10 @@ async fn ready(State(current): State<Current>) -> Response {
 /// - The upstream must accept a connection to `host:port` (or its Unix
 ///   socket) within `connect_timeout`. This is a plain connect, not a
 ///   Postgres startup: it does not log in (which would need a role's
-///   password and show up in the database's logs at every probe), so a
-///   server that accepts connections but refuses logins still reads as ready.
+///   password and show up in the database's logs at every probe).
+/// - No [`crate::tamper`] alarm may be raised: a login role whose password
+///   was changed from inside a session refuses every new session, although
+///   the server accepts connections.
 ///
 /// The checks run concurrently, so one slow provider costs at most its
 /// `fetch_timeout`.
@@ -148,6 +151,19 @@ pub async fn readiness(services: &Arc<Services>) -> (bool, serde_json::Value) {
         Err(e) => format!("the check failed: {e}"),
     };
     ready &= upstream == "ok";
-    let body = json!({"ready": ready, "providers": providers, "upstream": upstream});
+    let mut body = json!({"ready": ready, "providers": providers, "upstream": upstream});
+    let tampering: Vec<serde_json::Value> = services
+        .tampering
+        .active()
+        .into_iter()
+        .map(|(kind, user, detail)| {
+            json!({"kind": kind.as_str(), "upstream_user": user, "detail": detail})
+        })
+        .collect();
+    if !tampering.is_empty() {
+        body["ready"] = json!(false);
+        body["tampering"] = json!(tampering);
+        ready = false;
+    }
     (ready, body)
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Buf, BytesMut};
 use fallible_iterator::FallibleIterator;
@@ -17,6 +18,7 @@ use crate::config::{Role, Secret, Upstream};
 use crate::error::{Refusal, sqlstate};
 use crate::front_door::CancelKey;
 use crate::stream::UpstreamStream;
+use crate::tamper::Tampering;
 use crate::upstream_tls::UpstreamTls;
 
 /// PostgreSQL refuses startup packets above this size.
@@ -96,6 +98,9 @@ async fn open(
     let mut scram: Option<sasl::ScramSha256> = None;
     let mut greeting = BytesMut::new();
     let mut key = None;
+    // A password was sent and not yet accepted, so that a refusal is the
+    // password's (atomic only so that the future stays Send).
+    let password_pending = AtomicBool::new(false);
     loop {
         let (kind, raw) = reader.next(&mut stream).await.map_err(lost)?;
         if matches!(kind, b'S' | b'N') {
@@ -117,6 +122,7 @@ async fn open(
             .ok_or_else(|| Refusal::database_unavailable("truncated upstream message"))?;
         out.clear();
         let need_password = || {
+            password_pending.store(password.is_some(), Ordering::Relaxed);
             password.ok_or_else(|| {
                 Refusal::database_unavailable(format!(
                     "Postgres asks for a password for {user:?}, but its [[role]] has no upstream_password"
@@ -124,7 +130,7 @@ async fn open(
             })
         };
         match message {
-            Message::AuthenticationOk => {}
+            Message::AuthenticationOk => logged_in(tls, user, &password_pending),
             Message::AuthenticationCleartextPassword => {
                 frontend::password_message(need_password()?.as_bytes(), &mut out).map_err(lost)?;
             }
@@ -174,7 +180,14 @@ async fn open(
                     secret: body.secret_key(),
                 });
             }
-            Message::ErrorResponse(body) => return Err(upstream_refusal(body.fields(), user, tls)),
+            Message::ErrorResponse(body) => {
+                return Err(upstream_refusal(
+                    body.fields(),
+                    user,
+                    &password_pending,
+                    tls,
+                ));
+            }
             _ => {
                 return Err(Refusal::database_unavailable(format!(
                     "unexpected message {:?} from upstream during startup",
@@ -200,10 +213,26 @@ fn lost_during_startup(tls: &UpstreamTls, address: &str, e: io::Error) -> Refusa
     }
 }
 
+/// Postgres accepted the login: an alarm about its password is over (also
+/// when it no longer asks for one), and errors from here on, such as a role
+/// that may not log in, are not the password's.
+fn logged_in(tls: &UpstreamTls, user: &str, password_pending: &AtomicBool) {
+    password_pending.store(false, Ordering::Relaxed);
+    if let Some(watch) = tls.tampering() {
+        watch.clear(Tampering::PasswordRejected, user);
+    }
+}
+
 /// The upstream's own refusal. Authentication failures are the proxy's
 /// configuration, not the client's doing, so they read as unavailability;
-/// the log says what to check.
-fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str, tls: &UpstreamTls) -> Refusal {
+/// the log says what to check. A refused password is most likely one
+/// changed from inside a session, which raises an alarm.
+fn upstream_refusal(
+    mut fields: ErrorFields<'_>,
+    user: &str,
+    password_pending: &AtomicBool,
+    tls: &UpstreamTls,
+) -> Refusal {
     let mut code = String::new();
     let mut message = String::new();
     while let Ok(Some(field)) = fields.next() {
@@ -212,6 +241,17 @@ fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str, tls: &UpstreamTls) 
             b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
             _ => {}
         }
+    }
+    let refused_password = matches!(code.as_str(), "28P01" | "28000");
+    if refused_password && password_pending.load(Ordering::Relaxed) {
+        let detail = format!("{code} {message}");
+        if let Some(watch) = tls.tampering() {
+            watch.raise(Tampering::PasswordRejected, user, &detail);
+        }
+        return Refusal::database_unavailable(format!(
+            "Postgres refused the upstream_password of login role {user:?} ({detail}); \
+             it was probably changed from inside a session (ALTER ROLE … PASSWORD)"
+        ));
     }
     if code.starts_with("28") {
         let check = if tls.has_client_certificate() {

@@ -35,6 +35,7 @@ use tokio_rustls::TlsConnector;
 use crate::config::{Upstream, UpstreamTlsMode};
 use crate::error::{Refusal, sqlstate};
 use crate::stream::{Transport, UpstreamStream};
+use crate::tamper::TamperWatch;
 use crate::tls::ALPN_POSTGRESQL;
 
 /// The SSLRequest packet: length 8, code 80877103.
@@ -57,6 +58,9 @@ pub struct UpstreamTls {
     verifier: Option<Arc<dyn ServerCertVerifier>>,
     /// What the settings are called where they were given, for messages.
     names: SettingNames,
+    /// Told when Postgres refuses or accepts a login (a proxy's sessions;
+    /// not `init-db` or `check`).
+    tampering: Option<Arc<TamperWatch>>,
 }
 
 /// How messages name the settings to change.
@@ -153,6 +157,7 @@ impl UpstreamTls {
             client_cert: false,
             verifier,
             names: CONFIG_NAMES,
+            tampering: None,
         })
     }
 
@@ -187,6 +192,18 @@ impl UpstreamTls {
     pub fn named_as_in_urls(mut self) -> UpstreamTls {
         self.names = URL_NAMES;
         self
+    }
+
+    /// Logins made through this are reported to `watch`: a refused
+    /// password raises [`Tampering::PasswordRejected`](crate::tamper::Tampering),
+    /// a login that works clears it.
+    pub fn watched_by(mut self, watch: Arc<TamperWatch>) -> UpstreamTls {
+        self.tampering = Some(watch);
+        self
+    }
+
+    pub fn tampering(&self) -> Option<&TamperWatch> {
+        self.tampering.as_deref()
     }
 
     /// Whether the proxy presents a client certificate.
