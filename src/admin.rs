@@ -20,10 +20,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::connection::Services;
+use crate::stream::Transport;
 
 /// What the endpoints report on: the services new connections get, which a
 /// reload replaces.
@@ -82,27 +83,30 @@ async fn ready(State(current): State<Current>) -> Response {
 }
 
 /// Whether the proxy can serve a new client now, and why not:
-/// `{"ready":…,"providers":{"<issuer>":"ok"|"no usable keys: …"},"upstream":"ok"|"…"}`.
+/// `{"ready":…,"providers":{"<issuer>":"ok"|"no usable keys: …"},"upstream":"ok"|"…"}`,
+/// and `"tampering":[{"kind":…,"upstream_user":…,"detail":…}]` while an alarm is raised.
 ///
 /// - Every provider must have usable keys: a cached JWKS that is fresh, or
 ///   stale but within `jwks_max_stale`; a provider with only a shared secret
 ///   always has. A provider with nothing usable is asked for its keys (past
 ///   its refetch cooldown), so readiness comes without waiting for a client.
-/// - The upstream must accept a TCP connection to `host:port` within
-///   `connect_timeout`. This is a plain TCP connect, not a Postgres startup:
-///   it does not log in (which would need a role's password and show up in
-///   the database's logs at every probe), so a server that accepts
-///   connections but refuses logins still reads as ready.
+/// - The upstream must accept a connection to `host:port` (or its Unix
+///   socket) within `connect_timeout`. This is a plain connect, not a
+///   Postgres startup: it does not log in (which would need a role's
+///   password and show up in the database's logs at every probe).
+/// - No [`crate::tamper`] alarm may be raised: a login role whose password
+///   was changed from inside a session refuses every new session, although
+///   the server accepts connections.
 ///
 /// The checks run concurrently, so one slow provider costs at most its
 /// `fetch_timeout`.
 pub async fn readiness(services: &Arc<Services>) -> (bool, serde_json::Value) {
     let upstream = {
         let config = &services.config.upstream;
-        let address = format!("{}:{}", config.host, config.port);
+        let (host, port, address) = (config.host.clone(), config.port, config.address());
         let limit = config.connect_timeout;
         tokio::spawn(async move {
-            match tokio::time::timeout(limit, TcpStream::connect(&address)).await {
+            match tokio::time::timeout(limit, Transport::connect(&host, port)).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => Err(format!("cannot connect to {address}: {e}")),
                 Err(_) => Err(format!(
@@ -147,6 +151,19 @@ pub async fn readiness(services: &Arc<Services>) -> (bool, serde_json::Value) {
         Err(e) => format!("the check failed: {e}"),
     };
     ready &= upstream == "ok";
-    let body = json!({"ready": ready, "providers": providers, "upstream": upstream});
+    let mut body = json!({"ready": ready, "providers": providers, "upstream": upstream});
+    let tampering: Vec<serde_json::Value> = services
+        .tampering
+        .active()
+        .into_iter()
+        .map(|(kind, user, detail)| {
+            json!({"kind": kind.as_str(), "upstream_user": user, "detail": detail})
+        })
+        .collect();
+    if !tampering.is_empty() {
+        body["ready"] = json!(false);
+        body["tampering"] = json!(tampering);
+        ready = false;
+    }
     (ready, body)
 }

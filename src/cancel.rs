@@ -122,7 +122,8 @@ impl CancelRegistry {
         match cancel_backend(&host, port, upstream, tls).await {
             Ok(()) => "forwarded",
             Err(e) => {
-                tracing::warn!(address = %format!("{host}:{port}"), error = %e, "cannot cancel upstream");
+                let address = crate::stream::address(&host, port);
+                tracing::warn!(%address, error = %e, "cannot cancel upstream");
                 "failed"
             }
         }

@@ -295,14 +295,22 @@ async fn check_upstream(config: &Config, path: &Path, database: Option<&str>, re
         );
         return;
     };
-    let place = format!("database {database} on {}:{}", upstream.host, upstream.port);
+    let place = format!("database {database} on {}", upstream.address());
     let key = &config.claims.signing_key;
+    let url = if upstream.is_socket() {
+        format!(
+            "postgresql://OWNER@/{database}?host={}&port={}",
+            upstream.host, upstream.port
+        )
+    } else {
+        format!(
+            "postgresql://OWNER@{}:{}/{database}",
+            upstream.host, upstream.port
+        )
+    };
     let init_db = format!(
-        "rlsgate init-db --config {} --database-url postgresql://OWNER@{}:{}/{database} \
-         (as a superuser or the database owner)",
+        "rlsgate init-db --config {} --database-url {url} (as a superuser or the database owner)",
         path.display(),
-        upstream.host,
-        upstream.port
     );
     let mut users_checked = HashSet::new();
     let mut database_checked = false;

@@ -87,8 +87,10 @@ enum Command {
         ///
         /// TLS as with libpq: add ?sslmode=verify-full (disable, prefer,
         /// require, verify-ca, verify-full) and &sslrootcert=ca.pem (or
-        /// sslrootcert=system). Without sslmode, the TLS settings of the
-        /// configuration's [upstream] apply, else prefer.
+        /// sslrootcert=system), and &sslcert=…&sslkey=… for a client
+        /// certificate. Without TLS settings, those of the configuration's
+        /// [upstream] apply, else prefer. A host starting with / is a Unix
+        /// socket directory (host=/var/run/postgresql), without TLS.
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
         /// Take the signing key from this configuration file's [claims] section

@@ -83,10 +83,26 @@ pub struct Upstream {
     pub tls_ca_file: Option<PathBuf>,
     /// The name sent in SNI and checked by `verify-full`; unset: `host`.
     pub tls_server_name: Option<String>,
+    /// PEM client certificate (chain) and its key, presented to Postgres
+    /// for pg_hba's `cert` method; read at start and on reload.
+    pub tls_client_cert: Option<PathBuf>,
+    pub tls_client_key: Option<PathBuf>,
 }
 
 impl Upstream {
+    /// Whether `host` names a directory holding the server's Unix socket
+    /// (it starts with `/`, as in libpq).
+    pub fn is_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    /// Where the proxy connects, for messages: `host:port` or the socket.
+    pub fn address(&self) -> String {
+        crate::stream::address(&self.host, self.port)
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
+        self.validate_transport()?;
         if self.tls_ca_file.is_some() && !self.tls.verifies_chain() {
             bail!(
                 "[upstream] tls_ca_file is only used with tls = \"verify-ca\" or \"verify-full\" \
@@ -103,6 +119,51 @@ impl Upstream {
                     "[upstream] tls_server_name = {name:?} is not a DNS name or IP address"
                 )
             })?;
+        }
+        Ok(())
+    }
+
+    /// A Unix socket has no TLS (libpq asks for none there either), and a
+    /// client certificate needs TLS that is never skipped.
+    fn validate_transport(&self) -> anyhow::Result<()> {
+        if self.is_socket() && self.tls.requires_tls() {
+            bail!(
+                "[upstream] host = {:?} is a Unix socket directory, which has no TLS, but \
+                 [upstream] tls = \"{}\" requires it: use tls = \"prefer\" or \"disable\" with a \
+                 socket, or a TCP host",
+                self.host,
+                self.tls.as_str()
+            );
+        }
+        if self.is_socket() && self.tls_server_name.is_some() {
+            bail!(
+                "[upstream] tls_server_name is set but host = {:?} is a Unix socket directory, \
+                 which has no TLS",
+                self.host
+            );
+        }
+        match (&self.tls_client_cert, &self.tls_client_key) {
+            (None, None) => return Ok(()),
+            (Some(_), None) | (None, Some(_)) => {
+                bail!("[upstream] tls_client_cert and tls_client_key must be given together")
+            }
+            (Some(_), Some(_)) => {}
+        }
+        if self.is_socket() {
+            bail!(
+                "[upstream] tls_client_cert is set but host = {:?} is a Unix socket directory, \
+                 which has no TLS: there Postgres identifies the proxy by peer authentication \
+                 (pg_hba `local ... peer`)",
+                self.host
+            );
+        }
+        if !self.tls.requires_tls() {
+            bail!(
+                "[upstream] tls_client_cert is set but tls = \"{}\" may connect without TLS, \
+                 where no certificate is presented: use tls = \"require\", \"verify-ca\" or \
+                 \"verify-full\"",
+                self.tls.as_str()
+            );
         }
         Ok(())
     }
@@ -953,5 +1014,91 @@ issuer = "https://id.example"
         let message = err("tls = \"disable\"\ntls_server_name = \"db.example.com\"");
         assert!(message.contains("tls_server_name"), "{message}");
         assert!(err("tls_sni = \"x\"").contains("tls_sni"));
+    }
+
+    #[test]
+    fn upstream_client_certificates_come_in_pairs_and_need_tls_that_is_never_skipped() {
+        let config = with_upstream("").unwrap();
+        assert_eq!(config.upstream.tls_client_cert, None);
+        assert_eq!(config.upstream.tls_client_key, None);
+        let config = with_upstream(
+            "tls = \"verify-full\"\ntls_client_cert = \"/c.pem\"\ntls_client_key = \"/k.pem\"",
+        )
+        .unwrap();
+        assert_eq!(
+            config.upstream.tls_client_cert,
+            Some(PathBuf::from("/c.pem"))
+        );
+        assert_eq!(
+            config.upstream.tls_client_key,
+            Some(PathBuf::from("/k.pem"))
+        );
+        for mode in ["require", "verify-ca"] {
+            with_upstream(&format!(
+                "tls = \"{mode}\"\ntls_client_cert = \"/c.pem\"\ntls_client_key = \"/k.pem\""
+            ))
+            .unwrap();
+        }
+
+        let err = |lines: &str| format!("{:#}", with_upstream(lines).unwrap_err());
+        let message = err("tls = \"require\"\ntls_client_cert = \"/c.pem\"");
+        assert!(
+            message.contains("[upstream] tls_client_cert and tls_client_key"),
+            "{message}"
+        );
+        let message = err("tls = \"require\"\ntls_client_key = \"/k.pem\"");
+        assert!(message.contains("together"), "{message}");
+        for mode in ["prefer", "disable"] {
+            let message = err(&format!(
+                "tls = \"{mode}\"\ntls_client_cert = \"/c.pem\"\ntls_client_key = \"/k.pem\""
+            ));
+            assert!(message.contains("[upstream] tls_client_cert"), "{message}");
+            assert!(message.contains(&format!("tls = \"{mode}\"")), "{message}");
+            assert!(message.contains("verify-full"), "{message}");
+        }
+        // The default mode is prefer, which may skip TLS.
+        let message = err("tls_client_cert = \"/c.pem\"\ntls_client_key = \"/k.pem\"");
+        assert!(message.contains("tls = \"prefer\""), "{message}");
+    }
+
+    fn with_socket(lines: &str) -> anyhow::Result<Config> {
+        Config::parse(&format!(
+            "[listen]\naddress = \"127.0.0.1:6432\"\n\
+             [upstream]\nhost = \"/var/run/postgresql\"\nport = 5433\n{lines}\n\
+             [[role]]\nname = \"a\"\ntoken = \"none\"\n\
+             [claims]\nsigning_key = \"cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM=\"\n"
+        ))
+    }
+
+    #[test]
+    fn a_socket_directory_host_has_no_tls_and_errors_name_both_keys() {
+        let config = with_socket("").unwrap();
+        assert!(config.upstream.is_socket());
+        assert_eq!(config.upstream.tls, UpstreamTlsMode::Prefer);
+        assert_eq!(
+            config.upstream.address(),
+            "/var/run/postgresql/.s.PGSQL.5433"
+        );
+        with_socket("tls = \"disable\"").unwrap();
+        assert!(!with_upstream("").unwrap().upstream.is_socket());
+
+        let err = |lines: &str| format!("{:#}", with_socket(lines).unwrap_err());
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let message = err(&format!("tls = \"{mode}\""));
+            assert!(
+                message.contains("[upstream] host = \"/var/run/postgresql\""),
+                "{message}"
+            );
+            assert!(
+                message.contains(&format!("[upstream] tls = \"{mode}\"")),
+                "{message}"
+            );
+        }
+        let message = err("tls_server_name = \"db.example.com\"");
+        assert!(message.contains("tls_server_name"), "{message}");
+        assert!(message.contains("Unix socket"), "{message}");
+        let message = err("tls_client_cert = \"/c.pem\"\ntls_client_key = \"/k.pem\"");
+        assert!(message.contains("[upstream] tls_client_cert"), "{message}");
+        assert!(message.contains("peer"), "{message}");
     }
 }

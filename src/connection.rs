@@ -48,6 +48,9 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     /// Warm upstream connections, with `[pool] mode = "session"`.
     pub pool: Option<Arc<Pool>>,
+    /// Alarms for a login role changed from inside a session; kept across
+    /// reloads, and told of logins through `upstream_tls`.
+    pub tampering: Arc<crate::tamper::TamperWatch>,
 }
 
 /// A session admitted and connected upstream, ready for the relay.

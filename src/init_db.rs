@@ -217,10 +217,12 @@ async fn refuse_foreign_auth_schema(client: &Client) -> anyhow::Result<()> {
 
 /// Connects to `database_url` and runs [`install`].
 ///
-/// TLS is as libpq does it: `sslmode` (up to `verify-full`) and
-/// `sslrootcert` in the URL. A URL that says nothing about TLS takes
-/// `upstream`'s `tls`, `tls_ca_file` and `tls_server_name` (the
-/// configuration's `[upstream]`), and without one `prefer`.
+/// TLS is as libpq does it: `sslmode` (up to `verify-full`),
+/// `sslrootcert`, and the client certificate `sslcert` and `sslkey` in the
+/// URL. A URL that says nothing about TLS takes `upstream`'s `tls`,
+/// `tls_ca_file`, `tls_server_name` and client certificate (the
+/// configuration's `[upstream]`), and without one `prefer`. A host that is a
+/// directory is a Unix socket, where there is no TLS.
 pub async fn run(
     database_url: &str,
     upstream: Option<&Upstream>,
@@ -229,17 +231,35 @@ pub async fn run(
     let invalid = "--database-url is not a valid connection string \
          (expected e.g. postgresql://user:password@host:5432/dbname?sslmode=verify-full)";
     let split = UrlTls::split(database_url);
-    let tls = match (split.resolve().context(invalid)?, upstream) {
-        (Some((mode, ca)), _) => {
-            UpstreamTls::new(mode, ca.as_deref(), None).map(UpstreamTls::named_as_in_urls)
+    let from_url = |mode, ca: Option<std::path::PathBuf>| {
+        let tls = UpstreamTls::new(mode, ca.as_deref(), None)?.named_as_in_urls();
+        match split.client_certificate() {
+            Some((cert, key)) => tls.with_client_certificate(&cert, &key),
+            None => Ok(tls),
         }
+    };
+    let tls = match (split.resolve().context(invalid)?, upstream) {
+        (Some((mode, ca)), _) => from_url(mode, ca),
         (None, Some(upstream)) => UpstreamTls::from_config(upstream),
-        (None, None) => UpstreamTls::new(Default::default(), None, None),
+        (None, None) => from_url(Default::default(), None),
     }
     .context("--database-url: TLS settings")?;
     let mut config: tokio_postgres::Config = split.rest.parse().context(invalid)?;
     let connector = tls.for_postgres();
-    config.ssl_mode(connector.ssl_mode());
+    if only_sockets(&config) {
+        // As libpq: no SSLRequest over a socket.
+        if tls.mode().requires_tls() {
+            bail!(
+                "--database-url: the host is a Unix socket directory, which has no TLS, but \
+                 the TLS mode {} (sslmode, or [upstream] tls) requires it; use sslmode=disable \
+                 or prefer with a socket",
+                tls.mode().as_str()
+            );
+        }
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    } else {
+        config.ssl_mode(connector.ssl_mode());
+    }
     let target = describe(&config);
     let (client, connection) = config
         .connect(connector)
@@ -256,6 +276,18 @@ pub async fn run(
     drop(client);
     let _ = connection.await;
     result
+}
+
+/// Whether every host of `config` is a Unix socket directory.
+fn only_sockets(config: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(|host| match host {
+            Host::Tcp(_) => false,
+            #[cfg(unix)]
+            Host::Unix(_) => true,
+        })
 }
 
 /// "database D on HOST:PORT as USER", without the password.

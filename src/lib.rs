@@ -8,8 +8,9 @@
 //! to it, or a warm one from the [`pool`]) and [`relay`].
 //!
 //! Around that path: [`cancel`] requests, [`limit`]s on sessions, the
-//! [`admin`] endpoints with their [`metrics`], configuration [`reload`] on
-//! SIGHUP, and the commands `init-db` ([`init_db`]) and `check` ([`check`]).
+//! [`admin`] endpoints with their [`metrics`] and [`tamper`] alarms,
+//! configuration [`reload`] on SIGHUP, and the commands `init-db`
+//! ([`init_db`]) and `check` ([`check`]).
 
 pub mod admin;
 pub mod cancel;
@@ -33,6 +34,7 @@ pub mod relay;
 pub mod reload;
 pub mod shutdown;
 pub mod stream;
+pub mod tamper;
 pub mod tls;
 pub mod token_cache;
 pub mod token_check;

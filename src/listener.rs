@@ -16,8 +16,10 @@ use crate::connection::{self, Services};
 use crate::front_door;
 use crate::jwks;
 use crate::limit::Limit;
+use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::shutdown::Shutdown;
+use crate::tamper::TamperWatch;
 use crate::tls;
 use crate::token_check::TokenChecker;
 use crate::upstream_tls::UpstreamTls;
@@ -28,8 +30,9 @@ pub fn services(config: Config) -> anyhow::Result<Services> {
 }
 
 /// What connections accepted after a reload share. Certificates are read
-/// again; cancel keys, session counts and cached provider keys carry over,
-/// so sessions already running are neither dropped nor forgotten.
+/// again; cancel keys, session counts, metrics, tampering alarms and cached
+/// provider keys carry over, so sessions already running are neither
+/// dropped nor forgotten.
 pub fn reloaded(previous: &Services, config: Config) -> anyhow::Result<Services> {
     if config.listen.address != previous.config.listen.address {
         tracing::warn!(
@@ -63,14 +66,21 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
             Some((role.name.clone(), resized(old, size)))
         })
         .collect();
+    let metrics: Arc<Metrics> = previous.map_or_else(Arc::default, |p| Arc::clone(&p.metrics));
+    let tampering = previous.map_or_else(
+        || Arc::new(TamperWatch::new(Arc::clone(&metrics))),
+        |p| Arc::clone(&p.tampering),
+    );
     Ok(Services {
         limit,
         role_limits,
         tokens: TokenChecker::replacing(previous.map(|p| &p.tokens), &config, jwks::http_client()),
         cancels: previous.map_or_else(Arc::default, |p| Arc::clone(&p.cancels)),
-        upstream_tls: UpstreamTls::from_config(&config.upstream)?,
+        upstream_tls: UpstreamTls::from_config(&config.upstream)?
+            .watched_by(Arc::clone(&tampering)),
         tls,
-        metrics: previous.map_or_else(Arc::default, |p| Arc::clone(&p.metrics)),
+        metrics,
+        tampering,
         pool: match previous {
             // Warm connections stay warm unless where or how they are made changed.
             Some(p) if p.config.pool == config.pool && p.config.upstream == config.upstream => {

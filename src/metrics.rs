@@ -6,8 +6,8 @@
 //! the tests, `demo` — count separately. `/metrics` on the admin listener
 //! renders it (see [`crate::admin`]).
 //!
-//! Labels hold only fixed words, role names and issuer URLs: never a token,
-//! subject, signature, key or password.
+//! Labels hold only fixed words, role and upstream user names and issuer
+//! URLs: never a token, subject, signature, key or password.
 
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ pub const UPSTREAM_CONNECT_SECONDS: &str = "rlsgate_upstream_connect_seconds";
 pub const SESSION_DURATION_SECONDS: &str = "rlsgate_session_duration_seconds";
 pub const RELAYED_BYTES_TOTAL: &str = "rlsgate_relayed_bytes_total";
 pub const CANCEL_REQUESTS_TOTAL: &str = "rlsgate_cancel_requests_total";
+pub const UPSTREAM_TAMPERING: &str = "rlsgate_upstream_tampering";
+pub const UPSTREAM_TAMPERING_TOTAL: &str = "rlsgate_upstream_tampering_total";
 
 /// Buckets for the latencies (token check, upstream connect), in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -187,6 +189,23 @@ impl Metrics {
         .increment(1);
     }
 
+    /// A tampering alarm (see [`crate::tamper`]) of `kind` for upstream
+    /// user `user` was raised, again or for the first time.
+    pub fn tampering_raised(&self, kind: &'static str, user: &str) {
+        self.gauge(UPSTREAM_TAMPERING, tampering_labels(kind, user))
+            .set(1.0);
+        self.counter(
+            UPSTREAM_TAMPERING_TOTAL,
+            vec![Label::from_static_parts("kind", kind)],
+        )
+        .increment(1);
+    }
+
+    pub fn tampering_cleared(&self, kind: &'static str, user: &str) {
+        self.gauge(UPSTREAM_TAMPERING, tampering_labels(kind, user))
+            .set(0.0);
+    }
+
     /// The counters of relayed bytes, client to server and server to client,
     /// for the relay to add to as it reads.
     pub fn relayed_bytes(&self) -> (Counter, Counter) {
@@ -232,6 +251,13 @@ impl Metrics {
     }
 }
 
+fn tampering_labels(kind: &'static str, user: &str) -> Vec<Label> {
+    vec![
+        Label::from_static_parts("kind", kind),
+        Label::new("user", user.to_owned()),
+    ]
+}
+
 /// Holds one count of `rlsgate_client_connections_active`.
 pub struct ConnectionGuard(Gauge);
 
@@ -242,7 +268,7 @@ impl Drop for ConnectionGuard {
 }
 
 fn describe(recorder: &PrometheusRecorder) {
-    let help: [(&'static str, Option<Unit>, &'static str); 13] = [
+    let help: [(&'static str, Option<Unit>, &'static str); 15] = [
         (
             CLIENT_CONNECTIONS_ACTIVE,
             None,
@@ -304,12 +330,25 @@ fn describe(recorder: &PrometheusRecorder) {
             None,
             "Cancel requests received, by result.",
         ),
+        (
+            UPSTREAM_TAMPERING,
+            None,
+            "1 while Postgres refuses the login role as if it was changed from inside a session, by kind and upstream user.",
+        ),
+        (
+            UPSTREAM_TAMPERING_TOTAL,
+            None,
+            "Upstream logins refused as if the login role was changed from inside a session, by kind.",
+        ),
     ];
     for (name, unit, text) in help {
         let (key, text) = (name.into(), text.into());
         if name.ends_with("_total") {
             recorder.describe_counter(key, unit, text);
-        } else if name.ends_with("_active") || name == JWKS_KEY_AGE_SECONDS {
+        } else if name.ends_with("_active")
+            || name == JWKS_KEY_AGE_SECONDS
+            || name == UPSTREAM_TAMPERING
+        {
             recorder.describe_gauge(key, unit, text);
         } else {
             recorder.describe_histogram(key, unit, text);

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -21,6 +22,7 @@ use crate::config::{Role, Secret, Upstream};
 use crate::error::{Reason, Refusal, sqlstate};
 use crate::front_door::CancelKey;
 use crate::stream::UpstreamStream;
+use crate::tamper::Tampering;
 use crate::upstream_tls::UpstreamTls;
 
 /// PostgreSQL refuses startup packets above this size.
@@ -58,8 +60,9 @@ pub async fn connect(
     match tokio::time::timeout(upstream.connect_timeout, open(upstream, tls, login)).await {
         Ok(result) => result,
         Err(_) => Err(Refusal::database_unavailable(format!(
-            "no answer from {}:{} within {:?}",
-            upstream.host, upstream.port, upstream.connect_timeout
+            "no answer from {} within {:?}",
+            upstream.address(),
+            upstream.connect_timeout
         ))),
     }
 }
@@ -69,7 +72,7 @@ async fn open(
     tls: &UpstreamTls,
     login: Login<'_>,
 ) -> Result<UpstreamSession, Refusal> {
-    let address = format!("{}:{}", upstream.host, upstream.port);
+    let address = upstream.address();
     let mut stream = tls.connect(&upstream.host, upstream.port).await?;
 
     let user = login.role.upstream_user();
@@ -96,9 +99,7 @@ async fn open(
         )));
     }
 
-    let lost = |e: io::Error| {
-        Refusal::database_unavailable(format!("connection to {address} lost during startup: {e}"))
-    };
+    let lost = |e: io::Error| lost_during_startup(tls, &address, e);
     stream.write_all(&out).await.map_err(lost)?;
     stream.flush().await.map_err(lost)?;
 
@@ -107,6 +108,9 @@ async fn open(
     let mut scram: Option<sasl::ScramSha256> = None;
     let mut greeting = BytesMut::new();
     let mut key = None;
+    // A password was sent and not yet accepted, so that a refusal is the
+    // password's (atomic only so that the future stays Send).
+    let password_pending = AtomicBool::new(false);
     loop {
         let (kind, raw) = reader.next(&mut stream).await.map_err(lost)?;
         if matches!(kind, b'S' | b'N') {
@@ -116,7 +120,7 @@ async fn open(
         if kind == b'Z' {
             let key = key
                 .ok_or_else(|| Refusal::database_unavailable("upstream sent no BackendKeyData"))?;
-            let backend = inspect(&mut stream, &mut reader, key, &login).await?;
+            let backend = inspect(&mut stream, &mut reader, key, &login, tls).await?;
             return Ok(UpstreamSession {
                 stream,
                 key,
@@ -130,6 +134,7 @@ async fn open(
             .ok_or_else(|| Refusal::database_unavailable("truncated upstream message"))?;
         out.clear();
         let need_password = || {
+            password_pending.store(password.is_some(), Ordering::Relaxed);
             password.ok_or_else(|| {
                 Refusal::database_unavailable(format!(
                     "Postgres asks for a password for {user:?}, but its [[role]] has no upstream_password"
@@ -137,7 +142,7 @@ async fn open(
             })
         };
         match message {
-            Message::AuthenticationOk => {}
+            Message::AuthenticationOk => logged_in(tls, user, &password_pending),
             Message::AuthenticationCleartextPassword => {
                 frontend::password_message(need_password()?.as_bytes(), &mut out).map_err(lost)?;
             }
@@ -187,7 +192,14 @@ async fn open(
                     secret: body.secret_key(),
                 });
             }
-            Message::ErrorResponse(body) => return Err(upstream_refusal(body.fields(), user)),
+            Message::ErrorResponse(body) => {
+                return Err(upstream_refusal(
+                    body.fields(),
+                    user,
+                    &password_pending,
+                    tls,
+                ));
+            }
             _ => {
                 return Err(Refusal::database_unavailable(format!(
                     "unexpected message {:?} from upstream during startup",
@@ -202,9 +214,37 @@ async fn open(
     }
 }
 
+/// A connection that broke during startup; with TLS 1.3 that is also how
+/// the server's refusal of a client certificate arrives.
+fn lost_during_startup(tls: &UpstreamTls, address: &str, e: io::Error) -> Refusal {
+    match tls.client_certificate_refusal(&e) {
+        Some(refused) => Refusal::database_unavailable(refused),
+        None => Refusal::database_unavailable(format!(
+            "connection to {address} lost during startup: {e}"
+        )),
+    }
+}
+
+/// Postgres accepted the login: an alarm about its password is over (also
+/// when it no longer asks for one), and errors from here on, such as a role
+/// that may not log in, are not the password's.
+fn logged_in(tls: &UpstreamTls, user: &str, password_pending: &AtomicBool) {
+    password_pending.store(false, Ordering::Relaxed);
+    if let Some(watch) = tls.tampering() {
+        watch.clear(Tampering::PasswordRejected, user);
+    }
+}
+
 /// The upstream's own refusal. Authentication failures are the proxy's
-/// configuration, not the client's doing, so they read as unavailability.
-fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str) -> Refusal {
+/// configuration, not the client's doing, so they read as unavailability;
+/// the log says what to check. A refused password is most likely one
+/// changed from inside a session, which raises an alarm.
+fn upstream_refusal(
+    mut fields: ErrorFields<'_>,
+    user: &str,
+    password_pending: &AtomicBool,
+    tls: &UpstreamTls,
+) -> Refusal {
     let mut code = String::new();
     let mut message = String::new();
     while let Ok(Some(field)) = fields.next() {
@@ -214,7 +254,31 @@ fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str) -> Refusal {
             _ => {}
         }
     }
-    if code.starts_with("28") || code.starts_with("08") || code.is_empty() {
+    let refused_password = matches!(code.as_str(), "28P01" | "28000");
+    if refused_password && password_pending.load(Ordering::Relaxed) {
+        let detail = format!("{code} {message}");
+        if let Some(watch) = tls.tampering() {
+            watch.raise(Tampering::PasswordRejected, user, &detail);
+        }
+        return Refusal::database_unavailable(format!(
+            "Postgres refused the upstream_password of login role {user:?} ({detail}); \
+             it was probably changed from inside a session (ALTER ROLE … PASSWORD)"
+        ));
+    }
+    if code.starts_with("28") {
+        let check = if tls.has_client_certificate() {
+            "check that pg_hba.conf admits the proxy, and that the CN of [upstream] \
+             tls_client_cert is the login role or is mapped to it in pg_ident.conf"
+        } else {
+            "check pg_hba.conf's line for the proxy: `cert` needs [upstream] tls_client_cert \
+             and tls_client_key; `peer` needs a Unix socket host, and pg_ident.conf to map the \
+             proxy's OS user to the role"
+        };
+        return Refusal::database_unavailable(format!(
+            "upstream refused {user:?}: {code} {message}; {check}"
+        ));
+    }
+    if code.starts_with("08") || code.is_empty() {
         return Refusal::database_unavailable(format!(
             "upstream refused {user:?}: {code} {message}"
         ));
@@ -226,8 +290,12 @@ fn upstream_refusal(mut fields: ErrorFields<'_>, user: &str) -> Refusal {
 /// time, for the claims envelope, and the settings its login role carries
 /// from `ALTER ROLE … [IN DATABASE …] SET`. Every name is qualified, so that
 /// a `search_path` set on the role cannot change what this query means; the
-/// start time is computed exactly as `auth.session()` computes it.
-const INSPECT: &str = "select (extract(epoch from a.backend_start) \
+/// timeouts are lifted for its own transaction only, so that a role's
+/// `statement_timeout = '1ms'` cannot hide itself; the start time is
+/// computed exactly as `auth.session()` computes it.
+const INSPECT: &str = "begin; \
+    set local statement_timeout = 0; set local lock_timeout = 0; \
+    select (extract(epoch from a.backend_start) \
        operator(pg_catalog.*) 1000000)::pg_catalog.int8, \
      (select pg_catalog.json_agg(s.setting order by d.setdatabase, s.n) \
         from pg_catalog.pg_db_role_setting d \
@@ -237,7 +305,8 @@ const INSPECT: &str = "select (extract(epoch from a.backend_start) \
          and d.setdatabase operator(pg_catalog.=) any (array[0::pg_catalog.oid, \
              (select b.oid from pg_catalog.pg_database b \
                where b.datname operator(pg_catalog.=) pg_catalog.current_database())])) \
-     from pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a";
+     from pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a; \
+    commit";
 
 /// Runs [`INSPECT`] on a fresh backend: its identity for envelopes, and a
 /// refusal when its login role has settings the configuration does not
@@ -249,6 +318,7 @@ async fn inspect(
     reader: &mut FrameReader,
     key: CancelKey,
     login: &Login<'_>,
+    tls: &UpstreamTls,
 ) -> Result<Backend, Refusal> {
     let role = login.role;
     let user = role.upstream_user();
@@ -267,6 +337,8 @@ async fn inspect(
             b'T' | b'C' | b'N' | b'S' | b'A' => {}
             b'D' => row = Some(raw),
             b'E' => failed = Some(raw),
+            // After an error the transaction is aborted and the
+            // ErrorResponse says why: the connection is not served.
             b'Z' => break,
             other => {
                 return Err(Refusal::database_unavailable(format!(
@@ -293,8 +365,19 @@ async fn inspect(
         .iter()
         .filter(|s| !role.upstream_settings.contains(s))
         .collect();
-    if !undeclared.is_empty() && login.refuse_undeclared_settings {
-        return Err(undeclared_settings(user, &undeclared));
+    if login.refuse_undeclared_settings {
+        let watch = tls.tampering();
+        if !undeclared.is_empty() {
+            let refusal = undeclared_settings(user, &undeclared);
+            if let Some(watch) = watch {
+                let names: Vec<&str> = undeclared.iter().map(|s| setting_name(s)).collect();
+                watch.raise(Tampering::UndeclaredSettings, user, &names.join(", "));
+            }
+            return Err(refusal);
+        }
+        if let Some(watch) = watch {
+            watch.clear(Tampering::UndeclaredSettings, user);
+        }
     }
     Ok(Backend {
         pid: key.pid,
@@ -326,7 +409,7 @@ fn undeclared_settings(user: &str, undeclared: &[&String]) -> Refusal {
         .join(", ");
     let names = undeclared
         .iter()
-        .map(|s| s.split('=').next().unwrap_or_default())
+        .map(|s| setting_name(s))
         .collect::<Vec<_>>()
         .join(", ");
     Refusal::database_unavailable(format!(
@@ -336,6 +419,11 @@ fn undeclared_settings(user: &str, undeclared: &[&String]) -> Refusal {
          also IN DATABASE …) or declare them in its [[role]] upstream_settings"
     ))
     .because(Reason::Upstream)
+}
+
+/// The name in a `name=value` role setting.
+fn setting_name(setting: &str) -> &str {
+    setting.split('=').next().unwrap_or_default()
 }
 
 /// The SQLSTATE and message of an ErrorResponse frame.

@@ -1,7 +1,8 @@
 //! TLS to Postgres, with libpq's `sslmode` meanings: the rustls client
-//! configuration for an `[upstream] tls` mode, the SSLRequest negotiation
-//! used by sessions and cancel requests, and a tokio-postgres connector for
-//! `rlsgate init-db`.
+//! configuration for an `[upstream] tls` mode (with the proxy's client
+//! certificate, when it has one), the connection (TCP, or a Unix socket
+//! without TLS) and SSLRequest negotiation used by sessions and cancel
+//! requests, and a tokio-postgres connector for `rlsgate init-db`.
 //!
 //! | mode          | TLS                     | certificate checked          |
 //! |---------------|-------------------------|------------------------------|
@@ -22,9 +23,10 @@ use anyhow::{Context as _, bail};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore,
+    SignatureScheme,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -32,7 +34,8 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{Upstream, UpstreamTlsMode};
 use crate::error::{Refusal, sqlstate};
-use crate::stream::UpstreamStream;
+use crate::stream::{Transport, UpstreamStream};
+use crate::tamper::TamperWatch;
 use crate::tls::ALPN_POSTGRESQL;
 
 /// The SSLRequest packet: length 8, code 80877103.
@@ -48,8 +51,16 @@ pub struct UpstreamTls {
     server_name: Option<String>,
     /// Whether a CA file (rather than the system's roots) is trusted.
     ca_file: bool,
+    /// Whether the proxy presents a client certificate.
+    client_cert: bool,
+    /// What checks the server's certificate, kept to build the connector
+    /// again with a client certificate; `None` with `disable`.
+    verifier: Option<Arc<dyn ServerCertVerifier>>,
     /// What the settings are called where they were given, for messages.
     names: SettingNames,
+    /// Told when Postgres refuses or accepts a login (a proxy's sessions;
+    /// not `init-db` or `check`).
+    tampering: Option<Arc<TamperWatch>>,
 }
 
 /// How messages name the settings to change.
@@ -57,16 +68,22 @@ pub struct UpstreamTls {
 struct SettingNames {
     ca_file: &'static str,
     server_name: &'static str,
+    client_cert: &'static str,
+    client_key: &'static str,
 }
 
 const CONFIG_NAMES: SettingNames = SettingNames {
     ca_file: "[upstream] tls_ca_file",
     server_name: "set [upstream] tls_server_name to a name it carries",
+    client_cert: "[upstream] tls_client_cert",
+    client_key: "[upstream] tls_client_key",
 };
 
 const URL_NAMES: SettingNames = SettingNames {
     ca_file: "sslrootcert",
     server_name: "connect by a name it carries",
+    client_cert: "sslcert",
+    client_key: "sslkey",
 };
 
 impl std::fmt::Debug for UpstreamTls {
@@ -75,6 +92,7 @@ impl std::fmt::Debug for UpstreamTls {
             .field("mode", &self.mode)
             .field("server_name", &self.server_name)
             .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
             .finish()
     }
 }
@@ -82,11 +100,15 @@ impl std::fmt::Debug for UpstreamTls {
 impl UpstreamTls {
     /// From a validated `[upstream]` section.
     pub fn from_config(upstream: &Upstream) -> anyhow::Result<UpstreamTls> {
-        Self::new(
+        let tls = Self::new(
             upstream.tls,
             upstream.tls_ca_file.as_deref(),
             upstream.tls_server_name.as_deref(),
-        )
+        )?;
+        match (&upstream.tls_client_cert, &upstream.tls_client_key) {
+            (Some(cert), Some(key)) => tls.with_client_certificate(cert, key),
+            _ => Ok(tls),
+        }
     }
 
     /// `ca_file` is read only by the verifying modes; without it they trust
@@ -123,32 +145,70 @@ impl UpstreamTls {
                 }
             }
         };
-        let connector = match verifier {
+        let connector = match &verifier {
             None => None,
-            Some(verifier) => {
-                let mut config = ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .context("TLS protocol versions")?
-                    .dangerous()
-                    .with_custom_certificate_verifier(verifier)
-                    .with_no_client_auth();
-                config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-                Some(TlsConnector::from(Arc::new(config)))
-            }
+            Some(verifier) => Some(connector(Arc::clone(verifier), None)?),
         };
         Ok(UpstreamTls {
             mode,
             connector,
             server_name: server_name.map(str::to_owned),
             ca_file: ca_file.is_some(),
+            client_cert: false,
+            verifier,
             names: CONFIG_NAMES,
+            tampering: None,
         })
+    }
+
+    /// Presents the certificate chain in PEM file `cert`, with the private
+    /// key in `key`, to servers that ask for one (pg_hba's `cert` method).
+    /// Errors name the settings the files were given in. Without TLS
+    /// (`disable`) there is nothing to present it in, and the files are
+    /// not read, as libpq does.
+    pub fn with_client_certificate(mut self, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(self);
+        };
+        let names = self.names;
+        let chain = client_chain(cert, names.client_cert)?;
+        let key_der = private_key(key, names.client_key)?;
+        self.connector = Some(
+            connector(Arc::clone(verifier), Some((chain, key_der))).map_err(|e| {
+                e.context(format!(
+                    "{} {} and {} {} do not make a usable client certificate",
+                    names.client_cert,
+                    cert.display(),
+                    names.client_key,
+                    key.display()
+                ))
+            })?,
+        );
+        self.client_cert = true;
+        Ok(self)
     }
 
     /// Messages name libpq's URL parameters instead of `[upstream]` keys.
     pub fn named_as_in_urls(mut self) -> UpstreamTls {
         self.names = URL_NAMES;
         self
+    }
+
+    /// Logins made through this are reported to `watch`: a refused
+    /// password raises [`Tampering::PasswordRejected`](crate::tamper::Tampering),
+    /// a login that works clears it.
+    pub fn watched_by(mut self, watch: Arc<TamperWatch>) -> UpstreamTls {
+        self.tampering = Some(watch);
+        self
+    }
+
+    pub fn tampering(&self) -> Option<&TamperWatch> {
+        self.tampering.as_deref()
+    }
+
+    /// Whether the proxy presents a client certificate.
+    pub fn has_client_certificate(&self) -> bool {
+        self.client_cert
     }
 
     pub fn mode(&self) -> UpstreamTlsMode {
@@ -164,7 +224,7 @@ impl UpstreamTls {
         host: &str,
     ) -> Result<UpstreamStream, Refusal> {
         let Some(connector) = &self.connector else {
-            return Ok(UpstreamStream::Plain(tcp));
+            return Ok(UpstreamStream::Plain(Transport::Tcp(tcp)));
         };
         let lost = |e: io::Error| {
             Refusal::database_unavailable(format!("connection lost while asking for TLS: {e}"))
@@ -184,7 +244,7 @@ impl UpstreamTls {
                     ),
                 ));
             }
-            b'N' => return Ok(UpstreamStream::Plain(tcp)),
+            b'N' => return Ok(UpstreamStream::Plain(Transport::Tcp(tcp))),
             // An ErrorResponse: a server too old for SSLRequest, or one that
             // is shutting down. Either way there is no session to have.
             other => {
@@ -205,14 +265,76 @@ impl UpstreamTls {
         }
     }
 
-    /// Opens a TCP connection to `host:port` (keepalive on) and negotiates.
+    /// Opens a TCP connection to `host:port` (keepalive on) and negotiates;
+    /// or, when `host` is a directory, connects to the Unix socket in it
+    /// without TLS, as libpq does (there is none over a socket).
     pub async fn connect(&self, host: &str, port: u16) -> Result<UpstreamStream, Refusal> {
-        let address = format!("{host}:{port}");
-        let tcp = TcpStream::connect(&address).await.map_err(|e| {
-            Refusal::database_unavailable(format!("cannot connect to {address}: {e}"))
-        })?;
-        crate::net::tune(&tcp);
-        self.negotiate(tcp, host).await
+        let cannot = |e: io::Error| {
+            Refusal::database_unavailable(format!(
+                "cannot connect to {}: {e}",
+                crate::stream::address(host, port)
+            ))
+        };
+        match Transport::connect(host, port).await.map_err(cannot)? {
+            Transport::Tcp(tcp) => self.negotiate(tcp, host).await,
+            #[cfg(unix)]
+            socket @ Transport::Unix(_) if !self.mode.requires_tls() => {
+                Ok(UpstreamStream::Plain(socket))
+            }
+            #[cfg(unix)]
+            Transport::Unix(_) => Err(Refusal::new(
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "[upstream] tls = \"{}\" requires TLS, which a Unix socket does not have",
+                    self.mode.as_str()
+                ),
+            )),
+        }
+    }
+
+    /// What a connection lost during startup means when it ended with a TLS
+    /// alert about the proxy's client certificate: with TLS 1.3 the server
+    /// checks it after the handshake, and its refusal comes with the first read.
+    pub fn client_certificate_refusal(&self, error: &io::Error) -> Option<String> {
+        let alert = error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .and_then(|e| match e {
+                rustls::Error::AlertReceived(alert) => Some(*alert),
+                _ => None,
+            })?;
+        self.describe_alert(alert)
+    }
+
+    /// A TLS alert from the server about the client certificate, in words.
+    fn describe_alert(&self, alert: AlertDescription) -> Option<String> {
+        use AlertDescription as A;
+        let names = self.names;
+        match alert {
+            A::CertificateRequired | A::HandshakeFailure if !self.client_cert => Some(format!(
+                "the database asks for a client certificate and the proxy has none: set {} \
+                 and {} (TLS alert {alert:?})",
+                names.client_cert, names.client_key
+            )),
+            A::UnknownCA
+            | A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::DecryptError
+            | A::AccessDenied
+                if self.client_cert =>
+            {
+                Some(format!(
+                    "the database refused the proxy's client certificate ({}): TLS alert \
+                     {alert:?}; it must be signed by a CA in the server's ssl_ca_file and be \
+                     valid now",
+                    names.client_cert
+                ))
+            }
+            _ => None,
+        }
     }
 
     fn server_name(&self, host: &str) -> Result<ServerName<'static>, Refusal> {
@@ -242,6 +364,11 @@ impl UpstreamTls {
         let Some(tls_error) = tls_error else {
             return format!("the TLS handshake with the database failed: {error}");
         };
+        if let rustls::Error::AlertReceived(alert) = tls_error
+            && let Some(refused) = self.describe_alert(*alert)
+        {
+            return refused;
+        }
         let rustls::Error::InvalidCertificate(problem) = tls_error else {
             return format!("the TLS handshake with the database failed: {tls_error}");
         };
@@ -285,6 +412,55 @@ impl UpstreamTls {
     pub fn for_postgres(&self) -> MakeRustlsConnect {
         MakeRustlsConnect { tls: self.clone() }
     }
+}
+
+/// The rustls connector for a server verifier, with the proxy's client
+/// certificate and key when it has them.
+fn connector(
+    verifier: Arc<dyn ServerCertVerifier>,
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> anyhow::Result<TlsConnector> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => {
+                    anyhow::anyhow!("the key is not the certificate's key")
+                }
+                other => anyhow::Error::new(other),
+            })?,
+    };
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// The certificate chain of a PEM file, the proxy's own first.
+fn client_chain(path: &Path, setting: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem =
+        std::fs::read(path).with_context(|| format!("cannot read {setting} {}", path.display()))?;
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{setting} {} is not a PEM certificate file", path.display()))?;
+    if chain.is_empty() {
+        bail!("{setting} {} holds no PEM certificate", path.display());
+    }
+    Ok(chain)
+}
+
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+fn private_key(path: &Path, setting: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem =
+        std::fs::read(path).with_context(|| format!("cannot read {setting} {}", path.display()))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .with_context(|| format!("{setting} {} is not a PEM key file", path.display()))?
+        .with_context(|| format!("{setting} {} holds no PEM private key", path.display()))
 }
 
 fn ca_roots(path: &Path) -> anyhow::Result<RootCertStore> {
@@ -425,13 +601,16 @@ impl ServerCertVerifier for ChainOnly {
 }
 
 /// TLS settings taken out of a libpq connection string: tokio-postgres
-/// knows `sslmode` only up to `require` and no `sslrootcert`.
+/// knows `sslmode` only up to `require`, and no `sslrootcert`, `sslcert`
+/// or `sslkey`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct UrlTls {
-    /// The connection string without `sslmode` and `sslrootcert`.
+    /// The connection string without the settings below.
     pub rest: String,
     pub sslmode: Option<String>,
     pub sslrootcert: Option<String>,
+    pub sslcert: Option<String>,
+    pub sslkey: Option<String>,
 }
 
 impl UrlTls {
@@ -455,10 +634,8 @@ impl UrlTls {
         let mut split = UrlTls::default();
         let mut kept = Vec::new();
         for (key, value) in url.query_pairs() {
-            match key.as_ref() {
-                "sslmode" => split.sslmode = Some(value.into_owned()),
-                "sslrootcert" => split.sslrootcert = Some(value.into_owned()),
-                _ => kept.push((key.into_owned(), value.into_owned())),
+            if !split.take(&key, &value) {
+                kept.push((key.into_owned(), value.into_owned()));
             }
         }
         if kept.is_empty() {
@@ -521,14 +698,43 @@ impl UrlTls {
                 }
             }
             let end = i.min(bytes.len());
-            match key {
-                "sslmode" => split.sslmode = Some(value),
-                "sslrootcert" => split.sslrootcert = Some(value),
-                _ => kept.push(&conninfo[start..end]),
+            if !split.take(key, &value) {
+                kept.push(&conninfo[start..end]);
             }
         }
         split.rest = kept.join(" ");
         split
+    }
+
+    /// Keeps `value` if `key` is one of the TLS settings; says whether it was.
+    fn take(&mut self, key: &str, value: &str) -> bool {
+        let slot = match key {
+            "sslmode" => &mut self.sslmode,
+            "sslrootcert" => &mut self.sslrootcert,
+            "sslcert" => &mut self.sslcert,
+            "sslkey" => &mut self.sslkey,
+            _ => return false,
+        };
+        *slot = Some(value.to_owned());
+        true
+    }
+
+    /// The client certificate and key files, as libpq finds them: `sslcert`
+    /// and `sslkey`, by default `~/.postgresql/postgresql.crt` and `.key`. A
+    /// default certificate file that does not exist means none; a named one
+    /// that does not exist is an error when it is read.
+    pub fn client_certificate(&self) -> Option<(PathBuf, PathBuf)> {
+        let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql"));
+        let default = |name: &str| home.as_ref().map(|dir| dir.join(name));
+        let cert = match &self.sslcert {
+            Some(path) => PathBuf::from(path),
+            None => default("postgresql.crt").filter(|path| path.exists())?,
+        };
+        let key = match &self.sslkey {
+            Some(path) => PathBuf::from(path),
+            None => default("postgresql.key")?,
+        };
+        Some((cert, key))
     }
 
     /// The mode and CA file these settings mean, as libpq reads them:
@@ -550,8 +756,10 @@ impl UrlTls {
             Some("system") => (None, true),
             Some(path) => (Some(PathBuf::from(path)), false),
         };
+        let client = self.sslcert.is_some() || self.sslkey.is_some();
         let mode = match (mode, system, &ca) {
-            (None, false, None) => return Ok(None),
+            (None, false, None) if !client => return Ok(None),
+            (None, false, None) => UpstreamTlsMode::Prefer,
             (None, true, _) => UpstreamTlsMode::VerifyFull,
             (None, false, Some(_)) => UpstreamTlsMode::Prefer,
             (Some(mode), true, _) if !mode.verifies_chain() => bail!(
@@ -710,6 +918,90 @@ mod tests {
                 Some(PathBuf::from("/etc/ca.pem"))
             ))
         );
+    }
+
+    #[test]
+    fn client_certificate_settings_are_taken_out_and_say_something_about_tls() {
+        let split =
+            UrlTls::split("postgresql://u@h/app?sslcert=/c.pem&sslkey=/k.pem&sslmode=verify-full");
+        assert_eq!(split.rest, "postgresql://u@h/app");
+        assert_eq!(
+            split.client_certificate(),
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        let split = UrlTls::split("host=h sslcert='/my certs/c.pem' dbname=app");
+        assert_eq!(split.rest, "host=h dbname=app");
+        assert_eq!(split.sslcert.as_deref(), Some("/my certs/c.pem"));
+        // A certificate alone asks for nothing stricter than libpq's default.
+        assert_eq!(
+            split.resolve().unwrap(),
+            Some((UpstreamTlsMode::Prefer, None))
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_must_fit_its_key_and_errors_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let not_pem = write("not.pem", "hello");
+        let missing = dir.path().join("missing.pem");
+        let tls = || UpstreamTls::new(UpstreamTlsMode::Require, None, None).unwrap();
+        let err = format!(
+            "{:#}",
+            tls()
+                .with_client_certificate(&missing, &not_pem)
+                .unwrap_err()
+        );
+        assert!(err.contains("[upstream] tls_client_cert"), "{err}");
+        assert!(err.contains("missing.pem"), "{err}");
+        let err = format!(
+            "{:#}",
+            tls()
+                .with_client_certificate(&not_pem, &not_pem)
+                .unwrap_err()
+        );
+        assert!(err.contains("holds no PEM certificate"), "{err}");
+
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["authenticated".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_pem = write("client.pem", &cert.pem());
+        let key_pem = write("client.key", &key.serialize_pem());
+        let other_key = write(
+            "other.key",
+            &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        );
+        let err = format!(
+            "{:#}",
+            tls()
+                .named_as_in_urls()
+                .with_client_certificate(&cert_pem, &not_pem)
+                .unwrap_err()
+        );
+        assert!(err.contains("sslkey"), "{err}");
+        assert!(err.contains("no PEM private key"), "{err}");
+        let err = format!(
+            "{:#}",
+            tls()
+                .with_client_certificate(&cert_pem, &other_key)
+                .unwrap_err()
+        );
+        assert!(err.contains("not the certificate's key"), "{err}");
+        assert!(err.contains("[upstream] tls_client_key"), "{err}");
+        let with = tls().with_client_certificate(&cert_pem, &key_pem).unwrap();
+        assert!(with.has_client_certificate());
+        // Without TLS there is nothing to present it in, and nothing is read.
+        let plain = UpstreamTls::new(UpstreamTlsMode::Disable, None, None)
+            .unwrap()
+            .with_client_certificate(&missing, &missing)
+            .unwrap();
+        assert!(!plain.has_client_certificate());
     }
 
     #[test]

@@ -1024,10 +1024,12 @@ async fn an_envelope_names_its_backends_pid_and_start_and_expires_within_the_hou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_removed() {
     for pool in ["", POOLED] {
-        let h = Harness::start_with(pool).await;
+        let h = Harness::start_with_admin(pool).await;
         let admin = h.admin().await;
-        // alice keeps her session, so bob needs a new upstream connection.
+        // Everyone keeps their session, so each new one needs a new
+        // upstream connection (the pooled ones made before are unaffected).
         let alice = h.connect_as("alice").await;
+        let mut kept = Vec::new();
         for setting in [
             "alter role authenticated set statement_timeout = '1ms'",
             "alter role authenticated in database app set search_path = 'nowhere'",
@@ -1036,10 +1038,22 @@ async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_
             let err = h
                 .connect("authenticated", &h.token("bob"))
                 .await
-                .expect_err("a tampered login role is not served");
+                .expect_err(&format!(
+                    "{pool:?}: a login role altered by `{setting}` is not served"
+                ));
             let (code, message) = db_error(&err);
             assert_eq!(code, "08006", "{pool:?} after `{setting}`: {message}");
             assert!(message.contains("the database is unavailable"), "{message}");
+            // The operator is told: /readyz names the role, the gauge is up.
+            let (status, body) = support::http_get(&h.admin_url("/readyz")).await;
+            assert_eq!(status, 503, "{body}");
+            assert!(body.contains("undeclared_settings"), "{body}");
+            let (_, metrics) = support::http_get(&h.admin_url("/metrics")).await;
+            let labels = [("kind", "undeclared_settings"), ("user", "authenticated")];
+            assert_eq!(
+                support::metric(&metrics, "rlsgate_upstream_tampering", &labels),
+                Some(1.0)
+            );
             admin
                 .batch_execute(
                     "alter role authenticated reset all; \
@@ -1049,6 +1063,9 @@ async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_
                 .unwrap();
             let bob = h.connect_as("bob").await;
             assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"), "{pool:?}");
+            let (status, body) = support::http_get(&h.admin_url("/readyz")).await;
+            assert_eq!(status, 200, "the alarm clears with the next login: {body}");
+            kept.push(bob);
         }
     }
 }

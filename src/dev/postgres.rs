@@ -64,6 +64,8 @@ pub struct TempPostgres {
     child: Option<Child>,
     /// `ssl = on`, and TCP connections must use TLS.
     tls: bool,
+    /// `ssl_ca_file` is set: TLS clients are asked for a certificate.
+    client_ca: bool,
 }
 
 /// The uid and gid the server runs as; `None` means "as ourselves".
@@ -119,6 +121,7 @@ impl TempPostgres {
             password: hex::encode(rand::random::<[u8; 16]>()),
             child: None,
             tls: tls.is_some(),
+            client_ca: false,
         };
         pg.initdb(&bindir, user).await?;
         if let Some((cert_pem, key_pem)) = tls {
@@ -263,6 +266,36 @@ impl TempPostgres {
         )
         .with_context(|| format!("writing {}", hba.display()))?;
         Ok(())
+    }
+
+    /// Replaces pg_hba.conf and pg_ident.conf, trusts `client_ca_pem` (when
+    /// given) to sign TLS client certificates (`ssl_ca_file`), and restarts
+    /// the server so that all of it applies. `hba` must still let the
+    /// superuser log in over TCP with its password, as the readiness check
+    /// and [`TempPostgres::connect`] do.
+    pub async fn set_authentication(
+        &mut self,
+        hba: &str,
+        ident: &str,
+        client_ca_pem: Option<&str>,
+    ) -> Result<()> {
+        for (name, text) in [("pg_hba.conf", hba), ("pg_ident.conf", ident)] {
+            let path = self.data_dir.join(name);
+            fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(pem) = client_ca_pem {
+            let path = self.root().join("client_ca.crt");
+            fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+            give_to(&path, server_user()?)?;
+            self.client_ca = true;
+        }
+        self.restart().await
+    }
+
+    /// The directory holding the server's Unix socket (`.s.PGSQL.{port}`):
+    /// the temporary directory, unless its path is too long for a socket.
+    pub fn socket_dir(&self) -> Option<PathBuf> {
+        socket_dir_of(self.root()).map(PathBuf::from)
     }
 
     /// The cluster's data directory (inside the temporary directory).
@@ -426,13 +459,7 @@ impl TempPostgres {
             .map_err(StartFailure::Other)?;
 
         let root = self.root();
-        let socket_dir = if root.join(".s.PGSQL.65535.lock").as_os_str().len() <= MAX_SOCKET_PATH
-            && !root.to_string_lossy().contains([',', '"', '\'', ' ', '\\'])
-        {
-            root.to_string_lossy().into_owned()
-        } else {
-            String::new()
-        };
+        let socket_dir = socket_dir_of(root).unwrap_or_default();
 
         let mut cmd = Command::new(bindir.join("postgres"));
         cmd.arg("-D")
@@ -463,6 +490,10 @@ impl TempPostgres {
                 .arg(format!("ssl_cert_file={dir}/server.crt"))
                 .arg("-c")
                 .arg(format!("ssl_key_file={dir}/server.key"));
+            if self.client_ca {
+                cmd.arg("-c")
+                    .arg(format!("ssl_ca_file={dir}/client_ca.crt"));
+            }
         }
         cmd.current_dir(root)
             .env("LC_ALL", "C")
@@ -553,6 +584,15 @@ impl std::fmt::Debug for TempPostgres {
             .field("running", &self.child.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// Where the server in `root` puts its Unix socket: `root` itself, unless
+/// the socket's path would be too long or the directory's name would need
+/// quoting in `unix_socket_directories`.
+fn socket_dir_of(root: &Path) -> Option<String> {
+    let fits = root.join(".s.PGSQL.65535.lock").as_os_str().len() <= MAX_SOCKET_PATH;
+    let plain = !root.to_string_lossy().contains([',', '"', '\'', ' ', '\\']);
+    (fits && plain).then(|| root.to_string_lossy().into_owned())
 }
 
 /// SIGQUIT is PostgreSQL's immediate shutdown: no checkpoint, nothing to

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod pki;
+pub mod process;
 pub mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

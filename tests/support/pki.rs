@@ -1,6 +1,7 @@
 //! A throwaway public-key infrastructure: a test CA and a server certificate
 //! it signed, as PEM files in a temporary directory, for TLS between clients
-//! and the proxy and between the proxy and PostgreSQL.
+//! and the proxy and between the proxy and PostgreSQL, and client
+//! certificates it signs on request.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -14,7 +15,8 @@ use rustls::pki_types::CertificateDer;
 use tempfile::TempDir;
 
 pub struct TestPki {
-    _dir: TempDir,
+    dir: TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
     pub ca_pem: PathBuf,
     pub ca_der: CertificateDer<'static>,
     pub cert_pem: PathBuf,
@@ -62,11 +64,34 @@ impl TestPki {
         std::fs::write(&key_pem, server_key.serialize_pem()).unwrap();
         TestPki {
             ca_der: ca.der().clone(),
-            _dir: dir,
+            ca,
+            dir,
             ca_pem,
             cert_pem,
             key_pem,
         }
+    }
+
+    /// A client certificate for `common_name` (a Postgres role, for pg_hba's
+    /// `cert` method) signed by this CA: its PEM certificate and key files.
+    pub fn client_certificate(&self, common_name: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let cert_pem = self.dir.path().join(format!("{common_name}.pem"));
+        let key_pem = self.dir.path().join(format!("{common_name}.key"));
+        std::fs::write(&cert_pem, cert.pem()).unwrap();
+        std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+        (cert_pem, key_pem)
+    }
+
+    /// The CA certificate, as PEM text.
+    pub fn ca_text(&self) -> String {
+        std::fs::read_to_string(&self.ca_pem).unwrap()
     }
 
     /// The `[listen]` section that enables TLS with this certificate.
