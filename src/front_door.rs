@@ -5,6 +5,7 @@
 //! cleartext password that carries the token.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use pgwire::messages::{DecodeContext, Message};
 use rustls::server::Acceptor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use crate::error::{Reason, Refusal, sqlstate};
@@ -227,8 +229,39 @@ fn parse_startup(version: u32, body: &[u8]) -> Result<StartupMessage, Refusal> {
     })
 }
 
-/// Asks for the cleartext password (the token) and reads it, up to `max_bytes`.
+tokio::task_local! {
+    /// When the client must have sent its password (`[listen]
+    /// auth_timeout` after it connected). Set by the code that drives a
+    /// connection, around all of its authentication, so that the wait for
+    /// the password honours it wherever that wait happens.
+    static PASSWORD_DEADLINE: Instant;
+}
+
+/// Runs `authentication`, in which [`ask_password`] waits for the password
+/// until `deadline` at the latest.
+pub async fn with_password_deadline<F: Future>(deadline: Instant, authentication: F) -> F::Output {
+    PASSWORD_DEADLINE.scope(deadline, authentication).await
+}
+
+/// Asks for the cleartext password (the token) and reads it, up to
+/// `max_bytes`; within [`with_password_deadline`], only until its deadline.
 pub async fn ask_password(
+    stream: &mut ClientStream,
+    max_bytes: usize,
+) -> Result<String, PasswordError> {
+    let Ok(deadline) = PASSWORD_DEADLINE.try_with(|deadline| *deadline) else {
+        return read_password(stream, max_bytes).await;
+    };
+    match tokio::time::timeout_at(deadline, read_password(stream, max_bytes)).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::debug!("closed: no password within auth_timeout");
+            Err(PasswordError::Closed(io::ErrorKind::TimedOut.into()))
+        }
+    }
+}
+
+async fn read_password(
     stream: &mut ClientStream,
     max_bytes: usize,
 ) -> Result<String, PasswordError> {
