@@ -77,7 +77,8 @@ pub async fn receive(tcp: TcpStream, tls: Option<&TlsAcceptor>) -> Result<Arriva
     let mut gss_declined = false;
     loop {
         let packet = match read_startup_packet(&mut stream).await {
-            Ok(packet) => packet,
+            Ok(Some(packet)) => packet,
+            Ok(None) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
             Err(refusal) => return Err(FrontDoorError::Refused { stream, refusal }),
         };
         let request = match parse_request(&packet) {
@@ -324,13 +325,21 @@ impl From<io::Error> for PasswordError {
     }
 }
 
-async fn read_startup_packet(stream: &mut ClientStream) -> Result<Vec<u8>, Refusal> {
+/// The next startup packet; `None` when the client left before sending a
+/// byte of it. As PostgreSQL does, that is no refusal to tell or log: port
+/// probes do it, and so does a client that did not like the answer to its
+/// SSLRequest; and a flood of such connections must not flood the log.
+async fn read_startup_packet(stream: &mut ClientStream) -> Result<Option<Vec<u8>>, Refusal> {
     let closed = |_| Refusal::protocol("incomplete startup packet");
     let mut header = [0u8; 4];
-    stream.read_exact(&mut header).await.map_err(closed)?;
+    match stream.read(&mut header[..1]).await {
+        Ok(0) | Err(_) => return Ok(None),
+        Ok(_) => {}
+    }
+    stream.read_exact(&mut header[1..]).await.map_err(closed)?;
     let mut packet = vec![0u8; startup_packet_body_length(header)?];
     stream.read_exact(&mut packet).await.map_err(closed)?;
-    Ok(packet)
+    Ok(Some(packet))
 }
 
 async fn upgrade(stream: ClientStream, acceptor: &TlsAcceptor) -> io::Result<ClientStream> {

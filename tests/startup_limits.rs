@@ -425,6 +425,40 @@ async fn a_flood_over_the_limit_is_logged_once_not_per_connection() {
     assert_eq!(metric(REFUSALS, LIMIT).await, (FLOOD - 2) as f64);
     assert_eq!(metric(ACTIVE, &[]).await, 2.0, "the two held");
 
+    // Connections that come and go without a word are told and logged
+    // nothing either.
+    for _ in 0..3 {
+        let mut probe = TcpStream::connect(address).await.unwrap();
+        probe.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, probe.read_to_end(&mut answer))
+            .await
+            .expect("the proxy closes a connection that left without a word")
+            .unwrap();
+        assert_eq!(answer, b"");
+    }
+    // Then one that sends garbage is refused, and logged: its line comes
+    // after any the probes caused.
+    let mut garbage = TcpStream::connect(address).await.unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let answer = tokio::time::timeout(WAIT, read_to_close(garbage)).await;
+    assert_eq!(the_error(&answer.unwrap().unwrap()).code, "08P01");
+    let deadline = Instant::now() + WAIT;
+    while served.logged("refused").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the refusal was not logged in {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let refused = served.logged("refused");
+    assert_eq!(
+        refused.len(),
+        1,
+        "one refusal line, for the garbage: {refused:?}"
+    );
+    assert_eq!(refused[0]["fields"]["reason"], "malformed", "{refused:?}");
     let lines = served.logged("refused a connection at a startup limit (logged at most every 10s)");
     assert_eq!(lines.len(), 1, "one line for the whole flood: {lines:?}");
     let fields = &lines[0]["fields"];
