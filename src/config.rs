@@ -43,8 +43,22 @@ pub struct Listen {
     /// Accept tokens over plaintext TCP on a non-loopback address.
     #[serde(default)]
     pub allow_plaintext_tokens: bool,
+    /// Sessions served at once: a slot is taken once the client's startup
+    /// packet has arrived.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Connections not yet authenticated (TLS handshake, startup packet,
+    /// password, token check, upstream login) at once; more are refused
+    /// as they connect.
+    #[serde(default = "defaults::max_startups")]
+    pub max_startups: usize,
+    /// Of those, from one client address (IPv6: one /64 network).
+    #[serde(default = "defaults::max_startups_per_address")]
+    pub max_startups_per_address: usize,
+    /// Time a client has from connecting until its password has arrived
+    /// (within `startup_timeout`).
+    #[serde(default = "defaults::auth_timeout", with = "humantime_serde")]
+    pub auth_timeout: Duration,
     /// Largest password (token) accepted, in bytes.
     #[serde(default = "defaults::max_token_bytes")]
     pub max_token_bytes: usize,
@@ -514,6 +528,15 @@ mod defaults {
     pub fn max_connections() -> usize {
         1000
     }
+    pub fn max_startups() -> usize {
+        256
+    }
+    pub fn max_startups_per_address() -> usize {
+        64
+    }
+    pub fn auth_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
     pub fn max_token_bytes() -> usize {
         16 * 1024
     }
@@ -646,8 +669,20 @@ impl Config {
             }
             _ => {}
         }
-        if self.listen.max_connections == 0 {
-            bail!("[listen] max_connections must be at least 1");
+        for (key, value) in [
+            ("max_connections", self.listen.max_connections),
+            ("max_startups", self.listen.max_startups),
+            (
+                "max_startups_per_address",
+                self.listen.max_startups_per_address,
+            ),
+        ] {
+            if value == 0 {
+                bail!("[listen] {key} must be at least 1");
+            }
+        }
+        if self.listen.auth_timeout.is_zero() {
+            bail!("[listen] auth_timeout must be longer than 0s");
         }
         if self.claims.envelope_lifetime < Duration::from_secs(2) {
             bail!("[claims] envelope_lifetime must be at least 2s");
@@ -966,6 +1001,44 @@ issuer = "https://id.example"
             "{err}"
         );
         assert!(parse("issuer = \"\"\njwks_url = \"https://id.example/k\"").is_err());
+    }
+
+    fn with_listen(lines: &str) -> anyhow::Result<Config> {
+        Config::parse(&format!(
+            "[listen]\naddress = \"127.0.0.1:6432\"\n{lines}\n[upstream]\nhost = \"db.internal\"\n\
+             [[role]]\nname = \"a\"\ntoken = \"none\"\n\
+             [claims]\nsigning_key = \"cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM=\"\n"
+        ))
+    }
+
+    #[test]
+    fn startup_limits_have_defaults_and_are_checked_by_name() {
+        let listen = with_listen("").unwrap().listen;
+        assert_eq!(listen.max_startups, 256);
+        assert_eq!(listen.max_startups_per_address, 64);
+        assert_eq!(listen.auth_timeout, Duration::from_secs(10));
+        let listen =
+            with_listen("max_startups = 10\nmax_startups_per_address = 2\nauth_timeout = \"3s\"")
+                .unwrap()
+                .listen;
+        assert_eq!(listen.max_startups, 10);
+        assert_eq!(listen.max_startups_per_address, 2);
+        assert_eq!(listen.auth_timeout, Duration::from_secs(3));
+        let err = |lines: &str| format!("{:#}", with_listen(lines).unwrap_err());
+        for key in [
+            "max_startups",
+            "max_startups_per_address",
+            "max_connections",
+        ] {
+            let message = err(&format!("{key} = 0"));
+            assert!(message.contains(&format!("[listen] {key}")), "{message}");
+        }
+        let message = err("auth_timeout = \"0s\"");
+        assert!(message.contains("[listen] auth_timeout"), "{message}");
+        let message = err("auth_timeout = \"soon\"");
+        assert!(message.contains("auth_timeout"), "{message}");
+        let message = err("max_startups = -1");
+        assert!(message.contains("max_startups"), "{message}");
     }
 
     fn with_upstream(lines: &str) -> anyhow::Result<Config> {

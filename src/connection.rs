@@ -18,7 +18,7 @@ use crate::claims::{Envelope, Identity, NO_EXPIRY};
 use crate::config::{Config, TokenPolicy};
 use crate::error::{Reason, Refusal, sqlstate};
 use crate::front_door::{self, Arrival, FrontDoorError, PasswordError};
-use crate::limit::Limit;
+use crate::limit::{Limit, StartupSlot};
 use crate::metrics::{self, Metrics};
 use crate::pool::{Attached, Lease, Pool};
 use crate::relay::{self, Expiry, Traffic};
@@ -85,23 +85,21 @@ struct Seen {
     token: Option<String>,
 }
 
-/// Serves one connection. `permit` is `None` when the connection limit is
-/// reached: the client is then told so once it has said hello.
+/// Serves one connection, which holds `startup` until its session is ready
+/// or it fails.
 pub async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     services: Arc<Services>,
-    permit: Option<OwnedSemaphorePermit>,
+    startup: StartupSlot,
     mut shutdown: Shutdown,
 ) {
     let span = tracing::info_span!("connection", %peer);
     let _open = services.metrics.connection_opened();
     async move {
         let timeout = services.config.listen.startup_timeout;
-        let (client, session) =
-            match tokio::time::timeout(timeout, establish(tcp, peer, &services, permit.is_some()))
-                .await
-            {
+        let (client, session, permit) =
+            match tokio::time::timeout(timeout, establish(tcp, peer, &services, startup)).await {
                 Ok(Some(established)) => established,
                 Ok(None) => return,
                 Err(_) => {
@@ -155,14 +153,32 @@ pub async fn serve(
     .await
 }
 
+/// The front door, the token check and the upstream login, under the
+/// startup limits: `_startup` is held until this returns. A session slot
+/// (`[listen] max_connections`) is taken once the startup packet has
+/// arrived, so that clients that connect and say nothing hold none.
 async fn establish(
     tcp: TcpStream,
     peer: SocketAddr,
     services: &Services,
-    admitted: bool,
-) -> Option<(ClientStream, Session)> {
+    _startup: StartupSlot,
+) -> Option<(ClientStream, Session, OwnedSemaphorePermit)> {
     crate::net::tune(&tcp);
-    let request = match front_door::receive(tcp, services.tls.as_ref()).await {
+    // By then the startup packet and the password must have arrived; the
+    // token check and the upstream login have the rest of startup_timeout.
+    let auth_deadline = tokio::time::Instant::now() + services.config.listen.auth_timeout;
+    let received = tokio::time::timeout_at(
+        auth_deadline,
+        front_door::receive(tcp, services.tls.as_ref()),
+    )
+    .await;
+    let Ok(received) = received else {
+        // Like PostgreSQL, no log line for a client that never said hello:
+        // under a flood of such connections it would be one per connection.
+        tracing::debug!("closed: no startup packet within auth_timeout");
+        return None;
+    };
+    let request = match received {
         Ok(Arrival::Startup(request)) => request,
         Ok(Arrival::Cancel(key)) => {
             let result = services
@@ -186,8 +202,10 @@ async fn establish(
     };
     let mut client = request.stream;
     let mut seen = Seen::default();
-    let result = if admitted {
-        open_session(&mut client, &request.parameters, services, &mut seen).await
+    let result = if let Some(permit) = services.limit.try_acquire() {
+        let opening = open_session(&mut client, &request.parameters, services, &mut seen);
+        let opened = front_door::with_password_deadline(auth_deadline, opening).await;
+        opened.map(|session| (session, permit))
     } else {
         Err(Failure::Refused(
             Refusal::new(
@@ -201,7 +219,7 @@ async fn establish(
         ))
     };
     match result {
-        Ok(session) => Some((client, session)),
+        Ok((session, permit)) => Some((client, session, permit)),
         Err(Failure::Refused(refusal)) => {
             refuse(&mut client, &refusal, &seen, &services.metrics).await;
             None

@@ -5,6 +5,7 @@
 //! cleartext password that carries the token.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use pgwire::messages::{DecodeContext, Message};
 use rustls::server::Acceptor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use crate::error::{Reason, Refusal, sqlstate};
@@ -75,7 +77,8 @@ pub async fn receive(tcp: TcpStream, tls: Option<&TlsAcceptor>) -> Result<Arriva
     let mut gss_declined = false;
     loop {
         let packet = match read_startup_packet(&mut stream).await {
-            Ok(packet) => packet,
+            Ok(Some(packet)) => packet,
+            Ok(None) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
             Err(refusal) => return Err(FrontDoorError::Refused { stream, refusal }),
         };
         let request = match parse_request(&packet) {
@@ -227,8 +230,39 @@ fn parse_startup(version: u32, body: &[u8]) -> Result<StartupMessage, Refusal> {
     })
 }
 
-/// Asks for the cleartext password (the token) and reads it, up to `max_bytes`.
+tokio::task_local! {
+    /// When the client must have sent its password (`[listen]
+    /// auth_timeout` after it connected). Set by the code that drives a
+    /// connection, around all of its authentication, so that the wait for
+    /// the password honours it wherever that wait happens.
+    static PASSWORD_DEADLINE: Instant;
+}
+
+/// Runs `authentication`, in which [`ask_password`] waits for the password
+/// until `deadline` at the latest.
+pub async fn with_password_deadline<F: Future>(deadline: Instant, authentication: F) -> F::Output {
+    PASSWORD_DEADLINE.scope(deadline, authentication).await
+}
+
+/// Asks for the cleartext password (the token) and reads it, up to
+/// `max_bytes`; within [`with_password_deadline`], only until its deadline.
 pub async fn ask_password(
+    stream: &mut ClientStream,
+    max_bytes: usize,
+) -> Result<String, PasswordError> {
+    let Ok(deadline) = PASSWORD_DEADLINE.try_with(|deadline| *deadline) else {
+        return read_password(stream, max_bytes).await;
+    };
+    match tokio::time::timeout_at(deadline, read_password(stream, max_bytes)).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::debug!("closed: no password within auth_timeout");
+            Err(PasswordError::Closed(io::ErrorKind::TimedOut.into()))
+        }
+    }
+}
+
+async fn read_password(
     stream: &mut ClientStream,
     max_bytes: usize,
 ) -> Result<String, PasswordError> {
@@ -291,13 +325,21 @@ impl From<io::Error> for PasswordError {
     }
 }
 
-async fn read_startup_packet(stream: &mut ClientStream) -> Result<Vec<u8>, Refusal> {
+/// The next startup packet; `None` when the client left before sending a
+/// byte of it. As PostgreSQL does, that is no refusal to tell or log: port
+/// probes do it, and so does a client that did not like the answer to its
+/// SSLRequest; and a flood of such connections must not flood the log.
+async fn read_startup_packet(stream: &mut ClientStream) -> Result<Option<Vec<u8>>, Refusal> {
     let closed = |_| Refusal::protocol("incomplete startup packet");
     let mut header = [0u8; 4];
-    stream.read_exact(&mut header).await.map_err(closed)?;
+    match stream.read(&mut header[..1]).await {
+        Ok(0) | Err(_) => return Ok(None),
+        Ok(_) => {}
+    }
+    stream.read_exact(&mut header[1..]).await.map_err(closed)?;
     let mut packet = vec![0u8; startup_packet_body_length(header)?];
     stream.read_exact(&mut packet).await.map_err(closed)?;
-    Ok(packet)
+    Ok(Some(packet))
 }
 
 async fn upgrade(stream: ClientStream, acceptor: &TlsAcceptor) -> io::Result<ClientStream> {

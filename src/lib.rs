@@ -7,10 +7,10 @@
 //! Postgres session over [`upstream_tls`], with the signed [`claims`] bound
 //! to it, or a warm one from the [`pool`]) and [`relay`].
 //!
-//! Around that path: [`cancel`] requests, [`limit`]s on sessions, the
-//! [`admin`] endpoints with their [`metrics`] and [`tamper`] alarms,
-//! configuration [`reload`] on SIGHUP, and the commands `init-db`
-//! ([`init_db`]) and `check` ([`check`]).
+//! Around that path: [`cancel`] requests, [`limit`]s on sessions and on
+//! connections still starting up, the [`admin`] endpoints with their
+//! [`metrics`] and [`tamper`] alarms, configuration [`reload`] on SIGHUP,
+//! and the commands `init-db` ([`init_db`]) and `check` ([`check`]).
 
 pub mod admin;
 pub mod cancel;

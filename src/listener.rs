@@ -1,21 +1,26 @@
-//! The listener: accepts connections, caps how many are served at once, and
-//! shuts down gracefully — stop accepting, let sessions drain, then end them.
+//! The listener: accepts connections, turns away at once those over the
+//! startup limits, and shuts down gracefully — stop accepting, let sessions
+//! drain, then end them.
 
 use std::future::Future;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use bytes::BytesMut;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::config::{Config, PoolMode};
 use crate::connection::{self, Services};
+use crate::error::{Reason, Refusal, sqlstate};
 use crate::front_door;
 use crate::jwks;
-use crate::limit::Limit;
+use crate::limit::{Limit, StartupLimitHit, StartupLimits};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::shutdown::Shutdown;
@@ -131,6 +136,11 @@ pub async fn run(
     };
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (session_done_tx, mut all_done_rx) = mpsc::channel::<()>(1);
+    let startups = {
+        let listen = &services.borrow().config.listen;
+        StartupLimits::new(listen.max_startups, listen.max_startups_per_address)
+    };
+    let mut turned_away = TurnedAway::default();
 
     let accept = async {
         loop {
@@ -144,11 +154,22 @@ pub async fn run(
                 }
             };
             let services = Arc::clone(&services.borrow());
-            let permit = services.limit.try_acquire();
+            // The limits of the configuration in force, reloaded or not.
+            let listen = &services.config.listen;
+            startups.resize(listen.max_startups, listen.max_startups_per_address);
+            let startup = match startups.try_acquire(peer.ip()) {
+                Ok(slot) => slot,
+                Err(hit) => {
+                    services.metrics.refused(Reason::Limit);
+                    turned_away.log(peer, hit);
+                    turn_away(tcp, &startup_refusal(hit));
+                    continue;
+                }
+            };
             let shutdown = Shutdown::new(notify_shutdown.subscribe());
             let done = session_done_tx.clone();
             tokio::spawn(async move {
-                connection::serve(tcp, peer, services, permit, shutdown).await;
+                connection::serve(tcp, peer, services, startup, shutdown).await;
                 drop(done);
             });
         }
@@ -180,6 +201,91 @@ pub async fn run(
         }
     }
 }
+
+/// What a client over a startup limit is told.
+fn startup_refusal(hit: StartupLimitHit) -> Refusal {
+    let message = match hit {
+        StartupLimitHit::Overall(size) => format!(
+            "too many connections are authenticating: rlsgate authenticates at most {size} at once \
+             (max_startups); try again later"
+        ),
+        StartupLimitHit::PerAddress(size) => format!(
+            "too many connections from your address are authenticating: rlsgate authenticates at \
+             most {size} at once from one address (max_startups_per_address); try again later"
+        ),
+    };
+    Refusal::new(sqlstate::TOO_MANY_CONNECTIONS, message).because(Reason::Limit)
+}
+
+/// Turns a connection away at once, without a task or a wait: a FATAL
+/// ErrorResponse as the server's first message, which every client reads
+/// whatever it sent first (PostgreSQL answers so when it cannot start a
+/// backend; only a client using direct TLS sees a TLS error instead), then
+/// the close.
+fn turn_away(tcp: TcpStream, refusal: &Refusal) {
+    let Ok(mut tcp) = tcp.into_std() else { return };
+    let mut out = BytesMut::new();
+    refusal.encode(&mut out);
+    // The socket is non-blocking; a fresh one's send buffer takes these
+    // few bytes at once.
+    let _ = tcp.write_all(&out);
+    // What the client has sent so far is read, and no more: closing with
+    // unread input would answer with a reset that can destroy the error.
+    let mut sink = [0u8; 4096];
+    for _ in 0..TURN_AWAY_READS {
+        match tcp.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+}
+
+/// Reads of what a turned-away client sent before it is closed: enough for
+/// a startup packet (at most 10 000 bytes) and a TLS hello.
+const TURN_AWAY_READS: usize = 4;
+
+/// Aggregates the log of connections turned away at the startup limits:
+/// one line at once, then at most one per [`TURNED_AWAY_LOG_EVERY`] that
+/// counts those since the last line, so that a flood of connections is not
+/// also a flood of log lines.
+#[derive(Default)]
+struct TurnedAway {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl TurnedAway {
+    fn log(&mut self, peer: SocketAddr, hit: StartupLimitHit) {
+        let Some(unlogged) = self.note(Instant::now()) else {
+            return;
+        };
+        tracing::warn!(
+            client = %peer.ip(),
+            limit = hit.key(),
+            size = hit.size(),
+            refused_since_last_line = unlogged,
+            "refused a connection at a startup limit (logged at most every {}s)",
+            TURNED_AWAY_LOG_EVERY.as_secs()
+        );
+    }
+
+    /// Counts one connection turned away at `now`; when it is to be logged,
+    /// how many were turned away since the last line.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last_logged
+            .is_some_and(|at| now.duration_since(at) < TURNED_AWAY_LOG_EVERY)
+        {
+            self.unlogged += 1;
+            return None;
+        }
+        self.last_logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+const TURNED_AWAY_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How long the admin listener may take to finish its requests at shutdown.
 const ADMIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -233,5 +339,42 @@ impl RunningProxy {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_refusals_is_logged_once_then_counted() {
+        let mut turned_away = TurnedAway::default();
+        let start = Instant::now();
+        assert_eq!(turned_away.note(start), Some(0));
+        for ms in 1..=500 {
+            assert_eq!(turned_away.note(start + Duration::from_millis(ms)), None);
+        }
+        let later = start + TURNED_AWAY_LOG_EVERY;
+        assert_eq!(turned_away.note(later), Some(500));
+        assert_eq!(turned_away.note(later), None);
+        assert_eq!(turned_away.note(later + TURNED_AWAY_LOG_EVERY), Some(1));
+    }
+
+    #[test]
+    fn a_refusal_at_a_startup_limit_names_the_limit() {
+        for (hit, key) in [
+            (StartupLimitHit::Overall(7), "(max_startups)"),
+            (StartupLimitHit::PerAddress(3), "(max_startups_per_address)"),
+        ] {
+            let refusal = startup_refusal(hit);
+            assert_eq!(refusal.sqlstate, sqlstate::TOO_MANY_CONNECTIONS);
+            assert_eq!(refusal.reason, Reason::Limit);
+            assert!(refusal.message.contains(key), "{}", refusal.message);
+            assert!(
+                refusal.message.contains(&format!("at most {}", hit.size())),
+                "{}",
+                refusal.message
+            );
+        }
     }
 }
