@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::cancel::{CancelRegistry, Registration};
 use crate::claims::{Envelope, Identity, NO_EXPIRY};
-use crate::config::{Config, TokenPolicy};
+use crate::config::{Config, Role, TokenPolicy};
 use crate::error::{Reason, Refusal, sqlstate};
 use crate::front_door::{self, Arrival, FrontDoorError, PasswordError};
 use crate::limit::{Limit, StartupSlot};
@@ -60,8 +60,9 @@ struct Session {
     plan: relay::Plan,
     /// The upstream connection is pooled and goes back when the session ends.
     lease: Option<Lease>,
-    /// Held while the session lives: its cancel key and its role's slot.
+    /// Held while the session lives: its cancel key and its slots.
     _cancel: Registration,
+    _session_slot: OwnedSemaphorePermit,
     _role_slot: Option<OwnedSemaphorePermit>,
 }
 
@@ -98,7 +99,7 @@ pub async fn serve(
     let _open = services.metrics.connection_opened();
     async move {
         let timeout = services.config.listen.startup_timeout;
-        let (client, session, permit) =
+        let (client, session) =
             match tokio::time::timeout(timeout, establish(tcp, peer, &services, startup)).await {
                 Ok(Some(established)) => established,
                 Ok(None) => return,
@@ -117,6 +118,7 @@ pub async fn serve(
             plan,
             lease,
             _cancel: cancel,
+            _session_slot: session_slot,
             _role_slot: role_slot,
         } = session;
         let mut stream = upstream.stream;
@@ -133,7 +135,7 @@ pub async fn serve(
             }
         }
         // The session's slots are free only now that its backend has ended.
-        drop(role_slot);
+        drop((session_slot, role_slot));
         let ending = finish.ending;
         let duration = started.elapsed();
         let (client_to_server, server_to_client) = traffic.bytes();
@@ -147,7 +149,6 @@ pub async fn serve(
             server_to_client,
             "session ended"
         );
-        drop(permit);
     }
     .instrument(span)
     .await
@@ -162,7 +163,7 @@ async fn establish(
     peer: SocketAddr,
     services: &Services,
     _startup: StartupSlot,
-) -> Option<(ClientStream, Session, OwnedSemaphorePermit)> {
+) -> Option<(ClientStream, Session)> {
     crate::net::tune(&tcp);
     // By then the startup packet and the password must have arrived; the
     // token check and the upstream login have the rest of startup_timeout.
@@ -202,24 +203,16 @@ async fn establish(
     };
     let mut client = request.stream;
     let mut seen = Seen::default();
-    let result = if let Some(permit) = services.limit.try_acquire() {
-        let opening = open_session(&mut client, &request.parameters, services, &mut seen);
-        let opened = front_door::with_password_deadline(auth_deadline, opening).await;
-        opened.map(|session| (session, permit))
-    } else {
-        Err(Failure::Refused(
-            Refusal::new(
-                sqlstate::TOO_MANY_CONNECTIONS,
-                format!(
-                    "too many connections: rlsgate serves at most {} at once",
-                    services.config.listen.max_connections
-                ),
-            )
-            .because(Reason::Limit),
-        ))
-    };
+    let result = open_session(
+        &mut client,
+        &request.parameters,
+        services,
+        &mut seen,
+        auth_deadline,
+    )
+    .await;
     match result {
-        Ok((session, permit)) => Some((client, session, permit)),
+        Ok(session) => Some((client, session)),
         Err(Failure::Refused(refusal)) => {
             refuse(&mut client, &refusal, &seen, &services.metrics).await;
             None
@@ -236,6 +229,7 @@ async fn open_session(
     parameters: &std::collections::BTreeMap<String, String>,
     services: &Services,
     seen: &mut Seen,
+    auth_deadline: tokio::time::Instant,
 ) -> Result<Session, Failure> {
     let config = &services.config;
     let user = parameters.get("user").ok_or_else(|| {
@@ -251,21 +245,6 @@ async fn open_session(
     })?;
     seen.role = Some(role.name.clone());
     let forwarded = upstream::forwarded_parameters(parameters)?;
-    let role_slot = match services.role_limits.get(&role.name) {
-        Some(limit) => Some(limit.try_acquire().ok_or_else(|| {
-            Refusal::new(
-                sqlstate::TOO_MANY_CONNECTIONS,
-                format!(
-                    "too many connections for role {:?}: rlsgate serves it at most {} at once",
-                    role.name,
-                    role.max_connections.unwrap_or_default()
-                ),
-            )
-            .because(Reason::Limit)
-        })?),
-        None => None,
-    };
-
     let mut verified_token = None;
     let (identity, expiry) = match role.token {
         TokenPolicy::None => {
@@ -291,8 +270,8 @@ async fn open_session(
                 .because(Reason::TlsRequired)
                 .into());
             }
-            let token = match front_door::ask_password(client, config.listen.max_token_bytes).await
-            {
+            let max_bytes = config.listen.max_token_bytes;
+            let token = match front_door::ask_password(client, max_bytes, auth_deadline).await {
                 Ok(token) => token,
                 Err(PasswordError::Closed(_)) => return Err(Failure::Closed),
                 Err(PasswordError::Refused(refusal)) => return Err(refusal.into()),
@@ -326,6 +305,10 @@ async fn open_session(
             (identity, expiry)
         }
     };
+
+    // Only authenticated clients hold session slots: a client that dawdles
+    // over its password holds a startup slot, which is bounded apart.
+    let (session_slot, role_slot) = session_slots(services, role)?;
 
     let login = Login {
         role,
@@ -403,8 +386,42 @@ async fn open_session(
         plan,
         lease,
         _cancel: cancel,
+        _session_slot: session_slot,
         _role_slot: role_slot,
     })
+}
+
+/// A slot of `[listen] max_connections`, and one of the role's own
+/// `max_connections` when it sets one: 53300 when either is full.
+fn session_slots(
+    services: &Services,
+    role: &Role,
+) -> Result<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>), Refusal> {
+    let session = services.limit.try_acquire().ok_or_else(|| {
+        Refusal::new(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!(
+                "too many connections: rlsgate serves at most {} at once",
+                services.config.listen.max_connections
+            ),
+        )
+        .because(Reason::Limit)
+    })?;
+    let role_slot = match services.role_limits.get(&role.name) {
+        Some(limit) => Some(limit.try_acquire().ok_or_else(|| {
+            Refusal::new(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "too many connections for role {:?}: rlsgate serves it at most {} at once",
+                    role.name,
+                    role.max_connections.unwrap_or_default()
+                ),
+            )
+            .because(Reason::Limit)
+        })?),
+        None => None,
+    };
+    Ok((session, role_slot))
 }
 
 /// Tells the client why, logs it (the one line for a refusal) and counts it.

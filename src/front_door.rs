@@ -5,7 +5,6 @@
 //! cleartext password that carries the token.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
@@ -230,29 +229,14 @@ fn parse_startup(version: u32, body: &[u8]) -> Result<StartupMessage, Refusal> {
     })
 }
 
-tokio::task_local! {
-    /// When the client must have sent its password (`[listen]
-    /// auth_timeout` after it connected). Set by the code that drives a
-    /// connection, around all of its authentication, so that the wait for
-    /// the password honours it wherever that wait happens.
-    static PASSWORD_DEADLINE: Instant;
-}
-
-/// Runs `authentication`, in which [`ask_password`] waits for the password
-/// until `deadline` at the latest.
-pub async fn with_password_deadline<F: Future>(deadline: Instant, authentication: F) -> F::Output {
-    PASSWORD_DEADLINE.scope(deadline, authentication).await
-}
-
 /// Asks for the cleartext password (the token) and reads it, up to
-/// `max_bytes`; within [`with_password_deadline`], only until its deadline.
+/// `max_bytes`, until `deadline` (`[listen] auth_timeout` after the client
+/// connected).
 pub async fn ask_password(
     stream: &mut ClientStream,
     max_bytes: usize,
+    deadline: Instant,
 ) -> Result<String, PasswordError> {
-    let Ok(deadline) = PASSWORD_DEADLINE.try_with(|deadline| *deadline) else {
-        return read_password(stream, max_bytes).await;
-    };
     match tokio::time::timeout_at(deadline, read_password(stream, max_bytes)).await {
         Ok(result) => result,
         Err(_) => {
