@@ -135,7 +135,9 @@ struct Who {
     current_user: String,
     session_user: String,
     user_id: Option<String>,
-    envelope: String,
+    /// The claims the envelope bound to the session says (each session's
+    /// envelope is its own: it names its backend).
+    claims: String,
     jwt_claims: Option<String>,
     application_name: String,
 }
@@ -144,7 +146,7 @@ async fn who(client: &tokio_postgres::Client) -> Who {
     let row = client
         .query_one(
             "select current_user::text, session_user::text, auth.user_id(), \
-             current_setting('rlsgate.session'), \
+             auth.session()::text, \
              nullif(current_setting('request.jwt.claims', true), ''), \
              current_setting('application_name')",
             &[],
@@ -155,7 +157,7 @@ async fn who(client: &tokio_postgres::Client) -> Who {
         current_user: row.get(0),
         session_user: row.get(1),
         user_id: row.get(2),
-        envelope: row.get(3),
+        claims: row.get(3),
         jwt_claims: row.get(4),
         application_name: row.get(5),
     }
