@@ -2,16 +2,20 @@
 //! upstream backend's real pid (what `pg_backend_pid()` and NOTIFY show) with
 //! a secret of the proxy's: the right key cancels the statement running in
 //! that backend, in both pool modes; a wrong one, or a pooled client's key
-//! once it has left, cancels nothing.
+//! once it has left, cancels nothing; many sessions behind one address are
+//! all cancelled at once, while guessing from one address is cut off.
 
 mod support;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
+use rlsgate::cancel::GUESS_BUDGET;
 use support::wire::{self, RawSession};
-use support::{Harness, WAIT, db_error, user_id_of};
+use support::{Harness, WAIT, db_error, http_get, metric, user_id_of};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 
 const POOLED: &str = "[pool]\nmode = \"session\"\nsize = 4\n";
@@ -23,6 +27,19 @@ const MODES: [(&str, &str); 2] = [("unpooled", ""), ("pooled", POOLED)];
 /// dealt with it (it closes the connection without an answer, as Postgres does).
 async fn send_cancel(port: u16, pid: i32, secret: i32) {
     let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    cancel_over(stream, pid, secret).await;
+}
+
+/// [`send_cancel`] from another loopback address, as another host would.
+async fn send_cancel_from(source: Ipv4Addr, port: u16, pid: i32, secret: i32) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(IpAddr::V4(source), 0))
+        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+    let stream = socket
+        .connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .await
+        .unwrap();
     cancel_over(stream, pid, secret).await;
 }
 
@@ -395,31 +412,105 @@ async fn a_pooled_clients_key_cancels_nothing_on_the_next_client_even_sent_as_it
     );
 }
 
+/// `rlsgate_cancel_requests_total{result}`, 0 when not there yet.
+async fn cancel_requests(h: &Harness, result: &str) -> u64 {
+    let (status, text) = http_get(&h.admin_url("/metrics")).await;
+    assert_eq!(status, 200, "{text}");
+    metric(
+        &text,
+        "rlsgate_cancel_requests_total",
+        &[("result", result)],
+    )
+    .unwrap_or(0.0) as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_requests_beyond_the_per_address_rate_are_ignored_until_the_window_passes() {
-    let h = Harness::start().await;
+async fn thirty_sessions_behind_one_address_all_cancelled_at_once_end_with_57014() {
+    const SESSIONS: usize = 30;
+    let h = Harness::start_with_admin("").await;
+    let admin = h.admin().await;
+    let mut tokens = Vec::new();
+    let mut queries = Vec::new();
+    for i in 0..SESSIONS {
+        let client = h.connect_as(&format!("user{i}")).await;
+        tokens.push(client.cancel_token());
+        queries.push(tokio::spawn(async move {
+            client.batch_execute("select pg_sleep(30)").await
+        }));
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let running: i64 = admin
+            .query_one(
+                "select count(*) from pg_stat_activity \
+                 where state = 'active' and query = 'select pg_sleep(30)'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running == SESSIONS as i64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{running} sleeps running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Every cancel request at once, all from 127.0.0.1.
+    let sent = join_all(tokens.iter().map(|t| t.cancel_query(NoTls))).await;
+    assert!(sent.iter().all(Result::is_ok), "{sent:?}");
+    for (i, query) in queries.into_iter().enumerate() {
+        let ended = tokio::time::timeout(WAIT, query)
+            .await
+            .unwrap_or_else(|_| panic!("session {i}'s pg_sleep(30) was not cancelled"))
+            .unwrap();
+        let (code, message) = db_error(&ended.expect_err("the sleep is cancelled"));
+        assert_eq!(code, "57014", "session {i}: {message}");
+    }
+    assert_eq!(cancel_requests(&h, "forwarded").await, SESSIONS as u64);
+    assert_eq!(cancel_requests(&h, "rate_limited").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_keys_from_one_address_is_cut_off_and_counted_but_not_other_addresses() {
+    let h = Harness::start_with_admin("").await;
+    let admin = h.admin().await;
+    let port = h.port();
     let mut alice = h.raw_connect_as("alice").await;
     alice.send_query("select pg_sleep(30)").await;
+    wait_until_active(&admin, alice.pid).await;
 
-    // Use up this address's budget with keys that cancel nothing...
-    for _ in 0..rlsgate::cancel::RATE_LIMIT {
-        send_cancel(h.port(), alice.pid ^ 1, alice.secret).await;
+    // Guesses at alice's secret, from 127.0.0.1...
+    let flood = u64::from(GUESS_BUDGET.burst) + 20;
+    let started = Instant::now();
+    for i in 0..flood {
+        send_cancel(port, alice.pid, alice.secret ^ (i as i32 + 1)).await;
     }
-    // ...so that even the right key is now ignored.
-    send_cancel(h.port(), alice.pid, alice.secret).await;
-    let mut first = [0u8; 1];
-    let answered =
-        tokio::time::timeout(Duration::from_millis(1500), alice.stream.peek(&mut first)).await;
-    assert!(
-        answered.is_err(),
-        "the over-rate cancel request was ignored"
-    );
+    let refilled = (started.elapsed().as_secs_f64() * f64::from(GUESS_BUDGET.per_second)).ceil();
+    // ...after which even the right key from there is ignored.
+    send_cancel(port, alice.pid, alice.secret).await;
 
-    // A new window: the right key cancels.
-    send_cancel(h.port(), alice.pid, alice.secret).await;
+    let unknown = cancel_requests(&h, "unknown_key").await;
+    let limited = cancel_requests(&h, "rate_limited").await;
+    assert_eq!(unknown + limited, flood + 1, "every request is counted");
+    assert!(
+        unknown >= u64::from(GUESS_BUDGET.burst)
+            && unknown as f64 <= f64::from(GUESS_BUDGET.burst) + refilled,
+        "{unknown} unknown keys were looked up"
+    );
+    assert_eq!(
+        cancel_requests(&h, "forwarded").await,
+        0,
+        "nothing reached the database"
+    );
+    wait_until_active(&admin, alice.pid).await;
+
+    // The right key from another address cancels.
+    send_cancel_from(Ipv4Addr::new(127, 0, 0, 2), port, alice.pid, alice.secret).await;
     let err = tokio::time::timeout(WAIT, alice.read_result())
         .await
         .expect("the query ends after the cancel")
         .unwrap_err();
     assert_eq!(err.code, "57014");
+    assert_eq!(cancel_requests(&h, "forwarded").await, 1);
 }
