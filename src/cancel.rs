@@ -1,59 +1,225 @@
-//! Cancellation: clients hold keys the proxy made up; each maps to the
-//! upstream backend's real key, which never leaves the proxy.
+//! Cancellation: a client's cancel key is its backend's real process id with
+//! a secret the proxy made up; the backend's own secret never leaves the
+//! proxy. The pid is the one `pg_backend_pid()` and NOTIFY show anyway, so
+//! clients that compare them (skipping their own notifications,
+//! `pg_terminate_backend(pid)`) work; the secret alone authenticates.
 //!
-//! Cancel requests are unauthenticated by design, so each source address
-//! gets a small budget per second: guessing a 64-bit key stays hopeless, and
-//! a flood cannot make the proxy open upstream connections at its rate.
+//! # Limits
+//!
+//! Cancel requests are unauthenticated by design. What a forwarded one costs
+//! is an upstream connection (a process PostgreSQL forks), and only a request
+//! with a known key is forwarded; unknown keys cost nothing upstream and are
+//! what guessing looks like. So the two are limited apart, with token
+//! buckets:
+//!
+//! - Each key may be used [`KEY_BUDGET`]: 10 at once, then 5 a second. A
+//!   session runs one statement at a time, so that is plenty, and it bounds
+//!   what the database sees by the sessions open. Sessions behind one address
+//!   (an application server) do not share a budget.
+//! - Each source address (for IPv6 each /64, which one host usually has
+//!   whole) may name unknown keys [`GUESS_BUDGET`]: 10 at once, then 2 a
+//!   second. Once it has spent that, every request of its is ignored until
+//!   the bucket refills, known keys included: else a right guess would pass
+//!   however many wrong ones came before it.
+//!
+//! The pid is no secret, so a guess must find the 32-bit secret. An address
+//! gets at most 10 + 2t guesses in t seconds, each right with probability
+//! 2⁻³² per session open: a 50 % chance at one given session takes
+//! 2³¹ / 2 s ≈ 34 years; against 1 000 open sessions whose pids it knows, one
+//! hit every 2³² / 2 000 s ≈ 25 days. A hit cancels one running statement; a
+//! cancel cannot read or change data. (PostgreSQL itself takes guesses at the
+//! same secret at any rate.)
+//!
+//! Ignored requests are counted by `result` in
+//! `rlsgate_cancel_requests_total` and logged: the first at once, those in
+//! the next [`LOG_EVERY`] summed up in one line.
+//!
+//! # Handing a backend on
+//!
+//! A pooled backend outlives its client, so a cancel of that client's must
+//! never reach the next one. [`Registration::close`] removes the key, then
+//! waits for any request already being forwarded with it: each holds the
+//! registration's gate while it sends, and checks that the key is still
+//! registered once it holds it. And a forwarded request ends only once
+//! PostgreSQL has taken it (see [`cancel_backend`]).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::RwLock;
 
 use crate::front_door::CancelKey;
 use crate::upstream_tls::UpstreamTls;
+
+/// A token bucket's size and rate.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Requests at once.
+    pub burst: u32,
+    /// Requests a second once those are spent.
+    pub per_second: u32,
+}
+
+/// Cancel requests one key may make.
+pub const KEY_BUDGET: Budget = Budget {
+    burst: 10,
+    per_second: 5,
+};
+/// Unknown keys one source address may name.
+pub const GUESS_BUDGET: Budget = Budget {
+    burst: 10,
+    per_second: 2,
+};
+/// How often ignored requests are logged, summed up.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long forwarding one request may take, connecting included.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Beyond this many addresses with guesses on record, those whose budget is
+/// whole again are forgotten (at most once a second).
+const TRACKED_ADDRESSES: usize = 10_000;
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(budget: Budget, now: Instant) -> Bucket {
+        Bucket {
+            tokens: budget.burst.into(),
+            at: now,
+        }
+    }
+
+    /// The tokens there are now.
+    fn refill(&mut self, budget: Budget, now: Instant) -> f64 {
+        let earned =
+            now.saturating_duration_since(self.at).as_secs_f64() * f64::from(budget.per_second);
+        self.tokens = (self.tokens + earned).min(budget.burst.into());
+        self.at = now;
+        self.tokens
+    }
+
+    fn take(&mut self, budget: Budget, now: Instant) -> bool {
+        let has = self.refill(budget, now) >= 1.0;
+        if has {
+            self.tokens -= 1.0;
+        }
+        has
+    }
+}
+
+/// Shared by the cancel requests being forwarded to a session's backend,
+/// and taken whole by the session's end.
+#[derive(Default)]
+struct Gate {
+    lock: RwLock<()>,
+    /// A request was sent but not seen taken: it may still reach the backend.
+    unsettled: AtomicBool,
+}
 
 struct Target {
     host: String,
     port: u16,
     key: CancelKey,
+    budget: Bucket,
+    gate: Arc<Gate>,
 }
 
-/// Cancel requests one source address may make per [`RATE_WINDOW`].
-pub const RATE_LIMIT: u32 = 10;
-pub const RATE_WINDOW: Duration = Duration::from_secs(1);
-/// Beyond this many tracked addresses, expired windows are swept.
-const TRACKED_ADDRESSES: usize = 10_000;
+/// Addresses that named unknown keys, with what is left of their budget.
+#[derive(Default)]
+struct Guesses {
+    buckets: HashMap<IpAddr, Bucket>,
+    swept: Option<Instant>,
+}
+
+/// Why a request was ignored.
+#[derive(Clone, Copy, Debug)]
+enum Ignore {
+    UnknownKey,
+    KeyOverBudget,
+    AddressOverBudget,
+}
+
+impl Ignore {
+    /// The `result` label of `rlsgate_cancel_requests_total`.
+    fn result(self) -> &'static str {
+        match self {
+            Ignore::UnknownKey => "unknown_key",
+            Ignore::KeyOverBudget | Ignore::AddressOverBudget => "rate_limited",
+        }
+    }
+}
+
+/// Ignored requests not logged yet, by [`Ignore`]; `open` while a summary
+/// is due.
+#[derive(Default)]
+struct IgnoredLog {
+    open: bool,
+    counts: [u64; 3],
+}
+
+/// A request admitted: where it goes.
+struct Forward {
+    host: String,
+    port: u16,
+    upstream: CancelKey,
+    gate: Arc<Gate>,
+}
 
 #[derive(Default)]
 pub struct CancelRegistry {
     targets: Mutex<HashMap<CancelKey, Target>>,
-    /// Per source address: when its window began, and requests in it.
-    recent: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    guesses: Mutex<Guesses>,
+    ignored: Arc<Mutex<IgnoredLog>>,
 }
 
-/// Keeps a session's key registered; dropping it unregisters the key.
+/// Keeps a session's key registered; [`Registration::close`] (or, failing
+/// that, dropping it) unregisters the key.
 pub struct Registration {
     registry: Arc<CancelRegistry>,
     pub key: CancelKey,
+    gate: Arc<Gate>,
+}
+
+impl Registration {
+    /// Unregisters the key, then waits until no request forwarded with it
+    /// is still on its way (each is bounded in time). Returns whether the
+    /// backend may be handed on: not if a request was sent but not seen
+    /// taken, as it might still reach the backend.
+    pub async fn close(self) -> bool {
+        self.unregister();
+        let _alone = self.gate.lock.write().await;
+        !self.gate.unsettled.load(Ordering::Acquire)
+    }
+
+    fn unregister(&self) {
+        let mut targets = self.registry.targets.lock().expect("cancel lock");
+        // The same key may since have been issued again, to another session.
+        if targets
+            .get(&self.key)
+            .is_some_and(|t| Arc::ptr_eq(&t.gate, &self.gate))
+        {
+            targets.remove(&self.key);
+        }
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry
-            .targets
-            .lock()
-            .expect("cancel lock")
-            .remove(&self.key);
+        self.unregister();
     }
 }
 
 impl CancelRegistry {
-    /// Issues a fresh random key for a session whose backend is `upstream`.
+    /// Issues a key for a session whose backend is `upstream`: the backend's
+    /// pid with a fresh random secret.
     pub fn register(
         self: &Arc<Self>,
         host: String,
@@ -61,94 +227,454 @@ impl CancelRegistry {
         upstream: CancelKey,
     ) -> Registration {
         let mut targets = self.targets.lock().expect("cancel lock");
+        // A backend serves one session at a time, but across a reload that
+        // changes [upstream] two servers may have a backend with this pid.
         let key = loop {
             let key = CancelKey {
-                pid: rand::random::<i32>() & i32::MAX,
+                pid: upstream.pid,
                 secret: rand::random(),
             };
-            if !targets.contains_key(&key) {
+            if key.secret != upstream.secret && !targets.contains_key(&key) {
                 break key;
             }
         };
+        let gate = Arc::new(Gate::default());
         targets.insert(
             key,
             Target {
                 host,
                 port,
                 key: upstream,
+                budget: Bucket::full(KEY_BUDGET, Instant::now()),
+                gate: Arc::clone(&gate),
             },
         );
         Registration {
             registry: Arc::clone(self),
             key,
+            gate,
         }
-    }
-
-    /// Whether `source` may make another cancel request now.
-    fn admit(&self, source: IpAddr) -> bool {
-        let now = Instant::now();
-        let mut recent = self.recent.lock().expect("cancel rate lock");
-        if recent.len() > TRACKED_ADDRESSES {
-            recent.retain(|_, (start, _)| now.duration_since(*start) < RATE_WINDOW);
-        }
-        let (start, count) = recent.entry(source).or_insert((now, 0));
-        if now.duration_since(*start) >= RATE_WINDOW {
-            *start = now;
-            *count = 0;
-        }
-        *count += 1;
-        *count <= RATE_LIMIT
     }
 
     /// Forwards a cancel request; an unknown key is ignored, as Postgres
-    /// does, and so is a request over `source`'s rate. Like libpq, the
-    /// request goes over TLS as `[upstream] tls` says (a server that only
-    /// accepts `hostssl` connections ignores a plaintext one). Returns what
-    /// became of it, for `rlsgate_cancel_requests_total{result}`:
+    /// does, and so is a request over a budget (see the module's doc).
+    /// Returns what became of it, for `rlsgate_cancel_requests_total{result}`:
     /// `forwarded`, `unknown_key`, `rate_limited` or `failed`.
     pub async fn cancel(&self, key: CancelKey, source: IpAddr, tls: &UpstreamTls) -> &'static str {
-        if !self.admit(source) {
-            tracing::info!(%source, "cancel request over the rate limit ignored");
-            return "rate_limited";
+        let forward = match self.admit(key, source) {
+            Ok(forward) => forward,
+            Err(why) => {
+                self.log_ignored(why, source);
+                return why.result();
+            }
+        };
+        let _sending = forward.gate.lock.read().await;
+        if !self.is_registered(key, &forward.gate) {
+            // Its session ended while the request waited for the gate.
+            self.log_ignored(Ignore::UnknownKey, source);
+            return Ignore::UnknownKey.result();
         }
-        let target = {
-            let targets = self.targets.lock().expect("cancel lock");
-            targets.get(&key).map(|t| (t.host.clone(), t.port, t.key))
-        };
-        let Some((host, port, upstream)) = target else {
-            tracing::info!("cancel request with an unknown key ignored");
-            return "unknown_key";
-        };
-        match cancel_backend(&host, port, upstream, tls).await {
+        match forward_request(&forward.host, forward.port, forward.upstream, tls).await {
             Ok(()) => "forwarded",
-            Err(e) => {
-                let address = crate::stream::address(&host, port);
-                tracing::warn!(%address, error = %e, "cannot cancel upstream");
+            Err(failed) => {
+                if failed.maybe_sent {
+                    forward.gate.unsettled.store(true, Ordering::Release);
+                }
+                let address = crate::stream::address(&forward.host, forward.port);
+                tracing::warn!(%address, error = %failed.reason, "cannot cancel upstream");
                 "failed"
             }
         }
     }
+
+    /// Charges `source`'s and the key's budgets; the target if admitted.
+    fn admit(&self, key: CancelKey, source: IpAddr) -> Result<Forward, Ignore> {
+        let now = Instant::now();
+        let source = budget_address(source);
+        let mut guesses = self.guesses.lock().expect("cancel rate lock");
+        guesses.sweep(now);
+        let spent = guesses
+            .buckets
+            .get_mut(&source)
+            .is_some_and(|b| b.refill(GUESS_BUDGET, now) < 1.0);
+        if spent {
+            return Err(Ignore::AddressOverBudget);
+        }
+        let mut targets = self.targets.lock().expect("cancel lock");
+        let Some(target) = targets.get_mut(&key) else {
+            let bucket = guesses
+                .buckets
+                .entry(source)
+                .or_insert_with(|| Bucket::full(GUESS_BUDGET, now));
+            bucket.take(GUESS_BUDGET, now);
+            return Err(Ignore::UnknownKey);
+        };
+        if !target.budget.take(KEY_BUDGET, now) {
+            return Err(Ignore::KeyOverBudget);
+        }
+        Ok(Forward {
+            host: target.host.clone(),
+            port: target.port,
+            upstream: target.key,
+            gate: Arc::clone(&target.gate),
+        })
+    }
+
+    fn is_registered(&self, key: CancelKey, gate: &Arc<Gate>) -> bool {
+        let targets = self.targets.lock().expect("cancel lock");
+        targets
+            .get(&key)
+            .is_some_and(|t| Arc::ptr_eq(&t.gate, gate))
+    }
+
+    /// Logs the first ignored request at once and sums up the others of the
+    /// next [`LOG_EVERY`] in one line, so a flood cannot flood the log.
+    fn log_ignored(&self, why: Ignore, source: IpAddr) {
+        self.log_ignored_every(why, source, LOG_EVERY);
+    }
+
+    fn log_ignored_every(&self, why: Ignore, source: IpAddr, window: Duration) {
+        {
+            let mut log = self.ignored.lock().expect("cancel log lock");
+            if log.open {
+                log.counts[why as usize] += 1;
+                return;
+            }
+            log.open = true;
+        }
+        let summed = format!("those in the next {window:?} are summed up");
+        match why {
+            Ignore::UnknownKey => {
+                tracing::info!(%source, "cancel request with an unknown key ignored; {summed}");
+            }
+            Ignore::KeyOverBudget => tracing::warn!(
+                %source,
+                "cancel request ignored: its key was used more than {} times at once or {} a \
+                 second; {summed}",
+                KEY_BUDGET.burst,
+                KEY_BUDGET.per_second
+            ),
+            Ignore::AddressOverBudget => tracing::warn!(
+                %source,
+                "cancel request ignored: its address named more than {} unknown keys at once \
+                 or {} a second; {summed}",
+                GUESS_BUDGET.burst,
+                GUESS_BUDGET.per_second
+            ),
+        }
+        let log = Arc::clone(&self.ignored);
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            let counts = {
+                let mut log = log.lock().expect("cancel log lock");
+                log.open = false;
+                std::mem::take(&mut log.counts)
+            };
+            log_summary(counts, window);
+        });
+    }
+}
+
+/// The line for the requests ignored in the `window` after the first.
+fn log_summary([unknown_key, key_over_budget, address_over_budget]: [u64; 3], window: Duration) {
+    if key_over_budget + address_over_budget > 0 {
+        tracing::warn!(
+            unknown_key,
+            key_over_budget,
+            address_over_budget,
+            "more cancel requests ignored in {window:?}, some over a rate limit"
+        );
+    } else if unknown_key > 0 {
+        tracing::info!(
+            unknown_key,
+            "more cancel requests with unknown keys ignored in {window:?}"
+        );
+    }
+}
+
+impl Guesses {
+    /// Forgets addresses whose budget is whole again, once there are many.
+    fn sweep(&mut self, now: Instant) {
+        let recently = self
+            .swept
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1));
+        if self.buckets.len() <= TRACKED_ADDRESSES || recently {
+            return;
+        }
+        let whole = f64::from(GUESS_BUDGET.burst);
+        self.buckets
+            .retain(|_, b| b.refill(GUESS_BUDGET, now) < whole);
+        self.swept = Some(now);
+    }
+}
+
+/// Whose budget a request from `ip` is charged to: an IPv4 address (also
+/// when mapped into IPv6), or an IPv6 /64, which one host usually has whole.
+fn budget_address(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// A forward that failed; `maybe_sent` once the request may have reached
+/// the server.
+struct Failed {
+    maybe_sent: bool,
+    reason: String,
 }
 
 /// Sends a CancelRequest for the backend with `key` over a connection of
-/// its own. Like libpq, the request goes over TLS as `[upstream] tls` says
-/// (a server that only accepts `hostssl` connections ignores a plaintext
-/// one).
+/// its own and waits until the server has closed it (up to
+/// [`FORWARD_TIMEOUT`] in all). Like libpq, the request goes over TLS as
+/// `[upstream] tls` says (a server that only accepts `hostssl` connections
+/// ignores a plaintext one).
+///
+/// Why wait: PostgreSQL reads the request, signals the backend (SIGINT) and
+/// only then closes the connection. Once it has, the signal is pending on the
+/// backend and is taken before the backend reads anything more from its
+/// client; a backend that is waiting for its client's next command drops a
+/// cancel. So a session's end that waits for this (through
+/// [`Registration::close`]) can hand the backend on without a cancel of its
+/// client's still on the way to the next client's statement.
 pub async fn cancel_backend(
     host: &str,
     port: u16,
     key: CancelKey,
     tls: &UpstreamTls,
 ) -> Result<(), String> {
+    forward_request(host, port, key, tls)
+        .await
+        .map_err(|failed| failed.reason)
+}
+
+async fn forward_request(
+    host: &str,
+    port: u16,
+    key: CancelKey,
+    tls: &UpstreamTls,
+) -> Result<(), Failed> {
     let mut packet = BytesMut::with_capacity(16);
     frontend::cancel_request(key.pid, key.secret, &mut packet);
-    let mut stream = tls.connect(host, port).await.map_err(|r| r.to_string())?;
-    let sent = async {
-        stream.write_all(&packet).await?;
-        stream.flush().await
-    };
-    sent.await.map_err(|e| e.to_string())?;
-    // The server closes the connection once it has read the request.
-    let _ = stream.shutdown().await;
-    Ok(())
+    let mut maybe_sent = false;
+    let forwarded = tokio::time::timeout(FORWARD_TIMEOUT, async {
+        let mut stream = tls.connect(host, port).await.map_err(|r| r.to_string())?;
+        maybe_sent = true;
+        stream.write_all(&packet).await.map_err(|e| e.to_string())?;
+        stream.flush().await.map_err(|e| e.to_string())?;
+        // PostgreSQL answers nothing; an error is a close too.
+        let mut sink = [0u8; 64];
+        while let Ok(1..) = stream.read(&mut sink).await {}
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(format!(
+            "the server did not take the cancel request within {FORWARD_TIMEOUT:?}"
+        ))
+    });
+    forwarded.map_err(|reason| Failed { maybe_sent, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_gives_its_burst_then_refills_at_its_rate() {
+        let budget = Budget {
+            burst: 3,
+            per_second: 2,
+        };
+        let start = Instant::now();
+        let mut bucket = Bucket::full(budget, start);
+        assert!((0..3).all(|_| bucket.take(budget, start)));
+        assert!(!bucket.take(budget, start));
+        let half_second = start + Duration::from_millis(500);
+        assert!(bucket.take(budget, half_second));
+        assert!(!bucket.take(budget, half_second));
+        // Never more than the burst, however long it rested.
+        let later = start + Duration::from_secs(60);
+        assert_eq!(bucket.refill(budget, later), 3.0);
+    }
+
+    #[test]
+    fn ipv6_addresses_share_a_budget_per_64_and_mapped_ipv4_is_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(budget_address(a), budget_address(b));
+        assert_ne!(budget_address(a), budget_address(other));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(
+            budget_address(mapped),
+            "192.0.2.7".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    fn registry_with_one_key() -> (Arc<CancelRegistry>, Registration) {
+        let registry = Arc::new(CancelRegistry::default());
+        let upstream = CancelKey {
+            pid: 4242,
+            secret: 7,
+        };
+        let registration = registry.register("127.0.0.1".into(), 1, upstream);
+        (registry, registration)
+    }
+
+    #[test]
+    fn the_key_carries_the_backends_pid_and_a_secret_of_its_own() {
+        let (_registry, registration) = registry_with_one_key();
+        assert_eq!(registration.key.pid, 4242);
+        assert_ne!(registration.key.secret, 7);
+    }
+
+    #[test]
+    fn a_key_over_its_budget_is_limited_but_others_from_the_same_address_are_not() {
+        let (registry, first) = registry_with_one_key();
+        let second = registry.register("127.0.0.1".into(), 1, CancelKey { pid: 1, secret: 2 });
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..KEY_BUDGET.burst {
+            assert!(registry.admit(first.key, source).is_ok());
+        }
+        assert!(matches!(
+            registry.admit(first.key, source),
+            Err(Ignore::KeyOverBudget)
+        ));
+        assert!(registry.admit(second.key, source).is_ok());
+    }
+
+    #[test]
+    fn an_address_that_spent_its_guesses_is_ignored_even_with_a_right_key() {
+        let (registry, registration) = registry_with_one_key();
+        let guesser: IpAddr = "192.0.2.1".parse().unwrap();
+        let wrong = CancelKey {
+            pid: registration.key.pid,
+            secret: registration.key.secret.wrapping_add(1),
+        };
+        for _ in 0..GUESS_BUDGET.burst {
+            assert!(matches!(
+                registry.admit(wrong, guesser),
+                Err(Ignore::UnknownKey)
+            ));
+        }
+        assert!(matches!(
+            registry.admit(registration.key, guesser),
+            Err(Ignore::AddressOverBudget)
+        ));
+        // Another address is not affected.
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(registry.admit(registration.key, other).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_closed_registration_is_forgotten_and_its_key_admits_nothing() {
+        let (registry, registration) = registry_with_one_key();
+        let key = registration.key;
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(registration.close().await, "nothing was forwarded");
+        assert!(matches!(
+            registry.admit(key, source),
+            Err(Ignore::UnknownKey)
+        ));
+        assert!(registry.targets.lock().unwrap().is_empty());
+    }
+
+    /// Log lines written while the subscriber is the thread's default.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+            text.lines().map(str::to_owned).collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_ignored_requests_is_logged_as_the_first_and_a_sum_of_the_rest() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let registry = CancelRegistry::default();
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        let window = Duration::from_millis(50);
+        registry.log_ignored_every(Ignore::UnknownKey, source, window);
+        for _ in 0..7 {
+            registry.log_ignored_every(Ignore::UnknownKey, source, window);
+        }
+        for _ in 0..5 {
+            registry.log_ignored_every(Ignore::AddressOverBudget, source, window);
+        }
+        assert_eq!(captured.lines().len(), 1, "{:?}", captured.lines());
+        for _ in 0..200 {
+            if captured.lines().len() > 1 {
+                break;
+            }
+            tokio::time::sleep(window).await;
+        }
+        let lines = captured.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].contains("cancel request with an unknown key ignored"),
+            "{lines:?}"
+        );
+        assert!(lines[0].contains("192.0.2.1"), "{lines:?}");
+        assert!(lines[1].contains("WARN"), "{lines:?}");
+        for field in [
+            "unknown_key=7",
+            "key_over_budget=0",
+            "address_over_budget=5",
+        ] {
+            assert!(lines[1].contains(field), "{field}: {lines:?}");
+        }
+        // The next one opens a new window and is logged at once.
+        registry.log_ignored_every(Ignore::KeyOverBudget, source, window);
+        let lines = captured.lines();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[2].contains("its key was used more than"), "{lines:?}");
+    }
+
+    #[tokio::test]
+    async fn close_waits_for_a_request_being_forwarded_and_reports_an_unsettled_one() {
+        let (registry, registration) = registry_with_one_key();
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        let forward = registry.admit(registration.key, source).unwrap();
+        let sending = forward.gate.lock.read().await;
+        let closing = tokio::spawn(registration.close());
+        for _ in 0..100 {
+            if registry.targets.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            registry.targets.lock().unwrap().is_empty(),
+            "close unregisters at once"
+        );
+        assert!(!closing.is_finished(), "close waits for the request");
+        forward.gate.unsettled.store(true, Ordering::Release);
+        drop(sending);
+        assert!(
+            !closing.await.unwrap(),
+            "a request sent but not seen taken keeps the backend from being handed on"
+        );
+    }
 }

@@ -124,10 +124,13 @@ pub async fn serve(
         let mut stream = upstream.stream;
         let finish = relay::run(client, &mut stream, plan, &mut shutdown, &traffic).await;
         // The client's cancel key must not reach the next client's queries,
-        // nor a backend being retired.
-        drop(cancel);
+        // nor a backend being retired: unregistered, and any cancel already
+        // on its way taken by the server, before the backend is handed on.
+        let settled = cancel.close().await;
         match (lease, &services.pool) {
-            (Some(lease), Some(pool)) if finish.clean => pool.give_back(stream, lease).await,
+            (Some(lease), Some(pool)) if finish.clean && settled => {
+                pool.give_back(stream, lease).await
+            }
             _ => {
                 let config = &services.config.upstream;
                 let target = (config.host.as_str(), config.port, upstream.key);
@@ -353,6 +356,7 @@ async fn open_session(
     let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 32);
     greeting.put_slice(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
     greeting.put_slice(&upstream.greeting);
+    // BackendKeyData: the backend's real pid, with the proxy's own secret.
     greeting.put_u8(b'K');
     greeting.put_u32(12);
     greeting.put_i32(cancel.key.pid);

@@ -11,6 +11,10 @@
 //! drivers' "require", encrypted without checking the certificate, and where
 //! the driver can tell, each connection is checked to be encrypted.
 //!
+//! Scenarios from psycopg's own test suite (`clients/python/scenarios.py`:
+//! notifications and `conn.info.backend_pid`, cancelling, concurrent close,
+//! broken connections) run against the proxy in both pool modes.
+//!
 //! The last two tests check docs/clients.md: its code blocks are, verbatim,
 //! the marked lines (`docs:begin NAME` … `docs:end`) of these programs, and
 //! the files, tests and versions it names are the real ones.
@@ -86,12 +90,19 @@ fn ensure_drivers_installed() {
 }
 
 async fn setup(transport: Transport) -> Setup {
+    setup_with(transport, "").await
+}
+
+/// [`setup`], with `pool_toml` (a `[pool]` section, or nothing) added to the
+/// proxy's configuration.
+async fn setup_with(transport: Transport, pool_toml: &str) -> Setup {
     ensure_drivers_installed();
     let (h, pki) = match transport {
-        Transport::Plaintext => (Harness::start().await, None),
+        Transport::Plaintext => (Harness::start_with(pool_toml).await, None),
         Transport::Tls => {
             let pki = TestPki::generate_named("rlsgate client checks CA", &[]);
-            (Harness::start_with(&pki.listen_toml()).await, Some(pki))
+            let toml = format!("{}\n{pool_toml}", pki.listen_toml());
+            (Harness::start_with(&toml).await, Some(pki))
         }
     };
     let expired = h.token_with(
@@ -320,6 +331,45 @@ async fn psycopg_over_tls_works_through_rlsgate() {
 }
 
 async fn check_psycopg(transport: Transport) {
+    let python = psycopg_python();
+    let s = setup(transport).await;
+    s.run(
+        "clients/python/check_psycopg.py",
+        &python,
+        &["check_psycopg.py"],
+        &clients_dir("python"),
+    )
+    .await;
+    s.assert_rows_sound().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopgs_notify_cancel_concurrent_close_and_broken_scenarios_pass_without_pooling() {
+    check_psycopg_scenarios("none").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopgs_notify_cancel_concurrent_close_and_broken_scenarios_pass_with_session_pooling() {
+    check_psycopg_scenarios("session").await;
+}
+
+/// clients/python/scenarios.py against a proxy with `[pool] mode`.
+async fn check_psycopg_scenarios(mode: &str) {
+    let python = psycopg_python();
+    let pool = format!("[pool]\nmode = \"{mode}\"\n");
+    let s = setup_with(Transport::Plaintext, &pool).await;
+    s.run(
+        "clients/python/scenarios.py",
+        &python,
+        &["scenarios.py", mode],
+        &clients_dir("python"),
+    )
+    .await;
+}
+
+/// The virtual environment's python, with psycopg and psycopg_pool.
+fn psycopg_python() -> PathBuf {
+    ensure_drivers_installed();
     let python = clients_dir("python/.venv/bin/python");
     assert!(
         python.exists(),
@@ -336,15 +386,7 @@ async fn check_psycopg(transport: Transport) {
         python.display(),
         String::from_utf8_lossy(&imports.stderr)
     );
-    let s = setup(transport).await;
-    s.run(
-        "clients/python/check_psycopg.py",
-        &python,
-        &["check_psycopg.py"],
-        &clients_dir("python"),
-    )
-    .await;
-    s.assert_rows_sound().await;
+    python
 }
 
 /// node, with the lock file's modules installed.

@@ -1,0 +1,262 @@
+"""Scenarios of psycopg 3's own test suite, through rlsgate.
+
+Modelled on psycopg's test_notify, test_broken, test_concurrent_close and
+its cancel tests, which need the backend pid a client is told
+(conn.info.backend_pid) to be the server's, and cancel requests to work:
+
+- notifications carry the sender's backend pid, so a client recognises its
+  own (n.pid == conn.info.backend_pid);
+- conn.cancel() and conn.cancel_safe() from another thread cancel a running
+  query, and abandoning a cursor's stream() mid-way makes psycopg cancel the
+  rest; the connection is reused afterwards;
+- closing a connection from another thread while a query runs ends the query
+  and its backend;
+- pg_terminate_backend(conn.info.backend_pid), from the connection itself or
+  another one, leaves the connection broken (conn.broken), and a new one works.
+
+The connection details come from the environment (tests/clients.rs sets
+them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN. The
+first argument names the proxy's pool mode, for the output. Exits 0 only if
+every check passed; prints each check.
+"""
+
+import os
+import sys
+import threading
+import time
+import traceback
+
+import psycopg
+from psycopg import errors
+
+host = os.environ["RLSGATE_HOST"]
+port = os.environ["RLSGATE_PORT"]
+db = os.environ["RLSGATE_DB"]
+ALICE = os.environ["ALICE_TOKEN"]
+BOB = os.environ["BOB_TOKEN"]
+MODE = sys.argv[1] if len(sys.argv) > 1 else "unnamed"
+
+# How long any one wait may take before it is a failure, in seconds.
+WAIT = 10
+
+failures = []
+
+
+def check(name, ok, detail=""):
+    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + str(detail) if detail else ''}")
+    if not ok:
+        failures.append(name)
+
+
+def step(fn):
+    """Runs one scenario; an unexpected exception fails it."""
+    try:
+        fn()
+    except Exception:
+        check(fn.__name__, False, traceback.format_exc())
+    return fn
+
+
+def connect(token):
+    return psycopg.connect(
+        host=host,
+        port=port,
+        dbname=db,
+        user="authenticated",
+        password=token,
+        connect_timeout=WAIT,
+        autocommit=True,
+    )
+
+
+def wait_for_backend(monitor, pid, condition):
+    """Whether `condition` (SQL on pg_stat_activity, with the pid as its
+    parameter) comes true within WAIT, as seen through `monitor`."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if monitor.execute(condition, [pid]).fetchone()[0]:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def until_running(monitor, pid):
+    return wait_for_backend(
+        monitor, pid, "select exists (select from pg_stat_activity where pid = %s and state = 'active')"
+    )
+
+
+def until_gone(monitor, pid):
+    return wait_for_backend(
+        monitor, pid, "select not exists (select from pg_stat_activity where pid = %s)"
+    )
+
+
+def in_thread(fn):
+    """Runs `fn` in a daemon thread; returns the thread and a dict that gets
+    what it returned ("result") or raised ("error")."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = fn()
+        except Exception as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@step
+def backend_pid_is_the_servers():
+    with connect(ALICE) as conn:
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        check("conn.info.backend_pid is pg_backend_pid()", conn.info.backend_pid == pid, (conn.info.backend_pid, pid))
+
+
+@step
+def notifications_name_their_sender():
+    with connect(ALICE) as conn, connect(BOB) as other:
+        conn.execute("listen scenarios")
+        other.execute("notify scenarios, 'from bob'")
+        got = list(conn.notifies(timeout=WAIT, stop_after=1))
+        check(
+            "a notification carries its sender's conn.info.backend_pid",
+            [(n.pid, n.payload) for n in got] == [(other.info.backend_pid, "from bob")],
+            got,
+        )
+        conn.execute("notify scenarios, 'own'")
+        got = list(conn.notifies(timeout=WAIT, stop_after=1))
+        own = [n.payload for n in got if n.pid == conn.info.backend_pid]
+        check("a connection recognises its own notification by n.pid == conn.info.backend_pid", own == ["own"], got)
+
+
+def how_it_ended(outcome):
+    """What became of a query run with `in_thread`, for a check's detail."""
+    if "error" in outcome:
+        return repr(outcome["error"])
+    return "it completed" if "result" in outcome else "it is still running"
+
+
+def cancelled_while_running(cancel):
+    """Runs pg_sleep(15) on a connection, calls `cancel(conn)` from this
+    thread once it runs, and checks it ends with QueryCanceled and that the
+    connection is usable afterwards."""
+    with connect(ALICE) as conn, connect(BOB) as monitor:
+        thread, outcome = in_thread(lambda: conn.execute("select pg_sleep(15)"))
+        check(f"{cancel.__name__}: the query is running", until_running(monitor, conn.info.backend_pid))
+        cancel(conn)
+        thread.join(20)
+        check(
+            f"{cancel.__name__}: the query ends with QueryCanceled (57014)",
+            isinstance(outcome.get("error"), errors.QueryCanceled),
+            how_it_ended(outcome),
+        )
+        user = conn.execute("select auth.user_id()").fetchone()[0]
+        check(f"{cancel.__name__}: the connection is used again afterwards", user == "alice", user)
+
+
+@step
+def cancel_from_another_thread():
+    def cancel(conn):
+        conn.cancel()
+
+    def cancel_safe(conn):
+        conn.cancel_safe(timeout=WAIT)
+
+    cancelled_while_running(cancel)
+    cancelled_while_running(cancel_safe)
+
+
+@step
+def abandoning_a_stream_cancels_the_rest():
+    # The streamed query sends three rows, then waits for a lock `holder`
+    # has: only a cancel ends that wait. If none comes within WAIT, the
+    # watchdog lets the query finish, and the check below fails.
+    with connect(ALICE) as conn, connect(BOB) as holder:
+        holder.execute("select pg_advisory_lock(4242)")
+        abandoned = threading.Event()
+        released = threading.Event()
+
+        def watchdog():
+            if not abandoned.wait(WAIT):
+                released.set()
+                holder.execute("select pg_advisory_unlock(4242)")
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        with conn.cursor() as cur:
+            # Rows over 8 kB leave the server one by one.
+            rows = cur.stream(
+                "select x, repeat('x', 10000), "
+                "case when x > 3 then pg_advisory_xact_lock(4242)::text end "
+                "from generate_series(1, 6) x"
+            )
+            first = next(rows)[0]
+            rows.close()
+        abandoned.set()
+        check("stream(): the first row arrives", first == 1, first)
+        check("stream(): abandoning it makes psycopg cancel the query", not released.is_set())
+        user = conn.execute("select auth.user_id()").fetchone()[0]
+        check("stream(): the connection is used again afterwards", user == "alice", user)
+        if not released.is_set():
+            holder.execute("select pg_advisory_unlock(4242)")
+
+
+@step
+def close_from_another_thread_while_a_query_runs():
+    with connect(BOB) as monitor:
+        conn = connect(ALICE)
+        pid = conn.info.backend_pid
+        thread, outcome = in_thread(lambda: conn.execute("select pg_sleep(15)"))
+        check("concurrent close: the query is running", until_running(monitor, pid))
+        conn.close()
+        thread.join(WAIT)
+        check("concurrent close: the query's thread returns", not thread.is_alive())
+        check(
+            "concurrent close: the query fails with OperationalError",
+            isinstance(outcome.get("error"), psycopg.OperationalError),
+            how_it_ended(outcome),
+        )
+        check("concurrent close: the connection is closed", conn.closed)
+        check("concurrent close: its backend ends too", until_gone(monitor, pid), pid)
+    with connect(ALICE) as conn:
+        user = conn.execute("select auth.user_id()").fetchone()[0]
+        check("concurrent close: a new connection works", user == "alice", user)
+
+
+@step
+def a_terminated_backend_breaks_the_connection():
+    conn = connect(ALICE)
+    try:
+        conn.execute("select pg_terminate_backend(%s)", [conn.info.backend_pid])
+        check("broken: terminating its own backend raises", False, "it returned")
+    except psycopg.OperationalError as e:
+        check("broken: terminating its own backend raises OperationalError", True, type(e).__name__)
+    check("broken: the connection is closed and broken", conn.closed and conn.broken, (conn.closed, conn.broken))
+    conn.close()
+    check("broken: closing it leaves it broken", conn.broken)
+
+    with connect(BOB) as other:
+        conn = connect(ALICE)
+        pid = conn.info.backend_pid
+        ended = other.execute("select pg_terminate_backend(%s)", [pid]).fetchone()[0]
+        check("broken: pg_terminate_backend(conn.info.backend_pid) from another connection finds it", ended is True)
+        check("broken: the backend ends", until_gone(other, pid), pid)
+        try:
+            conn.execute("select 1")
+            check("broken: a query on the terminated connection fails", False, "it ran")
+        except psycopg.OperationalError as e:
+            check("broken: a query on the terminated connection fails with OperationalError", True, type(e).__name__)
+        check("broken: the connection is broken", conn.broken)
+        conn.close()
+    with connect(ALICE) as conn:
+        user = conn.execute("select auth.user_id()").fetchone()[0]
+        check("broken: a new connection works", user == "alice", user)
+
+
+print(f"psycopg {psycopg.__version__}, libpq {psycopg.pq.version()}, pool mode {MODE}")
+if failures:
+    print(f"{len(failures)} check(s) failed: {', '.join(failures)}")
+    sys.exit(1)
+print("all psycopg scenarios passed")
