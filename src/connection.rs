@@ -61,9 +61,9 @@ struct Session {
     /// The upstream connection is pooled and goes back when the session ends.
     lease: Option<Lease>,
     /// Held while the session lives: its cancel key and its slots.
-    _cancel: Registration,
-    _session_slot: OwnedSemaphorePermit,
-    _role_slot: Option<OwnedSemaphorePermit>,
+    cancel: Registration,
+    session_slot: OwnedSemaphorePermit,
+    role_slot: Option<OwnedSemaphorePermit>,
 }
 
 enum Failure {
@@ -117,12 +117,13 @@ pub async fn serve(
             upstream,
             plan,
             lease,
-            _cancel: cancel,
-            _session_slot: session_slot,
-            _role_slot: role_slot,
+            cancel,
+            session_slot,
+            role_slot,
         } = session;
         let mut stream = upstream.stream;
         let finish = relay::run(client, &mut stream, plan, &mut shutdown, &traffic).await;
+        let duration = started.elapsed();
         // The client's cancel key must not reach the next client's queries,
         // nor a backend being retired: unregistered, and any cancel already
         // on its way taken by the server, before the backend is handed on.
@@ -140,7 +141,6 @@ pub async fn serve(
         // The session's slots are free only now that its backend has ended.
         drop((session_slot, role_slot));
         let ending = finish.ending;
-        let duration = started.elapsed();
         let (client_to_server, server_to_client) = traffic.bytes();
         services.metrics.session_ended(&role, &ending, duration);
         tracing::info!(
@@ -158,9 +158,10 @@ pub async fn serve(
 }
 
 /// The front door, the token check and the upstream login, under the
-/// startup limits: `_startup` is held until this returns. A session slot
-/// (`[listen] max_connections`) is taken once the startup packet has
-/// arrived, so that clients that connect and say nothing hold none.
+/// startup limits: `_startup` is held until this returns. Session slots
+/// (`[listen] max_connections`, the role's own) are taken once the token is
+/// checked (see [`session_slots`]), so that clients that say nothing, or
+/// dawdle over their password, hold none.
 async fn establish(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -389,9 +390,9 @@ async fn open_session(
         upstream,
         plan,
         lease,
-        _cancel: cancel,
-        _session_slot: session_slot,
-        _role_slot: role_slot,
+        cancel,
+        session_slot,
+        role_slot,
     })
 }
 

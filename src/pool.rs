@@ -404,7 +404,10 @@ async fn bind(
     if upstream::encode_set_config(&mut out, "", all).is_err() {
         return Err(SetFailure::Refused("a setting has a NUL byte".to_owned()));
     }
-    let sent = async { stream.write_all(&out).await.and(stream.flush().await) };
+    let sent = async {
+        stream.write_all(&out).await?;
+        stream.flush().await
+    };
     sent.await.map_err(|e| SetFailure::Dead(e.to_string()))?;
     let mut reader = FrameReader::default();
     upstream::read_set_config_answer(stream, &mut reader, |body| {

@@ -562,7 +562,10 @@ pub async fn bind_claims(
     encode_set_config(&mut out, "", [(claims::SETTING, sealed.as_str())])
         .map_err(|e| failed(e.to_string()))?;
     let stream = &mut session.stream;
-    let written = async { stream.write_all(&out).await.and(stream.flush().await) };
+    let written = async {
+        stream.write_all(&out).await?;
+        stream.flush().await
+    };
     written.await.map_err(|e| failed(e.to_string()))?;
     let mut reader = FrameReader::default();
     read_set_config_answer(&mut session.stream, &mut reader, |_| {})
