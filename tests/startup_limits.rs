@@ -11,15 +11,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use support::wire::{self, APP_STARTUP, ErrorResponse};
 use support::{Harness, WAIT};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
@@ -321,68 +319,6 @@ async fn a_client_that_does_not_authenticate_is_closed_at_the_auth_timeout() {
     assert_eq!(support::user_id_of(&alice).await.as_deref(), Some("alice"));
 }
 
-/// `rlsgate serve` with `config`, its JSON log lines collected.
-struct Served {
-    _child: tokio::process::Child,
-    lines: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Served {
-    fn start(config: &std::path::Path) -> Served {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rlsgate"))
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start rlsgate serve");
-        let lines: Arc<Mutex<Vec<Value>>> = Arc::default();
-        let collected = Arc::clone(&lines);
-        let stderr = child.stderr.take().unwrap();
-        tokio::spawn(async move {
-            let mut stderr = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = stderr.next_line().await {
-                let entry = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("a non-JSON log line ({e}): {line}"));
-                collected.lock().unwrap().push(entry);
-            }
-        });
-        Served {
-            _child: child,
-            lines,
-        }
-    }
-
-    fn logged(&self, message: &str) -> Vec<Value> {
-        let lines = self.lines.lock().unwrap();
-        lines
-            .iter()
-            .filter(|entry| entry["fields"]["message"] == message)
-            .cloned()
-            .collect()
-    }
-
-    /// Where it listens, and its admin listener, once it says so.
-    async fn addresses(&self) -> (SocketAddr, String) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(line) = self.logged("rlsgate listening").first() {
-                let fields = &line["fields"];
-                let address = fields["address"].as_str().unwrap().parse().unwrap();
-                return (address, fields["admin"].as_str().unwrap().to_owned());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rlsgate did not listen within {WAIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_over_the_limit_is_logged_once_not_per_connection() {
     enough_file_descriptors(FLOOD);
@@ -402,8 +338,16 @@ async fn a_flood_over_the_limit_is_logged_once_not_per_connection() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("rlsgate.toml");
     std::fs::write(&config, toml).unwrap();
-    let served = Served::start(&config);
-    let (address, admin) = served.addresses().await;
+    let served = support::process::Served::start(&config).await;
+    let (address, admin) = (served.address, served.admin.expect("admin_address is set"));
+    // Log entries whose message is exactly `message`.
+    let logged = |message: &str| -> Vec<Value> {
+        served
+            .logs()
+            .into_iter()
+            .filter(|entry| entry["fields"]["message"] == message)
+            .collect()
+    };
     let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
         let url = format!("http://{admin}/metrics");
         async move {
@@ -444,7 +388,7 @@ async fn a_flood_over_the_limit_is_logged_once_not_per_connection() {
     let answer = tokio::time::timeout(WAIT, read_to_close(garbage)).await;
     assert_eq!(the_error(&answer.unwrap().unwrap()).code, "08P01");
     let deadline = Instant::now() + WAIT;
-    while served.logged("refused").is_empty() {
+    while logged("refused").is_empty() {
         assert!(
             Instant::now() < deadline,
             "the refusal was not logged in {WAIT:?}"
@@ -452,14 +396,14 @@ async fn a_flood_over_the_limit_is_logged_once_not_per_connection() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let refused = served.logged("refused");
+    let refused = logged("refused");
     assert_eq!(
         refused.len(),
         1,
         "one refusal line, for the garbage: {refused:?}"
     );
     assert_eq!(refused[0]["fields"]["reason"], "malformed", "{refused:?}");
-    let lines = served.logged("refused a connection at a startup limit (logged at most every 10s)");
+    let lines = logged("refused a connection at a startup limit (logged at most every 10s)");
     assert_eq!(lines.len(), 1, "one line for the whole flood: {lines:?}");
     let fields = &lines[0]["fields"];
     assert_eq!(fields["client"], FLOODER, "{fields}");
