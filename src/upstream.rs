@@ -361,19 +361,13 @@ async fn inspect(
         .as_ref()
         .and_then(inspected)
         .ok_or_else(|| Refusal::database_unavailable("the backend did not say when it started"))?;
-    let undeclared: Vec<&String> = settings
-        .iter()
-        .filter(|s| !role.upstream_settings.contains(s))
-        .collect();
     if login.refuse_undeclared_settings {
         let watch = tls.tampering();
-        if !undeclared.is_empty() {
-            let refusal = undeclared_settings(user, &undeclared);
+        if let Some(names) = undeclared_names(&settings, &role.upstream_settings) {
             if let Some(watch) = watch {
-                let names: Vec<&str> = undeclared.iter().map(|s| setting_name(s)).collect();
-                watch.raise(Tampering::UndeclaredSettings, user, &names.join(", "));
+                watch.raise(Tampering::UndeclaredSettings, user, &names);
             }
-            return Err(refusal);
+            return Err(undeclared_settings(user, &names));
         }
         if let Some(watch) = watch {
             watch.clear(Tampering::UndeclaredSettings, user);
@@ -401,22 +395,26 @@ fn inspected(raw: &BytesMut) -> Option<(i64, Vec<String>)> {
     Some((started, settings))
 }
 
-fn undeclared_settings(user: &str, undeclared: &[&String]) -> Refusal {
-    let list = undeclared
+/// The names of the `settings` (as `name=value`) that are not `declared`,
+/// or `None` when all are.
+fn undeclared_names(settings: &[String], declared: &[String]) -> Option<String> {
+    let names: Vec<&str> = settings
         .iter()
-        .map(|s| s.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let names = undeclared
-        .iter()
+        .filter(|s| !declared.contains(s))
         .map(|s| setting_name(s))
-        .collect::<Vec<_>>()
-        .join(", ");
+        .collect();
+    (!names.is_empty()).then(|| names.join(", "))
+}
+
+/// The refusal for a login role with undeclared settings. It names them
+/// but never shows their values, which may be anything (a custom setting
+/// holding a secret, say); `rlsgate check` shows them where that is safe.
+fn undeclared_settings(user: &str, names: &str) -> Refusal {
     Refusal::database_unavailable(format!(
-        "login role {user:?} has settings the configuration does not declare: {list}; \
+        "login role {user:?} has settings the configuration does not declare: {names}; \
          they apply to every session and were probably set from inside one \
-         (ALTER ROLE … SET). Remove them (ALTER ROLE {user} RESET {names}, \
-         also IN DATABASE …) or declare them in its [[role]] upstream_settings"
+         (ALTER ROLE … SET). Remove them (ALTER ROLE {user} RESET …, also IN \
+         DATABASE …) or declare them in its [[role]] upstream_settings"
     ))
     .because(Reason::Upstream)
 }
@@ -964,6 +962,25 @@ mod tests {
             // proxy meant.
             assert_eq!(forwarded_options(&kept).as_deref(), Some(kept.as_str()));
         }
+    }
+
+    #[test]
+    fn undeclared_settings_are_named_without_their_values() {
+        let settings = [
+            "app.api_key=s3cr3t".to_owned(),
+            "statement_timeout=1ms".to_owned(),
+        ];
+        let declared = ["statement_timeout=5min".to_owned()];
+        let names = undeclared_names(&settings, &declared).unwrap();
+        assert_eq!(names, "app.api_key, statement_timeout");
+        let refusal = undeclared_settings("authenticated", &names);
+        let logged = format!("{refusal} {:?}", refusal.detail);
+        assert!(logged.contains(&names), "{logged}");
+        assert!(
+            !logged.contains("s3cr3t") && !logged.contains("1ms"),
+            "{logged}"
+        );
+        assert_eq!(undeclared_names(&settings[1..], &settings[1..]), None);
     }
 
     #[test]
