@@ -307,3 +307,43 @@ async fn an_envelope_expires_inside_a_transaction_begun_before_its_expiry() {
         "refreshed after"
     );
 }
+
+/// A session's slot is given back only once its backend has ended: with
+/// `max_connections = 1`, the next client gets in only after the backend
+/// of a client that left mid-statement is gone, even when that statement
+/// takes its time to end after the cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_is_free_only_once_the_backend_of_its_session_has_ended() {
+    let h = Harness::start_with("[listen]\nmax_connections = 1").await;
+    let admin = h.admin().await;
+    let mut session = h.raw_connect_as("alice").await;
+    // Cancelled, it still runs for two seconds before it reads Terminate.
+    let slow_to_end = "do $$ begin perform pg_sleep(600); \
+        exception when query_canceled then perform pg_sleep(2); end $$";
+    session.send_query(slow_to_end).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while running(&admin, "query_canceled").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the query never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(session);
+    let bob = loop {
+        match h.connect("authenticated", &h.token("bob")).await {
+            Ok(bob) => break bob,
+            Err(e) => {
+                assert_eq!(db_error(&e).0, "53300", "{e}");
+                assert!(tokio::time::Instant::now() < deadline, "no slot came free");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(
+        running(&admin, "query_canceled").await,
+        0,
+        "bob got a slot while alice's backend still ran"
+    );
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
