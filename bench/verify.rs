@@ -8,9 +8,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use rlsgate::auth::token_check::TokenChecker;
 use rlsgate::config::Config;
 use rlsgate::dev::issuer::{DevIssuer, KeyKind};
-use rlsgate::token_check::TokenChecker;
 use serde_json::json;
 
 /// How long each case is timed.
@@ -69,7 +69,7 @@ fn checker(issuer: &DevIssuer, cache_entries: usize) -> TokenChecker {
         1,
     );
     let config = Config::parse(&toml).expect("bench configuration parses");
-    TokenChecker::new(&config, rlsgate::jwks::http_client())
+    TokenChecker::new(&config, rlsgate::auth::jwks::http_client())
 }
 
 /// Checks of `token` per second; the first check (which fetches the keys

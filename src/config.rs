@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
-use crate::claims::SigningKey;
+use crate::auth::claims::SigningKey;
 
 /// Where `serve` looks when `--config` is not given.
 pub const DEFAULT_PATH: &str = "config/rlsgate.toml";
@@ -112,7 +112,7 @@ impl Upstream {
 
     /// Where the proxy connects, for messages: `host:port` or the socket.
     pub fn address(&self) -> String {
-        crate::stream::address(&self.host, self.port)
+        crate::session::stream::address(&self.host, self.port)
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -523,7 +523,7 @@ pub struct Claims {
 mod defaults {
     use std::time::Duration;
     pub fn envelope_lifetime() -> Duration {
-        crate::claims::LIFETIME
+        crate::auth::claims::LIFETIME
     }
     pub fn max_connections() -> usize {
         1000

@@ -1,42 +1,28 @@
 //! rlsgate: a Postgres wire-protocol proxy that takes a JWT as the password and
 //! binds its verified claims to the upstream session for Row-Level Security.
 //!
-//! One connection walks these modules in order: [`listener`] accepts it,
-//! [`connection`] drives it through [`front_door`] (startup and password),
-//! [`token_check`] (JWT against the provider's [`jwks`]), [`upstream`] (the
-//! Postgres session over [`upstream_tls`], with the signed [`claims`] bound
-//! to it, or a warm one from the [`pool`]) and [`relay`].
+//! The folders follow one connection through the proxy:
 //!
-//! Around that path: [`cancel`] requests, [`limit`]s on sessions and on
-//! connections still starting up, the [`admin`] endpoints with their
-//! [`metrics`] and [`tamper`] alarms, configuration [`reload`] on SIGHUP,
-//! and the commands `init-db` ([`init_db`]) and `check` ([`check`]).
+//! - [`session`]: the listener accepts it; the connection walks it through
+//!   the front door (startup and password), the token check, the upstream
+//!   session and the relay; cancel requests, limits and shutdown live here.
+//! - [`protocol`]: the wire format — what the proxy writes itself and how a
+//!   refusal reaches the client.
+//! - [`auth`]: is the password a JWT a configured provider signed (its JWKS,
+//!   a cache of verified tokens), and the signed envelope of its claims.
+//! - [`upstream`]: the Postgres side — log in, bind the claims, TLS, the pool.
+//! - [`ops`]: for operators — admin endpoints, metrics, tampering alarms,
+//!   configuration reload, `rlsgate check`.
+//! - [`commands`]: the command line and the commands that are not the proxy
+//!   (`init-db`, `demo`, `keygen`, `token`, `issuer`).
+//! - [`dev`]: a throwaway PostgreSQL, signing keys and a token issuer, for
+//!   `demo` and the tests.
 
-pub mod admin;
-pub mod cancel;
-pub mod check;
-pub mod claims;
-pub mod cli;
+pub mod auth;
+pub mod commands;
 pub mod config;
-pub mod connection;
-pub mod demo;
 pub mod dev;
-pub mod error;
-pub mod front_door;
-pub mod init_db;
-pub mod jwks;
-pub mod limit;
-pub mod listener;
-pub mod metrics;
-pub mod net;
-pub mod pool;
-pub mod relay;
-pub mod reload;
-pub mod shutdown;
-pub mod stream;
-pub mod tamper;
-pub mod tls;
-pub mod token_cache;
-pub mod token_check;
+pub mod ops;
+pub mod protocol;
+pub mod session;
 pub mod upstream;
-pub mod upstream_tls;

@@ -1,3 +1,3 @@
 fn main() -> anyhow::Result<()> {
-    rlsgate::cli::main()
+    rlsgate::commands::cli::main()
 }

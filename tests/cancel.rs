@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use rlsgate::cancel::GUESS_BUDGET;
+use rlsgate::session::cancel::GUESS_BUDGET;
 use support::wire::{self, RawSession};
 use support::{Harness, WAIT, db_error, http_get, metric, user_id_of};
 use tokio::io::AsyncReadExt;

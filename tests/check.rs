@@ -154,7 +154,7 @@ async fn check_fails_with_a_wrong_signing_key() {
     let h = good_setup().await;
     let checked = check(&config_text(&h, OTHER_SIGNING_KEY, ""), "app").await;
     assert!(!checked.success, "{checked}");
-    let key_id = rlsgate::claims::SigningKey::from_base64(OTHER_SIGNING_KEY)
+    let key_id = rlsgate::auth::claims::SigningKey::from_base64(OTHER_SIGNING_KEY)
         .unwrap()
         .id()
         .to_owned();

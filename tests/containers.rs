@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
-use rlsgate::cli::Cli;
+use rlsgate::commands::cli::Cli;
 use rlsgate::config::Config;
 use serde_norway::Value;
 
@@ -964,7 +964,7 @@ fn init_db_registers_the_key_the_proxy_signs_with_in_the_proxy_database() {
     let (_, config) = compose.proxy_config();
 
     let key = match installing.value("--signing-key") {
-        Some(text) => rlsgate::claims::SigningKey::from_base64(&text).unwrap(),
+        Some(text) => rlsgate::auth::claims::SigningKey::from_base64(&text).unwrap(),
         None => {
             let path = installing.required("--config");
             let service = compose.service(&init_db);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rlsgate::config::Config;
-use rlsgate::listener::RunningProxy;
+use rlsgate::session::listener::RunningProxy;
 use serde_json::{Value, json};
 use support::{Harness, WAIT, client_config, connect, jwt_header, unix_now, user_id_of};
 

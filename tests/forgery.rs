@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use rlsgate::claims::{Backend, Identity, SigningKey};
+use rlsgate::auth::claims::{Backend, Identity, SigningKey};
 use serde_json::Value;
 use support::wire::{APP_STARTUP, ErrorResponse, RawSession};
 use support::{Harness, connect, db_error, psql_command, simple_rows, user_id_of};
@@ -103,7 +103,7 @@ fn forgeries(alice_envelope: &str) -> Vec<(&'static str, String)> {
     let (_, bob_payload_only, _) = parts(&bob_payload);
     // A correct HMAC, but under a key the database does not know, relabelled
     // with the real key id.
-    let other_key = rlsgate::claims::SigningKey::from_bytes(vec![42; 32]).unwrap();
+    let other_key = rlsgate::auth::claims::SigningKey::from_bytes(vec![42; 32]).unwrap();
     let mut claims = serde_json::Map::new();
     claims.insert("sub".into(), "bob".into());
     let wrong_key_seal = other_key.seal(

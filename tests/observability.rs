@@ -422,7 +422,7 @@ async fn logs_and_metrics_of_the_real_binary_never_show_tokens_signatures_keys_o
     assert_eq!(fields["iss"], json!(issuer.issuer()), "{fields}");
     assert_eq!(
         fields["token"],
-        json!(rlsgate::token_check::fingerprint(&good)),
+        json!(rlsgate::auth::token_check::fingerprint(&good)),
         "{fields}"
     );
     assert!(

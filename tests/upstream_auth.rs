@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rlsgate::config::Config;
 use rlsgate::dev::postgres::TempPostgres;
-use rlsgate::listener::RunningProxy;
+use rlsgate::session::listener::RunningProxy;
 use serde_json::{Value, json};
 use support::pki::TestPki;
 use support::process::Served;
@@ -296,7 +296,7 @@ async fn check_and_init_db_log_in_with_client_certificates() {
         .await
         .unwrap();
     let (cert, key) = ca.client_certificate("installer");
-    let keys = [rlsgate::claims::SigningKey::from_base64(SIGNING_KEY)
+    let keys = [rlsgate::auth::claims::SigningKey::from_base64(SIGNING_KEY)
         .unwrap()
         .bytes()
         .to_vec()];
@@ -305,7 +305,7 @@ async fn check_and_init_db_log_in_with_client_certificates() {
         h.pg.port(),
         ca.ca_pem.display()
     );
-    let without = rlsgate::init_db::run(&url, None, &keys)
+    let without = rlsgate::commands::init_db::run(&url, None, &keys)
         .await
         .expect_err("without a certificate Postgres refuses the login");
     let without = format!("{without:#}");
@@ -314,7 +314,7 @@ async fn check_and_init_db_log_in_with_client_certificates() {
         "{without}"
     );
     let with = format!("{url}&sslcert={}&sslkey={}", cert.display(), key.display());
-    let report = rlsgate::init_db::run(&with, None, &keys)
+    let report = rlsgate::commands::init_db::run(&with, None, &keys)
         .await
         .expect("init-db logs in with the certificate");
     assert_eq!(report.version_before, None);
@@ -451,19 +451,20 @@ async fn check_and_init_db_work_over_the_unix_socket() {
         assert!(report.contains(&line), "no line {line:?}:\n{report}");
     }
 
-    let keys = [rlsgate::claims::SigningKey::from_base64(SIGNING_KEY)
+    let keys = [rlsgate::auth::claims::SigningKey::from_base64(SIGNING_KEY)
         .unwrap()
         .bytes()
         .to_vec()];
     let conninfo = format!("host={dir} port={} user=postgres dbname=app", h.pg.port());
-    let report = rlsgate::init_db::run(&conninfo, None, &keys)
+    let report = rlsgate::commands::init_db::run(&conninfo, None, &keys)
         .await
         .expect("init-db over the socket, by peer");
     assert_eq!(report.version_before, Some(report.version_after));
     // A socket has no TLS to require.
-    let error = rlsgate::init_db::run(&format!("{conninfo} sslmode=require"), None, &keys)
-        .await
-        .expect_err("sslmode=require cannot be met over a socket");
+    let error =
+        rlsgate::commands::init_db::run(&format!("{conninfo} sslmode=require"), None, &keys)
+            .await
+            .expect_err("sslmode=require cannot be met over a socket");
     assert!(format!("{error:#}").contains("Unix socket"), "{error:#}");
 }
 

@@ -173,7 +173,7 @@ async fn init_db_installs_over_verify_full_tls() {
     let pg = ca.postgres().await;
     let admin = pg.connect("postgres").await.unwrap();
     admin.batch_execute("create database app").await.unwrap();
-    let key = rlsgate::claims::SigningKey::from_base64(SIGNING_KEY).unwrap();
+    let key = rlsgate::auth::claims::SigningKey::from_base64(SIGNING_KEY).unwrap();
     let keys = [key.bytes().to_vec()];
 
     let url = format!(
@@ -181,7 +181,7 @@ async fn init_db_installs_over_verify_full_tls() {
         pg.url("app"),
         ca.ca_pem.display()
     );
-    let report = rlsgate::init_db::run(&url, None, &keys)
+    let report = rlsgate::commands::init_db::run(&url, None, &keys)
         .await
         .expect("init-db over TLS");
     assert_eq!(report.version_before, None);
@@ -195,7 +195,7 @@ async fn init_db_installs_over_verify_full_tls() {
         toml_path(&ca.ca_pem)
     ))
     .unwrap();
-    let report = rlsgate::init_db::run(&pg.url("app"), Some(&config.upstream), &keys)
+    let report = rlsgate::commands::init_db::run(&pg.url("app"), Some(&config.upstream), &keys)
         .await
         .expect("init-db with the configuration's TLS settings");
     assert_eq!(report.version_before, Some(report.version_after));
@@ -207,7 +207,7 @@ async fn init_db_installs_over_verify_full_tls() {
         pg.url("app"),
         other.ca_pem.display()
     );
-    let error = rlsgate::init_db::run(&url, None, &keys)
+    let error = rlsgate::commands::init_db::run(&url, None, &keys)
         .await
         .expect_err("an untrusted certificate must be refused");
     let error = format!("{error:#}");
@@ -219,9 +219,9 @@ async fn init_db_installs_over_verify_full_tls() {
 #[tokio::test]
 async fn init_db_refuses_plaintext_when_tls_is_required() {
     let pg = TempPostgres::start().await.unwrap();
-    let key = rlsgate::claims::SigningKey::from_base64(SIGNING_KEY).unwrap();
+    let key = rlsgate::auth::claims::SigningKey::from_base64(SIGNING_KEY).unwrap();
     let url = format!("{}?sslmode=require", pg.url("postgres"));
-    let error = rlsgate::init_db::run(&url, None, &[key.bytes().to_vec()])
+    let error = rlsgate::commands::init_db::run(&url, None, &[key.bytes().to_vec()])
         .await
         .expect_err("a server without TLS must be refused with sslmode=require");
     let error = format!("{error:#}");

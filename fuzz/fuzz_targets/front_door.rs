@@ -7,8 +7,8 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use rlsgate::error::Refusal;
-use rlsgate::front_door::{
+use rlsgate::protocol::refusal::Refusal;
+use rlsgate::session::front_door::{
     Request, parse_password, parse_request, password_body_length, startup_packet_body_length,
 };
 use rlsgate::upstream::forwarded_parameters;

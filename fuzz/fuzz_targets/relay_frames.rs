@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rlsgate::relay::Frames;
+use rlsgate::session::relay::Frames;
 
 /// Where the messages of `stream` end: `Some(true)` when the stream ends at
 /// a message boundary, `Some(false)` inside a message, `None` when a length

@@ -24,7 +24,7 @@ use tempfile::TempDir;
 use tokio_postgres::NoTls;
 
 use crate::config::UpstreamTlsMode;
-use crate::upstream_tls::UpstreamTls;
+use crate::upstream::tls::UpstreamTls;
 
 const HOST: &str = "127.0.0.1";
 const SUPERUSER: &str = "postgres";

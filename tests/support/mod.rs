@@ -16,7 +16,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rlsgate::config::Config;
 use rlsgate::dev::issuer::{DevIssuer, KeyKind};
 use rlsgate::dev::postgres::TempPostgres;
-use rlsgate::listener::RunningProxy;
+use rlsgate::session::listener::RunningProxy;
 use serde_json::{Value, json};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -467,8 +467,8 @@ impl Harness {
         let admin = pg.connect("postgres").await.expect("connect as superuser");
         admin.batch_execute("create database app").await.unwrap();
         let app = pg.connect("app").await.unwrap();
-        let key = rlsgate::claims::SigningKey::from_base64(SIGNING_KEY).unwrap();
-        rlsgate::init_db::install(&app, &[key.bytes().to_vec()])
+        let key = rlsgate::auth::claims::SigningKey::from_base64(SIGNING_KEY).unwrap();
+        rlsgate::commands::init_db::install(&app, &[key.bytes().to_vec()])
             .await
             .expect("install schema auth");
         app.batch_execute(rlsgate::dev::SAMPLE_SCHEMA)

@@ -13,12 +13,16 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::claims::{self, Envelope};
-use crate::error::{Refusal, sqlstate};
-use crate::shutdown::Shutdown;
-use crate::stream::{ClientStream, UpstreamStream};
-use crate::token_check::{format_time, now_unix};
+use crate::auth::claims::{self, Envelope};
+use crate::auth::token_check::{format_time, now_unix};
+use crate::protocol::refusal::{Refusal, sqlstate};
+use crate::session::shutdown::Shutdown;
+use crate::session::stream::{ClientStream, UpstreamStream};
 use crate::upstream::encode_set_config;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::relay=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::relay";
 
 const BUFFER: usize = 16 * 1024;
 /// A client's Terminate message.
@@ -503,7 +507,9 @@ impl Filter {
 
     fn dropped(&mut self, kind: u8, shared: &Shared) {
         match kind {
-            b'E' => tracing::warn!("the session's envelope could not be refreshed"),
+            b'E' => {
+                tracing::warn!(target: LOG_TARGET, "the session's envelope could not be refreshed")
+            }
             b'Z' => {
                 self.readies += 1;
                 shared.swallow.fetch_sub(1, Ordering::Relaxed);
@@ -665,14 +671,14 @@ mod tests {
     }
 
     fn envelope() -> Envelope {
-        let key = crate::claims::SigningKey::from_bytes(vec![7; 32]).unwrap();
-        let identity = crate::claims::Identity {
+        let key = crate::auth::claims::SigningKey::from_bytes(vec![7; 32]).unwrap();
+        let identity = crate::auth::claims::Identity {
             upstream_user: "authenticated".into(),
             claims: None,
-            valid_until: crate::claims::NO_EXPIRY,
-            lifetime: crate::claims::LIFETIME,
+            valid_until: crate::auth::claims::NO_EXPIRY,
+            lifetime: crate::auth::claims::LIFETIME,
         };
-        let backend = crate::claims::Backend { pid: 1, started: 1 };
+        let backend = crate::auth::claims::Backend { pid: 1, started: 1 };
         // Fresh for the length of any test: never renewed.
         Envelope::new(key, identity, backend, now_unix() + 3600)
     }
@@ -763,14 +769,14 @@ mod tests {
         // A minute left of an envelope that may be renewed: due.
         let now = now_unix();
         let mut due = Envelope::new(
-            crate::claims::SigningKey::from_bytes(vec![7; 32]).unwrap(),
-            crate::claims::Identity {
+            crate::auth::claims::SigningKey::from_bytes(vec![7; 32]).unwrap(),
+            crate::auth::claims::Identity {
                 upstream_user: "authenticated".into(),
                 claims: None,
-                valid_until: crate::claims::NO_EXPIRY,
-                lifetime: crate::claims::LIFETIME,
+                valid_until: crate::auth::claims::NO_EXPIRY,
+                lifetime: crate::auth::claims::LIFETIME,
             },
-            crate::claims::Backend { pid: 1, started: 1 },
+            crate::auth::claims::Backend { pid: 1, started: 1 },
             now + 60,
         );
         let traffic = Traffic::new(metrics::Counter::noop(), metrics::Counter::noop());

@@ -13,20 +13,24 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::cancel::{CancelRegistry, Registration};
-use crate::claims::{Envelope, Identity, NO_EXPIRY};
+use crate::auth::claims::{Envelope, Identity, NO_EXPIRY};
+use crate::auth::token_check::{TokenChecker, VerifiedToken, fingerprint, now_unix};
 use crate::config::{Config, Role, TokenPolicy};
-use crate::error::{Reason, Refusal, sqlstate};
-use crate::front_door::{self, Arrival, FrontDoorError, PasswordError};
-use crate::limit::{Limit, StartupSlot};
-use crate::metrics::{self, Metrics};
-use crate::pool::{Attached, Lease, Pool};
-use crate::relay::{self, Expiry, Traffic};
-use crate::shutdown::Shutdown;
-use crate::stream::ClientStream;
-use crate::token_check::{TokenChecker, VerifiedToken, fingerprint, now_unix};
+use crate::ops::metrics::{self, Metrics};
+use crate::protocol::refusal::{Reason, Refusal, sqlstate};
+use crate::session::cancel::{CancelRegistry, Registration};
+use crate::session::front_door::{self, Arrival, FrontDoorError, PasswordError};
+use crate::session::limit::{Limit, StartupSlot};
+use crate::session::relay::{self, Expiry, Traffic};
+use crate::session::shutdown::Shutdown;
+use crate::session::stream::ClientStream;
+use crate::upstream::pool::{Attached, Lease, Pool};
+use crate::upstream::tls::UpstreamTls;
 use crate::upstream::{self, Login, UpstreamSession};
-use crate::upstream_tls::UpstreamTls;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::connection=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::connection";
 
 /// How long, and how much, a refused client may still send before we close.
 const LINGER: Duration = Duration::from_secs(1);
@@ -50,7 +54,7 @@ pub struct Services {
     pub pool: Option<Arc<Pool>>,
     /// Alarms for a login role changed from inside a session; kept across
     /// reloads, and told of logins through `upstream_tls`.
-    pub tampering: Arc<crate::tamper::TamperWatch>,
+    pub tampering: Arc<crate::ops::tamper::TamperWatch>,
 }
 
 /// A session admitted and connected upstream, ready for the relay.
@@ -95,7 +99,7 @@ pub async fn serve(
     startup: StartupSlot,
     mut shutdown: Shutdown,
 ) {
-    let span = tracing::info_span!("connection", %peer);
+    let span = tracing::info_span!(target: LOG_TARGET, "connection", %peer);
     let _open = services.metrics.connection_opened();
     async move {
         let timeout = services.config.listen.startup_timeout;
@@ -104,7 +108,10 @@ pub async fn serve(
                 Ok(Some(established)) => established,
                 Ok(None) => return,
                 Err(_) => {
-                    tracing::info!("closed: startup not finished within {timeout:?}");
+                    tracing::info!(
+                        target: LOG_TARGET,
+                        "closed: startup not finished within {timeout:?}",
+                    );
                     return;
                 }
             };
@@ -144,6 +151,7 @@ pub async fn serve(
         let (client_to_server, server_to_client) = traffic.bytes();
         services.metrics.session_ended(&role, &ending, duration);
         tracing::info!(
+            target: LOG_TARGET,
             role = %role,
             outcome = metrics::outcome(&ending),
             ?ending,
@@ -168,7 +176,7 @@ async fn establish(
     services: &Services,
     _startup: StartupSlot,
 ) -> Option<(ClientStream, Session)> {
-    crate::net::tune(&tcp);
+    crate::session::net::tune(&tcp);
     // By then the startup packet and the password must have arrived; the
     // token check and the upstream login have the rest of startup_timeout.
     let auth_deadline = tokio::time::Instant::now() + services.config.listen.auth_timeout;
@@ -180,7 +188,7 @@ async fn establish(
     let Ok(received) = received else {
         // Like PostgreSQL, no log line for a client that never said hello:
         // under a flood of such connections it would be one per connection.
-        tracing::debug!("closed: no startup packet within auth_timeout");
+        tracing::debug!(target: LOG_TARGET, "closed: no startup packet within auth_timeout");
         return None;
     };
     let request = match received {
@@ -194,7 +202,7 @@ async fn establish(
             return None;
         }
         Err(FrontDoorError::Closed(e)) => {
-            tracing::debug!(error = %e, "closed before startup");
+            tracing::debug!(target: LOG_TARGET, error = %e, "closed before startup");
             return None;
         }
         Err(FrontDoorError::Refused {
@@ -222,7 +230,7 @@ async fn establish(
             None
         }
         Err(Failure::Closed) => {
-            tracing::debug!("client closed during authentication");
+            tracing::debug!(target: LOG_TARGET, "client closed during authentication");
             None
         }
     }
@@ -373,6 +381,7 @@ async fn open_session(
         .and_then(|v| v.claims.get("iss"))
         .and_then(serde_json::Value::as_str);
     tracing::info!(
+        target: LOG_TARGET,
         role = %role.name,
         sub = verified_token.as_ref().and_then(VerifiedToken::subject),
         iss,
@@ -432,6 +441,7 @@ fn session_slots(
 /// Tells the client why, logs it (the one line for a refusal) and counts it.
 async fn refuse(client: &mut ClientStream, refusal: &Refusal, seen: &Seen, metrics: &Metrics) {
     tracing::info!(
+        target: LOG_TARGET,
         reason = %refusal.reason,
         role = seen.role.as_deref(),
         token = seen.token.as_deref(),

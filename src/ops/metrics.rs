@@ -4,7 +4,7 @@
 //! Each proxy has its own registry (a Prometheus recorder that is never
 //! installed as the process-wide one), so several proxies in one process —
 //! the tests, `demo` — count separately. `/metrics` on the admin listener
-//! renders it (see [`crate::admin`]).
+//! renders it (see [`crate::ops::admin`]).
 //!
 //! Labels hold only fixed words, role and upstream user names and issuer
 //! URLs: never a token, subject, signature, key or password.
@@ -16,8 +16,8 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::error::Reason;
-use crate::relay::Ending;
+use crate::protocol::refusal::Reason;
+use crate::session::relay::Ending;
 
 pub const CLIENT_CONNECTIONS_ACTIVE: &str = "rlsgate_client_connections_active";
 pub const CLIENT_SESSIONS_ACTIVE: &str = "rlsgate_client_sessions_active";
@@ -189,7 +189,7 @@ impl Metrics {
         .increment(1);
     }
 
-    /// A tampering alarm (see [`crate::tamper`]) of `kind` for upstream
+    /// A tampering alarm (see [`crate::ops::tamper`]) of `kind` for upstream
     /// user `user` was raised, again or for the first time.
     pub fn tampering_raised(&self, kind: &'static str, user: &str) {
         self.gauge(UPSTREAM_TAMPERING, tampering_labels(kind, user))

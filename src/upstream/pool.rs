@@ -16,7 +16,7 @@
 //! applied that way get the client a connection of its own, outside the pool.
 //!
 //! A connection goes back to the pool only if its client left it idle (see
-//! [`relay::Finish`](crate::relay::Finish)), and only after
+//! [`relay::Finish`](crate::session::relay::Finish)), and only after
 //! `DISCARD ALL` answered with CommandComplete and ReadyForQuery "idle".
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,14 +28,18 @@ use bytes::{BufMut, BytesMut};
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 
-use crate::claims::{self, Backend, Identity, SigningKey};
+use crate::auth::claims::{self, Backend, Identity, SigningKey};
+use crate::auth::token_check::now_unix;
 use crate::config::{self, Upstream};
-use crate::error::Refusal;
-use crate::front_door::CancelKey;
-use crate::stream::UpstreamStream;
-use crate::token_check::now_unix;
+use crate::protocol::refusal::Refusal;
+use crate::session::front_door::CancelKey;
+use crate::session::stream::UpstreamStream;
+use crate::upstream::tls::UpstreamTls;
 use crate::upstream::{self, FrameReader, Login, SetFailure, UpstreamSession};
-use crate::upstream_tls::UpstreamTls;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::pool=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::pool";
 
 /// How long returning a connection (its `DISCARD ALL`) may take.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -128,7 +132,10 @@ impl Pool {
         claims: (&SigningKey, &Identity),
     ) -> Result<Attached, Refusal> {
         let Some(settings) = settings_of(&login.parameters) else {
-            tracing::debug!("startup parameters a pooled connection cannot take: unpooled");
+            tracing::debug!(
+                target: LOG_TARGET,
+                "startup parameters a pooled connection cannot take: unpooled",
+            );
             return Attached::unpooled(upstream, tls, login, claims).await;
         };
         let key = PoolKey {
@@ -177,7 +184,10 @@ impl Pool {
                     });
                 }
                 Err(SetFailure::Dead(reason)) if !fresh => {
-                    tracing::info!(%reason, "discarded a pooled upstream connection that failed");
+                    tracing::info!(
+                        target: LOG_TARGET,
+                        %reason, "discarded a pooled upstream connection that failed",
+                    );
                 }
                 Err(SetFailure::Dead(reason)) => {
                     return Err(Refusal::database_unavailable(format!(
@@ -187,6 +197,7 @@ impl Pool {
                 Err(SetFailure::Refused(reason)) => {
                     close(stream);
                     tracing::debug!(
+                        target: LOG_TARGET,
                         %reason,
                         "the client's settings were refused on a pooled connection: unpooled"
                     );
@@ -197,7 +208,7 @@ impl Pool {
     }
 
     /// Takes back a connection its client session left clean (see
-    /// [`relay::Finish`](crate::relay::Finish)): kept, reset, unless it is
+    /// [`relay::Finish`](crate::session::relay::Finish)): kept, reset, unless it is
     /// too old. A connection left in any other state is retired instead.
     pub async fn give_back(self: &Arc<Self>, mut stream: UpstreamStream, mut lease: Lease) {
         self.start_reaper();
@@ -208,12 +219,18 @@ impl Pool {
         match tokio::time::timeout(RESET_TIMEOUT, reset(&mut stream, &mut lease)).await {
             Ok(Ok(())) => {}
             Ok(Err(reason)) => {
-                tracing::info!(%reason, "upstream connection failed its reset: closed");
+                tracing::info!(
+                    target: LOG_TARGET,
+                    %reason, "upstream connection failed its reset: closed",
+                );
                 close(stream);
                 return;
             }
             Err(_) => {
-                tracing::info!("upstream connection did not answer its reset: closed");
+                tracing::info!(
+                    target: LOG_TARGET,
+                    "upstream connection did not answer its reset: closed",
+                );
                 close(stream);
                 return;
             }

@@ -16,10 +16,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
+use crate::auth::jwks::{JwksCache, KeyError};
+use crate::auth::token_cache::{TokenCache, TokenDigest};
 use crate::config::{self, Config};
-use crate::error::{Reason, Refusal, sqlstate};
-use crate::jwks::{JwksCache, KeyError};
-use crate::token_cache::{TokenCache, TokenDigest};
+use crate::protocol::refusal::{Reason, Refusal, sqlstate};
 
 /// Longest `kid` looked up in a JWKS. Real key ids are short (a thumbprint
 /// is 43 characters, a UUID 36); a longer one is refused before any lookup,
@@ -153,7 +153,7 @@ impl TokenChecker {
 
     /// Serves a token verified before from the cache while its `exp` has
     /// not passed and its issuer is still configured; everything else gets
-    /// the full check (see [`crate::token_cache`]). The provider's claim
+    /// the full check (see [`crate::auth::token_cache`]). The provider's claim
     /// rules run on every call, cached or not: `role` (the `[[role]]` the
     /// client connects as) differs between connections, and `max_token_age`
     /// moves with the clock.

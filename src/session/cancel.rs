@@ -54,8 +54,12 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::RwLock;
 
-use crate::front_door::CancelKey;
-use crate::upstream_tls::UpstreamTls;
+use crate::session::front_door::CancelKey;
+use crate::upstream::tls::UpstreamTls;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::cancel=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::cancel";
 
 /// A token bucket's size and rate.
 #[derive(Clone, Copy, Debug)]
@@ -280,8 +284,11 @@ impl CancelRegistry {
                 if failed.maybe_sent {
                     forward.gate.unsettled.store(true, Ordering::Release);
                 }
-                let address = crate::stream::address(&forward.host, forward.port);
-                tracing::warn!(%address, error = %failed.reason, "cannot cancel upstream");
+                let address = crate::session::stream::address(&forward.host, forward.port);
+                tracing::warn!(
+                    target: LOG_TARGET,
+                    %address, error = %failed.reason, "cannot cancel upstream",
+                );
                 "failed"
             }
         }
@@ -345,9 +352,13 @@ impl CancelRegistry {
         let summed = format!("those in the next {window:?} are summed up");
         match why {
             Ignore::UnknownKey => {
-                tracing::info!(%source, "cancel request with an unknown key ignored; {summed}");
+                tracing::info!(
+                    target: LOG_TARGET,
+                    %source, "cancel request with an unknown key ignored; {summed}",
+                );
             }
             Ignore::KeyOverBudget => tracing::warn!(
+                target: LOG_TARGET,
                 %source,
                 "cancel request ignored: its key was used more than {} times at once or {} a \
                  second; {summed}",
@@ -355,6 +366,7 @@ impl CancelRegistry {
                 KEY_BUDGET.per_second
             ),
             Ignore::AddressOverBudget => tracing::warn!(
+                target: LOG_TARGET,
                 %source,
                 "cancel request ignored: its address named more than {} unknown keys at once \
                  or {} a second; {summed}",
@@ -379,6 +391,7 @@ impl CancelRegistry {
 fn log_summary([unknown_key, key_over_budget, address_over_budget]: [u64; 3], window: Duration) {
     if key_over_budget + address_over_budget > 0 {
         tracing::warn!(
+            target: LOG_TARGET,
             unknown_key,
             key_over_budget,
             address_over_budget,
@@ -386,6 +399,7 @@ fn log_summary([unknown_key, key_over_budget, address_over_budget]: [u64; 3], wi
         );
     } else if unknown_key > 0 {
         tracing::info!(
+            target: LOG_TARGET,
             unknown_key,
             "more cancel requests with unknown keys ignored in {window:?}"
         );

@@ -47,13 +47,13 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::claims::Identity;
+use crate::auth::claims::Identity;
+use crate::auth::jwks::{JwksCache, http_client};
+use crate::commands::init_db::SCHEMA_VERSION;
 use crate::config::{Config, Role};
-use crate::init_db::SCHEMA_VERSION;
-use crate::jwks::{JwksCache, http_client};
-use crate::stream::UpstreamStream;
+use crate::session::stream::UpstreamStream;
+use crate::upstream::tls::UpstreamTls;
 use crate::upstream::{self, Login};
-use crate::upstream_tls::UpstreamTls;
 
 /// How long the envelope of a check session is valid.
 const ENVELOPE_VALIDITY: Duration = Duration::from_secs(60);
@@ -522,7 +522,7 @@ async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, S
     let bound = async {
         let mut session = upstream::connect(&config.upstream, &tls, login).await?;
         upstream::bind_claims(&mut session, key, &identity, unix_now()).await?;
-        Ok::<_, crate::error::Refusal>(session)
+        Ok::<_, crate::protocol::refusal::Refusal>(session)
     };
     match bound.await {
         Ok(session) => Ok(Session {

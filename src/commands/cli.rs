@@ -8,9 +8,15 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::claims::SigningKey;
+use crate::auth::claims::SigningKey;
+use crate::commands::init_db;
 use crate::config::{self, Config};
-use crate::{init_db, listener, reload};
+use crate::ops::reload;
+use crate::session::listener;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::cli=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::cli";
 
 /// A Postgres proxy that takes a JWT as the password and binds its verified
 /// claims to the session, so Row-Level Security decides what each user sees.
@@ -204,7 +210,7 @@ pub fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve { config } => serve(config).await,
             Command::Check { config, database } => {
-                let report = crate::check::run(&config, database.as_deref()).await;
+                let report = crate::ops::check::run(&config, database.as_deref()).await;
                 print!("{report}");
                 if !report.passed() {
                     use std::io::Write as _;
@@ -214,8 +220,8 @@ pub fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Demo { port, json, keep } => {
-                let options = crate::demo::Options { port, json, keep };
-                crate::demo::run(options, shutdown_signal()).await
+                let options = crate::commands::demo::Options { port, json, keep };
+                crate::commands::demo::run(options, shutdown_signal()).await
             }
             Command::InitDb {
                 database_url,
@@ -274,6 +280,7 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let admin_address = admin.as_ref().map(TcpListener::local_addr).transpose()?;
     let (services, current) = watch::channel(Arc::new(listener::services(config)?));
     tracing::info!(
+        target: LOG_TARGET,
         %address,
         admin = admin_address.map(tracing::field::display),
         config = %path.display(),
@@ -426,12 +433,14 @@ async fn serve_issuer(
     }
     if issuer_url.is_none() && listen.ip().is_unspecified() {
         tracing::warn!(
+            target: LOG_TARGET,
             "the issuer URL defaults to http://{listen}, which other hosts cannot reach; \
              pass --issuer with the URL proxies use for this server"
         );
     }
     let issuer = DevIssuer::start_with(listen, issuer_url, keys).await?;
     tracing::info!(
+        target: LOG_TARGET,
         issuer = %issuer.issuer(),
         discovery = %issuer.discovery_url(),
         jwks = %issuer.jwks_url(),
@@ -440,7 +449,7 @@ async fn serve_issuer(
         "token issuer listening"
     );
     shutdown_signal().await;
-    tracing::info!("token issuer stopping");
+    tracing::info!(target: LOG_TARGET, "token issuer stopping");
     issuer.shutdown().await;
     Ok(())
 }

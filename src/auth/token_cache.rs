@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use aws_lc_rs::digest;
 
-use crate::token_check::VerifiedToken;
+use crate::auth::token_check::VerifiedToken;
 
 /// The SHA-256 of a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

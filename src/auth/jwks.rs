@@ -27,6 +27,10 @@ use tokio::sync::Mutex;
 
 use crate::config;
 
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::jwks=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::jwks";
+
 /// Bound on a discovery document or JWKS, to keep a hostile server from
 /// filling memory.
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
@@ -389,6 +393,7 @@ impl JwksCache {
         match result {
             Ok(fetched) => {
                 tracing::info!(
+                    target: LOG_TARGET,
                     issuer = %self.issuer,
                     keys = fetched.keys.len(),
                     fresh_for = %humantime::format_duration(fetched.fresh_for),
@@ -403,11 +408,27 @@ impl JwksCache {
             Err(reason) => {
                 let standing = cached.standing(now, &self.policy);
                 if standing.usable() {
-                    tracing::warn!(issuer = %self.issuer, %reason, cached_keys = cached.keys.len(), "cannot fetch signing keys; the cached keys keep serving");
+                    tracing::warn!(
+                        target: LOG_TARGET,
+                        issuer = %self.issuer,
+                        %reason,
+                        cached_keys = cached.keys.len(),
+                        "cannot fetch signing keys; the cached keys keep serving",
+                    );
                 } else if cached.fetched_at.is_some() {
-                    tracing::error!(issuer = %self.issuer, %reason, "cannot fetch signing keys, and the cached keys are past jwks_max_stale: tokens are refused");
+                    tracing::error!(
+                        target: LOG_TARGET,
+                        issuer = %self.issuer,
+                        %reason,
+                        "cannot fetch signing keys, and the cached keys are past jwks_max_stale: tokens are refused",
+                    );
                 } else {
-                    tracing::error!(issuer = %self.issuer, %reason, "cannot fetch signing keys: tokens are refused");
+                    tracing::error!(
+                        target: LOG_TARGET,
+                        issuer = %self.issuer,
+                        %reason,
+                        "cannot fetch signing keys: tokens are refused",
+                    );
                 }
                 cached.last_error = Some(reason);
             }

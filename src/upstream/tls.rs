@@ -33,10 +33,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Upstream, UpstreamTlsMode};
-use crate::error::{Refusal, sqlstate};
-use crate::stream::{Transport, UpstreamStream};
-use crate::tamper::TamperWatch;
-use crate::tls::ALPN_POSTGRESQL;
+use crate::ops::tamper::TamperWatch;
+use crate::protocol::refusal::{Refusal, sqlstate};
+use crate::session::stream::{Transport, UpstreamStream};
+use crate::session::tls::ALPN_POSTGRESQL;
 
 /// The SSLRequest packet: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
@@ -195,7 +195,7 @@ impl UpstreamTls {
     }
 
     /// Logins made through this are reported to `watch`: a refused
-    /// password raises [`Tampering::PasswordRejected`](crate::tamper::Tampering),
+    /// password raises [`Tampering::PasswordRejected`](crate::ops::tamper::Tampering),
     /// a login that works clears it.
     pub fn watched_by(mut self, watch: Arc<TamperWatch>) -> UpstreamTls {
         self.tampering = Some(watch);
@@ -272,7 +272,7 @@ impl UpstreamTls {
         let cannot = |e: io::Error| {
             Refusal::database_unavailable(format!(
                 "cannot connect to {}: {e}",
-                crate::stream::address(host, port)
+                crate::session::stream::address(host, port)
             ))
         };
         match Transport::connect(host, port).await.map_err(cannot)? {

@@ -10,13 +10,13 @@ use anyhow::Context;
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::claims::SigningKey;
+use crate::auth::claims::SigningKey;
+use crate::commands::init_db;
 use crate::config::Config;
 use crate::dev::issuer::{DevIssuer, KeyKind};
 use crate::dev::postgres::TempPostgres;
 use crate::dev::{SAMPLE_SCHEMA, sample_config};
-use crate::init_db;
-use crate::listener::RunningProxy;
+use crate::session::listener::RunningProxy;
 
 pub struct Options {
     /// The proxy's port on 127.0.0.1; 0 picks a free one.

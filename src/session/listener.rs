@@ -14,20 +14,24 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::admin;
+use crate::auth::jwks;
+use crate::auth::token_check::TokenChecker;
 use crate::config::{Config, PoolMode};
-use crate::connection::{self, Services};
-use crate::error::{Reason, Refusal, sqlstate};
-use crate::front_door;
-use crate::jwks;
-use crate::limit::{Limit, StartupLimitHit, StartupLimits};
-use crate::metrics::Metrics;
-use crate::pool::Pool;
-use crate::shutdown::Shutdown;
-use crate::tamper::TamperWatch;
-use crate::tls;
-use crate::token_check::TokenChecker;
-use crate::upstream_tls::UpstreamTls;
+use crate::ops::admin;
+use crate::ops::metrics::Metrics;
+use crate::ops::tamper::TamperWatch;
+use crate::protocol::refusal::{Reason, Refusal, sqlstate};
+use crate::session::connection::{self, Services};
+use crate::session::front_door;
+use crate::session::limit::{Limit, StartupLimitHit, StartupLimits};
+use crate::session::shutdown::Shutdown;
+use crate::session::tls;
+use crate::upstream::pool::Pool;
+use crate::upstream::tls::UpstreamTls;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::listener=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::listener";
 
 /// Builds what connections share from a validated configuration.
 pub fn services(config: Config) -> anyhow::Result<Services> {
@@ -41,6 +45,7 @@ pub fn services(config: Config) -> anyhow::Result<Services> {
 pub fn reloaded(previous: &Services, config: Config) -> anyhow::Result<Services> {
     if config.listen.address != previous.config.listen.address {
         tracing::warn!(
+            target: LOG_TARGET,
             old = %previous.config.listen.address,
             new = %config.listen.address,
             "listen.address changed: a restart applies it, a reload does not"
@@ -148,7 +153,7 @@ pub async fn run(
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(target: LOG_TARGET, error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
@@ -176,7 +181,7 @@ pub async fn run(
     };
     tokio::select! {
         () = accept => {}
-        _ = shutdown => tracing::info!("shutting down: no new connections"),
+        _ = shutdown => tracing::info!(target: LOG_TARGET, "shutting down: no new connections"),
     }
     drop(listener);
     drop(session_done_tx);
@@ -186,11 +191,11 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::info!("drain time over: ending remaining sessions");
+        tracing::info!(target: LOG_TARGET, "drain time over: ending remaining sessions");
         let _ = notify_shutdown.send(());
         let _ = all_done_rx.recv().await;
     }
-    tracing::info!("all sessions ended");
+    tracing::info!(target: LOG_TARGET, "all sessions ended");
     upkeep.abort();
     drop(stop_admin);
     if let Some(mut admin) = admin {
@@ -261,6 +266,7 @@ impl TurnedAway {
             return;
         };
         tracing::warn!(
+            target: LOG_TARGET,
             client = %peer.ip(),
             limit = hit.key(),
             size = hit.size(),

@@ -5,6 +5,10 @@ use std::time::Duration;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::net=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::net";
+
 /// Idle time before the first keepalive probe, and between probes. A peer
 /// that vanished (a laptop closed, a NAT entry dropped) is noticed within a
 /// few minutes instead of holding its session and upstream backend for hours.
@@ -18,7 +22,7 @@ pub fn tune(stream: &TcpStream) {
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL);
     if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&keepalive) {
-        tracing::debug!(error = %e, "cannot enable TCP keepalive");
+        tracing::debug!(target: LOG_TARGET, error = %e, "cannot enable TCP keepalive");
     }
 }
 

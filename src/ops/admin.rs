@@ -2,7 +2,7 @@
 //! and orchestrators, off unless configured.
 //!
 //! - `GET /metrics`: the proxy's metrics in the Prometheus text format (see
-//!   [`crate::metrics`]).
+//!   [`crate::ops::metrics`]).
 //! - `GET /healthz`: 200 `ok` while the process runs (liveness).
 //! - `GET /readyz`: 200 when new clients can be served, else 503, with a
 //!   JSON body either way (readiness; see [`readiness`]).
@@ -23,8 +23,12 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::connection::Services;
-use crate::stream::Transport;
+use crate::session::connection::Services;
+use crate::session::stream::Transport;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::admin=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::admin";
 
 /// What the endpoints report on: the services new connections get, which a
 /// reload replaces.
@@ -45,7 +49,7 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
     {
-        tracing::error!(error = %e, "the admin listener failed");
+        tracing::error!(target: LOG_TARGET, error = %e, "the admin listener failed");
     }
 }
 
@@ -94,7 +98,7 @@ async fn ready(State(current): State<Current>) -> Response {
 ///   socket) within `connect_timeout`. This is a plain connect, not a
 ///   Postgres startup: it does not log in (which would need a role's
 ///   password and show up in the database's logs at every probe).
-/// - No [`crate::tamper`] alarm may be raised: a login role whose password
+/// - No [`crate::ops::tamper`] alarm may be raised: a login role whose password
 ///   was changed from inside a session refuses every new session, although
 ///   the server accepts connections.
 ///

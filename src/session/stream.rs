@@ -49,7 +49,7 @@ pub fn address(host: &str, port: u16) -> String {
 }
 
 impl Transport {
-    /// Connects to `host:port` over TCP (tuned, see [`crate::net::tune`]),
+    /// Connects to `host:port` over TCP (tuned, see [`crate::session::net::tune`]),
     /// or to the Unix socket when `host` is a directory.
     pub async fn connect(host: &str, port: u16) -> io::Result<Transport> {
         if let Some(path) = socket_path(host, port) {
@@ -65,7 +65,7 @@ impl Transport {
             ));
         }
         let tcp = TcpStream::connect((host, port)).await?;
-        crate::net::tune(&tcp);
+        crate::session::net::tune(&tcp);
         Ok(Transport::Tcp(tcp))
     }
 }

@@ -4,6 +4,9 @@
 //! envelope) and refuses a login role whose settings were changed behind the
 //! operator's back; then the envelope bound, by [`bind_claims`].
 
+pub mod pool;
+pub mod tls;
+
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,13 +20,17 @@ use postgres_protocol::message::backend::{ErrorFields, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use crate::claims::{self, Backend, Identity, SigningKey};
+use crate::auth::claims::{self, Backend, Identity, SigningKey};
 use crate::config::{Role, Secret, Upstream};
-use crate::error::{Reason, Refusal, sqlstate};
-use crate::front_door::CancelKey;
-use crate::stream::UpstreamStream;
-use crate::tamper::Tampering;
-use crate::upstream_tls::UpstreamTls;
+use crate::ops::tamper::Tampering;
+use crate::protocol::refusal::{Reason, Refusal, sqlstate};
+use crate::session::front_door::CancelKey;
+use crate::session::stream::UpstreamStream;
+use crate::upstream::tls::UpstreamTls;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::upstream=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::upstream";
 
 /// PostgreSQL refuses startup packets above this size.
 const MAX_STARTUP_PACKET: usize = 10_000;
@@ -283,7 +290,7 @@ fn upstream_refusal(
             "upstream refused {user:?}: {code} {message}"
         ));
     }
-    Refusal::new(code, message).because(crate::error::Reason::Upstream)
+    Refusal::new(code, message).because(crate::protocol::refusal::Reason::Upstream)
 }
 
 /// What the proxy asks every new backend before anyone uses it: its start
@@ -587,8 +594,12 @@ pub async fn retire(
     in_flight: bool,
     tls: &UpstreamTls,
 ) {
-    if in_flight && let Err(e) = crate::cancel::cancel_backend(host, port, key, tls).await {
-        tracing::warn!(error = %e, "cannot cancel the statement of a session that ended");
+    if in_flight && let Err(e) = crate::session::cancel::cancel_backend(host, port, key, tls).await
+    {
+        tracing::warn!(
+            target: LOG_TARGET,
+            error = %e, "cannot cancel the statement of a session that ended",
+        );
     }
     let ended = tokio::time::timeout(RETIRE_TIMEOUT, async {
         let mut terminate = BytesMut::new();
@@ -602,6 +613,7 @@ pub async fn retire(
     .await;
     if ended.is_err() {
         tracing::warn!(
+            target: LOG_TARGET,
             "the backend of an ended session is still running {RETIRE_TIMEOUT:?} after it was \
              told to end; its connection is closed and its slot freed"
         );
@@ -674,6 +686,7 @@ pub fn forwarded_parameters(
             }
             name if is_identity_setting(name) => {
                 tracing::info!(
+                    target: LOG_TARGET,
                     parameter = %loggable(name),
                     "dropped identity-setting startup parameter"
                 );
@@ -712,7 +725,7 @@ fn filtered_options(options: &str) -> String {
         } else if let Some(rest) = word.strip_prefix("-c") {
             Some(rest.to_owned())
         } else {
-            tracing::info!("dropped startup option that is not a setting");
+            tracing::info!(target: LOG_TARGET, "dropped startup option that is not a setting");
             None
         };
         let Some(setting) = setting else { continue };
@@ -724,11 +737,18 @@ fn filtered_options(options: &str) -> String {
             .unwrap_or_default()
             .replace('-', "_");
         if !setting.contains('=') {
-            tracing::info!(setting = %loggable(&name), "dropped startup option without a value");
+            tracing::info!(
+                target: LOG_TARGET,
+                setting = %loggable(&name), "dropped startup option without a value",
+            );
         } else if is_identity_setting(&name) {
-            tracing::info!(setting = %loggable(&name), "dropped identity-setting startup option");
+            tracing::info!(
+                target: LOG_TARGET,
+                setting = %loggable(&name), "dropped identity-setting startup option",
+            );
         } else if !setting.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
             tracing::info!(
+                target: LOG_TARGET,
                 setting = %loggable(&name),
                 "dropped startup option holding a control or non-ASCII byte: \
                  send it as a startup parameter of its own, or SET it after connecting"

@@ -8,8 +8,12 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::connection::Services;
-use crate::listener;
+use crate::session::connection::Services;
+use crate::session::listener;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::reload=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::reload";
 
 /// Reloads `path` into `services` on every SIGHUP until the process ends.
 #[cfg(unix)]
@@ -19,7 +23,10 @@ pub async fn on_hangup(path: &Path, services: watch::Sender<Arc<Services>>) {
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(hangups) => hangups,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP: reload needs a restart");
+            tracing::warn!(
+                target: LOG_TARGET,
+                error = %e, "cannot listen for SIGHUP: reload needs a restart",
+            );
             return;
         }
     };
@@ -38,9 +45,13 @@ fn reload(path: &Path, services: &watch::Sender<Arc<Services>>) {
     match next {
         Ok(next) => {
             services.send_replace(Arc::new(next));
-            tracing::info!(config = %path.display(), "configuration reloaded: new connections use it");
+            tracing::info!(
+                target: LOG_TARGET,
+                config = %path.display(), "configuration reloaded: new connections use it",
+            );
         }
         Err(e) => tracing::error!(
+            target: LOG_TARGET,
             config = %path.display(),
             error = format!("{e:#}"),
             "configuration not reloaded, the previous one stays in force"

@@ -11,7 +11,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::tamper=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::tamper";
 
 /// What was probably changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -101,6 +105,7 @@ impl TamperWatch {
         };
         if first {
             tracing::warn!(
+                target: LOG_TARGET,
                 kind = kind.as_str(),
                 upstream_user,
                 detail,
@@ -120,6 +125,7 @@ impl TamperWatch {
         if was_raised {
             self.metrics.tampering_cleared(kind.as_str(), upstream_user);
             tracing::info!(
+                target: LOG_TARGET,
                 kind = kind.as_str(),
                 upstream_user,
                 "login role alarm cleared: Postgres accepts the proxy's login again"

@@ -17,9 +17,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
-use crate::error::{Reason, Refusal, sqlstate};
-use crate::stream::ClientStream;
-use crate::tls::ALPN_POSTGRESQL;
+use crate::protocol::refusal::{Reason, Refusal, sqlstate};
+use crate::session::stream::ClientStream;
+use crate::session::tls::ALPN_POSTGRESQL;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::front_door=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::front_door";
 
 /// Largest packet before authentication, as in PostgreSQL's `pqcomm.h`.
 const MAX_STARTUP_PACKET: usize = 10_000;
@@ -240,7 +244,7 @@ pub async fn ask_password(
     match tokio::time::timeout_at(deadline, read_password(stream, max_bytes)).await {
         Ok(result) => result,
         Err(_) => {
-            tracing::debug!("closed: no password within auth_timeout");
+            tracing::debug!(target: LOG_TARGET, "closed: no password within auth_timeout");
             Err(PasswordError::Closed(io::ErrorKind::TimedOut.into()))
         }
     }
