@@ -1,0 +1,112 @@
+//! `[listen]`: where clients connect, and the limits on what is served at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub address: SocketAddr,
+    /// Where the admin HTTP endpoints listen (/metrics, /healthz, /readyz);
+    /// unset: no admin listener. Port 0 picks a free port.
+    pub admin_address: Option<SocketAddr>,
+    /// PEM certificate chain; with `tls_key`, enables TLS for clients.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Accept tokens over plaintext TCP on a non-loopback address.
+    #[serde(default)]
+    pub allow_plaintext_tokens: bool,
+    /// Sessions served at once: a slot is taken once the client's startup
+    /// packet has arrived.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Connections not yet authenticated (TLS handshake, startup packet,
+    /// password, token check, upstream login) at once; more are refused
+    /// as they connect.
+    #[serde(default = "defaults::max_startups")]
+    pub max_startups: usize,
+    /// Of those, from one client address (IPv6: one /64 network).
+    #[serde(default = "defaults::max_startups_per_address")]
+    pub max_startups_per_address: usize,
+    /// Time a client has from connecting until its password has arrived
+    /// (within `startup_timeout`).
+    #[serde(default = "defaults::auth_timeout", with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// Largest password (token) accepted, in bytes.
+    #[serde(default = "defaults::max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// Time a client has from connecting to being ready for queries.
+    #[serde(default = "defaults::startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// On shutdown, how long sessions may run on before they are ended.
+    #[serde(default = "defaults::shutdown_drain", with = "humantime_serde")]
+    pub shutdown_drain: Duration,
+    /// Verified tokens remembered so that reconnecting with one skips the
+    /// signature check; 0 disables the cache.
+    #[serde(default = "defaults::token_cache_entries")]
+    pub token_cache_entries: usize,
+    /// End each session when its token expires (after the leeway), with
+    /// FATAL 28000. With `false` a session outlives its token, and so do its
+    /// claims in the database; tokens are still checked when clients connect.
+    #[serde(default = "defaults::yes")]
+    pub end_sessions_at_token_expiry: bool,
+}
+
+impl Listen {
+    pub(super) fn validate(&self) -> anyhow::Result<()> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                bail!("[listen] tls_cert and tls_key must be given together")
+            }
+            _ => {}
+        }
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            ("max_startups", self.max_startups),
+            ("max_startups_per_address", self.max_startups_per_address),
+        ] {
+            if value == 0 {
+                bail!("[listen] {key} must be at least 1");
+            }
+        }
+        if self.auth_timeout.is_zero() {
+            bail!("[listen] auth_timeout must be longer than 0s");
+        }
+        Ok(())
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn max_connections() -> usize {
+        1000
+    }
+    pub fn max_startups() -> usize {
+        256
+    }
+    pub fn max_startups_per_address() -> usize {
+        64
+    }
+    pub fn auth_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_token_bytes() -> usize {
+        16 * 1024
+    }
+    pub fn startup_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn shutdown_drain() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn token_cache_entries() -> usize {
+        10_000
+    }
+}
