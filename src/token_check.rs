@@ -558,7 +558,11 @@ impl Validity {
 
     /// Refuses a token that has expired or is not valid yet, by `leeway`.
     fn check(&self, leeway: Duration) -> Result<(), Refusal> {
-        let now = now_unix();
+        self.check_at(now_unix(), leeway)
+    }
+
+    /// [`Validity::check`] at the unix second `now`.
+    fn check_at(&self, now: u64, leeway: Duration) -> Result<(), Refusal> {
         let leeway = leeway.as_secs();
         if self.exp.saturating_add(leeway) < now {
             return Err(
@@ -658,4 +662,890 @@ pub fn now_unix() -> u64 {
 /// Untrusted text echoed in a message, cut to a readable length.
 fn clip(text: &str) -> String {
     text.chars().take(100).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The token check's rules, one at a time, on tokens signed with real
+    //! keys and verified through [`TokenChecker::check`] against a JWKS held
+    //! in memory, as a provider would publish it.
+
+    use std::sync::OnceLock;
+
+    use base64::engine::general_purpose::STANDARD;
+    use jsonwebtoken::EncodingKey;
+    use serde_json::json;
+
+    use super::*;
+    use crate::dev::keys::{self, KeyKind, SigningKeyPair};
+
+    const ISSUER: &str = "https://id.example";
+    /// A second provider that verifies only with a shared secret.
+    const HS_ISSUER: &str = "https://hs.example";
+    const SECRET: &str = "a-shared-secret-of-more-than-32-bytes";
+    /// The first provider's lines in the default configuration.
+    const PROVIDER: &str = "audience = [\"todo-app\"]\nleeway = \"2s\"\n";
+    /// The longest piece of attacker text a refusal may repeat.
+    const ECHO_LIMIT: usize = 100;
+
+    /// One published key of every kind, generated once: RSA takes a moment.
+    fn pairs() -> &'static [SigningKeyPair] {
+        static PAIRS: OnceLock<Vec<SigningKeyPair>> = OnceLock::new();
+        PAIRS.get_or_init(|| {
+            KeyKind::EVERY
+                .into_iter()
+                .map(|kind| SigningKeyPair::generate(kind).expect("key generation"))
+                .collect()
+        })
+    }
+
+    fn pair(kind: KeyKind) -> &'static SigningKeyPair {
+        pairs().iter().find(|p| p.kind() == kind).unwrap()
+    }
+
+    /// The published Ed25519 key, which signs the tokens whose header or
+    /// claims text a test writes itself.
+    fn ed() -> &'static SigningKeyPair {
+        pair(KeyKind::EdDsa)
+    }
+
+    fn config(provider_lines: &str) -> Config {
+        let text = format!(
+            r#"
+[listen]
+address = "127.0.0.1:6432"
+[upstream]
+host = "127.0.0.1"
+[[role]]
+name = "authenticated"
+token = "required"
+[claims]
+signing_key = "cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM="
+[[provider]]
+issuer = "{ISSUER}"
+{provider_lines}
+[[provider]]
+issuer = "{HS_ISSUER}"
+hs256_secret = "{SECRET}"
+"#
+        );
+        Config::parse_with_env(&text, |_| None).expect("a valid configuration")
+    }
+
+    /// A checker whose first provider has `lines` and publishes `jwks`,
+    /// held as if just fetched.
+    fn checker_publishing(lines: &str, jwks: &Value) -> TokenChecker {
+        let config = config(lines);
+        let mut checker = TokenChecker::new(&config, reqwest::Client::new());
+        let provider = &config.providers[0];
+        checker.providers.get_mut(ISSUER).unwrap().keys =
+            Some(Arc::new(JwksCache::holding(provider, jwks)));
+        checker
+    }
+
+    /// A checker whose first provider has `lines` and publishes every key.
+    fn checker_with(lines: &str) -> TokenChecker {
+        checker_publishing(lines, &keys::jwks(pairs()))
+    }
+
+    fn checker() -> TokenChecker {
+        checker_with(PROVIDER)
+    }
+
+    /// The first provider's key cache.
+    fn key_cache(checker: &TokenChecker) -> &JwksCache {
+        checker.providers[ISSUER].keys.as_deref().unwrap()
+    }
+
+    fn claims(sub: &str) -> Value {
+        json!({
+            "iss": ISSUER,
+            "sub": sub,
+            "aud": "todo-app",
+            "iat": now_unix(),
+            "exp": now_unix() + 3600,
+        })
+    }
+
+    fn b64(bytes: impl AsRef<[u8]>) -> String {
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    fn parts(token: &str) -> [&str; 3] {
+        let parts: Vec<&str> = token.split('.').collect();
+        parts.try_into().expect("a JWT has three parts")
+    }
+
+    fn ed_key(pair: &SigningKeyPair) -> EncodingKey {
+        EncodingKey::from_ed_pem(pair.to_pem().as_bytes()).unwrap()
+    }
+
+    /// `header.payload` exactly as given, signed by `key` as `alg`.
+    fn sign_raw(key: &EncodingKey, alg: Algorithm, header: &str, payload: &str) -> String {
+        let message = format!("{}.{}", b64(header), b64(payload));
+        let signature = jsonwebtoken::crypto::sign(message.as_bytes(), key, alg).unwrap();
+        format!("{message}.{signature}")
+    }
+
+    /// `header` and `claims` signed by the published Ed25519 key.
+    fn ed_sign(header: &Value, claims: &Value) -> String {
+        ed_raw(&header.to_string(), &claims.to_string())
+    }
+
+    fn ed_raw(header: &str, payload: &str) -> String {
+        sign_raw(&ed_key(ed()), Algorithm::EdDSA, header, payload)
+    }
+
+    fn ed_header() -> Value {
+        json!({"alg": "EdDSA", "typ": "JWT", "kid": ed().kid()})
+    }
+
+    /// `header` with the members of `extra` added or replaced.
+    fn with(header: &Value, extra: Value) -> Value {
+        let mut header = header.clone();
+        for (name, value) in extra.as_object().unwrap() {
+            header[name] = value.clone();
+        }
+        header
+    }
+
+    /// A valid token's claims and signature under `header` (JSON text): for
+    /// rules that refuse before the signature is checked.
+    fn with_header(valid: &str, header: &str) -> String {
+        let [_, payload, signature] = parts(valid);
+        format!("{}.{payload}.{signature}", b64(header))
+    }
+
+    async fn accepted(checker: &TokenChecker, token: &str) -> VerifiedToken {
+        checker
+            .check(token, "authenticated")
+            .await
+            .unwrap_or_else(|r| panic!("the token is accepted, not refused: {r}"))
+    }
+
+    /// The refusal of `token`, which must never repeat the token or any of
+    /// its parts, to the client or to the log.
+    async fn refused(checker: &TokenChecker, token: &str) -> Refusal {
+        let refusal = checker
+            .check(token, "authenticated")
+            .await
+            .expect_err("the token is refused");
+        let told = format!(
+            "{} {}",
+            refusal.message,
+            refusal.detail.as_deref().unwrap_or("")
+        );
+        for part in token.split('.').filter(|p| p.len() >= 16) {
+            assert!(
+                !told.contains(part),
+                "a part of the token is repeated: {told}"
+            );
+        }
+        assert!(
+            refusal.message.len() <= 300,
+            "the message is {} bytes: {}",
+            refusal.message.len(),
+            refusal.message
+        );
+        refusal
+    }
+
+    /// Asserts that the client is told `text` with SQLSTATE 28000, and that
+    /// the refusal counts as `reason`.
+    #[track_caller]
+    fn assert_says(refusal: &Refusal, reason: Reason, text: &str) {
+        assert_eq!(
+            refusal.sqlstate,
+            sqlstate::INVALID_AUTHORIZATION,
+            "{refusal}"
+        );
+        assert!(
+            refusal.message.contains(text),
+            "expected {text:?}: {refusal}"
+        );
+        assert_eq!(refusal.reason, reason, "{refusal}");
+    }
+
+    /// Asserts that a message does not repeat a long run of `attacker` text.
+    #[track_caller]
+    fn assert_short_echo(message: &str, attacker: &str) {
+        let chars: Vec<char> = attacker.chars().collect();
+        for window in chars.windows(ECHO_LIMIT + 1) {
+            let run: String = window.iter().collect();
+            assert!(
+                !message.contains(&run),
+                "the message repeats more than {ECHO_LIMIT} characters of attacker text: {message}"
+            );
+        }
+    }
+
+    // The accepted path.
+
+    #[tokio::test]
+    async fn a_token_signed_with_a_published_key_of_any_kind_is_accepted_with_its_claims() {
+        let checker = checker();
+        for pair in pairs() {
+            let claims = claims("alice");
+            let verified = accepted(&checker, &pair.sign(&claims)).await;
+            assert_eq!(verified.subject(), Some("alice"), "{:?}", pair.kind());
+            assert_eq!(verified.claims, *claims.as_object().unwrap());
+            assert_eq!(Some(verified.expires_at), claims["exp"].as_u64());
+            assert_eq!(checker.leeway(&verified), Duration::from_secs(2));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_from_a_provider_with_a_shared_secret_verifies_only_with_that_secret() {
+        let checker = checker();
+        let mut claims = claims("alice");
+        claims["iss"] = json!(HS_ISSUER);
+        let header = jsonwebtoken::Header::new(Algorithm::HS256);
+        let sign = |secret: &[u8]| {
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret)).unwrap()
+        };
+        let verified = accepted(&checker, &sign(SECRET.as_bytes())).await;
+        assert_eq!(verified.subject(), Some("alice"));
+
+        let other = sign(b"another-secret-of-more-than-32-bytes!");
+        let refusal = refused(&checker, &other).await;
+        assert_says(
+            &refusal,
+            Reason::BadSignature,
+            "token signature does not verify with the key of https://hs.example",
+        );
+    }
+
+    #[tokio::test]
+    async fn a_provider_with_only_a_shared_secret_refuses_asymmetric_tokens() {
+        let checker = checker();
+        let mut claims = claims("alice");
+        claims["iss"] = json!(HS_ISSUER);
+        let refusal = refused(&checker, &pair(KeyKind::Rs256).sign(&claims)).await;
+        assert_says(
+            &refusal,
+            Reason::BadSignature,
+            "https://hs.example accepts only HS256 tokens signed with its hs256_secret, not RS256",
+        );
+    }
+
+    // The compact serialization: three parts of canonical base64url JSON objects.
+
+    #[tokio::test]
+    async fn an_empty_password_is_refused_as_no_token() {
+        let refusal = refused(&checker(), "").await;
+        assert_says(&refusal, Reason::Malformed, "a token is required");
+    }
+
+    #[tokio::test]
+    async fn a_password_of_other_than_three_base64url_json_parts_is_not_a_jwt() {
+        let checker = checker();
+        let valid = ed().sign(&claims("alice"));
+        let [header, payload, signature] = parts(&valid);
+        let not_jwts = [
+            "hunter2".to_owned(),
+            "a.b.c".to_owned(),
+            "..".to_owned(),
+            format!("{header}.{payload}"),
+            format!("{header}.{payload}.{signature}.{signature}"),
+            format!("{header}.{payload}.{signature}.{signature}.{signature}.{signature}"),
+            // Base64url, but not JSON.
+            format!("{}.{payload}.{signature}", b64("{\"alg\":")),
+            format!("{header}.{}.{signature}", b64([0xff, 0xfe, 0x00])),
+        ];
+        for token in not_jwts {
+            let refusal = refused(&checker, &token).await;
+            assert_says(&refusal, Reason::Malformed, "the password is not a JWT");
+        }
+    }
+
+    #[tokio::test]
+    async fn five_parts_are_refused_as_an_encrypted_token() {
+        let checker = checker();
+        let random = |n: usize| b64((0..n).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
+        let header = b64(json!({"alg": "RSA-OAEP-256", "enc": "A256GCM"}).to_string());
+        let jwe = format!(
+            "{header}.{}.{}.{}.{}",
+            random(256),
+            random(12),
+            random(200),
+            random(16)
+        );
+        // Direct encryption has an empty key part: still five parts.
+        let dir = b64(json!({"alg": "dir", "enc": "A128GCM"}).to_string());
+        let direct = format!("{dir}..{}.{}.{}", random(12), random(40), random(16));
+        for token in [jwe, direct] {
+            let refusal = refused(&checker, &token).await;
+            assert_says(
+                &refusal,
+                Reason::Malformed,
+                "encrypted tokens (JWE) are not accepted",
+            );
+        }
+    }
+
+    /// A token of the published Ed25519 key none of whose parts has a length
+    /// that is a multiple of four, so that each has a padded spelling.
+    fn token_with_paddable_parts() -> String {
+        (0..3)
+            .flat_map(|a| (0..3).map(move |b| (a, b)))
+            .map(|(a, b)| {
+                let header = with(&ed_header(), json!({"x": "h".repeat(a)}));
+                let mut claims = claims("alice");
+                claims["x"] = json!("c".repeat(b));
+                ed_sign(&header, &claims)
+            })
+            .find(|token| parts(token).iter().all(|p| p.len() % 4 != 0))
+            .unwrap()
+    }
+
+    /// Other spellings of `part`: padded, with a character from outside the
+    /// base64url alphabet, or with non-zero trailing bits.
+    fn misspellings(part: &str) -> Vec<String> {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut variants = vec![
+            format!("{part}{}", "=".repeat(4 - part.len() % 4)),
+            format!("{part}="),
+        ];
+        for foreign in ['+', '/', '!', ' ', 'é'] {
+            let mut chars: Vec<char> = part.chars().collect();
+            chars[1] = foreign;
+            variants.push(chars.into_iter().collect());
+        }
+        let mut bytes = part.as_bytes().to_vec();
+        let last = bytes.last_mut().unwrap();
+        let index = ALPHABET.iter().position(|c| c == last).unwrap();
+        *last = ALPHABET[index | 1];
+        variants.push(String::from_utf8(bytes).unwrap());
+        variants
+    }
+
+    #[tokio::test]
+    async fn padding_or_foreign_characters_in_any_part_are_not_a_jwt() {
+        let checker = checker();
+        let token = token_with_paddable_parts();
+        accepted(&checker, &token).await;
+        for i in 0..3 {
+            for variant in misspellings(parts(&token)[i]) {
+                let mut all = parts(&token).map(str::to_owned);
+                all[i] = variant;
+                let refusal = refused(&checker, &all.join(".")).await;
+                assert_says(&refusal, Reason::Malformed, "not a JWT");
+                assert!(
+                    refusal.message.contains("without padding"),
+                    "part {i}: {refusal}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_header_or_claims_set_that_is_not_a_json_object_is_refused_as_such() {
+        let checker = checker();
+        let header = ed_header().to_string();
+        for claims in ["[\"alice\"]", "\"alice\"", "null", "42"] {
+            let refusal = refused(&checker, &ed_raw(&header, claims)).await;
+            assert_says(
+                &refusal,
+                Reason::Malformed,
+                "the token's claims set is not a JSON object",
+            );
+        }
+        let claims = claims("alice").to_string();
+        for header in ["[\"EdDSA\"]", "\"EdDSA\"", "null", "true"] {
+            let refusal = refused(&checker, &ed_raw(header, &claims)).await;
+            assert_says(
+                &refusal,
+                Reason::Malformed,
+                "the token header is not a JSON object",
+            );
+        }
+        // Nesting deeper than the JSON parser follows, in either part.
+        let deep = format!("{{\"deep\":{}{}}}", "[".repeat(5000), "]".repeat(5000));
+        for token in [ed_raw(&header, &deep), ed_raw(&deep, &claims)] {
+            let refusal = refused(&checker, &token).await;
+            assert_says(&refusal, Reason::Malformed, "not a JWT");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_named_twice_is_refused_in_the_claims_set_and_in_the_header() {
+        let checker = checker();
+        let header = ed_header().to_string();
+        let exp = now_unix() + 3600;
+        let twice = [
+            (
+                format!(
+                    r#"{{"iss":"{ISSUER}","sub":"alice","aud":"todo-app","exp":{},"exp":{exp}}}"#,
+                    now_unix() - 3600
+                ),
+                "\"exp\" appears twice in the token's claims set",
+            ),
+            (
+                format!(
+                    r#"{{"iss":"{ISSUER}","sub":"alice","sub":"bob","aud":"todo-app","exp":{exp}}}"#
+                ),
+                "\"sub\" appears twice in the token's claims set",
+            ),
+        ];
+        for (claims, expected) in twice {
+            let refusal = refused(&checker, &ed_raw(&header, &claims)).await;
+            assert_says(&refusal, Reason::Malformed, expected);
+        }
+        let header = format!(r#"{{"alg":"none","alg":"EdDSA","kid":"{}"}}"#, ed().kid());
+        let refusal = refused(&checker, &ed_raw(&header, &claims("alice").to_string())).await;
+        assert_says(
+            &refusal,
+            Reason::Malformed,
+            "\"alg\" appears twice in the token header",
+        );
+    }
+
+    #[test]
+    fn only_a_name_repeated_at_the_top_level_counts_as_repeated() {
+        let long = "n".repeat(3000);
+        assert_eq!(
+            repeated_name(br#"{"a":1,"b":2,"a":3}"#).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            repeated_name(br#"{"a":1,"b":1,"b":2,"a":3}"#).as_deref(),
+            Some("b")
+        );
+        assert_eq!(repeated_name(br#"{"sub":"alice","app":{"sub":"x"}}"#), None);
+        assert_eq!(repeated_name(br#"{}"#), None);
+        let json = format!(r#"{{"{long}":1,"{long}":2}}"#);
+        let refusal = decode_object(&b64(&json), "the token header").unwrap_err();
+        assert!(refusal.message.contains("appears twice"), "{refusal}");
+        assert_short_echo(&refusal.message, &long);
+    }
+
+    // The header's `alg`.
+
+    #[tokio::test]
+    async fn alg_none_in_any_case_is_refused_as_unsigned_whatever_the_signature() {
+        let checker = checker();
+        let valid = pair(KeyKind::Rs256).sign(&claims("alice"));
+        let [_, payload, signature] = parts(&valid);
+        for none in ["none", "None", "NONE", "nOnE"] {
+            let header = json!({"alg": none, "typ": "JWT", "kid": pair(KeyKind::Rs256).kid()});
+            for signature in ["", signature] {
+                let token = format!("{}.{payload}.{signature}", b64(header.to_string()));
+                let refusal = refused(&checker, &token).await;
+                assert_says(
+                    &refusal,
+                    Reason::BadSignature,
+                    &format!("unsigned tokens (alg \"{none}\") are not accepted"),
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_empty_or_non_string_alg_names_no_algorithm() {
+        let checker = checker();
+        let valid = ed().sign(&claims("alice"));
+        let kid = ed().kid();
+        let cases = [
+            (
+                json!({"typ": "JWT", "kid": kid}),
+                "the token header has no \"alg\"",
+            ),
+            (
+                json!({"alg": "", "kid": kid}),
+                "\"alg\" is empty, so it names no signature algorithm",
+            ),
+            (json!({"alg": null, "kid": kid}), "\"alg\" is not a string"),
+            (json!({"alg": 256, "kid": kid}), "\"alg\" is not a string"),
+            (
+                json!({"alg": ["EdDSA"], "kid": kid}),
+                "\"alg\" is not a string",
+            ),
+        ];
+        for (header, expected) in cases {
+            let refusal = refused(&checker, &with_header(&valid, &header.to_string())).await;
+            assert_says(&refusal, Reason::Malformed, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_and_symmetric_algorithms_are_named_but_only_their_beginning() {
+        let checker = checker();
+        let valid = ed().sign(&claims("alice"));
+        let long = "X".repeat(5000);
+        let long_hs = format!("HS{long}");
+        let cases = [
+            (long.as_str(), Reason::Malformed, "is not supported"),
+            (
+                "ES512",
+                Reason::Malformed,
+                "token algorithm \"ES512\" is not supported",
+            ),
+            (
+                "RSA-OAEP",
+                Reason::Malformed,
+                "\"RSA-OAEP\" is not supported",
+            ),
+            (
+                "HS384",
+                Reason::BadSignature,
+                "symmetric algorithm \"HS384\" is not accepted",
+            ),
+            (
+                "HS512",
+                Reason::BadSignature,
+                "symmetric algorithm \"HS512\" is not accepted",
+            ),
+            (
+                long_hs.as_str(),
+                Reason::BadSignature,
+                "symmetric algorithm",
+            ),
+        ];
+        for (alg, reason, expected) in cases {
+            let header = json!({"alg": alg, "kid": ed().kid()}).to_string();
+            let refusal = refused(&checker, &with_header(&valid, &header)).await;
+            assert_says(&refusal, reason, expected);
+            assert_short_echo(&refusal.message, alg);
+        }
+    }
+
+    #[tokio::test]
+    async fn hs256_keyed_with_the_providers_public_key_is_refused_without_a_shared_secret() {
+        let checker = checker();
+        let jwk = pair(KeyKind::Rs256).public_jwk();
+        let n = jwk["n"].as_str().unwrap();
+        // The classic key-confusion secrets: the JWK as published, its
+        // modulus as text, and the modulus bytes.
+        let secrets = [
+            serde_json::to_vec(&jwk).unwrap(),
+            n.as_bytes().to_vec(),
+            URL_SAFE_NO_PAD.decode(n).unwrap(),
+        ];
+        for secret in secrets {
+            let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+            header.kid = Some(pair(KeyKind::Rs256).kid());
+            let key = EncodingKey::from_secret(&secret);
+            let token = jsonwebtoken::encode(&header, &claims("alice"), &key).unwrap();
+            let refusal = refused(&checker, &token).await;
+            assert_says(
+                &refusal,
+                Reason::BadSignature,
+                "symmetric algorithm \"HS256\" is not accepted from https://id.example",
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_algorithm_the_provider_does_not_list_is_refused() {
+        let checker = checker_with(&format!("{PROVIDER}algorithms = [\"ES256\"]\n"));
+        accepted(&checker, &pair(KeyKind::Es256).sign(&claims("alice"))).await;
+        for kind in [KeyKind::Rs256, KeyKind::Es384, KeyKind::EdDsa] {
+            let refusal = refused(&checker, &pair(kind).sign(&claims("alice"))).await;
+            let alg = kind.alg_name();
+            assert_says(
+                &refusal,
+                Reason::BadSignature,
+                &format!("token algorithm {alg} is not accepted by https://id.example"),
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_algorithm_that_does_not_fit_the_named_key_is_refused() {
+        let checker = checker();
+        let valid = ed().sign(&claims("alice"));
+        let mismatches = [
+            ("ES256", KeyKind::Rs256),
+            ("RS256", KeyKind::EdDsa),
+            ("ES384", KeyKind::Es256),
+            ("ES256", KeyKind::Es384),
+            ("EdDSA", KeyKind::Es256),
+            ("PS256", KeyKind::Es256),
+        ];
+        for (alg, kind) in mismatches {
+            let kid = pair(kind).kid();
+            let header = json!({"alg": alg, "kid": kid}).to_string();
+            let refusal = refused(&checker, &with_header(&valid, &header)).await;
+            assert_says(
+                &refusal,
+                Reason::BadSignature,
+                &format!(
+                    "token algorithm {alg} does not match key \"{kid}\" of https://id.example"
+                ),
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_that_names_its_alg_accepts_no_other_algorithm_of_its_kind() {
+        let rsa = pair(KeyKind::Rs256);
+        let pinned = checker();
+        let refusal = refused(&pinned, &rsa.sign_as(Algorithm::PS256, &claims("alice"))).await;
+        assert_says(
+            &refusal,
+            Reason::BadSignature,
+            "token algorithm PS256 does not match key",
+        );
+
+        // Published without `alg`, the same key verifies every RSA algorithm.
+        let unpinned = rsa.clone().without_jwk_alg();
+        let checker = checker_publishing(PROVIDER, &keys::jwks([&unpinned]));
+        for alg in [
+            Algorithm::RS256,
+            Algorithm::RS512,
+            Algorithm::PS256,
+            Algorithm::PS384,
+        ] {
+            accepted(&checker, &rsa.sign_as(alg, &claims("alice"))).await;
+        }
+    }
+
+    // The header's `kid`, and the key it chooses.
+
+    #[tokio::test]
+    async fn a_kid_longer_than_256_bytes_is_refused_before_any_lookup() {
+        let checker = checker();
+        let valid = ed().sign(&claims("alice"));
+        for kid in ["A".repeat(10 * 1024), "k".repeat(257)] {
+            let header = json!({"alg": "EdDSA", "kid": kid}).to_string();
+            let refusal = refused(&checker, &with_header(&valid, &header)).await;
+            let expected = format!("the token's kid is too long: {} bytes", kid.len());
+            assert_says(&refusal, Reason::Malformed, &expected);
+            assert_short_echo(&refusal.message, &kid);
+        }
+        // The longest kid is looked up, and named only in part.
+        let kid = "k".repeat(256);
+        let header = json!({"alg": "EdDSA", "kid": kid}).to_string();
+        let refusal = refused(&checker, &with_header(&valid, &header)).await;
+        assert_says(&refusal, Reason::UnknownKey, "no key \"kkk");
+        assert_short_echo(&refusal.message, &kid);
+        let stats = key_cache(&checker).stats();
+        assert_eq!((stats.succeeded, stats.failed), (0, 0), "no fetch");
+    }
+
+    #[tokio::test]
+    async fn a_kid_that_is_not_a_string_is_refused() {
+        let checker = checker();
+        let valid = ed().sign(&claims("alice"));
+        for kid in [
+            json!(42),
+            json!(null),
+            json!({"path": "../../etc/passwd"}),
+            json!(["kid"]),
+        ] {
+            let header = json!({"alg": "EdDSA", "kid": kid}).to_string();
+            let refusal = refused(&checker, &with_header(&valid, &header)).await;
+            assert_says(
+                &refusal,
+                Reason::Malformed,
+                "the token's kid is not a string",
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn hostile_kids_are_only_compared_with_the_published_ones() {
+        let checker = checker();
+        let valid = ed().sign(&claims("alice"));
+        for kid in [
+            "../../etc/passwd",
+            "' or 1=1--",
+            "x\"; drop table todos; --",
+            "",
+        ] {
+            let header = json!({"alg": "EdDSA", "kid": kid}).to_string();
+            let refusal = refused(&checker, &with_header(&valid, &header)).await;
+            assert_says(
+                &refusal,
+                Reason::UnknownKey,
+                &format!("no key {kid:?} in the JWKS of https://id.example"),
+            );
+        }
+        let stats = key_cache(&checker).stats();
+        assert_eq!((stats.succeeded, stats.failed), (0, 0), "no fetch");
+    }
+
+    #[tokio::test]
+    async fn a_token_signed_with_an_unpublished_key_is_refused_naming_its_kid() {
+        let unpublished = SigningKeyPair::generate(KeyKind::EdDsa).unwrap();
+        let refusal = refused(&checker(), &unpublished.sign(&claims("alice"))).await;
+        assert_says(
+            &refusal,
+            Reason::UnknownKey,
+            &format!(
+                "no key {:?} in the JWKS of https://id.example",
+                unpublished.kid()
+            ),
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_kid_only_the_single_key_of_a_jwks_is_chosen() {
+        let header = json!({"alg": "EdDSA", "typ": "JWT"});
+        let token = ed_sign(&header, &claims("alice"));
+        let refusal = refused(&checker(), &token).await;
+        assert_says(
+            &refusal,
+            Reason::UnknownKey,
+            "the token has no kid and the JWKS of https://id.example does not hold exactly one key",
+        );
+        let single = checker_publishing(PROVIDER, &keys::jwks([ed()]));
+        accepted(&single, &token).await;
+        // The one key chosen does not verify someone else's signature.
+        let attacker = SigningKeyPair::generate(KeyKind::EdDsa).unwrap();
+        let forged = sign_raw(
+            &ed_key(&attacker),
+            Algorithm::EdDSA,
+            &header.to_string(),
+            &claims("alice").to_string(),
+        );
+        let refusal = refused(&single, &forged).await;
+        assert_says(&refusal, Reason::BadSignature, "signature does not verify");
+    }
+
+    // Keys offered by the token itself.
+
+    /// Header members that offer the attacker's own key, or where to get it.
+    fn key_offers(attacker: &SigningKeyPair, lure: &str) -> Vec<Value> {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["attacker.example".into()]).unwrap();
+        vec![
+            json!({"jku": format!("{lure}/jwks.json")}),
+            json!({"x5u": format!("{lure}/cert.pem")}),
+            json!({"jwk": attacker.public_jwk()}),
+            json!({"x5c": [STANDARD.encode(certified.cert.der())]}),
+        ]
+    }
+
+    #[tokio::test]
+    async fn keys_and_key_urls_in_the_header_are_never_fetched_nor_trusted() {
+        let checker = checker();
+        // Where `jku` and `x5u` point: it must never be connected to.
+        let lure = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        lure.set_nonblocking(true).unwrap();
+        let lure_url = format!("http://{}", lure.local_addr().unwrap());
+        let attacker = SigningKeyPair::generate(KeyKind::EdDsa).unwrap();
+        let attacker_key = ed_key(&attacker);
+        for offer in key_offers(&attacker, &lure_url) {
+            let sign = |header: Value| {
+                let header = with(&header, offer.clone()).to_string();
+                sign_raw(
+                    &attacker_key,
+                    Algorithm::EdDSA,
+                    &header,
+                    &claims("alice").to_string(),
+                )
+            };
+            let token = sign(json!({"alg": "EdDSA", "kid": attacker.kid()}));
+            let refusal = refused(&checker, &token).await;
+            assert_says(
+                &refusal,
+                Reason::UnknownKey,
+                &format!("no key {:?}", attacker.kid()),
+            );
+
+            let token = sign(json!({"alg": "EdDSA", "kid": ed().kid()}));
+            let refusal = refused(&checker, &token).await;
+            assert_says(&refusal, Reason::BadSignature, "signature does not verify");
+
+            let token = sign(json!({"alg": "EdDSA"}));
+            let refusal = refused(&checker, &token).await;
+            assert_says(&refusal, Reason::UnknownKey, "the token has no kid");
+        }
+        let connected = lure.accept().map(|_| ()).map_err(|e| e.kind());
+        assert_eq!(
+            connected,
+            Err(std::io::ErrorKind::WouldBlock),
+            "nothing fetched"
+        );
+        let stats = key_cache(&checker).stats();
+        assert_eq!((stats.succeeded, stats.failed), (0, 0), "no JWKS fetch");
+    }
+
+    #[tokio::test]
+    async fn key_offers_in_a_provider_signed_header_are_ignored_unless_malformed() {
+        let checker = checker();
+        let attacker = SigningKeyPair::generate(KeyKind::EdDsa).unwrap();
+        let mut header = ed_header();
+        for offer in key_offers(&attacker, "https://attacker.example") {
+            header = with(&header, offer);
+        }
+        let verified = accepted(&checker, &ed_sign(&header, &claims("mallory"))).await;
+        assert_eq!(verified.subject(), Some("mallory"));
+        // jsonwebtoken reads these members, and refuses them ill-typed.
+        for offer in [
+            json!({"jwk": "not a key"}),
+            json!({"x5c": "not a list"}),
+            json!({"jku": 7}),
+        ] {
+            let token = ed_sign(&with(&ed_header(), offer.clone()), &claims("mallory"));
+            let refusal = refused(&checker, &token).await;
+            assert_says(&refusal, Reason::Malformed, "the token is malformed");
+            // What jsonwebtoken said goes to the log only.
+            assert!(refusal.detail.is_some(), "{offer}: {refusal}");
+            assert_eq!(refusal.message, "the token is malformed", "{offer}");
+        }
+    }
+
+    // Critical header extensions.
+
+    #[tokio::test]
+    async fn an_unknown_critical_extension_is_refused_by_name() {
+        let checker = checker();
+        let cases = [
+            (
+                json!({"crit": ["exp-ext"], "exp-ext": 1_700_000_000}),
+                "\"exp-ext\"",
+            ),
+            // RFC 7797's unencoded payload, which changes what is signed.
+            (json!({"crit": ["b64"], "b64": false}), "\"b64\""),
+            // A registered name listed as critical.
+            (json!({"crit": ["alg"]}), "\"alg\""),
+            // Names among other things: the names are what is refused.
+            (json!({"crit": [1, "b64"]}), "\"b64\""),
+        ];
+        for (crit, name) in cases {
+            let token = ed_sign(&with(&ed_header(), crit.clone()), &claims("alice"));
+            let refusal = refused(&checker, &token).await;
+            assert_says(
+                &refusal,
+                Reason::Malformed,
+                &format!(
+                    "the token requires critical header extension {name}, which rlsgate does not support"
+                ),
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crit_that_is_not_a_list_of_names_is_refused_as_malformed() {
+        let checker = checker();
+        for crit in [
+            json!([]),
+            json!("exp-ext"),
+            json!([1, 2]),
+            json!(null),
+            json!({}),
+        ] {
+            let token = ed_sign(&with(&ed_header(), json!({"crit": crit})), &claims("alice"));
+            let refusal = refused(&checker, &token).await;
+            assert_says(
+                &refusal,
+                Reason::Malformed,
+                "the token header's \"crit\" is malformed",
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_critical_extension_name_is_cut_short() {
+        let long = "e".repeat(3000);
+        let refusal = refuse_critical_extensions(Some(&json!([long]))).unwrap_err();
+        assert!(
+            refusal.message.contains("critical header extension \"eee"),
+            "{refusal}"
+        );
+        assert_short_echo(&refusal.message, &long);
+        assert!(refuse_critical_extensions(None).is_ok());
+    }
 }
