@@ -1548,4 +1548,495 @@ hs256_secret = "{SECRET}"
         assert_short_echo(&refusal.message, &long);
         assert!(refuse_critical_extensions(None).is_ok());
     }
+
+    // Time claims.
+
+    /// Claims whose `exp` and `nbf` are the raw JSON text given (or absent).
+    fn timed_claims(exp: Option<&str>, nbf: Option<&str>) -> String {
+        let exp = exp.map_or_else(String::new, |exp| format!(r#","exp":{exp}"#));
+        let nbf = nbf.map_or_else(String::new, |nbf| format!(r#","nbf":{nbf}"#));
+        format!(r#"{{"iss":"{ISSUER}","sub":"alice","aud":"todo-app"{exp}{nbf}}}"#)
+    }
+
+    async fn refused_for_times(exp: Option<&str>, nbf: Option<&str>) -> Refusal {
+        let token = ed_raw(&ed_header().to_string(), &timed_claims(exp, nbf));
+        refused(&checker(), &token).await
+    }
+
+    #[tokio::test]
+    async fn a_token_without_exp_is_refused() {
+        let refusal = refused_for_times(None, None).await;
+        assert_says(
+            &refusal,
+            Reason::Malformed,
+            "the token has no \"exp\" claim",
+        );
+    }
+
+    #[tokio::test]
+    async fn time_claims_that_are_not_json_numbers_are_not_numeric_dates() {
+        let future = (now_unix() + 3600).to_string();
+        let kinds = [
+            ("\"9999999999\"", "a string"),
+            ("true", "a boolean"),
+            ("null", "null"),
+            ("[9999999999]", "an array"),
+            ("{\"seconds\":9999999999}", "an object"),
+        ];
+        for (value, kind) in kinds {
+            let expected =
+                "claim is not a NumericDate: expected a JSON number of seconds since 1970, got";
+            let refusal = refused_for_times(Some(value), None).await;
+            assert_says(
+                &refusal,
+                Reason::Malformed,
+                &format!("\"exp\" {expected} {kind}"),
+            );
+            let refusal = refused_for_times(Some(&future), Some(value)).await;
+            assert_says(
+                &refusal,
+                Reason::Malformed,
+                &format!("\"nbf\" {expected} {kind}"),
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn time_claims_before_1970_or_after_the_year_9999_are_out_of_range() {
+        let future = (now_unix() + 3600).to_string();
+        let out_of_range = [
+            "-1",
+            "-1.5",
+            "-0.5",
+            "1e300",
+            // u64::MAX, and one more (which JSON parsers read as a float).
+            "18446744073709551615",
+            "18446744073709551616",
+            // The first second of the year 10000.
+            "253402300800",
+            "253402300799.5",
+        ];
+        for value in out_of_range {
+            let expected = "out of range: it must lie between 1970 and the end of year 9999";
+            let refusal = refused_for_times(Some(value), None).await;
+            assert_says(&refusal, Reason::Malformed, "the token's \"exp\" claim ");
+            assert!(refusal.message.contains(expected), "{value}: {refusal}");
+            let refusal = refused_for_times(Some(&future), Some(value)).await;
+            assert_says(&refusal, Reason::Malformed, "the token's \"nbf\" claim ");
+            assert!(refusal.message.contains(expected), "{value}: {refusal}");
+        }
+        // The value is named as read.
+        let refusal = refused_for_times(Some("253402300800"), None).await;
+        assert_says(
+            &refusal,
+            Reason::Malformed,
+            "\"exp\" claim 253402300800 is out of range",
+        );
+        // A long number is named only in part.
+        let long = format!("1{}", "0".repeat(400));
+        let refusal = refused_for_times(Some(&long), None).await;
+        assert_short_echo(&refusal.message, &long);
+    }
+
+    #[tokio::test]
+    async fn the_last_second_of_the_year_9999_and_the_first_of_1970_are_accepted() {
+        let token = ed_raw(
+            &ed_header().to_string(),
+            &timed_claims(Some("253402300799"), Some("0")),
+        );
+        let verified = accepted(&checker(), &token).await;
+        assert_eq!(verified.expires_at, LATEST_NUMERIC_DATE);
+        assert_eq!(format_time(LATEST_NUMERIC_DATE), "9999-12-31T23:59:59Z");
+    }
+
+    #[tokio::test]
+    async fn a_fraction_never_lengthens_validity() {
+        let read = |exp: &str, nbf: &str| {
+            let claims: Value = serde_json::from_str(&timed_claims(Some(exp), Some(nbf))).unwrap();
+            Validity::read(claims.as_object().unwrap()).unwrap()
+        };
+        let validity = read("1000.9", "900.1");
+        assert_eq!((validity.exp, validity.nbf), (1000, Some(901)));
+        let validity = read("1.5e9", "0.0");
+        assert_eq!((validity.exp, validity.nbf), (1_500_000_000, Some(0)));
+
+        // Through the checker: the expiry is named and kept in whole seconds.
+        let refusal = refused_for_times(Some("1.5e9"), None).await;
+        assert_says(
+            &refusal,
+            Reason::Expired,
+            "token expired at 2017-07-14T02:40:00Z",
+        );
+        let exp = now_unix() + 3600;
+        let claims = timed_claims(
+            Some(&format!("{exp}.75")),
+            Some(&format!("{}.5", now_unix() - 10)),
+        );
+        let verified = accepted(&checker(), &ed_raw(&ed_header().to_string(), &claims)).await;
+        assert_eq!(verified.expires_at, exp);
+        assert_eq!(verified.claims["exp"].as_f64(), Some(exp as f64 + 0.75));
+    }
+
+    #[test]
+    fn exp_and_nbf_are_judged_with_the_leeway_to_the_second() {
+        let leeway = Duration::from_secs(2);
+        let expiring = Validity {
+            exp: 1000,
+            nbf: None,
+        };
+        assert!(expiring.check_at(1000, Duration::ZERO).is_ok());
+        assert!(expiring.check_at(1002, leeway).is_ok());
+        for (now, leeway) in [(1001, Duration::ZERO), (1003, leeway)] {
+            let refusal = expiring.check_at(now, leeway).unwrap_err();
+            assert_says(
+                &refusal,
+                Reason::Expired,
+                "token expired at 1970-01-01T00:16:40Z",
+            );
+        }
+        let early = Validity {
+            exp: LATEST_NUMERIC_DATE,
+            nbf: Some(2000),
+        };
+        assert!(early.check_at(2000, Duration::ZERO).is_ok());
+        assert!(early.check_at(1998, leeway).is_ok());
+        for (now, leeway) in [(1999, Duration::ZERO), (1997, leeway)] {
+            let refusal = early.check_at(now, leeway).unwrap_err();
+            assert_says(
+                &refusal,
+                Reason::Expired,
+                "token is not valid before 1970-01-01T00:33:20Z",
+            );
+        }
+        // The latest exp with the largest leeway does not overflow.
+        let latest = Validity {
+            exp: LATEST_NUMERIC_DATE,
+            nbf: Some(0),
+        };
+        assert!(latest.check_at(u64::MAX, Duration::MAX).is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_expired_or_not_yet_valid_token_is_refused_naming_the_time() {
+        let checker = checker();
+        let exp = now_unix() - 60;
+        let mut expired = claims("alice");
+        expired["exp"] = json!(exp);
+        let refusal = refused(&checker, &ed().sign(&expired)).await;
+        let expected = format!("token expired at {}", format_time(exp));
+        assert_says(&refusal, Reason::Expired, &expected);
+
+        let nbf = now_unix() + 600;
+        let mut early = claims("alice");
+        early["nbf"] = json!(nbf);
+        let refusal = refused(&checker, &ed().sign(&early)).await;
+        let expected = format!("token is not valid before {}", format_time(nbf));
+        assert_says(&refusal, Reason::Expired, &expected);
+    }
+
+    // Issuer, audience and signature.
+
+    #[tokio::test]
+    async fn a_token_without_an_issuer_or_from_an_unconfigured_one_is_refused() {
+        let checker = checker();
+        for iss in [None, Some(json!(42)), Some(json!(null))] {
+            let mut claims = claims("alice");
+            let members = claims.as_object_mut().unwrap();
+            match iss {
+                Some(iss) => members.insert("iss".to_owned(), iss),
+                None => members.remove("iss"),
+            };
+            let refusal = refused(&checker, &ed().sign(&claims)).await;
+            assert_says(
+                &refusal,
+                Reason::UnknownIssuer,
+                "the token has no \"iss\" claim, so no provider can verify it",
+            );
+        }
+        let long = format!("https://{}.example", "evil".repeat(1000));
+        for iss in [
+            "https://evil.example.com",
+            "https://id.example/",
+            long.as_str(),
+        ] {
+            let mut claims = claims("alice");
+            claims["iss"] = json!(iss);
+            let refusal = refused(&checker, &ed().sign(&claims)).await;
+            assert_says(&refusal, Reason::UnknownIssuer, "is not configured");
+            assert_short_echo(&refusal.message, iss);
+        }
+        let mut claims = claims("alice");
+        claims["iss"] = json!("https://evil.example.com");
+        let refusal = refused(&checker, &ed().sign(&claims)).await;
+        assert_says(
+            &refusal,
+            Reason::UnknownIssuer,
+            "issuer \"https://evil.example.com\" is not configured",
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_for_another_audience_or_none_is_refused_when_one_is_configured() {
+        let checker = checker();
+        let mut other = claims("alice");
+        other["aud"] = json!("other-app");
+        let refusal = refused(&checker, &ed().sign(&other)).await;
+        assert_says(
+            &refusal,
+            Reason::Audience,
+            "token audience \"other-app\" is not accepted by https://id.example (expected one of [\"todo-app\"])",
+        );
+        let mut none = claims("alice");
+        none.as_object_mut().unwrap().remove("aud");
+        let refusal = refused(&checker, &ed().sign(&none)).await;
+        assert_says(&refusal, Reason::Audience, "the token has no \"aud\" claim");
+        // One audience among several is enough.
+        let mut several = claims("alice");
+        several["aud"] = json!(["other-app", "todo-app"]);
+        accepted(&checker, &ed().sign(&several)).await;
+
+        // Without a configured audience, `aud` is not looked at.
+        let open = checker_with("leeway = \"2s\"\n");
+        accepted(&open, &ed().sign(&other)).await;
+        accepted(&open, &ed().sign(&none)).await;
+    }
+
+    #[tokio::test]
+    async fn an_altered_or_spliced_signature_does_not_verify() {
+        let checker = checker();
+        for pair in pairs() {
+            let token = pair.sign(&claims("alice"));
+            let [header, payload, signature] = parts(&token);
+            // The first character carries six full bits: the result is
+            // still canonical base64url, and wrong.
+            let mut altered = signature.as_bytes().to_vec();
+            altered[0] = if altered[0] == b'A' { b'B' } else { b'A' };
+            let altered = format!("{header}.{payload}.{}", String::from_utf8(altered).unwrap());
+            // Bob's valid signature on alice's header and claims.
+            let bob = pair.sign(&claims("bob"));
+            let spliced = format!("{header}.{payload}.{}", parts(&bob)[2]);
+            for forged in [altered, spliced, format!("{header}.{payload}.")] {
+                let refusal = refused(&checker, &forged).await;
+                assert_says(
+                    &refusal,
+                    Reason::BadSignature,
+                    "token signature does not verify with the key of https://id.example",
+                );
+            }
+        }
+        let stats = key_cache(&checker).stats();
+        assert_eq!((stats.succeeded, stats.failed), (0, 0), "no JWKS fetch");
+    }
+
+    #[tokio::test]
+    async fn keys_that_cannot_be_fetched_refuse_with_a_connection_failure() {
+        // A loopback port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let lines = format!("{PROVIDER}jwks_url = \"http://127.0.0.1:{port}/jwks.json\"\n");
+        let checker = TokenChecker::new(&config(&lines), crate::jwks::http_client());
+        let refusal = refused(&checker, &ed().sign(&claims("alice"))).await;
+        assert_eq!(refusal.sqlstate, sqlstate::CONNECTION_FAILURE, "{refusal}");
+        assert_eq!(refusal.reason, Reason::Upstream, "{refusal}");
+        assert!(
+            refusal
+                .message
+                .starts_with("cannot verify the token now: the signing keys of https://id.example cannot be fetched"),
+            "{refusal}"
+        );
+    }
+
+    // The provider's claim rules, on every check.
+
+    #[tokio::test]
+    async fn max_token_age_needs_an_iat_neither_too_old_nor_in_the_future() {
+        let checker = checker_with(&format!("{PROVIDER}max_token_age = \"10m\"\n"));
+        accepted(&checker, &ed().sign(&claims("alice"))).await;
+        let with_iat = |iat: Value| {
+            let mut claims = claims("alice");
+            claims["iat"] = iat;
+            ed().sign(&claims)
+        };
+        let old = now_unix() - 3600;
+        let refusal = refused(&checker, &with_iat(json!(old))).await;
+        let expected = format!(
+            "token was issued at {}, more than 10m ago (max_token_age of https://id.example)",
+            format_time(old)
+        );
+        assert_says(&refusal, Reason::Expired, &expected);
+
+        let future = now_unix() + 3600;
+        let refusal = refused(&checker, &with_iat(json!(future))).await;
+        let expected = format!(
+            "token claims to be issued at {}, which is in the future",
+            format_time(future)
+        );
+        assert_says(&refusal, Reason::Other, &expected);
+
+        let refusal = refused(&checker, &with_iat(json!("yesterday"))).await;
+        assert_says(
+            &refusal,
+            Reason::Other,
+            "\"iat\" claim is not a NumericDate",
+        );
+
+        let mut without = claims("alice");
+        without.as_object_mut().unwrap().remove("iat");
+        let refusal = refused(&checker, &ed().sign(&without)).await;
+        assert_says(
+            &refusal,
+            Reason::Other,
+            "the token has no \"iat\" claim, which https://id.example requires (max_token_age)",
+        );
+    }
+
+    #[tokio::test]
+    async fn required_claims_must_be_present_and_not_null_at_their_path() {
+        let checker = checker_with(&format!(
+            "{PROVIDER}required_claims = [\"tenant\", \"app.org\"]\n"
+        ));
+        let mut complete = claims("alice");
+        complete["tenant"] = json!("acme");
+        complete["app"] = json!({"org": 7});
+        accepted(&checker, &ed().sign(&complete)).await;
+        let cases = [
+            ("tenant", Value::Null, "\"tenant\""),
+            ("app", json!({"org": null}), "\"app.org\""),
+            ("app", json!({"other": 1}), "\"app.org\""),
+            ("app", json!("org"), "\"app.org\""),
+        ];
+        for (name, value, missing) in cases {
+            let mut claims = complete.clone();
+            claims[name] = value;
+            let refusal = refused(&checker, &ed().sign(&claims)).await;
+            let expected =
+                format!("the token has no {missing} claim, which https://id.example requires");
+            assert_says(&refusal, Reason::Other, &expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_role_claim_allows_only_the_roles_it_names() {
+        let checker = checker_with(&format!("{PROVIDER}role_claim = \"app.roles\"\n"));
+        let with_roles = |roles: Value| {
+            let mut claims = claims("alice");
+            claims["app"] = json!({"roles": roles});
+            ed().sign(&claims)
+        };
+        for roles in [json!("authenticated"), json!(["reader", "authenticated"])] {
+            accepted(&checker, &with_roles(roles)).await;
+        }
+        let long = "r".repeat(1000);
+        let refused_roles = [
+            (json!("reader"), "its \"app.roles\" claim is \"reader\""),
+            (
+                json!(["reader", 7]),
+                "its \"app.roles\" claim is [\"reader\",7]",
+            ),
+            (
+                json!({"authenticated": true}),
+                "its \"app.roles\" claim is {\"authenticated\":true}",
+            ),
+            (json!(long), "its \"app.roles\" claim is \"rrr"),
+        ];
+        for (roles, expected) in refused_roles {
+            let refusal = refused(&checker, &with_roles(roles)).await;
+            assert_says(
+                &refusal,
+                Reason::Role,
+                "token does not allow role \"authenticated\"",
+            );
+            assert!(refusal.message.contains(expected), "{refusal}");
+            assert_short_echo(&refusal.message, &long);
+        }
+        let refusal = refused(&checker, &ed().sign(&claims("alice"))).await;
+        assert_says(&refusal, Reason::Role, "its \"app.roles\" claim is absent");
+    }
+
+    #[test]
+    fn a_claim_path_tries_the_whole_name_first_then_splits_from_the_left() {
+        let claims = json!({
+            "https://app.example/roles": ["admin"],
+            "a": {"b.c": 1, "b": {"c": 2}},
+            "a.b": {"c": 3},
+            "p.q": {"r": 4},
+            "x": {"y": {"z": 5}},
+            "s": "not an object",
+        });
+        let claims = claims.as_object().unwrap();
+        let at = |path: &str| claim_at(claims, path).cloned();
+        assert_eq!(at("https://app.example/roles"), Some(json!(["admin"])));
+        assert_eq!(at("a.b"), Some(json!({"c": 3})));
+        // Split at the first dot, then the rest whole before it is split.
+        assert_eq!(at("a.b.c"), Some(json!(1)));
+        // "p" is no claim, so the next dot splits.
+        assert_eq!(at("p.q.r"), Some(json!(4)));
+        assert_eq!(at("x.y.z"), Some(json!(5)));
+        assert_eq!(at("x.y"), Some(json!({"z": 5})));
+        for missing in ["x.z", "s.length", "nope", "x.y.z.w", ".", "a."] {
+            assert_eq!(at(missing), None, "{missing}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_still_meets_the_role_rules_of_each_connection() {
+        let checker = checker_with(&format!("{PROVIDER}role_claim = \"roles\"\n"));
+        let mut claims = claims("alice");
+        claims["roles"] = json!(["authenticated"]);
+        let token = ed().sign(&claims);
+        accepted(&checker, &token).await;
+        accepted(&checker, &token).await;
+        assert_eq!(checker.cache_counts(), (1, 1));
+        let refusal = checker.check(&token, "admin").await.unwrap_err();
+        assert_says(
+            &refusal,
+            Reason::Role,
+            "token does not allow role \"admin\"",
+        );
+        assert_eq!(checker.cache_counts(), (2, 1));
+    }
+
+    #[test]
+    fn claims_of_an_issuer_no_longer_configured_are_refused() {
+        let checker = checker();
+        let verified = VerifiedToken {
+            claims: json!({"iss": "https://gone.example", "sub": "alice"})
+                .as_object()
+                .unwrap()
+                .clone(),
+            expires_at: now_unix() + 60,
+        };
+        assert_eq!(checker.leeway(&verified), Duration::ZERO);
+        let refusal = checker.apply_rules(verified, "authenticated").unwrap_err();
+        assert_says(
+            &refusal,
+            Reason::UnknownIssuer,
+            "the token's issuer is no longer configured",
+        );
+    }
+
+    // What is shown of untrusted text and of tokens.
+
+    #[test]
+    fn untrusted_text_is_clipped_to_100_characters_even_when_they_are_not_ascii() {
+        assert_eq!(clip("short"), "short");
+        assert_eq!(clip(&"a".repeat(101)), "a".repeat(100));
+        // Multi-byte characters are kept whole.
+        assert_eq!(clip(&"é".repeat(150)), "é".repeat(100));
+        assert_eq!(clip(&"🔑".repeat(150)).chars().count(), 100);
+    }
+
+    #[test]
+    fn a_fingerprint_names_a_token_without_revealing_it() {
+        let token = ed().sign(&claims("alice"));
+        let print = fingerprint(&token);
+        assert_eq!(print.len(), 12);
+        assert!(print.bytes().all(|b| b.is_ascii_hexdigit()), "{print}");
+        assert_eq!(fingerprint(&token), print, "stable");
+        assert_ne!(fingerprint(&ed().sign(&claims("bob"))), print);
+        assert!(parts(&token).iter().all(|part| !part.contains(&print)));
+    }
 }
