@@ -2039,4 +2039,47 @@ hs256_secret = "{SECRET}"
         assert_ne!(fingerprint(&ed().sign(&claims("bob"))), print);
         assert!(parts(&token).iter().all(|part| !part.contains(&print)));
     }
+
+    // Size and reload.
+
+    #[tokio::test]
+    async fn a_token_as_long_as_the_default_byte_limit_is_verified_whole() {
+        let limit = config(PROVIDER).listen.max_token_bytes;
+        // Padded with a claim and, to reach every length, a header member.
+        let token = (0..3)
+            .flat_map(|a| (limit * 2 / 3..limit).map(move |b| (a, b)))
+            .map(|(a, b)| {
+                let header = with(&ed_header(), json!({"x": "h".repeat(a)}));
+                let mut claims = claims("alice");
+                claims["filler"] = json!("c".repeat(b));
+                ed_sign(&header, &claims)
+            })
+            .find(|token| token.len() == limit)
+            .expect("a token of exactly the limit");
+        let verified = accepted(&checker(), &token).await;
+        assert_eq!(verified.subject(), Some("alice"));
+        // One byte short, the signature is cut and the token refused.
+        let refusal = refused(&checker(), &token[..limit - 1]).await;
+        assert_says(&refusal, Reason::Malformed, "not a JWT");
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_fetched_keys_of_an_unchanged_provider_but_not_verified_tokens() {
+        let before = checker();
+        let token = ed().sign(&claims("alice"));
+        accepted(&before, &token).await;
+        let keys = |checker: &TokenChecker| checker.providers[ISSUER].keys.clone().unwrap();
+
+        let same =
+            TokenChecker::replacing(Some(&before), &config(PROVIDER), reqwest::Client::new());
+        assert!(Arc::ptr_eq(&keys(&before), &keys(&same)));
+        // Verified again with the kept keys, not served from a cache.
+        accepted(&same, &token).await;
+        assert_eq!(same.cache_counts(), (0, 1));
+
+        let lines = format!("{PROVIDER}jwks_max_age = \"1h\"\n");
+        let changed =
+            TokenChecker::replacing(Some(&before), &config(&lines), reqwest::Client::new());
+        assert!(!Arc::ptr_eq(&keys(&before), &keys(&changed)));
+    }
 }
