@@ -479,6 +479,26 @@ impl JwksCache {
     }
 }
 
+#[cfg(test)]
+impl JwksCache {
+    /// A cache holding the keys of `jwks` as if just fetched from the
+    /// provider, so that unit tests verify tokens through [`JwksCache::key`]
+    /// without an HTTP server. Its cooldown starts now: an unknown `kid` is
+    /// refused without a fetch.
+    pub(crate) fn holding(provider: &config::Provider, jwks: &Value) -> Self {
+        let cache = Self::new(provider, reqwest::Client::new());
+        {
+            let now = Instant::now();
+            let mut cached = cache.cached.write().expect("jwks lock");
+            cached.keys = Arc::new(parse_jwks(jwks).expect("a JWKS"));
+            cached.fetched_at = Some(now);
+            cached.last_attempt = Some(now);
+            cached.fresh_for = cache.policy.max_age;
+        }
+        cache
+    }
+}
+
 struct Pending<'a>(&'a AtomicBool);
 
 impl Drop for Pending<'_> {
