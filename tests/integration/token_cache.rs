@@ -3,13 +3,11 @@
 //! skipped), but never past its `exp`, never with the cache turned off, and
 //! never beyond `[listen] token_cache_entries` tokens.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{Harness, jwt_header, unix_now};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::{Harness, jwt_header, unix_now};
 
 /// Longer than the harness's `refetch_cooldown = "1s"`.
 const PAST_COOLDOWN: Duration = Duration::from_millis(1300);

@@ -6,12 +6,10 @@
 //! line that names the problem; what one user of a shared login role can do
 //! to the others (large objects, its password) is a warning.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::Stdio;
 
-use support::{Harness, SIGNING_KEY};
+use crate::support::{Harness, SIGNING_KEY};
 
 /// A signing key the test database has never been told about.
 const OTHER_SIGNING_KEY: &str = "YW5vdGhlci1zaWduaW5nLWtleS10aGF0LWlzLTMyLWJ5dGVzIQ==";

@@ -3,13 +3,11 @@
 //! TLS (`hostssl`), so a session that works is a session that is encrypted;
 //! `pg_stat_ssl` confirms it from the server's side.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::pki::TestPki;
+use crate::support::{Harness, SIGNING_KEY, WAIT, db_error, user_id_of};
 use rlsgate::dev::postgres::TempPostgres;
-use support::pki::TestPki;
-use support::{Harness, SIGNING_KEY, WAIT, db_error, user_id_of};
 
 fn toml_path(path: &std::path::Path) -> String {
     format!("{:?}", path.display().to_string())

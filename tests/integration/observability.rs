@@ -5,18 +5,16 @@
 //! Waits are bounded and polled: a test fails when something never happens,
 //! not when a machine is slow.
 
-mod support;
-
 use std::future::Future;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rlsgate::dev::issuer::{DevIssuer, KeyKind, SigningKeyPair};
-use serde_json::{Value, json};
-use support::{
+use crate::support::{
     Harness, SIGNING_KEY, WAIT, client_config, connect, http_get, metric, metric_lines, unix_now,
 };
+use rlsgate::dev::issuer::{DevIssuer, KeyKind, SigningKeyPair};
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::{Instant, sleep};
 
@@ -77,7 +75,10 @@ async fn metrics_count_exactly_the_sessions_and_refusals_that_happened() {
 
     for sub in ["alice", "bob"] {
         let client = h.connect_as(sub).await;
-        assert_eq!(support::user_id_of(&client).await.as_deref(), Some(sub));
+        assert_eq!(
+            crate::support::user_id_of(&client).await.as_deref(),
+            Some(sub)
+        );
         drop(client);
     }
     let expired = h.token_with(
@@ -248,7 +249,10 @@ async fn readyz_is_not_ready_while_keys_are_past_max_stale_or_the_upstream_is_do
     .await;
     assert_eq!(body["upstream"], json!("ok"), "{body}");
     let client = h.connect_as("alice").await;
-    assert_eq!(support::user_id_of(&client).await.as_deref(), Some("alice"));
+    assert_eq!(
+        crate::support::user_id_of(&client).await.as_deref(),
+        Some("alice")
+    );
 }
 
 /// The proxy binary, serving `config`, with its stderr collected line by line.
@@ -528,9 +532,9 @@ async fn active_gauges_follow_an_open_session_and_cancel_requests_are_counted_by
     let mut cancel = tokio::net::TcpStream::connect(h.proxy.address)
         .await
         .unwrap();
-    support::wire::send(
+    crate::support::wire::send(
         &mut cancel,
-        &support::wire::cancel_request(session.pid ^ 1, session.secret),
+        &crate::support::wire::cancel_request(session.pid ^ 1, session.secret),
     )
     .await;
     let text = poll_until(WAIT, "the cancel request is counted", || async {

@@ -4,21 +4,19 @@
 //! with a password it does, and the proxy says so (log, `/readyz`, metrics)
 //! until the password is set back.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::pki::TestPki;
+use crate::support::process::Served;
+use crate::support::{
+    Harness, SIGNING_KEY, WAIT, client_config, connect, db_error, http_get, metric, user_id_of,
+};
 use rlsgate::config::Config;
 use rlsgate::dev::postgres::TempPostgres;
 use rlsgate::listener::RunningProxy;
 use serde_json::{Value, json};
-use support::pki::TestPki;
-use support::process::Served;
-use support::{
-    Harness, SIGNING_KEY, WAIT, client_config, connect, db_error, http_get, metric, user_id_of,
-};
 
 /// The sample configuration's password for the login role `authenticated`.
 const CONFIGURED_PASSWORD: &str = "authenticated-dev-password";
@@ -30,7 +28,7 @@ fn toml_path(path: &Path) -> String {
 /// The proxy's configuration for the harness's world, with `extra` placed
 /// as `Harness::start_with` places it, and `[upstream] host` replaced.
 fn config_toml(h: &Harness, host: &str, extra: &str) -> String {
-    let toml = support::proxy_config_toml(
+    let toml = crate::support::proxy_config_toml(
         "127.0.0.1".parse().unwrap(),
         h.pg.port(),
         &h.issuer.issuer(),

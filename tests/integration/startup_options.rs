@@ -3,12 +3,10 @@
 //! proxy did not see: checked against a real server byte by byte, then
 //! through the proxy, unpooled and pooled.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
-use support::wire::{self, ErrorResponse};
-use support::{Harness, WAIT, connect};
+use crate::support::wire::{self, ErrorResponse};
+use crate::support::{Harness, WAIT, connect};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 

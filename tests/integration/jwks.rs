@@ -5,14 +5,12 @@
 //! Waits are bounded and polled rather than timed exactly: a test fails when
 //! something hangs or never happens, not when a machine is slow.
 
-mod support;
-
 use std::future::Future;
 use std::time::Duration;
 
+use crate::support::{Harness, WAIT, db_error};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::{Harness, WAIT, db_error};
 use tokio::time::{Instant, sleep, timeout};
 
 /// Between polling attempts.

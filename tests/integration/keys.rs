@@ -2,13 +2,11 @@
 //! without a restart, refetches bounded by the cooldown, cached keys serving
 //! while the provider is down, and retired keys dropped on the next refetch.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{Harness, db_error, jwt_header};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::{Harness, db_error, jwt_header};
 
 /// Longer than the harness's `refetch_cooldown = "1s"`.
 const PAST_COOLDOWN: Duration = Duration::from_millis(1300);
