@@ -441,7 +441,8 @@ async fn thirty_sessions_behind_one_address_all_cancelled_at_once_end_with_57014
         let running: i64 = admin
             .query_one(
                 "select count(*) from pg_stat_activity \
-                 where state = 'active' and query = 'select pg_sleep(30)'",
+                 where state = 'active' and query = 'select pg_sleep(30)' \
+                   and datname = current_database()",
                 &[],
             )
             .await

@@ -94,8 +94,12 @@ async fn check(toml: &str, database: &str) -> Checked {
 
 /// The harness's database without the test table `scratch`, which is granted
 /// to `authenticated` without RLS.
+///
+/// Alone: these tests create roles, grant them to `authenticated` and change
+/// its settings and password, and each `rlsgate check` inspects the roles of
+/// the whole cluster.
 async fn good_setup() -> Harness {
-    let h = Harness::start().await;
+    let h = Harness::start_alone("").await;
     h.admin()
         .await
         .batch_execute("drop table scratch")

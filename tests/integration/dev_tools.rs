@@ -200,9 +200,9 @@ async fn a_token_from_the_command_line_tools_gets_through_the_proxy() {
     assert_eq!(jwt_header(&token)["kid"], kid.as_str());
 
     // A proxy whose only provider is the command-line issuer.
-    let toml = rlsgate::dev::sample_config(
+    let toml = crate::support::sample_config_toml(
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        h.pg.port(),
+        &h.pg,
         &issuer_url,
         crate::support::SIGNING_KEY,
     );

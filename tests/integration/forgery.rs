@@ -1022,7 +1022,8 @@ async fn an_envelope_names_its_backends_pid_and_start_and_expires_within_the_hou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_removed() {
     for pool in ["", POOLED] {
-        let h = Harness::start_with_admin(pool).await;
+        // Alone: settings of `authenticated` reach every test's sessions.
+        let h = Harness::start_alone_with_admin(pool).await;
         let admin = h.admin().await;
         // Everyone keeps their session, so each new one needs a new
         // upstream connection (the pooled ones made before are unaffected).
@@ -1072,7 +1073,7 @@ async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_
 /// served; any other setting is still refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declared_login_role_settings_are_served_and_others_still_refused() {
-    let h = Harness::start_configured("", |config| {
+    let h = Harness::start_alone_configured("", |config| {
         let role = config
             .roles
             .iter_mut()

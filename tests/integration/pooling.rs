@@ -82,7 +82,8 @@ async fn wait_until_gone(admin: &Client, pid: i32) {
 
 #[tokio::test]
 async fn user_b_on_alices_backend_sees_nothing_she_left_behind() {
-    let h = Harness::start_with(POOLED).await;
+    // Alone: it grants a role to `authenticated`, which other tests share.
+    let h = Harness::start_alone(POOLED).await;
     let admin = h.admin().await;
     admin
         .batch_execute("create role helper; grant helper to authenticated;")
@@ -246,7 +247,7 @@ async fn a_client_that_leaves_cleanly_has_its_backend_reused() {
 
 #[tokio::test]
 async fn dead_pooled_connections_are_replaced_after_an_upstream_restart() {
-    let mut h = Harness::start_with(POOLED).await;
+    let mut h = Harness::start_alone(POOLED).await;
     let admin = h.admin().await;
 
     // Three backends in the pool.

@@ -160,13 +160,8 @@ async fn sighup_applies_a_new_provider_and_keeps_the_old_configuration_when_inva
         .unwrap()
         .port();
     let toml = |extra: &str| {
-        proxy_config_toml(
-            Ipv4Addr::LOCALHOST.into(),
-            h.pg.port(),
-            &h.issuer.issuer(),
-            extra,
-        )
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        proxy_config_toml(Ipv4Addr::LOCALHOST.into(), &h.pg, &h.issuer.issuer(), extra)
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rlsgate.toml");

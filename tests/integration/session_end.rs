@@ -166,6 +166,7 @@ async fn running(admin: &tokio_postgres::Client, needle: &str) -> i64 {
         .query_one(
             "select count(*) from pg_stat_activity \
              where usename = 'authenticated' and pid <> pg_backend_pid() \
+               and datname = current_database() \
                and query like '%' || $1 || '%'",
             &[&needle],
         )
