@@ -402,7 +402,8 @@ async fn the_envelope_never_appears_in_pg_stat_activity() {
         // Before the client's first query, the backend's last one is the bind.
         let queries: Vec<String> = admin
             .query(
-                "select query from pg_stat_activity where usename = 'authenticated'",
+                "select query from pg_stat_activity \
+                 where usename = 'authenticated' and datname = current_database()",
                 &[],
             )
             .await
