@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the client checks (tests/clients.rs) run: psql and pgbench,
+# Installs what the client checks (tests/integration/clients.rs) run: psql and pgbench,
 # pgjdbc and a JDK, psycopg 3 with psycopg_pool in clients/python/.venv, and
 # the Node.js drivers pg and postgres from clients/node/package-lock.json.
 # Running it again installs only what is missing.

@@ -2,7 +2,7 @@
 // template queries, prepared statements by default, sql.begin transactions,
 // and a pool of connections behind one `sql`.
 //
-// The connection details come from the environment (tests/clients.rs sets
+// The connection details come from the environment (tests/integration/clients.rs sets
 // them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN,
 // EXPIRED_TOKEN, and SHORT_TOKEN, alice's token whose sessions the proxy
 // ends at SHORT_TOKEN_ENDS_AT (unix seconds). With RLSGATE_SSLMODE=require

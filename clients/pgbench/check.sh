@@ -4,7 +4,7 @@
 # token in PGPASSWORD. Then, through psql, the 400 rows are alice's and bob
 # sees none of them. psql is $PSQL, or psql on PATH.
 #
-# The connection details come from the environment (tests/clients.rs sets
+# The connection details come from the environment (tests/integration/clients.rs sets
 # them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN.
 # With RLSGATE_SSLMODE=require (the proxy has a certificate), pgbench and psql
 # connect with libpq's PGSSLMODE=require: encrypted, the certificate not

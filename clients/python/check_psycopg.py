@@ -1,6 +1,6 @@
 """psycopg 3 and psycopg_pool through rlsgate, used as their users use them.
 
-The connection details come from the environment (tests/clients.rs sets
+The connection details come from the environment (tests/integration/clients.rs sets
 them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN,
 EXPIRED_TOKEN, and SHORT_TOKEN, alice's token whose sessions the proxy ends
 at SHORT_TOKEN_ENDS_AT (unix seconds). With RLSGATE_SSLMODE=require (the

@@ -14,7 +14,7 @@ its cancel tests, which need the backend pid a client is told
 - pg_terminate_backend(conn.info.backend_pid), from the connection itself or
   another one, leaves the connection broken (conn.broken), and a new one works.
 
-The connection details come from the environment (tests/clients.rs sets
+The connection details come from the environment (tests/integration/clients.rs sets
 them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN. The
 first argument names the proxy's pool mode, for the output. Exits 0 only if
 every check passed; prints each check.

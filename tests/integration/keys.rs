@@ -2,13 +2,11 @@
 //! without a restart, refetches bounded by the cooldown, cached keys serving
 //! while the provider is down, and retired keys dropped on the next refetch.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{Harness, db_error, jwt_header};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::{Harness, db_error, jwt_header};
 
 /// Longer than the harness's `refetch_cooldown = "1s"`.
 const PAST_COOLDOWN: Duration = Duration::from_millis(1300);
@@ -17,18 +15,12 @@ fn kid_of(token: &str) -> String {
     jwt_header(token)["kid"].as_str().unwrap().to_owned()
 }
 
-/// Connects with `token` and returns the user id the database sees.
-async fn user_id(h: &Harness, token: &str) -> Result<String, tokio_postgres::Error> {
-    let client = h.connect("authenticated", token).await?;
-    Ok(client.query_one("select auth.user_id()", &[]).await?.get(0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_key_is_picked_up_without_a_restart_and_the_old_key_keeps_working() {
     let h = Harness::start().await;
     let old_token = h.token("alice");
     let old_kid = kid_of(&old_token);
-    assert_eq!(user_id(&h, &old_token).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&old_token).await.unwrap(), "alice");
     let fetches = h.issuer.jwks_fetches();
 
     let new_kid = h.issuer.rotate(KeyKind::Rs256);
@@ -40,7 +32,7 @@ async fn a_rotated_key_is_picked_up_without_a_restart_and_the_old_key_keeps_work
     let new_token = h.token("bob");
     assert_eq!(kid_of(&new_token), new_kid);
     assert_eq!(
-        user_id(&h, &new_token)
+        h.user_id(&new_token)
             .await
             .expect("a token signed with the new key is accepted"),
         "bob"
@@ -55,8 +47,8 @@ async fn a_rotated_key_is_picked_up_without_a_restart_and_the_old_key_keeps_work
     let old_again = h
         .issuer
         .mint_with_kid(&old_kid, json!({"sub": "carol", "aud": "todo-app"}));
-    assert_eq!(user_id(&h, &old_again).await.unwrap(), "carol");
-    assert_eq!(user_id(&h, &old_token).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&old_again).await.unwrap(), "carol");
+    assert_eq!(h.user_id(&old_token).await.unwrap(), "alice");
     // Both keys are now cached: no more fetches.
     assert_eq!(h.issuer.jwks_fetches(), fetches + 1);
 }
@@ -64,7 +56,7 @@ async fn a_rotated_key_is_picked_up_without_a_restart_and_the_old_key_keeps_work
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_unknown_kids_causes_at_most_one_fetch_per_cooldown() {
     let h = Harness::start().await;
-    assert_eq!(user_id(&h, &h.token("alice")).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&h.token("alice")).await.unwrap(), "alice");
     tokio::time::sleep(PAST_COOLDOWN).await;
 
     // Past the cooldown: a burst of 20 tokens with unknown kids, at once.
@@ -124,24 +116,24 @@ async fn a_burst_of_unknown_kids_causes_at_most_one_fetch_per_cooldown() {
     );
 
     // Valid tokens are served throughout.
-    assert_eq!(user_id(&h, &h.token("alice")).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&h.token("alice")).await.unwrap(), "alice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_keys_keep_serving_while_the_provider_is_down() {
     let h = Harness::start().await;
-    assert_eq!(user_id(&h, &h.token("alice")).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&h.token("alice")).await.unwrap(), "alice");
 
     h.issuer.set_down(true);
     assert_eq!(
-        user_id(&h, &h.token("bob"))
+        h.user_id(&h.token("bob"))
             .await
             .expect("known kid while the provider is down"),
         "bob"
     );
     for kind in [KeyKind::Es256, KeyKind::EdDsa] {
         let token = h.token_with(kind, json!({"sub": "carol", "aud": "todo-app"}));
-        assert_eq!(user_id(&h, &token).await.unwrap(), "carol");
+        assert_eq!(h.user_id(&token).await.unwrap(), "carol");
     }
 
     // An unknown kid past the cooldown makes the proxy try (and fail) to
@@ -159,7 +151,7 @@ async fn cached_keys_keep_serving_while_the_provider_is_down() {
         "the proxy tried to refetch"
     );
     assert_eq!(
-        user_id(&h, &h.token("dave"))
+        h.user_id(&h.token("dave"))
             .await
             .expect("cached keys survive a failed refetch"),
         "dave"
@@ -170,14 +162,14 @@ async fn cached_keys_keep_serving_while_the_provider_is_down() {
 async fn keys_past_their_max_age_keep_serving_while_the_provider_is_down() {
     // Text appended to the harness configuration lands in its [[provider]].
     let h = Harness::start_with("jwks_max_age = \"1s\"").await;
-    assert_eq!(user_id(&h, &h.token("alice")).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&h.token("alice")).await.unwrap(), "alice");
     let fetched = h.issuer.jwks_fetches();
 
     // Stale and past the cooldown: the next token makes the proxy refetch.
     h.issuer.set_down(true);
     tokio::time::sleep(PAST_COOLDOWN).await;
     assert_eq!(
-        user_id(&h, &h.token("bob"))
+        h.user_id(&h.token("bob"))
             .await
             .expect("stale keys serve while the provider is down"),
         "bob"
@@ -191,7 +183,7 @@ async fn keys_past_their_max_age_keep_serving_while_the_provider_is_down() {
     // Up again: the next refresh succeeds and tokens keep working.
     h.issuer.set_down(false);
     tokio::time::sleep(PAST_COOLDOWN).await;
-    assert_eq!(user_id(&h, &h.token("carol")).await.unwrap(), "carol");
+    assert_eq!(h.user_id(&h.token("carol")).await.unwrap(), "carol");
     assert_eq!(h.issuer.jwks_fetches(), fetched + 2);
 }
 
@@ -199,7 +191,7 @@ async fn keys_past_their_max_age_keep_serving_while_the_provider_is_down() {
 async fn a_retired_key_is_refused_once_the_cache_refetches() {
     let h = Harness::start().await;
     let retiring = h.issuer.current_kid(KeyKind::Rs256);
-    assert_eq!(user_id(&h, &h.token("alice")).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&h.token("alice")).await.unwrap(), "alice");
 
     let successor = h.issuer.rotate(KeyKind::Rs256);
     h.issuer.retire(&retiring);
@@ -211,7 +203,7 @@ async fn a_retired_key_is_refused_once_the_cache_refetches() {
     // Until the proxy refetches, its cached set still holds the retired key:
     // the JWKS max age (1 h by default) or an unknown kid decides when.
     assert_eq!(
-        user_id(&h, &retired_token())
+        h.user_id(&retired_token())
             .await
             .expect("cached until the next refetch"),
         "alice"
@@ -222,7 +214,7 @@ async fn a_retired_key_is_refused_once_the_cache_refetches() {
     let fetches = h.issuer.jwks_fetches();
     let successor_token = h.token("bob");
     assert_eq!(kid_of(&successor_token), successor);
-    assert_eq!(user_id(&h, &successor_token).await.unwrap(), "bob");
+    assert_eq!(h.user_id(&successor_token).await.unwrap(), "bob");
     assert_eq!(h.issuer.jwks_fetches(), fetches + 1);
 
     // The refetched set no longer holds the retired key.
@@ -230,5 +222,5 @@ async fn a_retired_key_is_refused_once_the_cache_refetches() {
     assert!(message.contains("no key"), "{message}");
     assert!(message.contains(&retiring), "{message}");
     // And tokens of the current key still work.
-    assert_eq!(user_id(&h, &h.token("carol")).await.unwrap(), "carol");
+    assert_eq!(h.user_id(&h.token("carol")).await.unwrap(), "carol");
 }

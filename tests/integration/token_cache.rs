@@ -3,25 +3,17 @@
 //! skipped), but never past its `exp`, never with the cache turned off, and
 //! never beyond `[listen] token_cache_entries` tokens.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{Harness, jwt_header, unix_now};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::{Harness, jwt_header, unix_now};
 
 /// Longer than the harness's `refetch_cooldown = "1s"`.
 const PAST_COOLDOWN: Duration = Duration::from_millis(1300);
 
 /// The harness's `leeway = "2s"`, in seconds.
 const LEEWAY: u64 = 2;
-
-/// Connects with `token` and returns the user id the database sees.
-async fn user_id(h: &Harness, token: &str) -> Result<String, tokio_postgres::Error> {
-    let client = h.connect("authenticated", token).await?;
-    Ok(client.query_one("select auth.user_id()", &[]).await?.get(0))
-}
 
 /// Takes the current RS256 key out of the proxy's key set: the issuer stops
 /// publishing it, and a token with an unpublished key (refused, so never
@@ -55,7 +47,7 @@ async fn take_away_the_key(h: &Harness) {
 async fn a_token_seen_before_connects_from_the_cache_after_its_key_is_gone() {
     let h = Harness::start().await;
     let alice = h.token("alice");
-    assert_eq!(user_id(&h, &alice).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&alice).await.unwrap(), "alice");
 
     take_away_the_key(&h).await;
     // Signed with the key just taken away.
@@ -64,7 +56,7 @@ async fn a_token_seen_before_connects_from_the_cache_after_its_key_is_gone() {
         json!(h.issuer.current_kid(KeyKind::Rs256))
     );
     assert_eq!(
-        user_id(&h, &alice)
+        h.user_id(&alice)
             .await
             .expect("the exact token seen before is served from the cache"),
         "alice"
@@ -75,7 +67,7 @@ async fn a_token_seen_before_connects_from_the_cache_after_its_key_is_gone() {
 async fn without_the_cache_a_token_seen_before_is_checked_again() {
     let h = Harness::start_with("[listen]\ntoken_cache_entries = 0").await;
     let alice = h.token("alice");
-    assert_eq!(user_id(&h, &alice).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&alice).await.unwrap(), "alice");
 
     take_away_the_key(&h).await;
     let message = h.connect_refused("authenticated", &alice).await;
@@ -90,7 +82,7 @@ async fn an_expired_token_is_refused_although_it_is_cached() {
         KeyKind::Rs256,
         json!({"sub": "alice", "aud": "todo-app", "exp": exp}),
     );
-    assert_eq!(user_id(&h, &token).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&token).await.unwrap(), "alice");
 
     // Past exp and the leeway, in whole seconds.
     while unix_now() <= exp + LEEWAY {
@@ -108,13 +100,13 @@ async fn the_cache_holds_at_most_token_cache_entries_tokens() {
         .map(|sub| h.token(sub))
         .collect();
     for (token, sub) in tokens.iter().zip(["alice", "bob", "carol"]) {
-        assert_eq!(user_id(&h, token).await.unwrap(), sub);
+        assert_eq!(h.user_id(token).await.unwrap(), sub);
     }
 
     take_away_the_key(&h).await;
     // The first of three was evicted; the last two are still cached.
     let message = h.connect_refused("authenticated", &tokens[0]).await;
     assert!(message.contains("no key"), "{message}");
-    assert_eq!(user_id(&h, &tokens[1]).await.unwrap(), "bob");
-    assert_eq!(user_id(&h, &tokens[2]).await.unwrap(), "carol");
+    assert_eq!(h.user_id(&tokens[1]).await.unwrap(), "bob");
+    assert_eq!(h.user_id(&tokens[2]).await.unwrap(), "carol");
 }

@@ -4,35 +4,30 @@
 //! with a password it does, and the proxy says so (log, `/readyz`, metrics)
 //! until the password is set back.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::pki::TestPki;
+use crate::support::process::Served;
+use crate::support::{
+    Harness, SIGNING_KEY, WAIT, a_cancel_request_ends, client_config, connect, db_error, http_get,
+    metric, toml_path, user_id_of,
+};
 use rlsgate::config::Config;
 use rlsgate::dev::postgres::TempPostgres;
 use rlsgate::session::listener::RunningProxy;
 use serde_json::{Value, json};
-use support::pki::TestPki;
-use support::process::Served;
-use support::{
-    Harness, SIGNING_KEY, WAIT, client_config, connect, db_error, http_get, metric, user_id_of,
-};
 
 /// The sample configuration's password for the login role `authenticated`.
 const CONFIGURED_PASSWORD: &str = "authenticated-dev-password";
 
-fn toml_path(path: &Path) -> String {
-    format!("{:?}", path.display().to_string())
-}
-
 /// The proxy's configuration for the harness's world, with `extra` placed
 /// as `Harness::start_with` places it, and `[upstream] host` replaced.
 fn config_toml(h: &Harness, host: &str, extra: &str) -> String {
-    let toml = support::proxy_config_toml(
+    let toml = crate::support::proxy_config_toml(
         "127.0.0.1".parse().unwrap(),
-        h.pg.port(),
+        &h.pg,
         &h.issuer.issuer(),
         extra,
     );
@@ -70,24 +65,6 @@ async fn check_report(config: &Path) -> String {
         .await
         .expect("run rlsgate check");
     String::from_utf8(output.stdout).expect("the report is UTF-8")
-}
-
-/// Sleeps in a session and cancels it through the proxy.
-async fn a_cancel_request_ends(client: tokio_postgres::Client) {
-    let cancel = client.cancel_token();
-    let sleeping = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
-    // Let the statement start before cancelling it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    cancel
-        .cancel_query(tokio_postgres::NoTls)
-        .await
-        .expect("send the cancel request to the proxy");
-    let result = tokio::time::timeout(WAIT, sleeping)
-        .await
-        .expect("the statement was cancelled in time")
-        .unwrap();
-    let error = result.expect_err("pg_sleep(60) must be cancelled");
-    assert_eq!(db_error(&error).0, "57014");
 }
 
 /// Alice changes the login role's password in her session, then Bob, a
@@ -472,7 +449,8 @@ async fn check_and_init_db_work_over_the_unix_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_changed_from_inside_a_session_raises_an_alarm_until_it_is_set_back() {
-    let h = Harness::start().await;
+    // Alone: it changes the password of `authenticated`, which other tests share.
+    let h = Harness::start_alone("").await;
     let toml = config_toml(&h, "127.0.0.1", "[listen]\nadmin_address = \"127.0.0.1:0\"");
     let (_dir, path) = config_file(&toml);
     let served = Served::start(&path).await;

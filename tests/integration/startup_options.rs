@@ -3,12 +3,10 @@
 //! proxy did not see: checked against a real server byte by byte, then
 //! through the proxy, unpooled and pooled.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
-use support::wire::{self, ErrorResponse};
-use support::{Harness, WAIT, connect};
+use crate::support::wire::{self, ErrorResponse};
+use crate::support::{Harness, WAIT, connect};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
@@ -33,12 +31,12 @@ async fn postgres_socket(h: &Harness) -> PathBuf {
     Path::new(dir).join(format!(".s.PGSQL.{}", h.pg.port()))
 }
 
-/// A StartupMessage for the superuser on `app`, with `options` as raw bytes.
-fn startup_with_options(options: &[u8]) -> Vec<u8> {
+/// A StartupMessage for the superuser on `database`, with `options` as raw bytes.
+fn startup_with_options(database: &str, options: &[u8]) -> Vec<u8> {
     let mut body = 196_608u32.to_be_bytes().to_vec();
     for (name, value) in [
         (&b"user"[..], &b"postgres"[..]),
-        (b"database", b"app"),
+        (b"database", database.as_bytes()),
         (b"options", options),
     ] {
         for part in [name, value] {
@@ -69,12 +67,12 @@ async fn until_ready(stream: &mut UnixStream) -> Result<Vec<(u8, Vec<u8>)>, Erro
 }
 
 /// `search_path` of a session PostgreSQL itself started with `options`.
-async fn search_path_with_options(socket: &Path, options: &[u8]) -> String {
+async fn search_path_with_options(socket: &Path, database: &str, options: &[u8]) -> String {
     let mut stream = UnixStream::connect(socket)
         .await
         .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
     stream
-        .write_all(&startup_with_options(options))
+        .write_all(&startup_with_options(database, options))
         .await
         .unwrap();
     until_ready(&mut stream)
@@ -109,7 +107,7 @@ async fn the_proxy_splits_options_wherever_postgres_does() {
             b"search_path=z",
         ]
         .concat();
-        if search_path_with_options(&socket, &options).await != "z" {
+        if search_path_with_options(&socket, h.pg.name(), &options).await != "z" {
             continue;
         }
         postgres_splits_at.push(byte);
@@ -168,7 +166,8 @@ async fn who(client: &tokio_postgres::Client) -> Who {
 /// split where PostgreSQL splits it, and the session is exactly the
 /// token's.
 async fn smuggled_settings_never_take_effect(extra_toml: &str) {
-    let h = Harness::start_with(extra_toml).await;
+    // Alone: it grants a role to `authenticated`, which other tests share.
+    let h = Harness::start_alone(extra_toml).await;
     // A role `authenticated` could switch to, were `role` let through.
     h.admin()
         .await

@@ -8,15 +8,13 @@
 //! play clients on other machines; counts stay small and every wait is
 //! bounded by `WAIT`.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use support::wire::{self, APP_STARTUP, ErrorResponse};
-use support::{Harness, WAIT};
+use crate::support::wire::{self, APP_STARTUP, ErrorResponse};
+use crate::support::{Harness, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
@@ -110,8 +108,8 @@ async fn metric_becomes(
 ) -> f64 {
     let deadline = Instant::now() + WAIT;
     loop {
-        let (_, text) = support::http_get(&h.admin_url("/metrics")).await;
-        let value = support::metric(&text, name, labels).unwrap_or(0.0);
+        let (_, text) = crate::support::http_get(&h.admin_url("/metrics")).await;
+        let value = crate::support::metric(&text, name, labels).unwrap_or(0.0);
         if wanted(value) {
             return value;
         }
@@ -177,11 +175,17 @@ async fn a_client_flooding_from_one_address_does_not_lock_out_others() {
     let bob = session_from(NEIGHBOUR, &h, "bob")
         .await
         .expect("bob connects too");
-    assert_eq!(support::user_id_of(&alice).await.as_deref(), Some("alice"));
-    assert_eq!(support::user_id_of(&bob).await.as_deref(), Some("bob"));
+    assert_eq!(
+        crate::support::user_id_of(&alice).await.as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        crate::support::user_id_of(&bob).await.as_deref(),
+        Some("bob")
+    );
     // Sessions beyond max_connections still get the error they can read.
     let carol = session_from(NEIGHBOUR, &h, "carol").await.err();
-    let (code, message) = support::db_error(&carol.expect("a third session is refused"));
+    let (code, message) = crate::support::db_error(&carol.expect("a third session is refused"));
     assert_eq!(code, "53300", "{message}");
     assert!(message.contains("at most 2"), "{message}");
 
@@ -192,7 +196,8 @@ async fn a_client_flooding_from_one_address_does_not_lock_out_others() {
     metric_becomes(&h, ACTIVE, &[], |v| v == (PER_ADDRESS + 2) as f64).await;
     // A real client from the flooding address reads the refusal too.
     let refused = session_from(FLOODER, &h, "mallory").await.err();
-    let (code, message) = support::db_error(&refused.expect("refused at the address's limit"));
+    let (code, message) =
+        crate::support::db_error(&refused.expect("refused at the address's limit"));
     assert_eq!(code, "53300", "{message}");
     assert!(message.contains("max_startups_per_address"), "{message}");
     let refusals = FLOOD - PER_ADDRESS + 2;
@@ -208,7 +213,7 @@ async fn a_client_flooding_from_one_address_does_not_lock_out_others() {
         .await
         .expect("the flooding address is served once its connections are gone");
     assert_eq!(
-        support::user_id_of(&mallory).await.as_deref(),
+        crate::support::user_id_of(&mallory).await.as_deref(),
         Some("mallory")
     );
 }
@@ -226,7 +231,7 @@ async fn connections_over_max_startups_are_refused_whatever_their_address() {
         silent.push(read_to_close(connect_from(ip, &h).await));
     }
     let refused = session_from(NEIGHBOUR, &h, "alice").await.err();
-    let (code, message) = support::db_error(&refused.expect("refused at max_startups"));
+    let (code, message) = crate::support::db_error(&refused.expect("refused at max_startups"));
     assert_eq!(code, "53300", "{message}");
     assert!(message.contains("at most 3"), "{message}");
     assert!(message.contains("(max_startups)"), "{message}");
@@ -239,7 +244,7 @@ async fn connections_over_max_startups_are_refused_whatever_their_address() {
         match session_from(NEIGHBOUR, &h, "alice").await {
             Ok(alice) => break alice,
             Err(e) => {
-                assert_eq!(support::db_error(&e).0, "53300", "{e}");
+                assert_eq!(crate::support::db_error(&e).0, "53300", "{e}");
                 assert!(
                     Instant::now() < deadline,
                     "no startup slot freed in {WAIT:?}"
@@ -248,7 +253,10 @@ async fn connections_over_max_startups_are_refused_whatever_their_address() {
             }
         }
     };
-    assert_eq!(support::user_id_of(&alice).await.as_deref(), Some("alice"));
+    assert_eq!(
+        crate::support::user_id_of(&alice).await.as_deref(),
+        Some("alice")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,7 +324,10 @@ async fn a_client_that_does_not_authenticate_is_closed_at_the_auth_timeout() {
 
     // A client that authenticates in time is served.
     let alice = session_from(NEIGHBOUR, &h, "alice").await.unwrap();
-    assert_eq!(support::user_id_of(&alice).await.as_deref(), Some("alice"));
+    assert_eq!(
+        crate::support::user_id_of(&alice).await.as_deref(),
+        Some("alice")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,7 +338,7 @@ async fn a_flood_over_the_limit_is_logged_once_not_per_connection() {
         "127.0.0.1:0".parse().unwrap(),
         1,
         "http://127.0.0.1:1",
-        support::SIGNING_KEY,
+        crate::support::SIGNING_KEY,
     )
     .replacen(
         "[listen]\n",
@@ -338,7 +349,7 @@ async fn a_flood_over_the_limit_is_logged_once_not_per_connection() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("rlsgate.toml");
     std::fs::write(&config, toml).unwrap();
-    let served = support::process::Served::start(&config).await;
+    let served = crate::support::process::Served::start(&config).await;
     let (address, admin) = (served.address, served.admin.expect("admin_address is set"));
     // Log entries whose message is exactly `message`.
     let logged = |message: &str| -> Vec<Value> {
@@ -351,8 +362,8 @@ async fn a_flood_over_the_limit_is_logged_once_not_per_connection() {
     let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
         let url = format!("http://{admin}/metrics");
         async move {
-            let (_, text) = support::http_get(&url).await;
-            support::metric(&text, name, labels).unwrap_or(0.0)
+            let (_, text) = crate::support::http_get(&url).await;
+            crate::support::metric(&text, name, labels).unwrap_or(0.0)
         }
     };
 

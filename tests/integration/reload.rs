@@ -2,16 +2,16 @@
 //! accepted after it, sessions already open carry on, and an invalid one
 //! changes nothing.
 
-mod support;
-
 use std::net::{Ipv4Addr, TcpListener as StdTcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
+use crate::support::{
+    Harness, WAIT, client_config, connect, db_error, proxy_config_toml, user_id_of,
+};
 use rlsgate::dev::issuer::{DevIssuer, KeyKind};
 use serde_json::json;
-use support::{Harness, WAIT, client_config, connect, db_error, proxy_config_toml, user_id_of};
 
 async fn second_issuer() -> DevIssuer {
     DevIssuer::start("127.0.0.1:0".parse().unwrap())
@@ -98,7 +98,7 @@ async fn a_reload_lowering_max_connections_applies_to_new_sessions_only() {
     drop(first);
     drop(second);
     assert_eq!(
-        support::carol_once_a_slot_frees(&h, "authenticated").await,
+        crate::support::carol_once_a_slot_frees(&h, "authenticated").await,
         "carol"
     );
 }
@@ -160,13 +160,8 @@ async fn sighup_applies_a_new_provider_and_keeps_the_old_configuration_when_inva
         .unwrap()
         .port();
     let toml = |extra: &str| {
-        proxy_config_toml(
-            Ipv4Addr::LOCALHOST.into(),
-            h.pg.port(),
-            &h.issuer.issuer(),
-            extra,
-        )
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        proxy_config_toml(Ipv4Addr::LOCALHOST.into(), &h.pg, &h.issuer.issuer(), extra)
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rlsgate.toml");

@@ -9,18 +9,16 @@
 //! covers the plain cases (expired, unknown issuer or kid, bad signature,
 //! `alg: none`, HS256 keyed with the public key, not a JWT).
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
+use crate::support::{Harness, WAIT, jwt_header, unix_now, user_id_of, wire};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use rlsgate::dev::issuer::{DevIssuer, KeyKind, SigningKeyPair};
 use serde_json::{Value, json};
-use support::{Harness, WAIT, jwt_header, unix_now, user_id_of, wire};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 

@@ -1,9 +1,7 @@
 //! The todo scenario: each user sees and changes only their own rows, with
 //! the policies written against `auth.user_id()`.
 
-mod support;
-
-use support::{Harness, db_error, user_id_of};
+use crate::support::{Harness, db_error, user_id_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alice_and_bob_each_see_only_their_own_todos() {

@@ -5,27 +5,16 @@
 //! Waits are bounded and polled rather than timed exactly: a test fails when
 //! something hangs or never happens, not when a machine is slow.
 
-mod support;
-
 use std::future::Future;
 use std::time::Duration;
 
+use crate::support::{Harness, WAIT, db_error, poll_until};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::{Harness, WAIT, db_error};
-use tokio::time::{Instant, sleep, timeout};
-
-/// Between polling attempts.
-const POLL: Duration = Duration::from_millis(200);
+use tokio::time::{sleep, timeout};
 
 /// Longer than the harness's `refetch_cooldown = "1s"`.
 const PAST_COOLDOWN: Duration = Duration::from_millis(1300);
-
-/// Connects with `token` and returns the user id the database sees.
-async fn user_id(h: &Harness, token: &str) -> Result<String, tokio_postgres::Error> {
-    let client = h.connect("authenticated", token).await?;
-    Ok(client.query_one("select auth.user_id()", &[]).await?.get(0))
-}
 
 /// `future`'s output, or a failure naming `what` if it takes longer than `limit`.
 async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
@@ -36,25 +25,9 @@ async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>)
 
 /// The SQLSTATE and message of a connection with `token` that must be refused.
 async fn refused(h: &Harness, token: &str) -> (String, String) {
-    match within(WAIT, "a refusal", user_id(h, token)).await {
+    match within(WAIT, "a refusal", h.user_id(token)).await {
         Ok(sub) => panic!("the proxy accepted a token (sub {sub}) that it must refuse"),
         Err(e) => db_error(&e),
-    }
-}
-
-/// Calls `attempt` every [`POLL`] until it gives `Some`, failing after `limit`.
-async fn poll_until<T, F: Future<Output = Option<T>>>(
-    limit: Duration,
-    what: &str,
-    mut attempt: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(done) = within(WAIT, what, attempt()).await {
-            return done;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        sleep(POLL).await;
     }
 }
 
@@ -63,7 +36,7 @@ async fn a_short_max_age_drops_a_retired_key_without_an_unknown_kid() {
     let h = Harness::start_with("jwks_min_age = \"1s\"").await;
     h.issuer.set_jwks_max_age(1);
     let retiring = h.issuer.current_kid(KeyKind::Rs256);
-    assert_eq!(user_id(&h, &h.token("alice")).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&h.token("alice")).await.unwrap(), "alice");
     let fetched = h.issuer.jwks_fetches();
 
     h.issuer.rotate(KeyKind::Rs256);
@@ -74,7 +47,7 @@ async fn a_short_max_age_drops_a_retired_key_without_an_unknown_kid() {
         let token = h
             .issuer
             .mint_with_kid(&retiring, json!({"sub": "alice", "aud": "todo-app"}));
-        match user_id(&h, &token).await {
+        match h.user_id(&token).await {
             Ok(_) => None,
             Err(e) => Some(db_error(&e)),
         }
@@ -85,23 +58,23 @@ async fn a_short_max_age_drops_a_retired_key_without_an_unknown_kid() {
     assert!(message.1.contains(&retiring), "{}", message.1);
     assert!(h.issuer.jwks_fetches() > fetched);
     // The successor, published in the refetched set, is served.
-    assert_eq!(user_id(&h, &h.token("bob")).await.unwrap(), "bob");
+    assert_eq!(h.user_id(&h.token("bob")).await.unwrap(), "bob");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_max_age_is_cut_to_jwks_max_age() {
     let h = Harness::start_with("jwks_max_age = \"2s\"").await;
     h.issuer.set_jwks_max_age(3600);
-    assert_eq!(user_id(&h, &h.token("alice")).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&h.token("alice")).await.unwrap(), "alice");
     let fetched = h.issuer.jwks_fetches();
 
     // Known keys only: a refetch can only come from the clamped freshness.
     poll_until(WAIT * 2, "the JWKS is refetched", || async {
-        assert_eq!(user_id(&h, &h.token("alice")).await.unwrap(), "alice");
+        assert_eq!(h.user_id(&h.token("alice")).await.unwrap(), "alice");
         (h.issuer.jwks_fetches() > fetched).then_some(())
     })
     .await;
-    assert_eq!(user_id(&h, &h.token("bob")).await.unwrap(), "bob");
+    assert_eq!(h.user_id(&h.token("bob")).await.unwrap(), "bob");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +101,7 @@ async fn a_provider_down_at_start_is_a_clear_refusal_until_it_comes_back() {
         WAIT,
         "a token is accepted once the provider is up",
         || async {
-            match user_id(&h, &h.token("alice")).await {
+            match h.user_id(&h.token("alice")).await {
                 Ok(sub) => Some(sub),
                 Err(e) => {
                     let (code, message) = db_error(&e);
@@ -145,17 +118,17 @@ async fn a_provider_down_at_start_is_a_clear_refusal_until_it_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_keys_serve_while_the_provider_is_down_until_jwks_max_stale() {
     let h = Harness::start_with("jwks_max_age = \"1s\"\njwks_max_stale = \"5s\"").await;
-    assert_eq!(user_id(&h, &h.token("alice")).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&h.token("alice")).await.unwrap(), "alice");
 
     h.issuer.set_down(true);
     assert_eq!(
-        user_id(&h, &h.token("bob"))
+        h.user_id(&h.token("bob"))
             .await
             .expect("cached keys serve while the provider is down"),
         "bob"
     );
     let (code, message) = poll_until(WAIT * 2, "stale keys stop serving", || async {
-        match user_id(&h, &h.token("carol")).await {
+        match h.user_id(&h.token("carol")).await {
             Ok(_) => None,
             Err(e) => Some(db_error(&e)),
         }
@@ -177,7 +150,7 @@ async fn stale_keys_serve_while_the_provider_is_down_until_jwks_max_stale() {
 
     h.issuer.set_down(false);
     poll_until(WAIT, "keys serve again once the provider is up", || async {
-        user_id(&h, &h.token("erin")).await.ok()
+        h.user_id(&h.token("erin")).await.ok()
     })
     .await;
 }
@@ -187,7 +160,7 @@ async fn a_slow_provider_never_holds_up_a_cached_key() {
     // The refresh may take 20 s: far longer than the bounded wait on each
     // connection, so a connection that waited for it would fail.
     let h = Harness::start_with("jwks_max_age = \"1s\"\nfetch_timeout = \"20s\"").await;
-    assert_eq!(user_id(&h, &h.token("alice")).await.unwrap(), "alice");
+    assert_eq!(h.user_id(&h.token("alice")).await.unwrap(), "alice");
     let fetched = h.issuer.jwks_fetches();
 
     h.issuer.set_delay(Duration::from_secs(30));
@@ -197,7 +170,7 @@ async fn a_slow_provider_never_holds_up_a_cached_key() {
         let got = within(
             WAIT,
             "a connection with a cached key",
-            user_id(&h, &h.token(sub)),
+            h.user_id(&h.token(sub)),
         )
         .await
         .unwrap_or_else(|e| panic!("{sub} connects while the provider is slow: {e}"));
@@ -252,7 +225,7 @@ async fn a_slow_first_fetch_is_refused_after_fetch_timeout() {
     let sub = poll_until(
         WAIT,
         "a token is accepted once the provider answers",
-        || async { user_id(&h, &token).await.ok() },
+        || async { h.user_id(&token).await.ok() },
     )
     .await;
     assert_eq!(sub, "alice");

@@ -6,14 +6,12 @@
 //! (published without `alg`, so it signs under all six RSA algorithms), one
 //! P-256, one P-384 and one Ed25519 key.
 
-mod support;
-
+use crate::support::{Harness, user_id_of};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use rlsgate::dev::issuer::{DevIssuer, KeyKind, SigningKeyPair};
 use serde_json::{Value, json};
-use support::{Harness, user_id_of};
 
 /// The provider's keys, one of each kind, and the issuer serving them.
 struct Keys {
@@ -64,7 +62,7 @@ impl Keys {
 
     /// Claims from this issuer for `sub`, valid for an hour.
     fn claims(&self, sub: &str) -> Value {
-        json!({ "iss": self.issuer.issuer(), "sub": sub, "exp": support::unix_now() + 3600 })
+        json!({ "iss": self.issuer.issuer(), "sub": sub, "exp": crate::support::unix_now() + 3600 })
     }
 }
 
@@ -108,7 +106,10 @@ async fn a_token_signed_with_each_accepted_algorithm_connects_as_its_subject() {
     ] {
         let sub = format!("user-{alg:?}");
         let token = keys.for_alg(alg).sign_as(alg, &keys.claims(&sub));
-        assert_eq!(support::jwt_header(&token)["alg"], format!("{alg:?}"));
+        assert_eq!(
+            crate::support::jwt_header(&token)["alg"],
+            format!("{alg:?}")
+        );
         let client = h
             .connect("authenticated", &token)
             .await

@@ -1,15 +1,13 @@
 //! How sessions end: with their token, and with the proxy.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{
+    Harness, WAIT, client_config, db_error, envelope_payload, refusal, unix_now, user_id_of,
+};
 use futures_util::StreamExt;
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::{
-    Harness, WAIT, client_config, db_error, envelope_payload, refusal, unix_now, user_id_of,
-};
 use tokio_postgres::NoTls;
 
 /// A token for alice that expires `seconds` from now (the harness grants 2 s leeway).
@@ -168,6 +166,7 @@ async fn running(admin: &tokio_postgres::Client, needle: &str) -> i64 {
         .query_one(
             "select count(*) from pg_stat_activity \
              where usename = 'authenticated' and pid <> pg_backend_pid() \
+               and datname = current_database() \
                and query like '%' || $1 || '%'",
             &[&needle],
         )

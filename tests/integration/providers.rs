@@ -5,15 +5,13 @@
 //! Each provider's keys are served by a `DevIssuer` on loopback (its
 //! `jwks_url`), while the tokens carry the provider's real `iss`.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::support::{Harness, unix_now, user_id_of};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rlsgate::dev::issuer::{DevIssuer, KeyKind, SigningKeyPair};
 use serde_json::{Value, json};
-use support::{Harness, unix_now, user_id_of};
 use tokio_postgres::Client;
 
 /// Serves signing keys of `kinds` on loopback.

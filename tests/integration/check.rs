@@ -6,12 +6,10 @@
 //! line that names the problem; what one user of a shared login role can do
 //! to the others (large objects, its password) is a warning.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::Stdio;
 
-use support::{Harness, SIGNING_KEY};
+use crate::support::{Harness, SIGNING_KEY};
 
 /// A signing key the test database has never been told about.
 const OTHER_SIGNING_KEY: &str = "YW5vdGhlci1zaWduaW5nLWtleS10aGF0LWlzLTMyLWJ5dGVzIQ==";
@@ -96,8 +94,12 @@ async fn check(toml: &str, database: &str) -> Checked {
 
 /// The harness's database without the test table `scratch`, which is granted
 /// to `authenticated` without RLS.
+///
+/// Alone: these tests create roles, grant them to `authenticated` and change
+/// its settings and password, and each `rlsgate check` inspects the roles of
+/// the whole cluster.
 async fn good_setup() -> Harness {
-    let h = Harness::start().await;
+    let h = Harness::start_alone("").await;
     h.admin()
         .await
         .batch_execute("drop table scratch")

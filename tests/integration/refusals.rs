@@ -2,17 +2,15 @@
 //! ErrorResponse whose SQLSTATE and message say what was wrong, and the proxy
 //! keeps serving valid tokens afterwards.
 
-mod support;
-
 use std::time::{Duration, UNIX_EPOCH};
 
+use crate::support::wire;
+use crate::support::{Harness, WAIT, client_config, connect, jwt_header, unix_now, user_id_of};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::{Value, json};
-use support::wire;
-use support::{Harness, WAIT, client_config, connect, jwt_header, unix_now, user_id_of};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -19,17 +19,15 @@
 //! the marked lines (`docs:begin NAME` … `docs:end`) of these programs, and
 //! the files, tests and versions it names are the real ones.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use crate::support::pki::TestPki;
+use crate::support::{Harness, unix_now};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
-use support::pki::TestPki;
-use support::{Harness, unix_now};
 
 /// How long one client program may run before it is a failure.
 const PROGRAM_TIME: Duration = Duration::from_secs(60);
@@ -263,7 +261,7 @@ async fn psql_over_tls_works_through_rlsgate() {
 }
 
 async fn check_psql(transport: Transport) {
-    let psql = support::psql_binary();
+    let psql = crate::support::psql_binary();
     let mut s = setup(transport).await;
     s.env
         .push(("PATH", path_with(psql.parent().expect("psql's directory"))));
@@ -288,7 +286,7 @@ async fn pgbench_over_tls_works_through_rlsgate() {
 }
 
 async fn check_pgbench(transport: Transport) {
-    let psql = support::psql_binary();
+    let psql = crate::support::psql_binary();
     let pgbench = pgbench_binary();
     let mut s = setup(transport).await;
     s.env.push((
@@ -670,13 +668,13 @@ fn docs_clients_md_names_what_exists() {
         );
     }
     // The tests it names are tests of this file.
-    let tests = std::fs::read_to_string(repo().join("tests/clients.rs")).unwrap();
+    let tests = std::fs::read_to_string(repo().join("tests/integration/clients.rs")).unwrap();
     for (at, _) in doc.match_indices("_works_through_rlsgate") {
         let start = doc[..at].rfind('`').expect("a test name in backquotes") + 1;
         let name = &doc[start..at + "_works_through_rlsgate".len()];
         assert!(
             tests.contains(&format!("async fn {name}()")),
-            "docs/clients.md names the test {name}, which tests/clients.rs does not have"
+            "docs/clients.md names the test {name}, which tests/integration/clients.rs does not have"
         );
     }
     // The versions it gives are the pinned ones.

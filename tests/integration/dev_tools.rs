@@ -2,19 +2,17 @@
 //! binary: a key made on the command line, served over HTTP and used to mint
 //! a token, must get a user through the proxy like a provider's token does.
 
-mod support;
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::{Harness, WAIT, client_config, connect, jwt_header, unix_now, user_id_of};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rlsgate::config::Config;
 use rlsgate::session::listener::RunningProxy;
 use serde_json::{Value, json};
-use support::{Harness, WAIT, client_config, connect, jwt_header, unix_now, user_id_of};
 
 /// A background `rlsgate issuer`, killed when dropped so that a failing
 /// test does not leave it running.
@@ -202,11 +200,11 @@ async fn a_token_from_the_command_line_tools_gets_through_the_proxy() {
     assert_eq!(jwt_header(&token)["kid"], kid.as_str());
 
     // A proxy whose only provider is the command-line issuer.
-    let toml = rlsgate::dev::sample_config(
+    let toml = crate::support::sample_config_toml(
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        h.pg.port(),
+        &h.pg,
         &issuer_url,
-        support::SIGNING_KEY,
+        crate::support::SIGNING_KEY,
     );
     let proxy = RunningProxy::start(Config::parse(&toml).expect("configuration parses"))
         .await

@@ -5,15 +5,13 @@
 //! once it has left, cancels nothing; many sessions behind one address are
 //! all cancelled at once, while guessing from one address is cut off.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::support::wire::{self, RawSession};
+use crate::support::{Harness, WAIT, db_error, http_get, metric, user_id_of};
 use futures_util::future::join_all;
 use rlsgate::session::cancel::GUESS_BUDGET;
-use support::wire::{self, RawSession};
-use support::{Harness, WAIT, db_error, http_get, metric, user_id_of};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
@@ -443,7 +441,8 @@ async fn thirty_sessions_behind_one_address_all_cancelled_at_once_end_with_57014
         let running: i64 = admin
             .query_one(
                 "select count(*) from pg_stat_activity \
-                 where state = 'active' and query = 'select pg_sleep(30)'",
+                 where state = 'active' and query = 'select pg_sleep(30)' \
+                   and datname = current_database()",
                 &[],
             )
             .await

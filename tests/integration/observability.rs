@@ -5,38 +5,13 @@
 //! Waits are bounded and polled: a test fails when something never happens,
 //! not when a machine is slow.
 
-mod support;
-
-use std::future::Future;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
+use crate::support::process::Served;
+use crate::support::{
+    Harness, SIGNING_KEY, WAIT, client_config, connect, http_get, metric, metric_lines, poll_until,
+    unix_now,
+};
 use rlsgate::dev::issuer::{DevIssuer, KeyKind, SigningKeyPair};
 use serde_json::{Value, json};
-use support::{
-    Harness, SIGNING_KEY, WAIT, client_config, connect, http_get, metric, metric_lines, unix_now,
-};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::time::{Instant, sleep};
-
-const POLL: Duration = Duration::from_millis(100);
-
-/// Calls `attempt` every [`POLL`] until it gives `Some`, failing after `limit`.
-async fn poll_until<T, F: Future<Output = Option<T>>>(
-    limit: Duration,
-    what: &str,
-    mut attempt: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(done) = attempt().await {
-            return done;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        sleep(POLL).await;
-    }
-}
 
 async fn metrics_text(h: &Harness) -> String {
     let (status, text) = http_get(&h.admin_url("/metrics")).await;
@@ -77,7 +52,10 @@ async fn metrics_count_exactly_the_sessions_and_refusals_that_happened() {
 
     for sub in ["alice", "bob"] {
         let client = h.connect_as(sub).await;
-        assert_eq!(support::user_id_of(&client).await.as_deref(), Some(sub));
+        assert_eq!(
+            crate::support::user_id_of(&client).await.as_deref(),
+            Some(sub)
+        );
         drop(client);
     }
     let expired = h.token_with(
@@ -199,7 +177,9 @@ async fn metrics_count_exactly_the_sessions_and_refusals_that_happened() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_not_ready_while_keys_are_past_max_stale_or_the_upstream_is_down_and_recovers() {
-    let mut h = Harness::start_with_admin("jwks_max_age = \"1s\"\njwks_max_stale = \"2s\"").await;
+    // Alone: it stops the server.
+    let mut h =
+        Harness::start_alone_with_admin("jwks_max_age = \"1s\"\njwks_max_stale = \"2s\"").await;
     let issuer = h.issuer.issuer();
 
     // Ready without any client: /readyz fetches the keys itself.
@@ -248,95 +228,10 @@ async fn readyz_is_not_ready_while_keys_are_past_max_stale_or_the_upstream_is_do
     .await;
     assert_eq!(body["upstream"], json!("ok"), "{body}");
     let client = h.connect_as("alice").await;
-    assert_eq!(support::user_id_of(&client).await.as_deref(), Some("alice"));
-}
-
-/// The proxy binary, serving `config`, with its stderr collected line by line.
-struct ProxyProcess {
-    child: tokio::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stdout: tokio::task::JoinHandle<String>,
-}
-
-impl ProxyProcess {
-    fn start(config: &std::path::Path, rust_log: &str) -> ProxyProcess {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rlsgate"))
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", rust_log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start rlsgate serve");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let collected = Arc::clone(&lines);
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                collected.lock().unwrap().push(line);
-            }
-        });
-        let mut stdout = child.stdout.take().unwrap();
-        let stdout = tokio::spawn(async move {
-            let mut text = String::new();
-            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut text).await;
-            text
-        });
-        ProxyProcess {
-            child,
-            lines,
-            stdout,
-        }
-    }
-
-    fn logs(&self) -> Vec<Value> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|line| !line.trim().is_empty())
-            .map(|line| {
-                serde_json::from_str(line).unwrap_or_else(|e| {
-                    panic!("--log-format json printed a non-JSON line ({e}): {line}")
-                })
-            })
-            .collect()
-    }
-
-    /// Log entries whose message is `message`.
-    fn logged(&self, message: &str) -> Vec<Value> {
-        self.logs()
-            .into_iter()
-            .filter(|entry| entry["fields"]["message"] == message)
-            .collect()
-    }
-
-    async fn wait_for(&self, message: &str, count: usize) -> Vec<Value> {
-        poll_until(WAIT, &format!("{count} {message:?} log lines"), || async {
-            let found = self.logged(message);
-            (found.len() >= count).then_some(found)
-        })
-        .await
-    }
-
-    /// SIGTERM, then everything it printed.
-    async fn stop(mut self) -> String {
-        let pid = self.child.id().expect("still running") as libc::pid_t;
-        // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let status = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("rlsgate exits on SIGTERM")
-            .unwrap();
-        assert!(status.success(), "rlsgate exited with {status}");
-        let stdout = self.stdout.await.unwrap();
-        let stderr = self.lines.lock().unwrap().join("\n");
-        format!("{stdout}\n{stderr}")
-    }
+    assert_eq!(
+        crate::support::user_id_of(&client).await.as_deref(),
+        Some("alice")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,9 +245,9 @@ async fn logs_and_metrics_of_the_real_binary_never_show_tokens_signatures_keys_o
 
     // The anonymous role's upstream password is wrong, so Postgres refuses it.
     let wrong_upstream_password = "wrong-upstream-password-5e1f0c";
-    let toml = rlsgate::dev::sample_config(
+    let toml = crate::support::sample_config_toml(
         "127.0.0.1:0".parse().unwrap(),
-        h.pg.port(),
+        &h.pg,
         &issuer.issuer(),
         SIGNING_KEY,
     )
@@ -367,16 +262,17 @@ async fn logs_and_metrics_of_the_real_binary_never_show_tokens_signatures_keys_o
     std::fs::write(&config, toml).unwrap();
 
     // Debug for everything but the key cache, which is filtered down to warnings.
-    let proxy = ProxyProcess::start(&config, "debug,rlsgate::jwks=warn");
-    let listening = proxy.wait_for("rlsgate listening", 1).await.remove(0);
-    let address: std::net::SocketAddr = listening["fields"]["address"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("the listening line names the address: {listening}"));
-    let admin = listening["fields"]["admin"]
-        .as_str()
-        .unwrap_or_else(|| panic!("the listening line names the admin address: {listening}"))
-        .to_owned();
+    let proxy = Served::start_logging(&config, "debug,rlsgate::jwks=warn").await;
+    let address = proxy.address;
+    let admin = proxy
+        .admin
+        .unwrap_or_else(|| {
+            panic!(
+                "the listening line names the admin address: {}",
+                proxy.text()
+            )
+        })
+        .to_string();
 
     let good = issuer.mint(KeyKind::Es256, json!({"sub": "alice", "aud": "todo-app"}));
     let other = issuer.mint(KeyKind::Es256, json!({"sub": "mallory", "aud": "todo-app"}));
@@ -399,7 +295,7 @@ async fn logs_and_metrics_of_the_real_binary_never_show_tokens_signatures_keys_o
         .get(0);
     assert_eq!(seen, "alice");
     drop(client);
-    proxy.wait_for("session ended", 1).await;
+    proxy.wait_for_exactly("session ended", 1).await;
 
     for (user, password) in [
         ("authenticated", Some(forged.as_str())),
@@ -410,11 +306,11 @@ async fn logs_and_metrics_of_the_real_binary_never_show_tokens_signatures_keys_o
         let refused = connect(&client_config(address, user, password)).await;
         assert!(refused.is_err(), "{user} must be refused");
     }
-    let refusals = proxy.wait_for("refused", 4).await;
+    let refusals = proxy.wait_for_exactly("refused", 4).await;
     let (_, metrics) = http_get(&format!("http://{admin}/metrics")).await;
 
     // One session, logged at its start and its end with what it did.
-    let started = proxy.logged("session started");
+    let started = proxy.logged_exactly("session started");
     assert_eq!(started.len(), 1, "{started:?}");
     let fields = &started[0]["fields"];
     assert_eq!(fields["role"], "authenticated", "{fields}");
@@ -430,7 +326,7 @@ async fn logs_and_metrics_of_the_real_binary_never_show_tokens_signatures_keys_o
         "the client address is on the line: {}",
         started[0]
     );
-    let ended = proxy.logged("session ended");
+    let ended = proxy.logged_exactly("session ended");
     let fields = &ended[0]["fields"];
     assert_eq!(fields["outcome"], "client_closed", "{fields}");
     assert!(fields["client_to_server"].as_u64() > Some(0), "{fields}");
@@ -458,10 +354,10 @@ async fn logs_and_metrics_of_the_real_binary_never_show_tokens_signatures_keys_o
             .is_some_and(|e| e.contains("28P01")),
         "the log says that Postgres refused the proxy's password: {upstream}"
     );
-    assert!(proxy.logged("token refused").is_empty());
-    assert!(proxy.logged("token accepted").is_empty());
+    assert!(proxy.logged_exactly("token refused").is_empty());
+    assert!(proxy.logged_exactly("token accepted").is_empty());
     // RUST_LOG is honoured per target.
-    assert!(proxy.logged("fetched signing keys").is_empty());
+    assert!(proxy.logged_exactly("fetched signing keys").is_empty());
     assert!(
         proxy.logs().iter().any(|entry| entry["level"] == "DEBUG"),
         "RUST_LOG=debug shows debug lines"
@@ -528,9 +424,9 @@ async fn active_gauges_follow_an_open_session_and_cancel_requests_are_counted_by
     let mut cancel = tokio::net::TcpStream::connect(h.proxy.address)
         .await
         .unwrap();
-    support::wire::send(
+    crate::support::wire::send(
         &mut cancel,
-        &support::wire::cancel_request(session.pid ^ 1, session.secret),
+        &crate::support::wire::cancel_request(session.pid ^ 1, session.secret),
     )
     .await;
     let text = poll_until(WAIT, "the cancel request is counted", || async {

@@ -1,10 +1,8 @@
 //! What a client meets before it is authenticated: protocol negotiation,
 //! encryption requests, and the connection limit.
 
-mod support;
-
-use support::wire::{self, APP_STARTUP, RawSession};
-use support::{Harness, WAIT, db_error};
+use crate::support::wire::{self, APP_STARTUP, RawSession};
+use crate::support::{Harness, WAIT, db_error};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -111,7 +109,7 @@ async fn connections_beyond_the_limit_get_53300_until_one_closes() {
 
     drop(first);
     assert_eq!(
-        support::carol_once_a_slot_frees(&h, "authenticated").await,
+        crate::support::carol_once_a_slot_frees(&h, "authenticated").await,
         "carol"
     );
 }
@@ -142,7 +140,7 @@ max_connections = 1
 
     drop(first);
     assert_eq!(
-        support::carol_once_a_slot_frees(&h, "reporting").await,
+        crate::support::carol_once_a_slot_frees(&h, "reporting").await,
         "carol"
     );
 }

@@ -4,12 +4,10 @@
 //! none holds a connection slot or stays counted once it is gone, and real
 //! clients are served all along.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::wire::{self, APP_STARTUP, ErrorResponse};
-use support::{Harness, WAIT};
+use crate::support::wire::{self, APP_STARTUP, ErrorResponse};
+use crate::support::{Harness, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -82,7 +80,7 @@ async fn all_slots_serve_real_clients(h: &Harness) {
         match h.connect("authenticated", &h.token(&name)).await {
             Ok(client) => clients.push((name, client)),
             Err(e) => {
-                assert_eq!(support::db_error(&e).0, "53300", "{e}");
+                assert_eq!(crate::support::db_error(&e).0, "53300", "{e}");
                 assert!(
                     Instant::now() < deadline,
                     "only {} of {SLOTS} slots freed within {WAIT:?}",
@@ -94,7 +92,7 @@ async fn all_slots_serve_real_clients(h: &Harness) {
     }
     for (name, client) in &clients {
         assert_eq!(
-            support::user_id_of(client).await.as_deref(),
+            crate::support::user_id_of(client).await.as_deref(),
             Some(name.as_str())
         );
     }
@@ -107,8 +105,8 @@ async fn all_slots_serve_real_clients(h: &Harness) {
 async fn connections_gauge_returns_to_zero(h: &Harness) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let (_, text) = support::http_get(&h.admin_url("/metrics")).await;
-        let active = support::metric(&text, "rlsgate_client_connections_active", &[]);
+        let (_, text) = crate::support::http_get(&h.admin_url("/metrics")).await;
+        let active = crate::support::metric(&text, "rlsgate_client_connections_active", &[]);
         if active == Some(0.0) {
             return;
         }
@@ -348,8 +346,11 @@ async fn other_clients_are_unaffected() {
         .simple_query("select count(*) from todos")
         .await
         .expect("alice's query");
-    assert_eq!(support::simple_rows(&rows).len(), 1);
-    assert_eq!(support::user_id_of(&alice).await.as_deref(), Some("alice"));
+    assert_eq!(crate::support::simple_rows(&rows).len(), 1);
+    assert_eq!(
+        crate::support::user_id_of(&alice).await.as_deref(),
+        Some("alice")
+    );
 
     // The hostile clients were still hanging all along.
     for (what, stream) in [

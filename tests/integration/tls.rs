@@ -2,20 +2,18 @@
 //! verification through psql, direct TLS with ALPN `postgresql`, and the rule
 //! that tokens travel in plaintext only over loopback unless allowed.
 
-mod support;
-
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
-use support::pki::TestPki;
-use support::wire::{self, APP_STARTUP, RawSession};
-use support::{
+use crate::support::pki::TestPki;
+use crate::support::wire::{self, APP_STARTUP, RawSession};
+use crate::support::{
     Harness, WAIT, client_config, connect, db_error, psql_binary, psql_err, psql_ok, user_id_of,
 };
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;

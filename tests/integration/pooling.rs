@@ -1,13 +1,11 @@
 //! `[pool] mode = "session"`: upstream connections outlive their clients,
 //! and nothing one client leaves behind reaches the next.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use support::wire::{self, RawSession};
-use support::{Harness, WAIT, simple_rows, user_id_of};
+use crate::support::wire::{self, RawSession};
+use crate::support::{Harness, WAIT, simple_rows, user_id_of};
 use tokio_postgres::Client;
 
 const POOLED: &str = "[pool]\nmode = \"session\"\nsize = 4\n";
@@ -84,7 +82,8 @@ async fn wait_until_gone(admin: &Client, pid: i32) {
 
 #[tokio::test]
 async fn user_b_on_alices_backend_sees_nothing_she_left_behind() {
-    let h = Harness::start_with(POOLED).await;
+    // Alone: it grants a role to `authenticated`, which other tests share.
+    let h = Harness::start_alone(POOLED).await;
     let admin = h.admin().await;
     admin
         .batch_execute("create role helper; grant helper to authenticated;")
@@ -248,7 +247,7 @@ async fn a_client_that_leaves_cleanly_has_its_backend_reused() {
 
 #[tokio::test]
 async fn dead_pooled_connections_are_replaced_after_an_upstream_restart() {
-    let mut h = Harness::start_with(POOLED).await;
+    let mut h = Harness::start_alone(POOLED).await;
     let admin = h.admin().await;
 
     // Three backends in the pool.
@@ -287,7 +286,7 @@ async fn reset_all_on_a_pooled_session_fails_closed() {
             .query_one("select auth.user_id()", &[])
             .await
             .expect_err("claims cleared by a reset must not read as no claims");
-        assert_eq!(support::db_error(&e).0, "28000", "after {reset}");
+        assert_eq!(crate::support::db_error(&e).0, "28000", "after {reset}");
     }
 }
 
@@ -403,7 +402,8 @@ async fn the_envelope_never_appears_in_pg_stat_activity() {
         // Before the client's first query, the backend's last one is the bind.
         let queries: Vec<String> = admin
             .query(
-                "select query from pg_stat_activity where usename = 'authenticated'",
+                "select query from pg_stat_activity \
+                 where usename = 'authenticated' and datname = current_database()",
                 &[],
             )
             .await
@@ -447,7 +447,9 @@ async fn startup_settings_a_pooled_connection_cannot_take_get_a_connection_of_it
     // Settable only when a backend starts, so not by set_config.
     let mut config = h.client_config("authenticated", &h.token("alice"));
     config.options("-c ignore_system_indexes=on");
-    let alice = support::connect(&config).await.expect("alice connects");
+    let alice = crate::support::connect(&config)
+        .await
+        .expect("alice connects");
     assert_eq!(
         value(&alice, "show ignore_system_indexes").await.as_deref(),
         Some("on")
@@ -464,7 +466,7 @@ async fn a_session_ended_by_token_expiry_has_its_backend_closed_not_pooled() {
     let admin = h.admin().await;
     let token = h.token_with(
         rlsgate::dev::issuer::KeyKind::Rs256,
-        serde_json::json!({"sub": "alice", "aud": "todo-app", "exp": support::unix_now() + 2}),
+        serde_json::json!({"sub": "alice", "aud": "todo-app", "exp": crate::support::unix_now() + 2}),
     );
     let (alice, connection) = h
         .client_config("authenticated", &token)
@@ -477,7 +479,8 @@ async fn a_session_ended_by_token_expiry_has_its_backend_closed_not_pooled() {
         .await
         .expect("the session ends after exp + leeway")
         .unwrap();
-    let message = support::refusal(&ended.expect_err("the proxy ends the session with an error"));
+    let message =
+        crate::support::refusal(&ended.expect_err("the proxy ends the session with an error"));
     assert!(message.starts_with("token expired at "), "{message}");
     wait_until_gone(&admin, pid).await;
 }
@@ -505,7 +508,7 @@ async fn a_pooled_clients_cancel_key_reaches_the_backend_it_was_lent() {
         .simple_query("select pg_sleep(30)")
         .await
         .expect_err("the sleep is cancelled");
-    assert_eq!(support::db_error(&e).0, "57014");
+    assert_eq!(crate::support::db_error(&e).0, "57014");
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     cancel.await.unwrap().expect("the cancel request is sent");
     assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));

@@ -3,6 +3,7 @@
 //! HTTP, and the proxy between them, configured through its TOML format.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod pki;
 pub mod process;
 pub mod wire;
@@ -13,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use cluster::TestDb;
 use rlsgate::config::Config;
 use rlsgate::dev::issuer::{DevIssuer, KeyKind};
 use rlsgate::dev::postgres::TempPostgres;
@@ -33,7 +35,7 @@ grant all on scratch to authenticated;
 ";
 
 pub struct Harness {
-    pub pg: TempPostgres,
+    pub pg: TestDb,
     pub issuer: DevIssuer,
     pub proxy: RunningProxy,
 }
@@ -46,6 +48,13 @@ impl Harness {
     /// Starts everything; `extra_toml` is merged into the generated
     /// configuration (see `proxy_config`).
     pub async fn start_with(extra_toml: &str) -> Harness {
+        Self::start_edited(TestDb::shared().await, extra_toml, |_| {}).await
+    }
+
+    /// Like [`Harness::start_with`], on a PostgreSQL cluster of the test's
+    /// own, for a test that changes the server or cluster-wide state (roles,
+    /// their settings and passwords), which other tests must not see.
+    pub async fn start_alone(extra_toml: &str) -> Harness {
         let pg = TempPostgres::start().await.expect("start PostgreSQL");
         Self::start_on(pg, extra_toml).await
     }
@@ -53,7 +62,7 @@ impl Harness {
     /// A second proxy in front of the same Postgres and issuer, configured
     /// like the harness's but listening on `ip`.
     pub async fn another_proxy(&self, ip: IpAddr, extra_toml: &str) -> RunningProxy {
-        let config = proxy_config(ip, self.pg.port(), &self.issuer.issuer(), extra_toml);
+        let config = proxy_config(ip, &self.pg, &self.issuer.issuer(), extra_toml);
         RunningProxy::start(config)
             .await
             .unwrap_or_else(|e| panic!("start a proxy on {ip}: {e:#}"))
@@ -65,7 +74,7 @@ impl Harness {
         let ip = self.proxy.address.ip();
         self.proxy.reload(proxy_config(
             ip,
-            self.pg.port(),
+            &self.pg,
             &self.issuer.issuer(),
             extra_toml,
         ))
@@ -143,9 +152,27 @@ impl Harness {
         psql_err(&self.conninfo(user), token, &[sql])
     }
 
-    /// A superuser connection straight to Postgres, around the proxy.
+    /// Connects with `token` and returns the user id the database sees.
+    pub async fn user_id(&self, token: &str) -> Result<String, tokio_postgres::Error> {
+        let client = self.connect("authenticated", token).await?;
+        Ok(client.query_one("select auth.user_id()", &[]).await?.get(0))
+    }
+
+    /// A superuser connection straight to Postgres, around the proxy, to
+    /// the test's database.
     pub async fn admin(&self) -> Client {
-        self.pg.connect("app").await.unwrap()
+        self.pg.connect(self.pg.name()).await.unwrap()
+    }
+
+    /// The text of the harness's proxy configuration, as `start_with(extra_toml)`
+    /// would have it, for tests of a configuration file.
+    pub fn config_toml(&self, extra_toml: &str) -> String {
+        proxy_config_toml(
+            self.proxy.address.ip(),
+            &self.pg,
+            &self.issuer.issuer(),
+            extra_toml,
+        )
     }
 }
 
@@ -154,15 +181,15 @@ impl Harness {
 /// short enough that tests of expiry and refetching run quickly. Lines of
 /// `extra_toml` under a leading `[upstream]`, then under a leading
 /// `[listen]`, go into those sections; the rest is appended (and so lands in the `[[provider]]`, unless it opens a section).
-fn proxy_config(ip: IpAddr, pg_port: u16, issuer: &str, extra_toml: &str) -> Config {
-    let toml = proxy_config_toml(ip, pg_port, issuer, extra_toml);
+fn proxy_config(ip: IpAddr, pg: &TestDb, issuer: &str, extra_toml: &str) -> Config {
+    let toml = proxy_config_toml(ip, pg, issuer, extra_toml);
     Config::parse(&toml).expect("test configuration parses")
 }
 
-/// The text of [`proxy_config`].
-pub fn proxy_config_toml(ip: IpAddr, pg_port: u16, issuer: &str, extra_toml: &str) -> String {
-    let mut toml =
-        rlsgate::dev::sample_config(SocketAddr::new(ip, 0), pg_port, issuer, SIGNING_KEY);
+/// The text of [`proxy_config`]; sessions go to the test's database
+/// (`[upstream] database`), whichever one the client asks for.
+pub fn proxy_config_toml(ip: IpAddr, pg: &TestDb, issuer: &str, extra_toml: &str) -> String {
+    let mut toml = sample_config_toml(SocketAddr::new(ip, 0), pg, issuer, SIGNING_KEY);
     toml.push_str("leeway = \"2s\"\nrefetch_cooldown = \"1s\"\n");
     let (mut toml, extra) = place_upstream_lines(toml, extra_toml.trim());
     let extra = extra.as_str();
@@ -178,6 +205,24 @@ pub fn proxy_config_toml(ip: IpAddr, pg_port: u16, issuer: &str, extra_toml: &st
         toml = format!("{toml}\n{extra}\n");
     }
     toml
+}
+
+/// `rlsgate::dev::sample_config` in front of the test's database.
+pub fn sample_config_toml(
+    listen: SocketAddr,
+    pg: &TestDb,
+    issuer: &str,
+    signing_key_base64: &str,
+) -> String {
+    let toml = rlsgate::dev::sample_config(listen, pg.port(), issuer, signing_key_base64);
+    match pg.upstream_database() {
+        Some(name) => toml.replacen(
+            "[upstream]\n",
+            &format!("[upstream]\ndatabase = \"{name}\"\n"),
+            1,
+        ),
+        None => toml,
+    }
 }
 
 /// A client configuration for the proxy at `address`; without a password,
@@ -373,10 +418,20 @@ impl Harness {
     /// Like [`Harness::start_with`], with the admin listener on a free
     /// loopback port (see [`Harness::admin_url`]).
     pub async fn start_with_admin(extra_toml: &str) -> Harness {
-        let mut h = Harness::start_with(extra_toml).await;
+        Self::with_admin(Harness::start_with(extra_toml).await, extra_toml).await
+    }
+
+    /// [`Harness::start_with_admin`] on a cluster of the test's own (see
+    /// [`Harness::start_alone`]).
+    pub async fn start_alone_with_admin(extra_toml: &str) -> Harness {
+        Self::with_admin(Harness::start_alone(extra_toml).await, extra_toml).await
+    }
+
+    /// `h` with its proxy replaced by one with an admin listener.
+    async fn with_admin(mut h: Harness, extra_toml: &str) -> Harness {
         let mut config = proxy_config(
             Ipv4Addr::LOCALHOST.into(),
-            h.pg.port(),
+            &h.pg,
             &h.issuer.issuer(),
             extra_toml,
         );
@@ -449,41 +504,32 @@ impl Harness {
     /// Starts the issuer and the proxy in front of `pg`, which gets the
     /// sample application; `extra_toml` as in `start_with`.
     pub async fn start_on(pg: TempPostgres, extra_toml: &str) -> Harness {
-        Self::start_edited(pg, extra_toml, |_| {}).await
+        Self::start_edited(TestDb::own(pg).await, extra_toml, |_| {}).await
     }
 
     /// Starts everything, with the parsed configuration edited by `edit`
     /// (for settings the TOML merge of `extra_toml` cannot reach).
     pub async fn start_configured(extra_toml: &str, edit: impl FnOnce(&mut Config)) -> Harness {
-        let pg = TempPostgres::start().await.expect("start PostgreSQL");
-        Self::start_edited(pg, extra_toml, edit).await
+        Self::start_edited(TestDb::shared().await, extra_toml, edit).await
     }
 
-    async fn start_edited(
-        pg: TempPostgres,
+    /// [`Harness::start_configured`] on a cluster of the test's own (see
+    /// [`Harness::start_alone`]).
+    pub async fn start_alone_configured(
         extra_toml: &str,
         edit: impl FnOnce(&mut Config),
     ) -> Harness {
-        let admin = pg.connect("postgres").await.expect("connect as superuser");
-        admin.batch_execute("create database app").await.unwrap();
-        let app = pg.connect("app").await.unwrap();
-        let key = rlsgate::auth::claims::SigningKey::from_base64(SIGNING_KEY).unwrap();
-        rlsgate::commands::init_db::install(&app, &[key.bytes().to_vec()])
-            .await
-            .expect("install schema auth");
-        app.batch_execute(rlsgate::dev::SAMPLE_SCHEMA)
-            .await
-            .expect("create sample schema");
-        app.batch_execute(TEST_SCHEMA)
-            .await
-            .expect("create test schema");
+        let pg = TempPostgres::start().await.expect("start PostgreSQL");
+        Self::start_edited(TestDb::own(pg).await, extra_toml, edit).await
+    }
 
+    async fn start_edited(pg: TestDb, extra_toml: &str, edit: impl FnOnce(&mut Config)) -> Harness {
         let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
             .await
             .expect("start token issuer");
         let mut config = proxy_config(
             Ipv4Addr::LOCALHOST.into(),
-            pg.port(),
+            &pg,
             &issuer.issuer(),
             extra_toml,
         );
@@ -517,4 +563,46 @@ fn place_upstream_lines(toml: String, extra: &str) -> (String, String) {
     };
     let toml = toml.replacen("[upstream]\n", &format!("[upstream]\n{lines}\n"), 1);
     (toml, rest.to_owned())
+}
+
+/// Calls `attempt` every 100 ms until it gives `Some`, failing after `limit`.
+pub async fn poll_until<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(done) = attempt().await {
+            return done;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A path as a TOML string.
+pub fn toml_path(path: &std::path::Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+/// Sleeps in `client`'s session and cancels it through the proxy.
+pub async fn a_cancel_request_ends(client: Client) {
+    let cancel = client.cancel_token();
+    let sleeping = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
+    // Let the statement start before cancelling it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel
+        .cancel_query(NoTls)
+        .await
+        .expect("send the cancel request to the proxy");
+    let result = tokio::time::timeout(WAIT, sleeping)
+        .await
+        .expect("the statement was cancelled in time")
+        .unwrap();
+    let error = result.expect_err("pg_sleep(60) must be cancelled");
+    assert_eq!(db_error(&error).0, "57014");
 }

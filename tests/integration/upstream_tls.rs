@@ -3,17 +3,11 @@
 //! TLS (`hostssl`), so a session that works is a session that is encrypted;
 //! `pg_stat_ssl` confirms it from the server's side.
 
-mod support;
-
-use std::time::Duration;
-
+use crate::support::pki::TestPki;
+use crate::support::{
+    Harness, SIGNING_KEY, a_cancel_request_ends, db_error, toml_path, user_id_of,
+};
 use rlsgate::dev::postgres::TempPostgres;
-use support::pki::TestPki;
-use support::{Harness, SIGNING_KEY, WAIT, db_error, user_id_of};
-
-fn toml_path(path: &std::path::Path) -> String {
-    format!("{:?}", path.display().to_string())
-}
 
 /// A proxy in front of a TLS-only PostgreSQL with `server`'s certificate,
 /// with `[upstream] tls = mode`, trusting `trusted`'s CA, plus `extra` lines.
@@ -150,21 +144,7 @@ async fn disable_never_asks_for_tls() {
 async fn a_cancel_request_reaches_a_database_that_requires_tls() {
     let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let harness = proxy_to(&ca, "verify-full", &ca, "").await;
-    let client = harness.connect_as("alice").await;
-    let cancel = client.cancel_token();
-    let sleeping = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
-    // Let the statement start before cancelling it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    cancel
-        .cancel_query(tokio_postgres::NoTls)
-        .await
-        .expect("send the cancel request to the proxy");
-    let result = tokio::time::timeout(WAIT, sleeping)
-        .await
-        .expect("the statement was cancelled in time")
-        .unwrap();
-    let error = result.expect_err("pg_sleep(60) must be cancelled");
-    assert_eq!(db_error(&error).0, "57014");
+    a_cancel_request_ends(harness.connect_as("alice").await).await;
 }
 
 #[tokio::test]

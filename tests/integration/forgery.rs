@@ -1,19 +1,17 @@
-//! Clients cannot forge claims (DESIGN.md section 3): whatever a client does
+//! Clients cannot forge claims (README.md, "Security model"): whatever a client does
 //! with `SET`, `set_config`, `RESET`, `DISCARD`, `SET ROLE`, its startup
 //! parameters or what it can read of other sessions, `auth.user_id()` is
 //! either its own verified `sub` or an SQLSTATE 28000 error, never someone
 //! else's identity and never a silent NULL.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::wire::{APP_STARTUP, ErrorResponse, RawSession};
+use crate::support::{Harness, connect, db_error, psql_command, simple_rows, user_id_of};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use rlsgate::auth::claims::{Backend, Identity, SigningKey};
 use serde_json::Value;
-use support::wire::{APP_STARTUP, ErrorResponse, RawSession};
-use support::{Harness, connect, db_error, psql_command, simple_rows, user_id_of};
 use tokio_postgres::Client;
 
 /// An SQL string literal.
@@ -982,7 +980,7 @@ async fn an_envelope_names_its_backends_pid_and_start_and_expires_within_the_hou
         assert_eq!(payload["pid"].as_i64(), Some(row.get::<_, i32>(0).into()));
         assert_eq!(payload["started"].as_i64(), Some(row.get::<_, i64>(1)));
         let exp = payload["exp"].as_u64().expect("an expiry");
-        let now = support::unix_now();
+        let now = crate::support::unix_now();
         assert!(
             exp > now + 3500 && exp <= now + 3600,
             "exp {exp}, now {now}"
@@ -992,11 +990,11 @@ async fn an_envelope_names_its_backends_pid_and_start_and_expires_within_the_hou
     // Sealed with the real key: for this backend it works (so the key is
     // right), for the same process id started a microsecond earlier it is
     // refused.
-    let key = SigningKey::from_base64(support::SIGNING_KEY).unwrap();
+    let key = SigningKey::from_base64(crate::support::SIGNING_KEY).unwrap();
     let own = payload_of(&envelope_of(&alice).await);
     let claims = own["claims"].as_object().cloned();
     let mut backend = backend_of(&envelope_of(&alice).await);
-    let exp = support::unix_now() + 60;
+    let exp = crate::support::unix_now() + 60;
     let right = key.seal(&identity("authenticated", claims.clone()), backend, exp);
     let rows = with_setting(&alice, Way::Set, &right, "select auth.user_id()")
         .await
@@ -1024,7 +1022,8 @@ async fn an_envelope_names_its_backends_pid_and_start_and_expires_within_the_hou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_removed() {
     for pool in ["", POOLED] {
-        let h = Harness::start_with_admin(pool).await;
+        // Alone: settings of `authenticated` reach every test's sessions.
+        let h = Harness::start_alone_with_admin(pool).await;
         let admin = h.admin().await;
         // Everyone keeps their session, so each new one needs a new
         // upstream connection (the pooled ones made before are unaffected).
@@ -1045,13 +1044,13 @@ async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_
             assert_eq!(code, "08006", "{pool:?} after `{setting}`: {message}");
             assert!(message.contains("the database is unavailable"), "{message}");
             // The operator is told: /readyz names the role, the gauge is up.
-            let (status, body) = support::http_get(&h.admin_url("/readyz")).await;
+            let (status, body) = crate::support::http_get(&h.admin_url("/readyz")).await;
             assert_eq!(status, 503, "{body}");
             assert!(body.contains("undeclared_settings"), "{body}");
-            let (_, metrics) = support::http_get(&h.admin_url("/metrics")).await;
+            let (_, metrics) = crate::support::http_get(&h.admin_url("/metrics")).await;
             let labels = [("kind", "undeclared_settings"), ("user", "authenticated")];
             assert_eq!(
-                support::metric(&metrics, "rlsgate_upstream_tampering", &labels),
+                crate::support::metric(&metrics, "rlsgate_upstream_tampering", &labels),
                 Some(1.0)
             );
             admin
@@ -1063,7 +1062,7 @@ async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_
                 .unwrap();
             let bob = h.connect_as("bob").await;
             assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"), "{pool:?}");
-            let (status, body) = support::http_get(&h.admin_url("/readyz")).await;
+            let (status, body) = crate::support::http_get(&h.admin_url("/readyz")).await;
             assert_eq!(status, 200, "the alarm clears with the next login: {body}");
             kept.push(bob);
         }
@@ -1074,7 +1073,7 @@ async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_
 /// served; any other setting is still refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declared_login_role_settings_are_served_and_others_still_refused() {
-    let h = Harness::start_configured("", |config| {
+    let h = Harness::start_alone_configured("", |config| {
         let role = config
             .roles
             .iter_mut()

@@ -3,13 +3,11 @@
 //! notices, large results, errors with their SQLSTATE, ParameterStatus, and
 //! many sessions at once.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{Harness, WAIT, connect, db_error, psql_stdout, simple_rows, user_id_of};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use support::{Harness, WAIT, connect, db_error, psql_stdout, simple_rows, user_id_of};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 

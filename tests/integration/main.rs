@@ -1,0 +1,34 @@
+//! The integration tests, one module per concern, in one binary: the crate
+//! is linked once instead of once per file.
+
+mod support;
+
+mod algorithms;
+mod attacks;
+mod bench_script;
+mod cancel;
+mod check;
+mod clients;
+mod containers;
+mod demo;
+mod dev_tools;
+mod docs;
+mod forgery;
+mod front_door;
+mod hostile;
+mod jwks;
+mod keys;
+mod observability;
+mod pooling;
+mod protocol;
+mod providers;
+mod refusals;
+mod reload;
+mod session_end;
+mod startup_limits;
+mod startup_options;
+mod tls;
+mod todos;
+mod token_cache;
+mod upstream_auth;
+mod upstream_tls;
