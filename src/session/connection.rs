@@ -17,6 +17,7 @@ use crate::auth::claims::{Envelope, Identity, NO_EXPIRY};
 use crate::auth::token_check::{TokenChecker, VerifiedToken, fingerprint, now_unix};
 use crate::config::{Config, Role, TokenPolicy};
 use crate::ops::metrics::{self, Metrics};
+use crate::protocol::messages;
 use crate::protocol::refusal::{Reason, Refusal, sqlstate};
 use crate::session::cancel::{CancelRegistry, Registration};
 use crate::session::front_door::{self, Arrival, FrontDoorError, PasswordError};
@@ -363,13 +364,10 @@ async fn open_session(
     );
 
     let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 32);
-    greeting.put_slice(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
+    messages::authentication_ok(&mut greeting);
     greeting.put_slice(&upstream.greeting);
-    // BackendKeyData: the backend's real pid, with the proxy's own secret.
-    greeting.put_u8(b'K');
-    greeting.put_u32(12);
-    greeting.put_i32(cancel.key.pid);
-    greeting.put_i32(cancel.key.secret);
+    // The backend's real pid, with the proxy's own secret.
+    messages::backend_key_data(&mut greeting, cancel.key);
     greeting.put_slice(&upstream.ready);
     client
         .write_all(&greeting)

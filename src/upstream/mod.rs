@@ -12,28 +12,26 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::IsNull;
 use postgres_protocol::authentication::{md5_hash, sasl};
-use postgres_protocol::message::backend::{ErrorFields, Message};
-use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use postgres_protocol::message::backend::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::claims::{self, Backend, Identity, SigningKey};
 use crate::config::{Role, Secret, Upstream};
 use crate::ops::tamper::Tampering;
+use crate::protocol::frame::{Frame, MAX_BACKEND_MESSAGE};
+use crate::protocol::messages;
 use crate::protocol::refusal::{Reason, Refusal, sqlstate};
-use crate::session::front_door::CancelKey;
+use crate::protocol::server_error::ServerError;
+use crate::protocol::startup::{CancelKey, MAX_STARTUP_PACKET};
 use crate::session::stream::UpstreamStream;
 use crate::upstream::tls::UpstreamTls;
 
 /// Log lines name the subsystem, not the file: operators filter on it
 /// (`RUST_LOG=rlsgate::upstream=debug`), so it outlives a move of the code.
 const LOG_TARGET: &str = "rlsgate::upstream";
-
-/// PostgreSQL refuses startup packets above this size.
-const MAX_STARTUP_PACKET: usize = 10_000;
 
 /// A ready upstream backend, idle after its first ReadyForQuery.
 pub struct UpstreamSession {
@@ -97,7 +95,7 @@ async fn open(
     // reset to this value, is refused by the `auth` functions.
     parameters.push((claims::SETTING, ""));
     let mut out = BytesMut::new();
-    frontend::startup_message(parameters.iter().copied(), &mut out)
+    messages::startup_message(&mut out, parameters.iter().copied())
         .map_err(|e| Refusal::auth(format!("invalid startup parameter: {e}")))?;
     if out.len() > MAX_STARTUP_PACKET {
         return Err(Refusal::auth(format!(
@@ -111,7 +109,6 @@ async fn open(
     stream.flush().await.map_err(lost)?;
 
     let password = login.role.upstream_password.as_ref().map(Secret::as_str);
-    let mut reader = FrameReader::default();
     let mut scram: Option<sasl::ScramSha256> = None;
     let mut greeting = BytesMut::new();
     let mut key = None;
@@ -119,26 +116,27 @@ async fn open(
     // password's (atomic only so that the future stays Send).
     let password_pending = AtomicBool::new(false);
     loop {
-        let (kind, raw) = reader.next(&mut stream).await.map_err(lost)?;
+        let frame = Frame::read(&mut stream, MAX_BACKEND_MESSAGE)
+            .await
+            .map_err(lost)?;
+        let kind = frame.kind();
         if matches!(kind, b'S' | b'N') {
-            greeting.extend_from_slice(&raw);
+            greeting.extend_from_slice(&frame.into_raw());
             continue;
         }
         if kind == b'Z' {
             let key = key
                 .ok_or_else(|| Refusal::database_unavailable("upstream sent no BackendKeyData"))?;
-            let backend = inspect(&mut stream, &mut reader, key, &login, tls).await?;
+            let backend = inspect(&mut stream, key, &login, tls).await?;
             return Ok(UpstreamSession {
                 stream,
                 key,
                 backend,
                 greeting,
-                ready: raw,
+                ready: frame.into_raw(),
             });
         }
-        let message = Message::parse(&mut raw.clone())
-            .map_err(lost)?
-            .ok_or_else(|| Refusal::database_unavailable("truncated upstream message"))?;
+        let message = frame.into_message().map_err(lost)?;
         out.clear();
         let need_password = || {
             password_pending.store(password.is_some(), Ordering::Relaxed);
@@ -151,11 +149,11 @@ async fn open(
         match message {
             Message::AuthenticationOk => logged_in(tls, user, &password_pending),
             Message::AuthenticationCleartextPassword => {
-                frontend::password_message(need_password()?.as_bytes(), &mut out).map_err(lost)?;
+                messages::password(&mut out, need_password()?.as_bytes()).map_err(lost)?;
             }
             Message::AuthenticationMd5Password(body) => {
                 let hash = md5_hash(user.as_bytes(), need_password()?.as_bytes(), body.salt());
-                frontend::password_message(hash.as_bytes(), &mut out).map_err(lost)?;
+                messages::password(&mut out, hash.as_bytes()).map_err(lost)?;
             }
             Message::AuthenticationSasl(body) => {
                 let mut mechanisms = body.mechanisms();
@@ -172,7 +170,7 @@ async fn open(
                     need_password()?.as_bytes(),
                     sasl::ChannelBinding::unsupported(),
                 );
-                frontend::sasl_initial_response(sasl::SCRAM_SHA_256, state.message(), &mut out)
+                messages::sasl_initial_response(&mut out, sasl::SCRAM_SHA_256, state.message())
                     .map_err(lost)?;
                 scram = Some(state);
             }
@@ -183,7 +181,7 @@ async fn open(
                 state
                     .update(body.data())
                     .map_err(|e| Refusal::database_unavailable(format!("SCRAM: {e}")))?;
-                frontend::sasl_response(state.message(), &mut out).map_err(lost)?;
+                messages::sasl_response(&mut out, state.message()).map_err(lost)?;
             }
             Message::AuthenticationSaslFinal(body) => {
                 let state = scram
@@ -200,12 +198,8 @@ async fn open(
                 });
             }
             Message::ErrorResponse(body) => {
-                return Err(upstream_refusal(
-                    body.fields(),
-                    user,
-                    &password_pending,
-                    tls,
-                ));
+                let error = ServerError::from_body(&body);
+                return Err(upstream_refusal(error, user, &password_pending, tls));
             }
             _ => {
                 return Err(Refusal::database_unavailable(format!(
@@ -247,20 +241,12 @@ fn logged_in(tls: &UpstreamTls, user: &str, password_pending: &AtomicBool) {
 /// the log says what to check. A refused password is most likely one
 /// changed from inside a session, which raises an alarm.
 fn upstream_refusal(
-    mut fields: ErrorFields<'_>,
+    error: ServerError,
     user: &str,
     password_pending: &AtomicBool,
     tls: &UpstreamTls,
 ) -> Refusal {
-    let mut code = String::new();
-    let mut message = String::new();
-    while let Ok(Some(field)) = fields.next() {
-        match field.type_() {
-            b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
-            b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
-            _ => {}
-        }
-    }
+    let ServerError { code, message, .. } = error;
     let refused_password = matches!(code.as_str(), "28P01" | "28000");
     if refused_password && password_pending.load(Ordering::Relaxed) {
         let detail = format!("{code} {message}");
@@ -322,7 +308,6 @@ const INSPECT: &str = "begin; \
 /// (`statement_timeout`, `search_path`, `default_transaction_read_only`, …).
 async fn inspect(
     stream: &mut UpstreamStream,
-    reader: &mut FrameReader,
     key: CancelKey,
     login: &Login<'_>,
     tls: &UpstreamTls,
@@ -333,17 +318,19 @@ async fn inspect(
         Refusal::database_unavailable(format!("connection lost while inspecting the backend: {e}"))
     };
     let mut out = BytesMut::new();
-    frontend::query(INSPECT, &mut out).map_err(lost)?;
+    messages::query(&mut out, INSPECT).map_err(lost)?;
     stream.write_all(&out).await.map_err(lost)?;
     stream.flush().await.map_err(lost)?;
     let mut row = None;
     let mut failed = None;
     loop {
-        let (kind, raw) = reader.next(stream).await.map_err(lost)?;
-        match kind {
+        let frame = Frame::read(stream, MAX_BACKEND_MESSAGE)
+            .await
+            .map_err(lost)?;
+        match frame.kind() {
             b'T' | b'C' | b'N' | b'S' | b'A' => {}
-            b'D' => row = Some(raw),
-            b'E' => failed = Some(raw),
+            b'D' => row = Some(frame),
+            b'E' => failed = Some(frame),
             // After an error the transaction is aborted and the
             // ErrorResponse says why: the connection is not served.
             b'Z' => break,
@@ -355,8 +342,8 @@ async fn inspect(
             }
         }
     }
-    if let Some(raw) = failed {
-        let (code, message) = error_fields(&raw);
+    if let Some(frame) = failed {
+        let ServerError { code, message, .. } = ServerError::from_frame(frame);
         return Err(Refusal::database_unavailable(format!(
             "the proxy's first query as {user:?} failed ({code} {message}); \
              if a setting of the login role causes this, it was probably changed \
@@ -365,7 +352,6 @@ async fn inspect(
         .because(Reason::Upstream));
     }
     let (started, settings) = row
-        .as_ref()
         .and_then(inspected)
         .ok_or_else(|| Refusal::database_unavailable("the backend did not say when it started"))?;
     if login.refuse_undeclared_settings {
@@ -387,8 +373,8 @@ async fn inspect(
 }
 
 /// The start time and role settings of [`INSPECT`]'s one row.
-fn inspected(raw: &BytesMut) -> Option<(i64, Vec<String>)> {
-    let Ok(Some(Message::DataRow(body))) = Message::parse(&mut raw.clone()) else {
+fn inspected(row: Frame) -> Option<(i64, Vec<String>)> {
+    let Ok(Message::DataRow(body)) = row.into_message() else {
         return None;
     };
     let buffer = body.buffer();
@@ -431,30 +417,7 @@ fn setting_name(setting: &str) -> &str {
     setting.split('=').next().unwrap_or_default()
 }
 
-/// The SQLSTATE and message of an ErrorResponse frame.
-pub(crate) fn error_fields(raw: &BytesMut) -> (String, String) {
-    let mut code = String::new();
-    let mut message = String::new();
-    if let Ok(Some(Message::ErrorResponse(body))) = Message::parse(&mut raw.clone()) {
-        let mut fields = body.fields();
-        while let Ok(Some(field)) = fields.next() {
-            match field.type_() {
-                b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
-                b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
-                _ => {}
-            }
-        }
-    }
-    (code, message)
-}
-
-/// The statement that applies one setting; `false`: for the session.
-const SET_CONFIG: &str = "select pg_catalog.set_config($1, $2, false)";
-
-/// The `text` type, for both parameters of [`SET_CONFIG`].
-const TEXT_OID: u32 = 25;
-
-/// Why applying settings with [`encode_set_config`] failed.
+/// Why applying settings with [`messages::set_config`] failed.
 pub(crate) enum SetFailure {
     /// The connection is gone (or going).
     Dead(String),
@@ -462,63 +425,32 @@ pub(crate) enum SetFailure {
     Refused(String),
 }
 
-/// `set_config` for each pair, as bound parameters (never query text), then
-/// Sync. With a `statement` name the statement is closed afterwards, so the
-/// client's unnamed statement, if it has one, survives.
-pub(crate) fn encode_set_config<'a>(
-    out: &mut BytesMut,
-    statement: &str,
-    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> io::Result<()> {
-    frontend::parse(statement, SET_CONFIG, [TEXT_OID, TEXT_OID], out)?;
-    for (name, value) in pairs {
-        frontend::bind(
-            "",
-            statement,
-            [0i16],
-            [name, value],
-            |v, buf| {
-                buf.put_slice(v.as_bytes());
-                Ok(IsNull::No)
-            },
-            [0i16],
-            out,
-        )
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a setting has a NUL byte"))?;
-        frontend::execute("", 0, out)?;
-    }
-    if !statement.is_empty() {
-        frontend::close(b'S', statement, out)?;
-    }
-    frontend::sync(out);
-    Ok(())
-}
-
-/// Reads the answer to [`encode_set_config`] up to its ReadyForQuery,
+/// Reads the answer to [`messages::set_config`] up to its ReadyForQuery,
 /// passing each ParameterStatus on to `reported`.
 pub(crate) async fn read_set_config_answer(
     stream: &mut UpstreamStream,
-    reader: &mut FrameReader,
     mut reported: impl FnMut(&[u8]),
 ) -> Result<(), SetFailure> {
     let dead = |e: io::Error| SetFailure::Dead(e.to_string());
     let mut refused = None;
     loop {
-        let (kind, raw) = reader.next(stream).await.map_err(dead)?;
-        match kind {
+        let frame = Frame::read(stream, MAX_BACKEND_MESSAGE)
+            .await
+            .map_err(dead)?;
+        match frame.kind() {
             b'1' | b'2' | b'3' | b'D' | b'C' | b'N' | b'A' => {}
-            b'S' => reported(&raw[5..]),
+            b'S' => reported(frame.body()),
             b'E' => {
-                if is_fatal(&raw) {
+                let error = ServerError::from_frame(frame);
+                if error.is_fatal() {
                     return Err(SetFailure::Dead(
                         "the backend ended the connection".to_owned(),
                     ));
                 }
-                let (code, message) = error_fields(&raw);
-                refused = Some(format!("{code} {message}"));
+                refused = Some(format!("{} {}", error.code, error.message));
             }
             b'Z' => {
-                return match (refused, raw.get(5)) {
+                return match (refused, frame.body().first()) {
                     (Some(why), _) => Err(SetFailure::Refused(why)),
                     (None, Some(&b'I')) => Ok(()),
                     (None, _) => Err(SetFailure::Dead(
@@ -536,20 +468,6 @@ pub(crate) async fn read_set_config_answer(
     }
 }
 
-/// Whether an ErrorResponse frame ends the connection (FATAL or PANIC).
-pub(crate) fn is_fatal(raw: &BytesMut) -> bool {
-    let Ok(Some(Message::ErrorResponse(body))) = Message::parse(&mut raw.clone()) else {
-        return true;
-    };
-    let mut fields = body.fields();
-    while let Ok(Some(field)) = fields.next() {
-        if matches!(field.type_(), b'S' | b'V') {
-            return matches!(field.value_bytes(), b"FATAL" | b"PANIC");
-        }
-    }
-    true
-}
-
 /// Binds `identity`'s envelope to an unpooled session's backend, in one
 /// round trip. Returns the envelope's expiry.
 pub async fn bind_claims(
@@ -564,7 +482,7 @@ pub async fn bind_claims(
         Refusal::database_unavailable(format!("binding the session's claims failed: {why}"))
     };
     let mut out = BytesMut::new();
-    encode_set_config(&mut out, "", [(claims::SETTING, sealed.as_str())])
+    messages::set_config(&mut out, "", [(claims::SETTING, sealed.as_str())])
         .map_err(|e| failed(e.to_string()))?;
     let stream = &mut session.stream;
     let written = async {
@@ -572,8 +490,7 @@ pub async fn bind_claims(
         stream.flush().await
     };
     written.await.map_err(|e| failed(e.to_string()))?;
-    let mut reader = FrameReader::default();
-    read_set_config_answer(&mut session.stream, &mut reader, |_| {})
+    read_set_config_answer(&mut session.stream, |_| {})
         .await
         .map_err(|(SetFailure::Dead(why) | SetFailure::Refused(why))| failed(why))?;
     Ok(exp)
@@ -603,7 +520,7 @@ pub async fn retire(
     }
     let ended = tokio::time::timeout(RETIRE_TIMEOUT, async {
         let mut terminate = BytesMut::new();
-        frontend::terminate(&mut terminate);
+        messages::terminate(&mut terminate);
         if stream.write_all(&terminate).await.is_ok() {
             let _ = stream.flush().await;
         }
@@ -617,38 +534,6 @@ pub async fn retire(
             "the backend of an ended session is still running {RETIRE_TIMEOUT:?} after it was \
              told to end; its connection is closed and its slot freed"
         );
-    }
-}
-
-/// Reads whole backend frames into a reused buffer.
-#[derive(Default)]
-pub(crate) struct FrameReader {
-    buf: BytesMut,
-}
-
-impl FrameReader {
-    pub(crate) async fn next(
-        &mut self,
-        stream: &mut (impl AsyncRead + Unpin),
-    ) -> io::Result<(u8, BytesMut)> {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = (&self.buf[1..5]).get_u32() as usize;
-                if len < 4 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "bad frame length",
-                    ));
-                }
-                if self.buf.len() > len {
-                    let kind = self.buf[0];
-                    return Ok((kind, self.buf.split_to(len + 1)));
-                }
-            }
-            if stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
     }
 }
 
