@@ -12,7 +12,7 @@ use rlsgate::protocol::startup::{
     MAX_STARTUP_PACKET, Request, parse_password, parse_request, password_body_length,
     startup_packet_body_length,
 };
-use rlsgate::upstream::forwarded_parameters;
+use rlsgate::upstream::options::forwarded_parameters;
 
 /// The default `[listen] max_token_bytes`.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;

@@ -54,8 +54,9 @@ use crate::protocol::frame::{Frame, MAX_BACKEND_MESSAGE};
 use crate::protocol::messages;
 use crate::protocol::server_error::ServerError;
 use crate::session::stream::UpstreamStream;
+use crate::upstream::claims::bind_claims;
+use crate::upstream::login::{self, Login};
 use crate::upstream::tls::UpstreamTls;
-use crate::upstream::{self, Login};
 
 /// How long the envelope of a check session is valid.
 const ENVELOPE_VALIDITY: Duration = Duration::from_secs(60);
@@ -500,7 +501,7 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Logs in as `role`'s upstream user through [`upstream::connect`], with
+/// Logs in as `role`'s upstream user through [`login::connect`], with
 /// null claims sealed by the configured key and bound as `serve` binds them.
 async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, String> {
     let identity = Identity {
@@ -522,8 +523,8 @@ async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, S
     let tls = UpstreamTls::from_config(&config.upstream).map_err(|e| format!("{e:#}"))?;
     let key = &config.claims.signing_key;
     let bound = async {
-        let mut session = upstream::connect(&config.upstream, &tls, login).await?;
-        upstream::bind_claims(&mut session, key, &identity, unix_now()).await?;
+        let mut session = login::connect(&config.upstream, &tls, login).await?;
+        bind_claims(&mut session, key, &identity, unix_now()).await?;
         Ok::<_, crate::protocol::refusal::Refusal>(session)
     };
     match bound.await {

@@ -25,9 +25,11 @@ use crate::session::limit::{Limit, StartupSlot};
 use crate::session::relay::{self, Expiry, Traffic};
 use crate::session::shutdown::Shutdown;
 use crate::session::stream::ClientStream;
+use crate::upstream::login::{Login, UpstreamSession};
+use crate::upstream::options::forwarded_parameters;
 use crate::upstream::pool::{Attached, Lease, Pool};
+use crate::upstream::retire::retire;
 use crate::upstream::tls::UpstreamTls;
-use crate::upstream::{self, Login, UpstreamSession};
 
 /// Log lines name the subsystem, not the file: operators filter on it
 /// (`RUST_LOG=rlsgate::connection=debug`), so it outlives a move of the code.
@@ -143,7 +145,7 @@ pub async fn serve(
             _ => {
                 let config = &services.config.upstream;
                 let target = (config.host.as_str(), config.port, upstream.key);
-                upstream::retire(stream, target, finish.in_flight, &services.upstream_tls).await;
+                retire(stream, target, finish.in_flight, &services.upstream_tls).await;
             }
         }
         // The session's slots are free only now that its backend has ended.
@@ -257,7 +259,7 @@ async fn open_session(
         .because(Reason::Role)
     })?;
     seen.role = Some(role.name.clone());
-    let forwarded = upstream::forwarded_parameters(parameters)?;
+    let forwarded = forwarded_parameters(parameters)?;
     let mut verified_token = None;
     let (identity, expiry) = match role.token {
         TokenPolicy::None => {

@@ -35,8 +35,10 @@ use crate::protocol::messages;
 use crate::protocol::refusal::Refusal;
 use crate::protocol::startup::CancelKey;
 use crate::session::stream::UpstreamStream;
+use crate::upstream::claims::{SetFailure, bind_claims, read_set_config_answer};
+use crate::upstream::login::{Login, UpstreamSession, connect};
+use crate::upstream::options::split_options;
 use crate::upstream::tls::UpstreamTls;
-use crate::upstream::{self, Login, SetFailure, UpstreamSession};
 
 /// Log lines name the subsystem, not the file: operators filter on it
 /// (`RUST_LOG=rlsgate::pool=debug`), so it outlives a move of the code.
@@ -94,10 +96,10 @@ impl Attached {
         login: Login<'_>,
         (key, identity): (&SigningKey, &Identity),
     ) -> Result<Attached, Refusal> {
-        let mut session = upstream::connect(upstream, tls, login).await?;
+        let mut session = connect(upstream, tls, login).await?;
         let bound = tokio::time::timeout(
             upstream.connect_timeout,
-            upstream::bind_claims(&mut session, key, identity, now_unix()),
+            bind_claims(&mut session, key, identity, now_unix()),
         )
         .await
         .unwrap_or_else(|_| {
@@ -156,7 +158,7 @@ impl Pool {
                         parameters: Vec::new(),
                         refuse_undeclared_settings: login.refuse_undeclared_settings,
                     };
-                    let session = upstream::connect(upstream, tls, bare).await?;
+                    let session = connect(upstream, tls, bare).await?;
                     let lease = Lease::new(key.clone(), &session);
                     (session.stream, lease, true)
                 }
@@ -383,7 +385,7 @@ fn settings_of(parameters: &[(String, String)]) -> Option<Vec<(String, String)>>
     let mut encoding = None;
     for (name, value) in parameters {
         if name == "options" {
-            let mut words = upstream::split_options(value).into_iter();
+            let mut words = split_options(value).into_iter();
             while let Some(word) = words.next() {
                 if word != "-c" {
                     return None;
@@ -425,7 +427,7 @@ async fn bind(
         stream.flush().await
     };
     sent.await.map_err(|e| SetFailure::Dead(e.to_string()))?;
-    upstream::read_set_config_answer(stream, |body| {
+    read_set_config_answer(stream, |body| {
         if let Some((name, value)) = parameter_status(body) {
             lease.current.insert(name, value);
         }
