@@ -273,49 +273,8 @@ async fn open_session(
             (identity, None)
         }
         TokenPolicy::Required => {
-            let plaintext = !client.is_tls();
-            let local = client
-                .tcp()
-                .local_addr()
-                .is_ok_and(|a| a.ip().is_loopback());
-            if plaintext && !local && !config.listen.allow_plaintext_tokens {
-                return Err(Refusal::auth(
-                    "TLS is required to send a token: connect with sslmode=require (or verify-full)",
-                )
-                .because(Reason::TlsRequired)
-                .into());
-            }
-            let max_bytes = config.listen.max_token_bytes;
-            let token = match front_door::ask_password(client, max_bytes, auth_deadline).await {
-                Ok(token) => token,
-                Err(PasswordError::Closed(_)) => return Err(Failure::Closed),
-                Err(PasswordError::Refused(refusal)) => return Err(refusal.into()),
-            };
-            seen.token = Some(fingerprint(&token));
-            let checking = StdInstant::now();
-            let checked = services.tokens.check(&token, &role.name).await;
-            services.metrics.token_checked(checking.elapsed());
-            let verified = checked?;
-            let ends_with_token = config.listen.end_sessions_at_token_expiry;
-            let valid_until = if ends_with_token {
-                let leeway = services.tokens.leeway(&verified);
-                verified.expires_at.saturating_add(leeway.as_secs())
-            } else {
-                NO_EXPIRY
-            };
-            let expiry = ends_with_token.then(|| {
-                let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
-                Expiry {
-                    at: tokio::time::Instant::now() + left,
-                    exp: verified.expires_at,
-                }
-            });
-            let identity = Identity {
-                upstream_user: role.upstream_user().to_owned(),
-                claims: Some(verified.claims.clone()),
-                valid_until,
-                lifetime: config.claims.envelope_lifetime,
-            };
+            let (identity, expiry, verified) =
+                token_identity(client, role, services, seen, auth_deadline).await?;
             verified_token = Some(verified);
             (identity, expiry)
         }
@@ -403,6 +362,62 @@ async fn open_session(
         session_slot,
         role_slot,
     })
+}
+
+/// Asks for the token and checks it: the session's identity, when the
+/// session ends with its token (if it does), and the verified token.
+async fn token_identity(
+    client: &mut ClientStream,
+    role: &Role,
+    services: &Services,
+    seen: &mut Seen,
+    auth_deadline: tokio::time::Instant,
+) -> Result<(Identity, Option<Expiry>, VerifiedToken), Failure> {
+    let config = &services.config;
+    let plaintext = !client.is_tls();
+    let local = client
+        .tcp()
+        .local_addr()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if plaintext && !local && !config.listen.allow_plaintext_tokens {
+        return Err(Refusal::auth(
+            "TLS is required to send a token: connect with sslmode=require (or verify-full)",
+        )
+        .because(Reason::TlsRequired)
+        .into());
+    }
+    let max_bytes = config.listen.max_token_bytes;
+    let token = match front_door::ask_password(client, max_bytes, auth_deadline).await {
+        Ok(token) => token,
+        Err(PasswordError::Closed(_)) => return Err(Failure::Closed),
+        Err(PasswordError::Refused(refusal)) => return Err(refusal.into()),
+    };
+    seen.token = Some(fingerprint(&token));
+    let checking = StdInstant::now();
+    let checked = services.tokens.check(&token, &role.name).await;
+    services.metrics.token_checked(checking.elapsed());
+    let verified = checked?;
+    let ends_with_token = config.listen.end_sessions_at_token_expiry;
+    let valid_until = if ends_with_token {
+        let leeway = services.tokens.leeway(&verified);
+        verified.expires_at.saturating_add(leeway.as_secs())
+    } else {
+        NO_EXPIRY
+    };
+    let expiry = ends_with_token.then(|| {
+        let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
+        Expiry {
+            at: tokio::time::Instant::now() + left,
+            exp: verified.expires_at,
+        }
+    });
+    let identity = Identity {
+        upstream_user: role.upstream_user().to_owned(),
+        claims: Some(verified.claims.clone()),
+        valid_until,
+        lifetime: config.claims.envelope_lifetime,
+    };
+    Ok((identity, expiry, verified))
 }
 
 /// A slot of `[listen] max_connections`, and one of the role's own
