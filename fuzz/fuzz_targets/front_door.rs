@@ -8,15 +8,14 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use rlsgate::protocol::refusal::Refusal;
-use rlsgate::session::front_door::{
-    Request, parse_password, parse_request, password_body_length, startup_packet_body_length,
+use rlsgate::protocol::startup::{
+    MAX_STARTUP_PACKET, Request, parse_password, parse_request, password_body_length,
+    startup_packet_body_length,
 };
-use rlsgate::upstream::forwarded_parameters;
+use rlsgate::upstream::options::forwarded_parameters;
 
 /// The default `[listen] max_token_bytes`.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
-/// PostgreSQL's limit on a packet before authentication.
-const MAX_STARTUP_PACKET: usize = 10_000;
 /// The front door answers at most one SSLRequest and one GSSENCRequest
 /// before a StartupMessage; a few more packets cover the refusals.
 const MAX_PACKETS: usize = 4;

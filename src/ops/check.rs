@@ -44,16 +44,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::message::backend::Message;
-use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::auth::claims::Identity;
 use crate::auth::jwks::{JwksCache, http_client};
 use crate::commands::init_db::SCHEMA_VERSION;
 use crate::config::{Config, Role};
+use crate::protocol::frame::{Frame, MAX_BACKEND_MESSAGE};
+use crate::protocol::messages;
+use crate::protocol::server_error::ServerError;
 use crate::session::stream::UpstreamStream;
+use crate::upstream::claims::bind_claims;
+use crate::upstream::login::{self, Login};
 use crate::upstream::tls::UpstreamTls;
-use crate::upstream::{self, Login};
 
 /// How long the envelope of a check session is valid.
 const ENVELOPE_VALIDITY: Duration = Duration::from_secs(60);
@@ -498,7 +501,7 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Logs in as `role`'s upstream user through [`upstream::connect`], with
+/// Logs in as `role`'s upstream user through [`login::connect`], with
 /// null claims sealed by the configured key and bound as `serve` binds them.
 async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, String> {
     let identity = Identity {
@@ -520,14 +523,13 @@ async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, S
     let tls = UpstreamTls::from_config(&config.upstream).map_err(|e| format!("{e:#}"))?;
     let key = &config.claims.signing_key;
     let bound = async {
-        let mut session = upstream::connect(&config.upstream, &tls, login).await?;
-        upstream::bind_claims(&mut session, key, &identity, unix_now()).await?;
+        let mut session = login::connect(&config.upstream, &tls, login).await?;
+        bind_claims(&mut session, key, &identity, unix_now()).await?;
         Ok::<_, crate::protocol::refusal::Refusal>(session)
     };
     match bound.await {
         Ok(session) => Ok(Session {
             stream: session.stream,
-            buf: BytesMut::new(),
         }),
         // The detail holds the upstream's own words, never the password.
         Err(refusal) => Err(refusal.detail.unwrap_or(refusal.message)),
@@ -1164,7 +1166,6 @@ type Rows = Vec<Vec<Option<String>>>;
 /// protocol: text results, one statement at a time.
 struct Session {
     stream: UpstreamStream,
-    buf: BytesMut,
 }
 
 impl Session {
@@ -1191,7 +1192,7 @@ impl Session {
     async fn exchange(&mut self, sql: &str) -> Result<Rows, QueryError> {
         let lost = |e: io::Error| QueryError::Lost(format!("connection lost: {e}"));
         let mut out = BytesMut::new();
-        frontend::query(sql, &mut out).map_err(lost)?;
+        messages::query(&mut out, sql).map_err(lost)?;
         self.stream.write_all(&out).await.map_err(lost)?;
         let mut rows = Vec::new();
         let mut error = None;
@@ -1209,20 +1210,8 @@ impl Session {
                     rows.push(row);
                 }
                 Message::ErrorResponse(body) => {
-                    let mut fields = body.fields();
-                    let mut e = DbError {
-                        code: String::new(),
-                        message: String::new(),
-                    };
-                    while let Some(field) = fields.next().map_err(lost)? {
-                        let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
-                        match field.type_() {
-                            b'C' => e.code = value,
-                            b'M' => e.message = value,
-                            _ => {}
-                        }
-                    }
-                    error = Some(e);
+                    let ServerError { code, message, .. } = ServerError::from_body(&body);
+                    error = Some(DbError { code, message });
                 }
                 Message::ReadyForQuery(_) => {
                     return match error {
@@ -1236,19 +1225,14 @@ impl Session {
     }
 
     async fn next(&mut self) -> io::Result<Message> {
-        loop {
-            if let Some(message) = Message::parse(&mut self.buf)? {
-                return Ok(message);
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
+        Frame::read(&mut self.stream, MAX_BACKEND_MESSAGE)
+            .await?
+            .into_message()
     }
 
     async fn close(mut self) {
         let mut out = BytesMut::new();
-        frontend::terminate(&mut out);
+        messages::terminate(&mut out);
         let _ = self.stream.write_all(&out).await;
         let _ = self.stream.shutdown().await;
     }

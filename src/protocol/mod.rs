@@ -1,3 +1,11 @@
-//! The Postgres wire format, as far as the proxy speaks it itself.
+//! The Postgres wire format, as far as the proxy speaks it itself: every
+//! message it writes ([`messages`]), how it reads one ([`frame`]), the
+//! packets a client sends before authentication ([`startup`]), what an
+//! ErrorResponse from Postgres says ([`server_error`]), and how a refusal
+//! reaches the client ([`refusal`]).
 
+pub mod frame;
+pub mod messages;
 pub mod refusal;
+pub mod server_error;
+pub mod startup;

@@ -4,8 +4,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 use bytes::BytesMut;
-use pgwire::messages::Message;
-use pgwire::messages::response::ErrorResponse;
+
+use crate::protocol::messages;
 
 /// SQLSTATE codes the proxy itself sends.
 pub mod sqlstate {
@@ -123,7 +123,7 @@ impl Refusal {
 
     /// The FATAL ErrorResponse frame for the client.
     pub fn encode(&self, buf: &mut BytesMut) {
-        encode_error(buf, "FATAL", &self.sqlstate, &self.message);
+        messages::error_response(buf, "FATAL", &self.sqlstate, &self.message);
     }
 }
 
@@ -135,16 +135,4 @@ impl fmt::Display for Refusal {
         }
         Ok(())
     }
-}
-
-/// Appends an ErrorResponse with the fields libpq shows: severity, code, message.
-pub fn encode_error(buf: &mut BytesMut, severity: &str, sqlstate: &str, message: &str) {
-    let response = ErrorResponse::new(vec![
-        (b'S', severity.to_owned()),
-        (b'V', severity.to_owned()),
-        (b'C', sqlstate.to_owned()),
-        (b'M', message.to_owned()),
-    ]);
-    // Only fails above pgwire's size cap, which our short messages never reach.
-    let _ = response.encode(buf);
 }

@@ -50,11 +50,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::RwLock;
 
-use crate::session::front_door::CancelKey;
+use crate::protocol::messages;
+use crate::protocol::startup::CancelKey;
 use crate::upstream::tls::UpstreamTls;
 
 /// Log lines name the subsystem, not the file: operators filter on it
@@ -472,7 +472,7 @@ async fn forward_request(
     tls: &UpstreamTls,
 ) -> Result<(), Failed> {
     let mut packet = BytesMut::with_capacity(16);
-    frontend::cancel_request(key.pid, key.secret, &mut packet);
+    messages::cancel_request(&mut packet, key);
     let mut maybe_sent = false;
     let forwarded = tokio::time::timeout(FORWARD_TIMEOUT, async {
         let mut stream = tls.connect(host, port).await.map_err(|r| r.to_string())?;

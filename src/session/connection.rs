@@ -17,6 +17,7 @@ use crate::auth::claims::{Envelope, Identity, NO_EXPIRY};
 use crate::auth::token_check::{TokenChecker, VerifiedToken, fingerprint, now_unix};
 use crate::config::{Config, Role, TokenPolicy};
 use crate::ops::metrics::{self, Metrics};
+use crate::protocol::messages;
 use crate::protocol::refusal::{Reason, Refusal, sqlstate};
 use crate::session::cancel::{CancelRegistry, Registration};
 use crate::session::front_door::{self, Arrival, FrontDoorError, PasswordError};
@@ -24,9 +25,11 @@ use crate::session::limit::{Limit, StartupSlot};
 use crate::session::relay::{self, Expiry, Traffic};
 use crate::session::shutdown::Shutdown;
 use crate::session::stream::ClientStream;
+use crate::upstream::login::{Login, UpstreamSession};
+use crate::upstream::options::forwarded_parameters;
 use crate::upstream::pool::{Attached, Lease, Pool};
+use crate::upstream::retire::retire;
 use crate::upstream::tls::UpstreamTls;
-use crate::upstream::{self, Login, UpstreamSession};
 
 /// Log lines name the subsystem, not the file: operators filter on it
 /// (`RUST_LOG=rlsgate::connection=debug`), so it outlives a move of the code.
@@ -142,7 +145,7 @@ pub async fn serve(
             _ => {
                 let config = &services.config.upstream;
                 let target = (config.host.as_str(), config.port, upstream.key);
-                upstream::retire(stream, target, finish.in_flight, &services.upstream_tls).await;
+                retire(stream, target, finish.in_flight, &services.upstream_tls).await;
             }
         }
         // The session's slots are free only now that its backend has ended.
@@ -256,7 +259,7 @@ async fn open_session(
         .because(Reason::Role)
     })?;
     seen.role = Some(role.name.clone());
-    let forwarded = upstream::forwarded_parameters(parameters)?;
+    let forwarded = forwarded_parameters(parameters)?;
     let mut verified_token = None;
     let (identity, expiry) = match role.token {
         TokenPolicy::None => {
@@ -270,49 +273,8 @@ async fn open_session(
             (identity, None)
         }
         TokenPolicy::Required => {
-            let plaintext = !client.is_tls();
-            let local = client
-                .tcp()
-                .local_addr()
-                .is_ok_and(|a| a.ip().is_loopback());
-            if plaintext && !local && !config.listen.allow_plaintext_tokens {
-                return Err(Refusal::auth(
-                    "TLS is required to send a token: connect with sslmode=require (or verify-full)",
-                )
-                .because(Reason::TlsRequired)
-                .into());
-            }
-            let max_bytes = config.listen.max_token_bytes;
-            let token = match front_door::ask_password(client, max_bytes, auth_deadline).await {
-                Ok(token) => token,
-                Err(PasswordError::Closed(_)) => return Err(Failure::Closed),
-                Err(PasswordError::Refused(refusal)) => return Err(refusal.into()),
-            };
-            seen.token = Some(fingerprint(&token));
-            let checking = StdInstant::now();
-            let checked = services.tokens.check(&token, &role.name).await;
-            services.metrics.token_checked(checking.elapsed());
-            let verified = checked?;
-            let ends_with_token = config.listen.end_sessions_at_token_expiry;
-            let valid_until = if ends_with_token {
-                let leeway = services.tokens.leeway(&verified);
-                verified.expires_at.saturating_add(leeway.as_secs())
-            } else {
-                NO_EXPIRY
-            };
-            let expiry = ends_with_token.then(|| {
-                let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
-                Expiry {
-                    at: tokio::time::Instant::now() + left,
-                    exp: verified.expires_at,
-                }
-            });
-            let identity = Identity {
-                upstream_user: role.upstream_user().to_owned(),
-                claims: Some(verified.claims.clone()),
-                valid_until,
-                lifetime: config.claims.envelope_lifetime,
-            };
+            let (identity, expiry, verified) =
+                token_identity(client, role, services, seen, auth_deadline).await?;
             verified_token = Some(verified);
             (identity, expiry)
         }
@@ -363,13 +325,10 @@ async fn open_session(
     );
 
     let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 32);
-    greeting.put_slice(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
+    messages::authentication_ok(&mut greeting);
     greeting.put_slice(&upstream.greeting);
-    // BackendKeyData: the backend's real pid, with the proxy's own secret.
-    greeting.put_u8(b'K');
-    greeting.put_u32(12);
-    greeting.put_i32(cancel.key.pid);
-    greeting.put_i32(cancel.key.secret);
+    // The backend's real pid, with the proxy's own secret.
+    messages::backend_key_data(&mut greeting, cancel.key);
     greeting.put_slice(&upstream.ready);
     client
         .write_all(&greeting)
@@ -403,6 +362,62 @@ async fn open_session(
         session_slot,
         role_slot,
     })
+}
+
+/// Asks for the token and checks it: the session's identity, when the
+/// session ends with its token (if it does), and the verified token.
+async fn token_identity(
+    client: &mut ClientStream,
+    role: &Role,
+    services: &Services,
+    seen: &mut Seen,
+    auth_deadline: tokio::time::Instant,
+) -> Result<(Identity, Option<Expiry>, VerifiedToken), Failure> {
+    let config = &services.config;
+    let plaintext = !client.is_tls();
+    let local = client
+        .tcp()
+        .local_addr()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if plaintext && !local && !config.listen.allow_plaintext_tokens {
+        return Err(Refusal::auth(
+            "TLS is required to send a token: connect with sslmode=require (or verify-full)",
+        )
+        .because(Reason::TlsRequired)
+        .into());
+    }
+    let max_bytes = config.listen.max_token_bytes;
+    let token = match front_door::ask_password(client, max_bytes, auth_deadline).await {
+        Ok(token) => token,
+        Err(PasswordError::Closed(_)) => return Err(Failure::Closed),
+        Err(PasswordError::Refused(refusal)) => return Err(refusal.into()),
+    };
+    seen.token = Some(fingerprint(&token));
+    let checking = StdInstant::now();
+    let checked = services.tokens.check(&token, &role.name).await;
+    services.metrics.token_checked(checking.elapsed());
+    let verified = checked?;
+    let ends_with_token = config.listen.end_sessions_at_token_expiry;
+    let valid_until = if ends_with_token {
+        let leeway = services.tokens.leeway(&verified);
+        verified.expires_at.saturating_add(leeway.as_secs())
+    } else {
+        NO_EXPIRY
+    };
+    let expiry = ends_with_token.then(|| {
+        let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
+        Expiry {
+            at: tokio::time::Instant::now() + left,
+            exp: verified.expires_at,
+        }
+    });
+    let identity = Identity {
+        upstream_user: role.upstream_user().to_owned(),
+        claims: Some(verified.claims.clone()),
+        valid_until,
+        lifetime: config.claims.envelope_lifetime,
+    };
+    Ok((identity, expiry, verified))
 }
 
 /// A slot of `[listen] max_connections`, and one of the role's own

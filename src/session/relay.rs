@@ -15,18 +15,17 @@ use tokio::time::Instant;
 
 use crate::auth::claims::{self, Envelope};
 use crate::auth::token_check::{format_time, now_unix};
+use crate::protocol::frame::{HEADER_LEN, Header, kind};
+use crate::protocol::messages;
 use crate::protocol::refusal::{Refusal, sqlstate};
 use crate::session::shutdown::Shutdown;
 use crate::session::stream::{ClientStream, UpstreamStream};
-use crate::upstream::encode_set_config;
 
 /// Log lines name the subsystem, not the file: operators filter on it
 /// (`RUST_LOG=rlsgate::relay=debug`), so it outlives a move of the code.
 const LOG_TARGET: &str = "rlsgate::relay";
 
 const BUFFER: usize = 16 * 1024;
-/// A client's Terminate message.
-const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 /// How long an ending waits for the upstream to finish the message in flight.
 const FINISH_MESSAGE_GRACE: Duration = Duration::from_secs(5);
 
@@ -282,18 +281,14 @@ impl ClientSide<'_> {
                 continue;
             }
             match self.frames.kind {
-                b'X' => {
-                    if self.frames.header != TERMINATE {
+                kind::TERMINATE => {
+                    if self.frames.body_len != 0 {
                         return Err(malformed("malformed Terminate from client"));
                     }
                     self.sent.unsynced |= at < bytes.len();
                     // A pooled backend outlives its client; any other ends
                     // cleanly when it reads the Terminate.
-                    let forward = if self.pooled {
-                        at - TERMINATE.len()
-                    } else {
-                        at
-                    };
+                    let forward = if self.pooled { at - HEADER_LEN } else { at };
                     return Ok((forward, true));
                 }
                 b'Q' | b'S' | b'F' => {
@@ -332,7 +327,7 @@ impl ClientSide<'_> {
             return Ok(());
         };
         let mut out = BytesMut::new();
-        encode_set_config(
+        messages::set_config(
             &mut out,
             REFRESH_STATEMENT,
             [(claims::SETTING, sealed.as_str())],
@@ -549,12 +544,19 @@ async fn end_with_fatal<W: AsyncWrite + Unpin>(client: &mut W, reason: Ending) -
 /// Message boundaries in the server-to-client byte stream (and, for pooled
 /// sessions, the client-to-server one).
 ///
+/// It walks the relay's buffers in place, a read at a time, without copying
+/// a message out, so it is not [`Frame`](crate::protocol::frame::Frame),
+/// which reads one whole message for the proxy itself; the two share the
+/// header parsing ([`Header::parse`]).
+///
 /// Public so that the framing can be exercised on its own (the fuzz target
 /// in `fuzz/`), without sockets.
 #[derive(Debug, Default)]
 pub struct Frames {
-    header: [u8; 5],
+    header: [u8; HEADER_LEN],
     header_len: usize,
+    /// The body length of the message in flight, or of the last one.
+    body_len: usize,
     body_left: usize,
     /// Type of the message in flight, or of the last one.
     kind: u8,
@@ -597,16 +599,12 @@ impl Frames {
             self.header[self.header_len] = bytes[at];
             self.header_len += 1;
             at += 1;
-            if self.header_len == 5 {
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
-                self.body_left = (len as usize).checked_sub(4)?;
+            if self.header_len == HEADER_LEN {
+                let header = Header::parse(self.header)?;
+                self.body_len = header.body_len;
+                self.body_left = header.body_len;
                 self.header_len = 0;
-                self.kind = self.header[0];
+                self.kind = header.kind;
                 self.fresh_body = self.body_left > 0;
                 self.readies += u64::from(self.kind == b'Z');
             }

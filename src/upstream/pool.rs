@@ -24,18 +24,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
-use postgres_protocol::message::frontend;
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth::claims::{self, Backend, Identity, SigningKey};
 use crate::auth::token_check::now_unix;
 use crate::config::{self, Upstream};
+use crate::protocol::frame::{Frame, HEADER_LEN, Header, MAX_BACKEND_MESSAGE, kind};
+use crate::protocol::messages;
 use crate::protocol::refusal::Refusal;
-use crate::session::front_door::CancelKey;
+use crate::protocol::startup::CancelKey;
 use crate::session::stream::UpstreamStream;
+use crate::upstream::claims::{SetFailure, bind_claims, read_set_config_answer};
+use crate::upstream::login::{Login, UpstreamSession, connect};
+use crate::upstream::options::split_options;
 use crate::upstream::tls::UpstreamTls;
-use crate::upstream::{self, FrameReader, Login, SetFailure, UpstreamSession};
 
 /// Log lines name the subsystem, not the file: operators filter on it
 /// (`RUST_LOG=rlsgate::pool=debug`), so it outlives a move of the code.
@@ -93,10 +96,10 @@ impl Attached {
         login: Login<'_>,
         (key, identity): (&SigningKey, &Identity),
     ) -> Result<Attached, Refusal> {
-        let mut session = upstream::connect(upstream, tls, login).await?;
+        let mut session = connect(upstream, tls, login).await?;
         let bound = tokio::time::timeout(
             upstream.connect_timeout,
-            upstream::bind_claims(&mut session, key, identity, now_unix()),
+            bind_claims(&mut session, key, identity, now_unix()),
         )
         .await
         .unwrap_or_else(|_| {
@@ -155,7 +158,7 @@ impl Pool {
                         parameters: Vec::new(),
                         refuse_undeclared_settings: login.refuse_undeclared_settings,
                     };
-                    let session = upstream::connect(upstream, tls, bare).await?;
+                    let session = connect(upstream, tls, bare).await?;
                     let lease = Lease::new(key.clone(), &session);
                     (session.stream, lease, true)
                 }
@@ -175,7 +178,11 @@ impl Pool {
                         key: lease.cancel,
                         backend: lease.backend,
                         greeting: lease.greeting(),
-                        ready: BytesMut::from(&[b'Z', 0, 0, 0, 5, b'I'][..]),
+                        ready: {
+                            let mut ready = BytesMut::new();
+                            messages::ready_for_query_idle(&mut ready);
+                            ready
+                        },
                     };
                     return Ok(Attached {
                         upstream: session,
@@ -331,17 +338,16 @@ impl Lease {
     fn new(key: PoolKey, session: &UpstreamSession) -> Lease {
         let mut base = BTreeMap::new();
         let mut raw = &session.greeting[..];
-        while raw.len() >= 5 {
-            let len = u32::from_be_bytes([raw[1], raw[2], raw[3], raw[4]]) as usize;
-            let Some(frame) = raw.get(..len + 1) else {
-                break;
-            };
-            if frame[0] == b'S'
-                && let Some((name, value)) = parameter_status(&frame[5..])
+        while let Some((header, rest)) = raw.split_first_chunk::<HEADER_LEN>()
+            && let Some(header) = Header::parse(*header)
+            && let Some((body, rest)) = rest.split_at_checked(header.body_len)
+        {
+            if header.kind == kind::PARAMETER_STATUS
+                && let Some((name, value)) = parameter_status(body)
             {
                 base.insert(name, value);
             }
-            raw = &raw[len + 1..];
+            raw = rest;
         }
         Lease {
             key,
@@ -357,12 +363,7 @@ impl Lease {
     fn greeting(&self) -> BytesMut {
         let mut out = BytesMut::new();
         for (name, value) in &self.current {
-            out.put_u8(b'S');
-            out.put_u32((4 + name.len() + 1 + value.len() + 1) as u32);
-            out.put_slice(name.as_bytes());
-            out.put_u8(0);
-            out.put_slice(value.as_bytes());
-            out.put_u8(0);
+            messages::parameter_status(&mut out, name, value);
         }
         out
     }
@@ -384,7 +385,7 @@ fn settings_of(parameters: &[(String, String)]) -> Option<Vec<(String, String)>>
     let mut encoding = None;
     for (name, value) in parameters {
         if name == "options" {
-            let mut words = upstream::split_options(value).into_iter();
+            let mut words = split_options(value).into_iter();
             while let Some(word) = words.next() {
                 if word != "-c" {
                     return None;
@@ -418,7 +419,7 @@ async fn bind(
     let mut out = BytesMut::new();
     let claims = (claims::SETTING, sealed);
     let all = std::iter::once(claims).chain(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-    if upstream::encode_set_config(&mut out, "", all).is_err() {
+    if messages::set_config(&mut out, "", all).is_err() {
         return Err(SetFailure::Refused("a setting has a NUL byte".to_owned()));
     }
     let sent = async {
@@ -426,8 +427,7 @@ async fn bind(
         stream.flush().await
     };
     sent.await.map_err(|e| SetFailure::Dead(e.to_string()))?;
-    let mut reader = FrameReader::default();
-    upstream::read_set_config_answer(stream, &mut reader, |body| {
+    read_set_config_answer(stream, |body| {
         if let Some((name, value)) = parameter_status(body) {
             lease.current.insert(name, value);
         }
@@ -439,18 +439,19 @@ async fn bind(
 /// "idle" (ParameterStatus, notices and notifications aside).
 async fn reset(stream: &mut UpstreamStream, lease: &mut Lease) -> Result<(), String> {
     let mut out = BytesMut::new();
-    frontend::query("DISCARD ALL", &mut out).map_err(|e| e.to_string())?;
+    messages::query(&mut out, "DISCARD ALL").map_err(|e| e.to_string())?;
     stream.write_all(&out).await.map_err(|e| e.to_string())?;
-    let mut reader = FrameReader::default();
     let mut reported = Vec::new();
     let mut completed = false;
     loop {
-        let (kind, raw) = reader.next(stream).await.map_err(|e| e.to_string())?;
-        match kind {
+        let frame = Frame::read(stream, MAX_BACKEND_MESSAGE)
+            .await
+            .map_err(|e| e.to_string())?;
+        match frame.kind() {
             b'N' | b'A' => {}
-            b'S' => reported.extend(parameter_status(&raw[5..])),
-            b'C' if !completed && &raw[5..] == b"DISCARD ALL\0" => completed = true,
-            b'Z' if completed && raw.get(5) == Some(&b'I') => break,
+            b'S' => reported.extend(parameter_status(frame.body())),
+            b'C' if !completed && frame.body() == b"DISCARD ALL\0" => completed = true,
+            b'Z' if completed && frame.body().first() == Some(&b'I') => break,
             other => {
                 return Err(format!(
                     "unexpected message {:?} in answer to DISCARD ALL",
@@ -473,7 +474,9 @@ async fn reset(stream: &mut UpstreamStream, lease: &mut Lease) -> Result<(), Str
 fn close(mut stream: UpstreamStream) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(RESET_TIMEOUT, async {
-            stream.write_all(&[b'X', 0, 0, 0, 4]).await?;
+            let mut terminate = BytesMut::new();
+            messages::terminate(&mut terminate);
+            stream.write_all(&terminate).await?;
             stream.shutdown().await
         })
         .await;

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use anyhow::{Context as _, bail};
+use bytes::BytesMut;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
@@ -34,12 +35,10 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{Upstream, UpstreamTlsMode};
 use crate::ops::tamper::TamperWatch;
+use crate::protocol::messages;
 use crate::protocol::refusal::{Refusal, sqlstate};
 use crate::session::stream::{Transport, UpstreamStream};
 use crate::session::tls::ALPN_POSTGRESQL;
-
-/// The SSLRequest packet: length 8, code 80877103.
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// How the proxy connects to Postgres: built once from `[upstream]`.
 #[derive(Clone)]
@@ -229,7 +228,9 @@ impl UpstreamTls {
         let lost = |e: io::Error| {
             Refusal::database_unavailable(format!("connection lost while asking for TLS: {e}"))
         };
-        tcp.write_all(&SSL_REQUEST).await.map_err(lost)?;
+        let mut request = BytesMut::new();
+        messages::ssl_request(&mut request);
+        tcp.write_all(&request).await.map_err(lost)?;
         let mut answer = [0u8; 1];
         tcp.read_exact(&mut answer).await.map_err(lost)?;
         match answer[0] {

@@ -111,7 +111,7 @@ async fn the_proxy_splits_options_wherever_postgres_does() {
             continue;
         }
         postgres_splits_at.push(byte);
-        let words = rlsgate::upstream::split_option_bytes(&options);
+        let words = rlsgate::upstream::options::split_option_bytes(&options);
         assert!(
             words.iter().any(|w| w == b"search_path=z"),
             "PostgreSQL splits options at byte {byte:#04x}, the proxy does not: {words:?}"
