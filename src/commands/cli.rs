@@ -352,10 +352,7 @@ fn token(
             "--claim {name} is given twice"
         );
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .context("the clock is before 1970")?
-        .as_secs();
+    let now = crate::clock::unix_now();
     let exp = now
         .checked_add(ttl.as_secs())
         .filter(|&exp| exp < 1 << 53)

@@ -351,15 +351,11 @@ mod tests {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     use serde_json::{Value, json};
-    use std::time::{SystemTime, UNIX_EPOCH};
 
     const SET: &str = "select pg_catalog.set_config('rlsgate.session', $1, false)";
 
     fn now() -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
+        crate::clock::unix_now() as i64
     }
 
     /// The setting value per the contract, made independently of claims.rs,

@@ -39,7 +39,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::io;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
@@ -49,6 +49,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::claims::Identity;
 use crate::auth::jwks::{JwksCache, http_client};
+use crate::clock::unix_now;
 use crate::commands::init_db::SCHEMA_VERSION;
 use crate::config::{Config, Role};
 use crate::session::stream::UpstreamStream;
@@ -489,13 +490,6 @@ fn shown_setting(setting: &str) -> String {
     } else {
         setting.to_owned()
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Logs in as `role`'s upstream user through [`upstream::connect`], with

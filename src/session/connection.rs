@@ -14,7 +14,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::auth::claims::{Envelope, Identity, NO_EXPIRY};
-use crate::auth::token_check::{TokenChecker, VerifiedToken, fingerprint, now_unix};
+use crate::auth::token_check::{TokenChecker, VerifiedToken, fingerprint};
+use crate::clock::unix_now;
 use crate::config::{Config, Role, TokenPolicy};
 use crate::ops::metrics::{self, Metrics};
 use crate::protocol::refusal::{Reason, Refusal, sqlstate};
@@ -301,7 +302,7 @@ async fn open_session(
                 NO_EXPIRY
             };
             let expiry = ends_with_token.then(|| {
-                let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
+                let left = Duration::from_secs(valid_until.saturating_sub(unix_now()));
                 Expiry {
                     at: tokio::time::Instant::now() + left,
                     exp: verified.expires_at,

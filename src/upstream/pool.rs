@@ -29,7 +29,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth::claims::{self, Backend, Identity, SigningKey};
-use crate::auth::token_check::now_unix;
+use crate::clock::unix_now;
 use crate::config::{self, Upstream};
 use crate::protocol::refusal::Refusal;
 use crate::session::front_door::CancelKey;
@@ -96,7 +96,7 @@ impl Attached {
         let mut session = upstream::connect(upstream, tls, login).await?;
         let bound = tokio::time::timeout(
             upstream.connect_timeout,
-            upstream::bind_claims(&mut session, key, identity, now_unix()),
+            upstream::bind_claims(&mut session, key, identity, unix_now()),
         )
         .await
         .unwrap_or_else(|_| {
@@ -160,7 +160,7 @@ impl Pool {
                     (session.stream, lease, true)
                 }
             };
-            let exp = claims.1.envelope_expiry(now_unix());
+            let exp = claims.1.envelope_expiry(unix_now());
             let sealed = claims.0.seal(claims.1, lease.backend, exp);
             let bound = tokio::time::timeout(
                 upstream.connect_timeout,
