@@ -435,28 +435,34 @@ async fn bind(
     .await
 }
 
+/// Why a connection failed its reset; it is closed, not pooled.
+#[derive(Debug, thiserror::Error)]
+enum ResetError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Anything but what a clean `DISCARD ALL` answers: the session was
+    /// not as idle as it looked.
+    #[error("unexpected message {:?} in answer to DISCARD ALL", char::from(*.0))]
+    Unexpected(u8),
+}
+
 /// `DISCARD ALL`, answered by exactly CommandComplete and ReadyForQuery
 /// "idle" (ParameterStatus, notices and notifications aside).
-async fn reset(stream: &mut UpstreamStream, lease: &mut Lease) -> Result<(), String> {
+async fn reset(stream: &mut UpstreamStream, lease: &mut Lease) -> Result<(), ResetError> {
     let mut out = BytesMut::new();
-    frontend::query("DISCARD ALL", &mut out).map_err(|e| e.to_string())?;
-    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    frontend::query("DISCARD ALL", &mut out)?;
+    stream.write_all(&out).await?;
     let mut reader = FrameReader::default();
     let mut reported = Vec::new();
     let mut completed = false;
     loop {
-        let (kind, raw) = reader.next(stream).await.map_err(|e| e.to_string())?;
+        let (kind, raw) = reader.next(stream).await?;
         match kind {
             b'N' | b'A' => {}
             b'S' => reported.extend(parameter_status(&raw[5..])),
             b'C' if !completed && &raw[5..] == b"DISCARD ALL\0" => completed = true,
             b'Z' if completed && raw.get(5) == Some(&b'I') => break,
-            other => {
-                return Err(format!(
-                    "unexpected message {:?} in answer to DISCARD ALL",
-                    other as char
-                ));
-            }
+            other => return Err(ResetError::Unexpected(other)),
         }
     }
     // Everything is back at its startup value, and what was reported just
