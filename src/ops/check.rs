@@ -195,6 +195,18 @@ pub async fn run(path: &Path, database: Option<&str>) -> Report {
     report
 }
 
+/// `rlsgate check`: prints the report, and exits with status 1 when
+/// something failed.
+pub async fn command(path: &Path, database: Option<&str>) {
+    let report = run(path, database).await;
+    print!("{report}");
+    if !report.passed() {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::process::exit(1);
+    }
+}
+
 /// Checks a loaded configuration; `path` is only named in the advice.
 pub async fn check(config: &Config, path: &Path, database: Option<&str>, report: &mut Report) {
     check_providers(config, report).await;
