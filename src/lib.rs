@@ -17,8 +17,11 @@
 //!   (`init-db`, `demo`, `keygen`, `token`, `issuer`).
 //! - [`dev`]: a throwaway PostgreSQL, signing keys and a token issuer, for
 //!   `demo` and the tests.
+//!
+//! [`clock`] is the one place that reads the current Unix time.
 
 pub mod auth;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod dev;

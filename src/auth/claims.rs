@@ -117,6 +117,19 @@ impl Envelope {
     }
 }
 
+/// Why a configured signing key cannot be used. The messages say how to
+/// make a good one and never show the key.
+#[derive(Debug, thiserror::Error)]
+pub enum SigningKeyError {
+    #[error("the signing key must be base64 (e.g. `openssl rand -base64 32`)")]
+    NotBase64,
+    #[error(
+        "the signing key must be at least {min} bytes, this one has {len}; make one with `openssl rand -base64 32`",
+        min = SigningKey::MIN_LEN
+    )]
+    TooShort { len: usize },
+}
+
 /// The key shared by the proxy and the database.
 #[derive(Clone)]
 pub struct SigningKey {
@@ -128,13 +141,9 @@ pub struct SigningKey {
 impl SigningKey {
     pub const MIN_LEN: usize = 32;
 
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, String> {
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, SigningKeyError> {
         if bytes.len() < Self::MIN_LEN {
-            return Err(format!(
-                "the signing key must be at least {} bytes, this one has {}; make one with `openssl rand -base64 32`",
-                Self::MIN_LEN,
-                bytes.len()
-            ));
+            return Err(SigningKeyError::TooShort { len: bytes.len() });
         }
         Ok(SigningKey {
             id: key_id(&bytes),
@@ -143,10 +152,10 @@ impl SigningKey {
         })
     }
 
-    pub fn from_base64(text: &str) -> Result<Self, String> {
-        let bytes = STANDARD.decode(text.trim()).map_err(|_| {
-            "the signing key must be base64 (e.g. `openssl rand -base64 32`)".to_owned()
-        })?;
+    pub fn from_base64(text: &str) -> Result<Self, SigningKeyError> {
+        let bytes = STANDARD
+            .decode(text.trim())
+            .map_err(|_| SigningKeyError::NotBase64)?;
         Self::from_bytes(bytes)
     }
 
@@ -191,8 +200,8 @@ impl SigningKey {
 }
 
 impl TryFrom<String> for SigningKey {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = SigningKeyError;
+    fn try_from(text: String) -> Result<Self, SigningKeyError> {
         Self::from_base64(&text)
     }
 }
@@ -315,8 +324,22 @@ mod tests {
     }
 
     #[test]
-    fn short_keys_are_refused() {
-        let err = SigningKey::from_base64("c2hvcnQ=").unwrap_err();
-        assert!(err.contains("at least 32 bytes"), "{err}");
+    fn short_and_garbled_keys_are_refused_with_how_to_make_one() {
+        let short = SigningKey::from_base64("c2hvcnQ=").unwrap_err();
+        assert!(
+            matches!(short, SigningKeyError::TooShort { len: 5 }),
+            "{short:?}"
+        );
+        assert_eq!(
+            short.to_string(),
+            "the signing key must be at least 32 bytes, this one has 5; make one with \
+             `openssl rand -base64 32`"
+        );
+        let garbled = SigningKey::from_base64("not base64!").unwrap_err();
+        assert!(matches!(garbled, SigningKeyError::NotBase64), "{garbled:?}");
+        assert_eq!(
+            garbled.to_string(),
+            "the signing key must be base64 (e.g. `openssl rand -base64 32`)"
+        );
     }
 }

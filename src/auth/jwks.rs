@@ -100,6 +100,50 @@ fn unavailable_state(older_than: &Option<Duration>) -> String {
     }
 }
 
+/// Why a provider's keys could not be fetched. Shown to operators (the
+/// log, `rlsgate check`) and inside [`KeyError::Unavailable`]; each message
+/// starts with the URL that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(
+        "{url}: no complete answer within {} (fetch_timeout)",
+        humantime::format_duration(*.timeout)
+    )]
+    TimedOut { url: String, timeout: Duration },
+    /// No answer: refused, unresolvable, a TLS failure, a broken connection.
+    #[error("{url}: {}", error_chain(.error))]
+    Unreachable { url: String, error: reqwest::Error },
+    #[error("{url}: HTTP {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("{url}: response larger than {MAX_DOCUMENT_BYTES} bytes")]
+    TooLarge { url: String },
+    #[error("{url}: not JSON: {error}")]
+    NotJson {
+        url: String,
+        error: serde_json::Error,
+    },
+    #[error("{url}: not an OpenID discovery document: {error}")]
+    NotDiscovery {
+        url: String,
+        error: serde_json::Error,
+    },
+    /// The discovery document speaks for another issuer.
+    #[error("{url} names issuer {named:?}, not {expected:?}")]
+    OtherIssuer {
+        url: String,
+        named: String,
+        expected: String,
+    },
+    /// A discovery document fetched over https points to keys over http.
+    #[error("{url} names jwks_uri {jwks_uri:?}, which is not https")]
+    PlainJwksUri { url: String, jwks_uri: String },
+    #[error("{url}: not a JWKS: no \"keys\" array")]
+    NotJwks { url: String },
+}
+
 #[derive(PartialEq)]
 enum Source {
     /// The discovery document's URL.
@@ -151,7 +195,7 @@ struct Cached {
     fresh_for: Duration,
     last_attempt: Option<Instant>,
     /// Why the last attempt failed; cleared by a success.
-    last_error: Option<String>,
+    last_error: Option<FetchError>,
     /// Counts attempts, so that a waiter can tell someone else just fetched.
     attempts: u64,
     jwks_uri: Option<String>,
@@ -293,7 +337,7 @@ impl JwksCache {
     /// Fetches the set now, past the cache and its cooldown, keeping nothing
     /// (for `rlsgate check`): the JWKS URL and its usable keys, or why they
     /// cannot be had.
-    pub async fn fetch_once(&self) -> Result<(String, Vec<Arc<VerifyingKey>>), String> {
+    pub async fn fetch_once(&self) -> Result<(String, Vec<Arc<VerifyingKey>>), FetchError> {
         self.fetch().await.map(|f| (f.jwks_uri, f.keys))
     }
 
@@ -367,10 +411,10 @@ impl JwksCache {
     }
 
     fn unavailable(&self, cached: &Cached) -> KeyError {
-        let reason = cached
-            .last_error
-            .clone()
-            .unwrap_or_else(|| "no fetch has been attempted yet".to_owned());
+        let reason = cached.last_error.as_ref().map_or_else(
+            || "no fetch has been attempted yet".to_owned(),
+            ToString::to_string,
+        );
         KeyError::Unavailable {
             issuer: self.issuer.clone(),
             reason,
@@ -435,7 +479,7 @@ impl JwksCache {
         }
     }
 
-    async fn fetch(&self) -> Result<Fetched, String> {
+    async fn fetch(&self) -> Result<Fetched, FetchError> {
         let known_uri = self.cached.read().expect("jwks lock").jwks_uri.clone();
         let jwks_uri = match (&self.source, known_uri) {
             (Source::Direct(url), _) => url.clone(),
@@ -444,7 +488,9 @@ impl JwksCache {
         };
         let (document, headers) =
             get_json(&self.http, &jwks_uri, self.policy.fetch_timeout).await?;
-        let keys = parse_jwks(&document).map_err(|e| format!("{jwks_uri}: {e}"))?;
+        let keys = parse_jwks(&document).ok_or_else(|| FetchError::NotJwks {
+            url: jwks_uri.clone(),
+        })?;
         let fresh_for = freshness(&headers, self.policy.min_age, self.policy.max_age);
         Ok(Fetched {
             jwks_uri,
@@ -453,27 +499,31 @@ impl JwksCache {
         })
     }
 
-    async fn discover(&self, url: &str) -> Result<String, String> {
+    async fn discover(&self, url: &str) -> Result<String, FetchError> {
         #[derive(Deserialize)]
         struct Discovery {
             issuer: String,
             jwks_uri: String,
         }
         let (document, _) = get_json(&self.http, url, self.policy.fetch_timeout).await?;
-        let document: Discovery = serde_json::from_value(document)
-            .map_err(|e| format!("{url}: not an OpenID discovery document: {e}"))?;
+        let document: Discovery =
+            serde_json::from_value(document).map_err(|error| FetchError::NotDiscovery {
+                url: url.to_owned(),
+                error,
+            })?;
         if document.issuer.trim_end_matches('/') != self.issuer.trim_end_matches('/') {
-            return Err(format!(
-                "{url} names issuer {:?}, not {:?}",
-                document.issuer, self.issuer
-            ));
+            return Err(FetchError::OtherIssuer {
+                url: url.to_owned(),
+                named: document.issuer,
+                expected: self.issuer.clone(),
+            });
         }
         // The configuration only allowed plain http for the document itself.
         if url.starts_with("https:") && !document.jwks_uri.starts_with("https:") {
-            return Err(format!(
-                "{url} names jwks_uri {:?}, which is not https",
-                document.jwks_uri
-            ));
+            return Err(FetchError::PlainJwksUri {
+                url: url.to_owned(),
+                jwks_uri: document.jwks_uri,
+            });
         }
         Ok(document.jwks_uri)
     }
@@ -525,15 +575,18 @@ async fn get_json(
     http: &reqwest::Client,
     url: &str,
     timeout: Duration,
-) -> Result<(Value, HeaderMap), String> {
+) -> Result<(Value, HeaderMap), FetchError> {
     let failed = |e: reqwest::Error| {
         if e.is_timeout() {
-            format!(
-                "{url}: no complete answer within {} (fetch_timeout)",
-                humantime::format_duration(timeout)
-            )
+            FetchError::TimedOut {
+                url: url.to_owned(),
+                timeout,
+            }
         } else {
-            format!("{url}: {}", error_chain(&e.without_url()))
+            FetchError::Unreachable {
+                url: url.to_owned(),
+                error: e.without_url(),
+            }
         }
     };
     let mut response = http
@@ -543,19 +596,25 @@ async fn get_json(
         .await
         .map_err(failed)?;
     if !response.status().is_success() {
-        return Err(format!("{url}: HTTP {}", response.status()));
+        return Err(FetchError::Status {
+            url: url.to_owned(),
+            status: response.status(),
+        });
     }
     let headers = response.headers().clone();
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(failed)? {
         if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
-            return Err(format!(
-                "{url}: response larger than {MAX_DOCUMENT_BYTES} bytes"
-            ));
+            return Err(FetchError::TooLarge {
+                url: url.to_owned(),
+            });
         }
         body.extend_from_slice(&chunk);
     }
-    let document = serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
+    let document = serde_json::from_slice(&body).map_err(|error| FetchError::NotJson {
+        url: url.to_owned(),
+        error,
+    })?;
     Ok((document, headers))
 }
 
@@ -696,13 +755,11 @@ fn delta_seconds(text: &str) -> Option<u64> {
     Some(text.parse().unwrap_or(u64::MAX))
 }
 
-/// Keeps the usable signature keys of a JWKS. Symmetric (`kty: oct`) keys are
-/// never taken from a fetched set, nor keys meant for encryption.
-fn parse_jwks(document: &Value) -> Result<Vec<Arc<VerifyingKey>>, String> {
-    let entries = document
-        .get("keys")
-        .and_then(Value::as_array)
-        .ok_or("not a JWKS: no \"keys\" array")?;
+/// Keeps the usable signature keys of a JWKS; `None` when the document is
+/// no JWKS. Symmetric (`kty: oct`) keys are never taken from a fetched set,
+/// nor keys meant for encryption.
+fn parse_jwks(document: &Value) -> Option<Vec<Arc<VerifyingKey>>> {
+    let entries = document.get("keys").and_then(Value::as_array)?;
     let mut keys = Vec::new();
     for entry in entries {
         if entry.get("kty").and_then(Value::as_str) == Some("oct") {
@@ -745,7 +802,7 @@ fn parse_jwks(document: &Value) -> Result<Vec<Arc<VerifyingKey>>, String> {
             key,
         }));
     }
-    Ok(keys)
+    Some(keys)
 }
 
 /// The HTTP client for discovery and JWKS: each request carries the
@@ -935,6 +992,54 @@ mod tests {
         );
     }
 
+    #[test]
+    fn fetch_errors_start_with_the_url_and_say_what_was_wrong() {
+        let url = "https://id.example/.well-known/openid-configuration".to_owned();
+        let cases = [
+            (
+                FetchError::TimedOut {
+                    url: url.clone(),
+                    timeout: Duration::from_secs(10),
+                },
+                format!("{url}: no complete answer within 10s (fetch_timeout)"),
+            ),
+            (
+                FetchError::Status {
+                    url: url.clone(),
+                    status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+                },
+                format!("{url}: HTTP 503 Service Unavailable"),
+            ),
+            (
+                FetchError::TooLarge { url: url.clone() },
+                format!("{url}: response larger than 1048576 bytes"),
+            ),
+            (
+                FetchError::OtherIssuer {
+                    url: url.clone(),
+                    named: "https://evil.example".into(),
+                    expected: "https://id.example".into(),
+                },
+                format!("{url} names issuer \"https://evil.example\", not \"https://id.example\""),
+            ),
+            (
+                FetchError::PlainJwksUri {
+                    url: url.clone(),
+                    jwks_uri: "http://id.example/jwks".into(),
+                },
+                format!("{url} names jwks_uri \"http://id.example/jwks\", which is not https"),
+            ),
+            (
+                FetchError::NotJwks { url: url.clone() },
+                format!("{url}: not a JWKS: no \"keys\" array"),
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message);
+        }
+        assert!(parse_jwks(&json!({"issuer": "https://id.example"})).is_none());
+    }
+
     #[tokio::test]
     async fn a_failed_request_says_why() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -946,6 +1051,8 @@ mod tests {
         let err = get_json(&http_client(), &url, Duration::from_secs(5))
             .await
             .unwrap_err();
+        assert!(matches!(err, FetchError::Unreachable { .. }), "{err:?}");
+        let err = err.to_string();
         assert!(err.starts_with(&url), "{err}");
         assert!(err.to_lowercase().contains("refused"), "{err}");
     }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use aws_lc_rs::digest;
 use base64::Engine;
@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::auth::jwks::{JwksCache, KeyError};
 use crate::auth::token_cache::{TokenCache, TokenDigest};
+use crate::clock::unix_now;
 use crate::config::{self, Config};
 use crate::protocol::refusal::{Reason, Refusal, sqlstate};
 
@@ -165,7 +166,7 @@ impl TokenChecker {
                 .and_then(|v| self.apply_rules(v, role));
         }
         let digest = TokenDigest::of(token);
-        let hit = self.cache.get(&digest, now_unix());
+        let hit = self.cache.get(&digest, unix_now());
         if let Some(hit) = hit.filter(|hit| self.providers.contains_key(&hit.issuer)) {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return self.apply_rules(hit.verified.clone(), role);
@@ -290,7 +291,7 @@ impl Provider {
                     self.issuer
                 ))
             })?;
-            let (iat, now, leeway) = (iat.floor() as u64, now_unix(), self.leeway.as_secs());
+            let (iat, now, leeway) = (iat.floor() as u64, unix_now(), self.leeway.as_secs());
             if iat.saturating_add(max_age.as_secs()).saturating_add(leeway) < now {
                 return Err(Refusal::auth(format!(
                     "token was issued at {}, more than {} ago (max_token_age of {})",
@@ -558,7 +559,7 @@ impl Validity {
 
     /// Refuses a token that has expired or is not valid yet, by `leeway`.
     fn check(&self, leeway: Duration) -> Result<(), Refusal> {
-        self.check_at(now_unix(), leeway)
+        self.check_at(unix_now(), leeway)
     }
 
     /// [`Validity::check`] at the unix second `now`.
@@ -651,12 +652,6 @@ pub fn fingerprint(token: &str) -> String {
 
 pub fn format_time(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
-}
-
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Untrusted text echoed in a message, cut to a readable length.

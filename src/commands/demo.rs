@@ -69,7 +69,7 @@ async fn install_sample(pg: &TempPostgres, key_base64: &str) -> anyhow::Result<(
         .batch_execute("create database app")
         .await?;
     let app = pg.connect("app").await?;
-    let key = SigningKey::from_base64(key_base64).map_err(anyhow::Error::msg)?;
+    let key = SigningKey::from_base64(key_base64)?;
     init_db::install(&app, &[key.bytes().to_vec()]).await?;
     app.batch_execute(SAMPLE_SCHEMA)
         .await

@@ -13,13 +13,14 @@
 //! Retiring a key is a manual `delete from auth.signing_keys where key_id = …`.
 
 use std::fmt;
+use std::path::Path;
 
 use anyhow::{Context, bail};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use crate::auth::claims::{SigningKey, key_pads};
-use crate::config::Upstream;
+use crate::config::{self, Config, Upstream};
 use crate::upstream::tls::{UpstreamTls, UrlTls};
 
 /// Log lines name the subsystem, not the file: operators filter on it
@@ -282,6 +283,36 @@ pub async fn run(
     result
 }
 
+/// `rlsgate init-db`: installs into `database_url` with the key the flags
+/// choose (see [`chosen_key`]) and prints what changed.
+pub async fn command(
+    database_url: &str,
+    config: Option<&Path>,
+    signing_key: Option<&str>,
+) -> anyhow::Result<()> {
+    let (key, upstream) = chosen_key(config, signing_key)?;
+    let report = run(database_url, upstream.as_ref(), &[key.bytes().to_vec()]).await?;
+    println!("{report}");
+    Ok(())
+}
+
+/// The key to register, and the `[upstream]` whose TLS settings apply when
+/// the URL gives none. A configuration named on the command line wins over
+/// the key's environment variable (`--signing-key`), which that file may
+/// expand; with neither, the default configuration file.
+fn chosen_key(
+    config: Option<&Path>,
+    signing_key: Option<&str>,
+) -> anyhow::Result<(SigningKey, Option<Upstream>)> {
+    let path = match (config, signing_key) {
+        (Some(path), _) => path,
+        (None, Some(text)) => return Ok((SigningKey::from_base64(text)?, None)),
+        (None, None) => Path::new(config::DEFAULT_PATH),
+    };
+    let config = Config::load(path)?;
+    Ok((config.claims.signing_key, Some(config.upstream)))
+}
+
 /// Whether every host of `config` is a Unix socket directory.
 fn only_sockets(config: &tokio_postgres::Config) -> bool {
     use tokio_postgres::config::Host;
@@ -351,15 +382,11 @@ mod tests {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     use serde_json::{Value, json};
-    use std::time::{SystemTime, UNIX_EPOCH};
 
     const SET: &str = "select pg_catalog.set_config('rlsgate.session', $1, false)";
 
     fn now() -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
+        crate::clock::unix_now() as i64
     }
 
     /// The setting value per the contract, made independently of claims.rs,

@@ -2,4 +2,7 @@
 
 pub mod cli;
 pub mod demo;
+pub mod dev_tools;
 pub mod init_db;
+pub mod logging;
+pub mod serve;

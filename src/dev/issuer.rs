@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -350,10 +350,7 @@ impl DevIssuer {
             Value::Object(map) => map,
             other => panic!("token claims must be a JSON object, got {other}"),
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock before 1970")
-            .as_secs();
+        let now = crate::clock::unix_now();
         claims.entry("iss").or_insert_with(|| json!(self.issuer()));
         claims.entry("iat").or_insert_with(|| json!(now));
         claims

@@ -39,7 +39,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::io;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
@@ -48,6 +48,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::auth::claims::Identity;
 use crate::auth::jwks::{JwksCache, http_client};
+use crate::clock::unix_now;
 use crate::commands::init_db::SCHEMA_VERSION;
 use crate::config::{Config, Role};
 use crate::protocol::frame::{Frame, MAX_BACKEND_MESSAGE};
@@ -195,6 +196,18 @@ pub async fn run(path: &Path, database: Option<&str>) -> Report {
     );
     check(&config, path, database, &mut report).await;
     report
+}
+
+/// `rlsgate check`: prints the report, and exits with status 1 when
+/// something failed.
+pub async fn command(path: &Path, database: Option<&str>) {
+    let report = run(path, database).await;
+    print!("{report}");
+    if !report.passed() {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::process::exit(1);
+    }
 }
 
 /// Checks a loaded configuration; `path` is only named in the advice.
@@ -352,7 +365,7 @@ async fn check_upstream(config: &Config, path: &Path, database: Option<&str>, re
             if users_checked.insert(user.to_owned()) {
                 check_privileges(&mut session, &subject, user, report).await?;
             }
-            Ok::<_, String>(())
+            Ok::<_, SessionError>(())
         }
         .await;
         if let Err(reason) = outcome {
@@ -383,7 +396,7 @@ async fn check_role_settings(
     role: &Role,
     database: &str,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let user = role.upstream_user();
     let rows = session
         .query(
@@ -395,8 +408,7 @@ async fn check_role_settings(
                                            where datname = pg_catalog.current_database())) \
               order by 1, 2",
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let mut undeclared = 0;
     for row in rows {
         let setting = text(&row[1]);
@@ -442,7 +454,7 @@ async fn check_database_settings(
     subject: &str,
     database: &str,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let rows = session
         .query(
             "select x.setting \
@@ -452,8 +464,7 @@ async fn check_database_settings(
                                       where datname = pg_catalog.current_database()) \
               order by 1",
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     for row in rows {
         let setting = text(&row[0]);
         report.warn(
@@ -494,16 +505,9 @@ fn shown_setting(setting: &str) -> String {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Logs in as `role`'s upstream user through [`login::connect`], with
 /// null claims sealed by the configured key and bound as `serve` binds them.
-async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, String> {
+async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, LoginError> {
     let identity = Identity {
         upstream_user: role.upstream_user().to_owned(),
         claims: None,
@@ -520,7 +524,7 @@ async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, S
         // Reported by the check itself, with the fix.
         refuse_undeclared_settings: false,
     };
-    let tls = UpstreamTls::from_config(&config.upstream).map_err(|e| format!("{e:#}"))?;
+    let tls = UpstreamTls::from_config(&config.upstream).map_err(LoginError::Tls)?;
     let key = &config.claims.signing_key;
     let bound = async {
         let mut session = login::connect(&config.upstream, &tls, login).await?;
@@ -532,7 +536,9 @@ async fn open(config: &Config, role: &Role, database: &str) -> Result<Session, S
             stream: session.stream,
         }),
         // The detail holds the upstream's own words, never the password.
-        Err(refusal) => Err(refusal.detail.unwrap_or(refusal.message)),
+        Err(refusal) => Err(LoginError::Refused(
+            refusal.detail.unwrap_or(refusal.message),
+        )),
     }
 }
 
@@ -542,7 +548,7 @@ async fn check_schema(
     subject: &str,
     init_db: &str,
     report: &mut Report,
-) -> Result<bool, String> {
+) -> Result<bool, SessionError> {
     let functions: Vec<String> = AUTH_FUNCTIONS
         .iter()
         .map(|name| {
@@ -637,7 +643,7 @@ async fn check_key(
     key_id: &str,
     init_db: &str,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     match session.query("select auth.session() is null").await {
         Ok(_) => report.ok(
             subject,
@@ -658,7 +664,7 @@ async fn check_key(
                 e.message, e.code
             ),
         ),
-        Err(QueryError::Lost(reason)) => return Err(reason),
+        Err(lost) => return Err(lost.into()),
     }
     Ok(())
 }
@@ -800,7 +806,7 @@ async fn check_privileges(
     subject: &str,
     user: &str,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let row = session
         .one(
             "select r.rolsuper, r.rolbypassrls \
@@ -858,13 +864,13 @@ async fn check_privileges(
 /// chain, that it can SET ROLE to or inherits the privileges of. Before
 /// PostgreSQL 16 membership is the right to SET ROLE; since, a grant says
 /// so with its SET option.
-async fn reachable_roles(session: &mut Session) -> Result<Vec<Reach>, String> {
+async fn reachable_roles(session: &mut Session) -> Result<Vec<Reach>, SessionError> {
     let version = session
         .one("select pg_catalog.current_setting('server_version_num')")
         .await?;
     let version: u32 = text(&version[0])
         .parse()
-        .map_err(|_| "the server reports no server_version_num".to_owned())?;
+        .map_err(|_| SessionError::NoServerVersion)?;
     let set = if version >= 160_000 { "SET" } else { "MEMBER" };
     // Circular grants are refused by Postgres; the depth bound is a fuse.
     let sql = format!(
@@ -894,7 +900,7 @@ async fn reachable_roles(session: &mut Session) -> Result<Vec<Reach>, String> {
              or pg_catalog.pg_has_role(session_user, r.oid, 'USAGE') \
           order by 2"
     );
-    let rows = session.query(&sql).await.map_err(|e| e.to_string())?;
+    let rows = session.query(&sql).await?;
     Ok(rows
         .into_iter()
         .map(|row| Reach {
@@ -947,7 +953,7 @@ async fn check_key_table(
     session: &mut Session,
     escapes: &mut Escapes<'_>,
     reach: &Reach,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let role = &reach.sql;
     let row = session
         .one(&format!(
@@ -987,7 +993,10 @@ struct TableAccess {
 
 /// Tables in schemas the role can use, that it holds a privilege on, with
 /// what RLS does about them.
-async fn reachable_tables(session: &mut Session, role: &str) -> Result<Vec<TableAccess>, String> {
+async fn reachable_tables(
+    session: &mut Session,
+    role: &str,
+) -> Result<Vec<TableAccess>, SessionError> {
     let rows = session
         .query(&format!(
             "with reachable as ( \
@@ -1012,8 +1021,7 @@ async fn reachable_tables(session: &mut Session, role: &str) -> Result<Vec<Table
               where privileges <> '' or columns \
               order by name"
         ))
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok(rows
         .into_iter()
         .map(|row| TableAccess {
@@ -1081,7 +1089,7 @@ async fn check_large_objects(
     subject: &str,
     user: &str,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let creators: Vec<String> = LARGE_OBJECT_CREATORS
         .iter()
         .map(|f| {
@@ -1140,24 +1148,46 @@ fn text(value: &Option<String>) -> String {
     value.clone().unwrap_or_default()
 }
 
-/// A server error, or the session lost.
-enum QueryError {
-    Db(DbError),
-    Lost(String),
+/// Why the proxy's own login for a check failed; the report shows it after
+/// "cannot log in to … as …:".
+#[derive(Debug, thiserror::Error)]
+enum LoginError {
+    /// `[upstream]`'s certificates or keys cannot be loaded.
+    #[error("{0:#}")]
+    Tls(anyhow::Error),
+    /// The upstream's own words (a refusal's detail), never the password.
+    #[error("{0}")]
+    Refused(String),
 }
 
+/// Why a check session could not go on; the report shows it after "the
+/// check session failed:".
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error("a catalog query returned no row")]
+    NoRow,
+    #[error("the server reports no server_version_num")]
+    NoServerVersion,
+}
+
+/// A server error, or the session lost. Only a server error leaves the
+/// session usable for the next query.
+#[derive(Debug, thiserror::Error)]
+enum QueryError {
+    #[error("{} (SQLSTATE {})", .0.message, .0.code)]
+    Db(DbError),
+    #[error("no answer within {}", humantime::format_duration(QUERY_TIMEOUT))]
+    TimedOut,
+    #[error("connection lost: {0}")]
+    Lost(io::Error),
+}
+
+#[derive(Debug)]
 struct DbError {
     code: String,
     message: String,
-}
-
-impl fmt::Display for QueryError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QueryError::Db(e) => write!(f, "{} (SQLSTATE {})", e.message, e.code),
-            QueryError::Lost(reason) => f.write_str(reason),
-        }
-    }
 }
 
 type Rows = Vec<Vec<Option<String>>>;
@@ -1172,25 +1202,21 @@ impl Session {
     async fn query(&mut self, sql: &str) -> Result<Rows, QueryError> {
         match tokio::time::timeout(QUERY_TIMEOUT, self.exchange(sql)).await {
             Ok(result) => result,
-            Err(_) => Err(QueryError::Lost(format!(
-                "no answer within {}",
-                humantime::format_duration(QUERY_TIMEOUT)
-            ))),
+            Err(_) => Err(QueryError::TimedOut),
         }
     }
 
     /// The first row of a query that must return one.
-    async fn one(&mut self, sql: &str) -> Result<Vec<Option<String>>, String> {
+    async fn one(&mut self, sql: &str) -> Result<Vec<Option<String>>, SessionError> {
         self.query(sql)
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .into_iter()
             .next()
-            .ok_or_else(|| "a catalog query returned no row".to_owned())
+            .ok_or(SessionError::NoRow)
     }
 
     async fn exchange(&mut self, sql: &str) -> Result<Rows, QueryError> {
-        let lost = |e: io::Error| QueryError::Lost(format!("connection lost: {e}"));
+        let lost = QueryError::Lost;
         let mut out = BytesMut::new();
         messages::query(&mut out, sql).map_err(lost)?;
         self.stream.write_all(&out).await.map_err(lost)?;
@@ -1257,6 +1283,26 @@ mod tests {
             assert!(!shown.contains("c2VhbGVk"), "{shown}");
             assert!(shown.starts_with(setting_name(setting)), "{shown}");
         }
+    }
+
+    #[test]
+    fn a_failed_check_session_says_what_failed_in_the_reports_words() {
+        let refused = SessionError::from(QueryError::Db(DbError {
+            code: "42501".into(),
+            message: "permission denied for table signing_keys".into(),
+        }));
+        assert_eq!(
+            refused.to_string(),
+            "permission denied for table signing_keys (SQLSTATE 42501)"
+        );
+        let timed_out = SessionError::from(QueryError::TimedOut);
+        assert_eq!(timed_out.to_string(), "no answer within 30s");
+        let lost = QueryError::Lost(io::ErrorKind::UnexpectedEof.into());
+        assert!(lost.to_string().starts_with("connection lost: "), "{lost}");
+        assert_eq!(
+            SessionError::NoRow.to_string(),
+            "a catalog query returned no row"
+        );
     }
 
     #[test]

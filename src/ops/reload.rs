@@ -3,21 +3,18 @@
 //! keep the configuration they started with; an invalid file changes nothing.
 
 use std::path::Path;
-use std::sync::Arc;
-
-use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::session::connection::Services;
-use crate::session::listener;
+use crate::session::listener::Reloader;
 
 /// Log lines name the subsystem, not the file: operators filter on it
 /// (`RUST_LOG=rlsgate::reload=debug`), so it outlives a move of the code.
 const LOG_TARGET: &str = "rlsgate::reload";
 
-/// Reloads `path` into `services` on every SIGHUP until the process ends.
+/// Reloads `path` into the proxy on every SIGHUP until the process ends,
+/// through the same [`Reloader`] as `RunningProxy::reload`.
 #[cfg(unix)]
-pub async fn on_hangup(path: &Path, services: watch::Sender<Arc<Services>>) {
+pub async fn on_hangup(path: &Path, proxy: Reloader) {
     use tokio::signal::unix::{SignalKind, signal};
 
     let mut hangups = match signal(SignalKind::hangup()) {
@@ -31,20 +28,18 @@ pub async fn on_hangup(path: &Path, services: watch::Sender<Arc<Services>>) {
         }
     };
     while hangups.recv().await.is_some() {
-        reload(path, &services);
+        reload(path, &proxy);
     }
 }
 
 #[cfg(not(unix))]
-pub async fn on_hangup(_path: &Path, _services: watch::Sender<Arc<Services>>) {
+pub async fn on_hangup(_path: &Path, _proxy: Reloader) {
     std::future::pending::<()>().await
 }
 
-fn reload(path: &Path, services: &watch::Sender<Arc<Services>>) {
-    let next = Config::load(path).and_then(|config| listener::reloaded(&services.borrow(), config));
-    match next {
-        Ok(next) => {
-            services.send_replace(Arc::new(next));
+fn reload(path: &Path, proxy: &Reloader) {
+    match Config::load(path).and_then(|config| proxy.reload(config)) {
+        Ok(()) => {
             tracing::info!(
                 target: LOG_TARGET,
                 config = %path.display(), "configuration reloaded: new connections use it",

@@ -438,7 +438,19 @@ fn budget_address(ip: IpAddr) -> IpAddr {
 /// the server.
 struct Failed {
     maybe_sent: bool,
-    reason: String,
+    reason: CancelError,
+}
+
+/// Why a cancel request could not be handed to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// No connection to the server: the request never left.
+    #[error("{0}")]
+    Connect(crate::protocol::refusal::Refusal),
+    #[error(transparent)]
+    Send(#[from] std::io::Error),
+    #[error("the server did not take the cancel request within {FORWARD_TIMEOUT:?}")]
+    TimedOut,
 }
 
 /// Sends a CancelRequest for the backend with `key` over a connection of
@@ -459,7 +471,7 @@ pub async fn cancel_backend(
     port: u16,
     key: CancelKey,
     tls: &UpstreamTls,
-) -> Result<(), String> {
+) -> Result<(), CancelError> {
     forward_request(host, port, key, tls)
         .await
         .map_err(|failed| failed.reason)
@@ -475,21 +487,20 @@ async fn forward_request(
     messages::cancel_request(&mut packet, key);
     let mut maybe_sent = false;
     let forwarded = tokio::time::timeout(FORWARD_TIMEOUT, async {
-        let mut stream = tls.connect(host, port).await.map_err(|r| r.to_string())?;
+        let mut stream = tls
+            .connect(host, port)
+            .await
+            .map_err(CancelError::Connect)?;
         maybe_sent = true;
-        stream.write_all(&packet).await.map_err(|e| e.to_string())?;
-        stream.flush().await.map_err(|e| e.to_string())?;
+        stream.write_all(&packet).await?;
+        stream.flush().await?;
         // PostgreSQL answers nothing; an error is a close too.
         let mut sink = [0u8; 64];
         while let Ok(1..) = stream.read(&mut sink).await {}
         Ok(())
     })
     .await
-    .unwrap_or_else(|_| {
-        Err(format!(
-            "the server did not take the cancel request within {FORWARD_TIMEOUT:?}"
-        ))
-    });
+    .unwrap_or(Err(CancelError::TimedOut));
     forwarded.map_err(|reason| Failed { maybe_sent, reason })
 }
 

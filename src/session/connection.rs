@@ -14,7 +14,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::auth::claims::{Envelope, Identity, NO_EXPIRY};
-use crate::auth::token_check::{TokenChecker, VerifiedToken, fingerprint, now_unix};
+use crate::auth::token_check::{TokenChecker, VerifiedToken, fingerprint};
+use crate::clock::unix_now;
 use crate::config::{Config, Role, TokenPolicy};
 use crate::ops::metrics::{self, Metrics};
 use crate::protocol::messages;
@@ -405,7 +406,7 @@ async fn token_identity(
         NO_EXPIRY
     };
     let expiry = ends_with_token.then(|| {
-        let left = Duration::from_secs(valid_until.saturating_sub(now_unix()));
+        let left = Duration::from_secs(valid_until.saturating_sub(unix_now()));
         Expiry {
             at: tokio::time::Instant::now() + left,
             exp: verified.expires_at,

@@ -34,7 +34,7 @@ use crate::upstream::tls::UpstreamTls;
 const LOG_TARGET: &str = "rlsgate::listener";
 
 /// Builds what connections share from a validated configuration.
-pub fn services(config: Config) -> anyhow::Result<Services> {
+fn services(config: Config) -> anyhow::Result<Services> {
     build(None, config)
 }
 
@@ -42,7 +42,7 @@ pub fn services(config: Config) -> anyhow::Result<Services> {
 /// again; cancel keys, session counts, metrics, tampering alarms and cached
 /// provider keys carry over, so sessions already running are neither
 /// dropped nor forgotten.
-pub fn reloaded(previous: &Services, config: Config) -> anyhow::Result<Services> {
+fn reloaded(previous: &Services, config: Config) -> anyhow::Result<Services> {
     if config.listen.address != previous.config.listen.address {
         tracing::warn!(
             target: LOG_TARGET,
@@ -104,7 +104,7 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
 }
 
 /// Binds `[listen] admin_address`, when it is set.
-pub async fn bind_admin(config: &Config) -> anyhow::Result<Option<TcpListener>> {
+async fn bind_admin(config: &Config) -> anyhow::Result<Option<TcpListener>> {
     let Some(address) = config.listen.admin_address else {
         return Ok(None);
     };
@@ -117,7 +117,7 @@ pub async fn bind_admin(config: &Config) -> anyhow::Result<Option<TcpListener>> 
 /// Serves until `shutdown` completes, then drains. Each connection is
 /// served with the services current when it was accepted. The admin
 /// endpoints, when `admin` is given, serve until the last session has ended.
-pub async fn run(
+async fn run(
     listener: TcpListener,
     admin: Option<TcpListener>,
     services: watch::Receiver<Arc<Services>>,
@@ -299,14 +299,29 @@ const ADMIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often pending histogram samples are folded into their buckets.
 const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A proxy serving in the background, as the tests and `demo` use it.
+/// A proxy serving in the background: `rlsgate serve`, `demo` and the tests
+/// all start it with [`RunningProxy::start`], so they run the same code.
 pub struct RunningProxy {
     pub address: SocketAddr,
     /// Where the admin endpoints listen, when `admin_address` is set.
     pub admin_address: Option<SocketAddr>,
-    services: watch::Sender<Arc<Services>>,
+    reloader: Reloader,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+}
+
+/// Applies a configuration to the connections a running proxy accepts from
+/// then on; a handle of its own, so that a task (SIGHUP) can hold one.
+#[derive(Clone)]
+pub struct Reloader(watch::Sender<Arc<Services>>);
+
+impl Reloader {
+    /// On error the current configuration stays.
+    pub fn reload(&self, config: Config) -> anyhow::Result<()> {
+        let next = reloaded(&self.0.borrow(), config)?;
+        self.0.send_replace(Arc::new(next));
+        Ok(())
+    }
 }
 
 impl RunningProxy {
@@ -325,7 +340,7 @@ impl RunningProxy {
         Ok(RunningProxy {
             address,
             admin_address,
-            services,
+            reloader: Reloader(services),
             stop: Some(stop),
             task,
         })
@@ -334,9 +349,32 @@ impl RunningProxy {
     /// Applies `config` to the connections accepted from now on, as SIGHUP
     /// does for `rlsgate serve`; on error the current configuration stays.
     pub fn reload(&self, config: Config) -> anyhow::Result<()> {
-        let next = reloaded(&self.services.borrow(), config)?;
-        self.services.send_replace(Arc::new(next));
-        Ok(())
+        self.reloader.reload(config)
+    }
+
+    /// A handle that reloads this proxy, for a task of its own.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// Serves until `stop` completes, then shuts down as
+    /// [`shutdown`](Self::shutdown) does: how `rlsgate serve` runs, with the
+    /// shutdown signals as `stop`. Serving ends by itself only by panicking;
+    /// the panic goes on here, so that the process does not stay up without
+    /// accepting.
+    pub async fn run_until(mut self, stop: impl Future) {
+        tokio::select! {
+            _ = stop => {}
+            ended = &mut self.task => {
+                if let Err(e) = ended
+                    && e.is_panic()
+                {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+                return;
+            }
+        }
+        self.shutdown().await;
     }
 
     /// Stops accepting, drains and waits until every session has ended.

@@ -14,7 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::auth::claims::{self, Envelope};
-use crate::auth::token_check::{format_time, now_unix};
+use crate::auth::token_check::format_time;
+use crate::clock::unix_now;
 use crate::protocol::frame::{HEADER_LEN, Header, kind};
 use crate::protocol::messages;
 use crate::protocol::refusal::{Refusal, sqlstate};
@@ -323,7 +324,7 @@ impl ClientSide<'_> {
         if !self.shared.idle(self.sent) {
             return Ok(());
         }
-        let Some(sealed) = self.envelope.renew(now_unix()) else {
+        let Some(sealed) = self.envelope.renew(unix_now()) else {
             return Ok(());
         };
         let mut out = BytesMut::new();
@@ -678,7 +679,7 @@ mod tests {
         };
         let backend = crate::auth::claims::Backend { pid: 1, started: 1 };
         // Fresh for the length of any test: never renewed.
-        Envelope::new(key, identity, backend, now_unix() + 3600)
+        Envelope::new(key, identity, backend, unix_now() + 3600)
     }
 
     fn shared() -> Shared {
@@ -765,7 +766,7 @@ mod tests {
         let mut sent = Sent::default();
         let mut frames = Frames::default();
         // A minute left of an envelope that may be renewed: due.
-        let now = now_unix();
+        let now = unix_now();
         let mut due = Envelope::new(
             crate::auth::claims::SigningKey::from_bytes(vec![7; 32]).unwrap(),
             crate::auth::claims::Identity {

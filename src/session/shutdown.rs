@@ -1,4 +1,5 @@
-//! The shutdown signal each session listens for.
+//! Shutting down: the signals that stop the process, and the notice each
+//! session listens for.
 
 use tokio::sync::broadcast;
 
@@ -28,4 +29,20 @@ impl Shutdown {
         let _ = self.notify.recv().await;
         self.received = true;
     }
+}
+
+/// Completes on Ctrl-C (SIGINT) or SIGTERM: what stops `serve`, `demo` and
+/// `issuer`.
+pub async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -28,7 +28,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth::claims::{self, Backend, Identity, SigningKey};
-use crate::auth::token_check::now_unix;
+use crate::clock::unix_now;
 use crate::config::{self, Upstream};
 use crate::protocol::frame::{Frame, HEADER_LEN, Header, MAX_BACKEND_MESSAGE, kind};
 use crate::protocol::messages;
@@ -99,7 +99,7 @@ impl Attached {
         let mut session = connect(upstream, tls, login).await?;
         let bound = tokio::time::timeout(
             upstream.connect_timeout,
-            bind_claims(&mut session, key, identity, now_unix()),
+            bind_claims(&mut session, key, identity, unix_now()),
         )
         .await
         .unwrap_or_else(|_| {
@@ -163,7 +163,7 @@ impl Pool {
                     (session.stream, lease, true)
                 }
             };
-            let exp = claims.1.envelope_expiry(now_unix());
+            let exp = claims.1.envelope_expiry(unix_now());
             let sealed = claims.0.seal(claims.1, lease.backend, exp);
             let bound = tokio::time::timeout(
                 upstream.connect_timeout,
@@ -435,29 +435,33 @@ async fn bind(
     .await
 }
 
+/// Why a connection failed its reset; it is closed, not pooled.
+#[derive(Debug, thiserror::Error)]
+enum ResetError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Anything but what a clean `DISCARD ALL` answers: the session was
+    /// not as idle as it looked.
+    #[error("unexpected message {:?} in answer to DISCARD ALL", char::from(*.0))]
+    Unexpected(u8),
+}
+
 /// `DISCARD ALL`, answered by exactly CommandComplete and ReadyForQuery
 /// "idle" (ParameterStatus, notices and notifications aside).
-async fn reset(stream: &mut UpstreamStream, lease: &mut Lease) -> Result<(), String> {
+async fn reset(stream: &mut UpstreamStream, lease: &mut Lease) -> Result<(), ResetError> {
     let mut out = BytesMut::new();
-    messages::query(&mut out, "DISCARD ALL").map_err(|e| e.to_string())?;
-    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    messages::query(&mut out, "DISCARD ALL")?;
+    stream.write_all(&out).await?;
     let mut reported = Vec::new();
     let mut completed = false;
     loop {
-        let frame = Frame::read(stream, MAX_BACKEND_MESSAGE)
-            .await
-            .map_err(|e| e.to_string())?;
+        let frame = Frame::read(stream, MAX_BACKEND_MESSAGE).await?;
         match frame.kind() {
             b'N' | b'A' => {}
             b'S' => reported.extend(parameter_status(frame.body())),
             b'C' if !completed && frame.body() == b"DISCARD ALL\0" => completed = true,
             b'Z' if completed && frame.body().first() == Some(&b'I') => break,
-            other => {
-                return Err(format!(
-                    "unexpected message {:?} in answer to DISCARD ALL",
-                    other as char
-                ));
-            }
+            other => return Err(ResetError::Unexpected(other)),
         }
     }
     // Everything is back at its startup value, and what was reported just

@@ -94,8 +94,8 @@ fn claims(sub: &str) -> Value {
         "iss": ISSUER,
         "sub": sub,
         "aud": "todo-app",
-        "iat": now_unix(),
-        "exp": now_unix() + 3600,
+        "iat": unix_now(),
+        "exp": unix_now() + 3600,
     })
 }
 
@@ -403,12 +403,12 @@ async fn a_header_or_claims_set_that_is_not_a_json_object_is_refused_as_such() {
 async fn a_member_named_twice_is_refused_in_the_claims_set_and_in_the_header() {
     let checker = checker();
     let header = ed_header().to_string();
-    let exp = now_unix() + 3600;
+    let exp = unix_now() + 3600;
     let twice = [
         (
             format!(
                 r#"{{"iss":"{ISSUER}","sub":"alice","aud":"todo-app","exp":{},"exp":{exp}}}"#,
-                now_unix() - 3600
+                unix_now() - 3600
             ),
             "\"exp\" appears twice in the token's claims set",
         ),
@@ -904,7 +904,7 @@ async fn a_token_without_exp_is_refused() {
 
 #[tokio::test]
 async fn time_claims_that_are_not_json_numbers_are_not_numeric_dates() {
-    let future = (now_unix() + 3600).to_string();
+    let future = (unix_now() + 3600).to_string();
     let kinds = [
         ("\"9999999999\"", "a string"),
         ("true", "a boolean"),
@@ -932,7 +932,7 @@ async fn time_claims_that_are_not_json_numbers_are_not_numeric_dates() {
 
 #[tokio::test]
 async fn time_claims_before_1970_or_after_the_year_9999_are_out_of_range() {
-    let future = (now_unix() + 3600).to_string();
+    let future = (unix_now() + 3600).to_string();
     let out_of_range = [
         "-1",
         "-1.5",
@@ -996,10 +996,10 @@ async fn a_fraction_never_lengthens_validity() {
         Reason::Expired,
         "token expired at 2017-07-14T02:40:00Z",
     );
-    let exp = now_unix() + 3600;
+    let exp = unix_now() + 3600;
     let claims = timed_claims(
         Some(&format!("{exp}.75")),
-        Some(&format!("{}.5", now_unix() - 10)),
+        Some(&format!("{}.5", unix_now() - 10)),
     );
     let verified = accepted(&checker(), &ed_raw(&ed_header().to_string(), &claims)).await;
     assert_eq!(verified.expires_at, exp);
@@ -1048,14 +1048,14 @@ fn exp_and_nbf_are_judged_with_the_leeway_to_the_second() {
 #[tokio::test]
 async fn an_expired_or_not_yet_valid_token_is_refused_naming_the_time() {
     let checker = checker();
-    let exp = now_unix() - 60;
+    let exp = unix_now() - 60;
     let mut expired = claims("alice");
     expired["exp"] = json!(exp);
     let refusal = refused(&checker, &ed().sign(&expired)).await;
     let expected = format!("token expired at {}", format_time(exp));
     assert_says(&refusal, Reason::Expired, &expected);
 
-    let nbf = now_unix() + 600;
+    let nbf = unix_now() + 600;
     let mut early = claims("alice");
     early["nbf"] = json!(nbf);
     let refusal = refused(&checker, &ed().sign(&early)).await;
@@ -1189,7 +1189,7 @@ async fn max_token_age_needs_an_iat_neither_too_old_nor_in_the_future() {
         claims["iat"] = iat;
         ed().sign(&claims)
     };
-    let old = now_unix() - 3600;
+    let old = unix_now() - 3600;
     let refusal = refused(&checker, &with_iat(json!(old))).await;
     let expected = format!(
         "token was issued at {}, more than 10m ago (max_token_age of https://id.example)",
@@ -1197,7 +1197,7 @@ async fn max_token_age_needs_an_iat_neither_too_old_nor_in_the_future() {
     );
     assert_says(&refusal, Reason::Expired, &expected);
 
-    let future = now_unix() + 3600;
+    let future = unix_now() + 3600;
     let refusal = refused(&checker, &with_iat(json!(future))).await;
     let expected = format!(
         "token claims to be issued at {}, which is in the future",
@@ -1336,7 +1336,7 @@ fn claims_of_an_issuer_no_longer_configured_are_refused() {
             .as_object()
             .unwrap()
             .clone(),
-        expires_at: now_unix() + 60,
+        expires_at: unix_now() + 60,
     };
     assert_eq!(checker.leeway(&verified), Duration::ZERO);
     let refusal = checker.apply_rules(verified, "authenticated").unwrap_err();
