@@ -180,17 +180,36 @@ async fn a_client_that_leaves_mid_transaction_never_has_its_backend_reused() {
         .batch_execute("begin; insert into scratch values (1, 'uncommitted');")
         .await
         .unwrap();
-    drop(alice);
-    wait_until_gone(&admin, pid).await;
+    let bob = bob_after_alices_backend_ended(
+        &h,
+        &admin,
+        alice,
+        pid,
+        "alice's transaction must have been rolled back",
+    )
+    .await;
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
 
+/// Alice leaves mid-statement: her backend `pid` must end, and bob, on
+/// another one, finds none of her rows in `scratch` (`why` not). Bob's client.
+async fn bob_after_alices_backend_ended(
+    h: &Harness,
+    admin: &Client,
+    alice: impl Sized,
+    pid: i32,
+    why: &str,
+) -> Client {
+    drop(alice);
+    wait_until_gone(admin, pid).await;
     let bob = h.connect_as("bob").await;
     assert_ne!(pid_of(&bob).await, pid);
     assert_eq!(
         value(&bob, "select count(*) from scratch").await.as_deref(),
         Some("0"),
-        "alice's transaction must have been rolled back"
+        "{why}"
     );
-    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+    bob
 }
 
 /// A raw session of `sub` in the middle of `copy scratch from stdin`, and
@@ -221,15 +240,14 @@ async fn a_client_that_leaves_mid_copy_never_has_its_backend_reused() {
         &[b'd', 0, 0, 0, 10, b'1', b'\t', b'x', b'y', b'\n', b'2'],
     )
     .await;
-    drop(alice);
-    wait_until_gone(&admin, pid).await;
-
-    let bob = h.connect_as("bob").await;
-    assert_ne!(pid_of(&bob).await, pid);
-    assert_eq!(
-        value(&bob, "select count(*) from scratch").await.as_deref(),
-        Some("0")
-    );
+    bob_after_alices_backend_ended(
+        &h,
+        &admin,
+        alice,
+        pid,
+        "alice's copy must have been rolled back",
+    )
+    .await;
 }
 
 #[tokio::test]
