@@ -40,6 +40,15 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// may take it in between; that many ports are tried before giving up.
 const PORT_ATTEMPTS: usize = 5;
 const LOG_TAIL_LINES: usize = 40;
+/// Settings for a fast, throwaway server; durability is of no use here.
+const DEFAULT_SETTINGS: &[(&str, &str)] = &[
+    ("fsync", "off"),
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+    ("max_connections", "200"),
+    ("shared_buffers", "32MB"),
+    ("password_encryption", "scram-sha-256"),
+];
 /// Unix socket paths are limited to `sizeof(sun_path)` (108 on Linux, 104 on
 /// macOS) including the terminating NUL; longer directories get no socket.
 const MAX_SOCKET_PATH: usize = 100;
@@ -66,6 +75,9 @@ pub struct TempPostgres {
     tls: bool,
     /// `ssl_ca_file` is set: TLS clients are asked for a certificate.
     client_ca: bool,
+    /// Server settings given at start, over the defaults (see `launch_on`);
+    /// kept so that a restart applies them again.
+    settings: Vec<(String, String)>,
 }
 
 /// The uid and gid the server runs as; `None` means "as ourselves".
@@ -88,17 +100,27 @@ impl TempPostgres {
     /// server on 127.0.0.1 on a free port, and waits until it accepts
     /// connections.
     pub async fn start() -> Result<TempPostgres> {
-        Self::start_inner(None).await
+        Self::start_inner(None, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with server settings (`name`, `value`)
+    /// over the defaults, e.g. `("max_connections", "500")` for a server that
+    /// many tests share at once.
+    pub async fn start_with_settings(settings: &[(&str, &str)]) -> Result<TempPostgres> {
+        Self::start_inner(None, settings).await
     }
 
     /// Like [`start`](Self::start), with `ssl = on` serving this PEM
     /// certificate chain and key, and TCP connections allowed only over TLS
     /// (`hostssl` in pg_hba.conf): the server refuses plaintext ones.
     pub async fn start_with_tls(cert_pem: &str, key_pem: &str) -> Result<TempPostgres> {
-        Self::start_inner(Some((cert_pem, key_pem))).await
+        Self::start_inner(Some((cert_pem, key_pem)), &[]).await
     }
 
-    async fn start_inner(tls: Option<(&str, &str)>) -> Result<TempPostgres> {
+    async fn start_inner(
+        tls: Option<(&str, &str)>,
+        settings: &[(&str, &str)],
+    ) -> Result<TempPostgres> {
         let bindir = find_server_binaries()?;
         let user = server_user()?;
 
@@ -122,6 +144,10 @@ impl TempPostgres {
             child: None,
             tls: tls.is_some(),
             client_ca: false,
+            settings: settings
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
         };
         pg.initdb(&bindir, user).await?;
         if let Some((cert_pem, key_pem)) = tls {
@@ -470,20 +496,10 @@ impl TempPostgres {
             .arg(format!("listen_addresses={HOST}"))
             .arg("-c")
             .arg(format!("unix_socket_directories={socket_dir}"))
-            .args([
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=200",
-                "-c",
-                "shared_buffers=32MB",
-                "-c",
-                "password_encryption=scram-sha-256",
-            ]);
+            .args(
+                self.server_settings()
+                    .flat_map(|setting| ["-c".to_owned(), setting]),
+            );
         if self.tls {
             let dir = root.display();
             cmd.args(["-c", "ssl=on", "-c"])
@@ -509,6 +525,21 @@ impl TempPostgres {
             .map_err(StartFailure::Other)?;
         self.child = Some(child);
         self.wait_ready().await
+    }
+
+    /// `name=value` for each server setting: the defaults, each replaced by
+    /// a setting given at start of the same name, then the other given ones.
+    fn server_settings(&self) -> impl Iterator<Item = String> + '_ {
+        let given = |name: &str| self.settings.iter().find(|(n, _)| n == name);
+        let defaults = DEFAULT_SETTINGS
+            .iter()
+            .filter(move |(name, _)| given(name).is_none())
+            .map(|(name, value)| format!("{name}={value}"));
+        let extra = self
+            .settings
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"));
+        defaults.chain(extra)
     }
 
     /// Polls with a real, authenticated connection: that is what callers need,
@@ -820,5 +851,25 @@ mod tests {
         pg.stop();
         assert!(!data_dir.exists(), "{} is left behind", data_dir.display());
         pg.stop();
+    }
+
+    #[tokio::test]
+    async fn settings_given_at_start_replace_the_defaults_and_outlive_a_restart() {
+        let mut pg = TempPostgres::start_with_settings(&[("max_connections", "500")])
+            .await
+            .expect("start PostgreSQL");
+        for _ in 0..2 {
+            let client = pg.connect("postgres").await.expect("connect");
+            for (name, expected) in [("max_connections", "500"), ("fsync", "off")] {
+                let value: String = client
+                    .query_one(&format!("show {name}"), &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(value, expected, "{name}");
+            }
+            drop(client);
+            pg.restart().await.expect("restart PostgreSQL");
+        }
     }
 }

@@ -9,17 +9,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::support::wire::{self, RawSession};
-use crate::support::{Harness, WAIT, db_error, http_get, metric, user_id_of};
+use crate::support::{Harness, POOL_MODES, WAIT, db_error, http_get, metric, pooled, user_id_of};
 use futures_util::future::join_all;
 use rlsgate::session::cancel::GUESS_BUDGET;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
-
-const POOLED: &str = "[pool]\nmode = \"session\"\nsize = 4\n";
-
-/// Both pool modes: a name for messages, and the configuration.
-const MODES: [(&str, &str); 2] = [("unpooled", ""), ("pooled", POOLED)];
 
 /// Sends a CancelRequest to the proxy by hand and waits until the proxy has
 /// dealt with it (it closes the connection without an answer, as Postgres does).
@@ -175,8 +170,8 @@ async fn until_closed(stream: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_sleep_is_cancelled_with_the_cancel_token_and_returns_57014_within_two_seconds() {
-    for (mode, toml) in MODES {
-        let h = Harness::start_with(toml).await;
+    for (mode, pool) in POOL_MODES {
+        let h = Harness::start_configured("", pool).await;
         let alice = h.connect_as("alice").await;
 
         // Twice: once in the simple protocol, once in the extended one; the
@@ -297,8 +292,8 @@ async fn a_cancel_request_with_a_wrong_key_cancels_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cancel_keys_pid_is_the_one_pg_backend_pid_and_notify_show_in_both_pool_modes() {
-    for (mode, toml) in MODES {
-        let h = Harness::start_with(toml).await;
+    for (mode, pool) in POOL_MODES {
+        let h = Harness::start_configured("", pool).await;
         let mut alice = h.raw_connect_as("alice").await;
         assert_eq!(upstream_pid(&mut alice).await, alice.pid, "{mode}");
 
@@ -335,8 +330,8 @@ async fn the_cancel_keys_pid_is_the_one_pg_backend_pid_and_notify_show_in_both_p
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_terminate_backend_with_the_keys_pid_ends_that_session_in_both_pool_modes() {
-    for (mode, toml) in MODES {
-        let h = Harness::start_with(toml).await;
+    for (mode, pool) in POOL_MODES {
+        let h = Harness::start_configured("", pool).await;
         let mut alice = h.raw_connect_as("alice").await;
         let bob = h.connect_as("bob").await;
 
@@ -367,7 +362,7 @@ async fn pg_terminate_backend_with_the_keys_pid_ends_that_session_in_both_pool_m
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_clients_key_cancels_nothing_on_the_next_client_even_sent_as_it_leaves() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
     let port = h.port();
 

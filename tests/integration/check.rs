@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::process::Stdio;
 
+use crate::support::config_file::{edit_toml, role, set};
 use crate::support::{Harness, SIGNING_KEY};
 
 /// A signing key the test database has never been told about.
@@ -206,13 +207,6 @@ async fn check_fails_when_a_provider_is_unreachable() {
         checked.lines("ok").iter().any(|l| l.contains(&working)),
         "{checked}"
     );
-}
-
-/// `config_text` with `lines` added to the `[[role]]` named `authenticated`.
-fn with_authenticated_lines(toml: &str, lines: &str) -> String {
-    let anchor = "upstream_password = \"authenticated-dev-password\"\n";
-    assert!(toml.contains(anchor), "{toml}");
-    toml.replacen(anchor, &format!("{anchor}{lines}\n"), 1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,10 +493,10 @@ async fn a_role_setting_made_through_a_session_fails_the_check_until_it_is_decla
     );
     assert_eq!(checked.lines("FAIL").len(), 2, "{checked}");
 
-    let declared = with_authenticated_lines(
-        &toml,
-        r#"upstream_settings = ["statement_timeout=1ms", "search_path=public"]"#,
-    );
+    let declared = edit_toml(&toml, |doc| {
+        let settings = vec!["statement_timeout=1ms", "search_path=public"];
+        set(role(doc, "authenticated"), "upstream_settings", settings);
+    });
     let checked = check(&declared, "app").await;
     assert!(checked.success, "{checked}");
     assert!(checked.lines("FAIL").is_empty(), "{checked}");

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use crate::support::wire::{APP_STARTUP, ErrorResponse, RawSession};
-use crate::support::{Harness, connect, db_error, psql_command, simple_rows, user_id_of};
+use crate::support::{
+    Harness, POOL_MODES, connect, db_error, psql_command, simple_rows, user_id_of, with_admin,
+};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use rlsgate::auth::claims::{Backend, Identity, SigningKey};
@@ -911,8 +913,6 @@ async fn pgoptions_through_psql_gain_nothing() {
     }
 }
 
-const POOLED: &str = "[pool]\nmode = \"session\"\nsize = 4\n";
-
 /// A role served without a token that logs in to Postgres as the same role
 /// as `authenticated`.
 const SHARED_LOGIN: &str = "[[role]]\nname = \"guest\"\ntoken = \"none\"\n\
@@ -923,8 +923,9 @@ const SHARED_LOGIN: &str = "[[role]]\nname = \"guest\"\ntoken = \"none\"\n\
 /// as the same Postgres role, raises 28000, in both pool modes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alices_envelope_replayed_in_another_session_of_her_login_role_raises_28000() {
-    for pool in ["", POOLED] {
-        let h = Harness::start_with(&format!("{pool}{SHARED_LOGIN}")).await;
+    for (mode, pool) in POOL_MODES {
+        // Text: `upstream_user` is not a field a test can set.
+        let h = Harness::start_configured(SHARED_LOGIN, pool).await;
         let alice = h.connect_as("alice").await;
         // A row, so that the policies on todos have something to check.
         alice
@@ -939,11 +940,11 @@ async fn alices_envelope_replayed_in_another_session_of_her_login_role_raises_28
                 for sql in ["select auth.user_id()", "select * from todos"] {
                     match with_setting(client, way, &envelope, sql).await {
                         Ok(rows) => {
-                            panic!("{pool:?} {who} {way:?}: alice's envelope gave {rows:?}")
+                            panic!("{mode} {who} {way:?}: alice's envelope gave {rows:?}")
                         }
                         Err(e) => {
                             let (code, message) = db_error(&e);
-                            assert_eq!(code, "28000", "{pool:?} {who} {way:?}: {message}");
+                            assert_eq!(code, "28000", "{mode} {who} {way:?}: {message}");
                             assert!(message.contains("another session"), "{message}");
                         }
                     }
@@ -1021,9 +1022,13 @@ async fn an_envelope_names_its_backends_pid_and_start_and_expires_within_the_hou
 /// again once they are removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_removed() {
-    for pool in ["", POOLED] {
+    for (mode, pool) in POOL_MODES {
         // Alone: settings of `authenticated` reach every test's sessions.
-        let h = Harness::start_alone_with_admin(pool).await;
+        let h = Harness::start_alone_configured("", |c| {
+            pool(c);
+            with_admin(c);
+        })
+        .await;
         let admin = h.admin().await;
         // Everyone keeps their session, so each new one needs a new
         // upstream connection (the pooled ones made before are unaffected).
@@ -1038,10 +1043,10 @@ async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_
                 .connect("authenticated", &h.token("bob"))
                 .await
                 .expect_err(&format!(
-                    "{pool:?}: a login role altered by `{setting}` is not served"
+                    "{mode}: a login role altered by `{setting}` is not served"
                 ));
             let (code, message) = db_error(&err);
-            assert_eq!(code, "08006", "{pool:?} after `{setting}`: {message}");
+            assert_eq!(code, "08006", "{mode} after `{setting}`: {message}");
             assert!(message.contains("the database is unavailable"), "{message}");
             // The operator is told: /readyz names the role, the gauge is up.
             let (status, body) = crate::support::http_get(&h.admin_url("/readyz")).await;
@@ -1061,7 +1066,7 @@ async fn a_setting_put_on_the_shared_login_role_from_a_session_is_refused_until_
                 .await
                 .unwrap();
             let bob = h.connect_as("bob").await;
-            assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"), "{pool:?}");
+            assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"), "{mode}");
             let (status, body) = crate::support::http_get(&h.admin_url("/readyz")).await;
             assert_eq!(status, 200, "the alarm clears with the next login: {body}");
             kept.push(bob);
@@ -1109,8 +1114,8 @@ async fn declared_login_role_settings_are_served_and_others_still_refused() {
 /// PostgreSQL caps at 10 000 bytes), so large claims are bound whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_larger_than_a_startup_packet_are_bound_whole() {
-    for pool in ["", POOLED] {
-        let h = Harness::start_with(pool).await;
+    for (mode, pool) in POOL_MODES {
+        let h = Harness::start_configured("", pool).await;
         let groups = "g".repeat(10_000);
         let token = h.token_with(
             rlsgate::dev::issuer::KeyKind::Rs256,
@@ -1122,6 +1127,6 @@ async fn claims_larger_than_a_startup_packet_are_bound_whole() {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(length, 10_000, "{pool:?}");
+        assert_eq!(length, 10_000, "{mode}");
     }
 }

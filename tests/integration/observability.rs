@@ -5,6 +5,7 @@
 //! Waits are bounded and polled: a test fails when something never happens,
 //! not when a machine is slow.
 
+use crate::support::config_file::{edit_toml, role, section, set};
 use crate::support::process::Served;
 use crate::support::{
     Harness, SIGNING_KEY, WAIT, client_config, connect, http_get, metric, metric_lines, poll_until,
@@ -250,13 +251,15 @@ async fn logs_and_metrics_of_the_real_binary_never_show_tokens_signatures_keys_o
         &h.pg,
         &issuer.issuer(),
         SIGNING_KEY,
-    )
-    .replacen(
-        "[listen]\n",
-        "[listen]\nadmin_address = \"127.0.0.1:0\"\n",
-        1,
-    )
-    .replace("anonymous-dev-password", wrong_upstream_password);
+    );
+    let toml = edit_toml(&toml, |doc| {
+        set(section(doc, "listen"), "admin_address", "127.0.0.1:0");
+        set(
+            role(doc, "anonymous"),
+            "upstream_password",
+            wrong_upstream_password,
+        );
+    });
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("rlsgate.toml");
     std::fs::write(&config, toml).unwrap();

@@ -2,13 +2,11 @@
 //! and nothing one client leaves behind reaches the next.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::support::wire::{self, RawSession};
-use crate::support::{Harness, WAIT, simple_rows, user_id_of};
+use crate::support::{Harness, WAIT, pooled, simple_rows, user_id_of};
 use tokio_postgres::Client;
-
-const POOLED: &str = "[pool]\nmode = \"session\"\nsize = 4\n";
 
 async fn pid_of(client: &Client) -> i32 {
     client
@@ -49,7 +47,7 @@ async fn wait_until_returned(admin: &Client, pid: i32) {
         if let Some((state, query)) = &seen {
             if state.as_deref() == Some("idle") && query.as_deref() == Some("DISCARD ALL") {
                 // The proxy files it right after reading that answer.
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 return;
             }
         }
@@ -57,7 +55,7 @@ async fn wait_until_returned(admin: &Client, pid: i32) {
             Instant::now() < deadline,
             "backend {pid} was not returned to the pool within {WAIT:?}: {seen:?}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -76,14 +74,30 @@ async fn wait_until_gone(admin: &Client, pid: i32) {
             Instant::now() < deadline,
             "backend {pid} was still there after {WAIT:?}: it must be closed, not pooled"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Alice connects and leaves; her backend's pid, once it is back in the pool.
+async fn alices_backend_returned(h: &Harness, admin: &Client) -> i32 {
+    let alice = h.connect_as("alice").await;
+    let pid = pid_of(&alice).await;
+    drop(alice);
+    wait_until_returned(admin, pid).await;
+    pid
+}
+
+/// Bob connects, as himself, on a backend other than `pid` (`why` not).
+async fn bob_on_another_backend_than(h: &Harness, pid: i32, why: &str) {
+    let bob = h.connect_as("bob").await;
+    assert_ne!(pid_of(&bob).await, pid, "{why}");
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
 }
 
 #[tokio::test]
 async fn user_b_on_alices_backend_sees_nothing_she_left_behind() {
     // Alone: it grants a role to `authenticated`, which other tests share.
-    let h = Harness::start_alone(POOLED).await;
+    let h = Harness::start_alone_configured("", pooled).await;
     let admin = h.admin().await;
     admin
         .batch_execute("create role helper; grant helper to authenticated;")
@@ -157,7 +171,7 @@ async fn user_b_on_alices_backend_sees_nothing_she_left_behind() {
 
 #[tokio::test]
 async fn a_client_that_leaves_mid_transaction_never_has_its_backend_reused() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
 
     let alice = h.connect_as("alice").await;
@@ -166,17 +180,36 @@ async fn a_client_that_leaves_mid_transaction_never_has_its_backend_reused() {
         .batch_execute("begin; insert into scratch values (1, 'uncommitted');")
         .await
         .unwrap();
-    drop(alice);
-    wait_until_gone(&admin, pid).await;
+    let bob = bob_after_alices_backend_ended(
+        &h,
+        &admin,
+        alice,
+        pid,
+        "alice's transaction must have been rolled back",
+    )
+    .await;
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
 
+/// Alice leaves mid-statement: her backend `pid` must end, and bob, on
+/// another one, finds none of her rows in `scratch` (`why` not). Bob's client.
+async fn bob_after_alices_backend_ended(
+    h: &Harness,
+    admin: &Client,
+    alice: impl Sized,
+    pid: i32,
+    why: &str,
+) -> Client {
+    drop(alice);
+    wait_until_gone(admin, pid).await;
     let bob = h.connect_as("bob").await;
     assert_ne!(pid_of(&bob).await, pid);
     assert_eq!(
         value(&bob, "select count(*) from scratch").await.as_deref(),
         Some("0"),
-        "alice's transaction must have been rolled back"
+        "{why}"
     );
-    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+    bob
 }
 
 /// A raw session of `sub` in the middle of `copy scratch from stdin`, and
@@ -197,7 +230,7 @@ async fn copying_in(h: &Harness, sub: &str) -> (RawSession, i32) {
 
 #[tokio::test]
 async fn a_client_that_leaves_mid_copy_never_has_its_backend_reused() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
 
     let (mut alice, pid) = copying_in(&h, "alice").await;
@@ -207,20 +240,19 @@ async fn a_client_that_leaves_mid_copy_never_has_its_backend_reused() {
         &[b'd', 0, 0, 0, 10, b'1', b'\t', b'x', b'y', b'\n', b'2'],
     )
     .await;
-    drop(alice);
-    wait_until_gone(&admin, pid).await;
-
-    let bob = h.connect_as("bob").await;
-    assert_ne!(pid_of(&bob).await, pid);
-    assert_eq!(
-        value(&bob, "select count(*) from scratch").await.as_deref(),
-        Some("0")
-    );
+    bob_after_alices_backend_ended(
+        &h,
+        &admin,
+        alice,
+        pid,
+        "alice's copy must have been rolled back",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_client_that_leaves_cleanly_has_its_backend_reused() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
 
     let alice = h.connect_as("alice").await;
@@ -247,7 +279,7 @@ async fn a_client_that_leaves_cleanly_has_its_backend_reused() {
 
 #[tokio::test]
 async fn dead_pooled_connections_are_replaced_after_an_upstream_restart() {
-    let mut h = Harness::start_alone(POOLED).await;
+    let mut h = Harness::start_alone_configured("", pooled).await;
     let admin = h.admin().await;
 
     // Three backends in the pool.
@@ -277,7 +309,7 @@ async fn dead_pooled_connections_are_replaced_after_an_upstream_restart() {
 
 #[tokio::test]
 async fn reset_all_on_a_pooled_session_fails_closed() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     for reset in ["reset all", "reset rlsgate.session", "discard all"] {
         let client = h.connect_as("alice").await;
         assert_eq!(user_id_of(&client).await.as_deref(), Some("alice"));
@@ -347,7 +379,7 @@ async fn check_greeting_matches_backend(
 
 #[tokio::test]
 async fn parameter_status_matches_the_backend() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
 
     let (mut alice, status) = login_with(
@@ -393,7 +425,7 @@ async fn parameter_status_matches_the_backend() {
 
 #[tokio::test]
 async fn the_envelope_never_appears_in_pg_stat_activity() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
 
     // Alice on a new pooled backend, bob on the same one after her.
@@ -441,7 +473,7 @@ async fn the_envelope_never_appears_in_pg_stat_activity() {
 
 #[tokio::test]
 async fn startup_settings_a_pooled_connection_cannot_take_get_a_connection_of_its_own() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
 
     // Settable only when a backend starts, so not by set_config.
@@ -462,7 +494,7 @@ async fn startup_settings_a_pooled_connection_cannot_take_get_a_connection_of_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ended_by_token_expiry_has_its_backend_closed_not_pooled() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
     let token = h.token_with(
         rlsgate::dev::issuer::KeyKind::Rs256,
@@ -475,7 +507,7 @@ async fn a_session_ended_by_token_expiry_has_its_backend_closed_not_pooled() {
         .unwrap();
     let connection = tokio::spawn(connection);
     let pid = pid_of(&alice).await;
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), connection)
+    let ended = tokio::time::timeout(Duration::from_secs(15), connection)
         .await
         .expect("the session ends after exp + leeway")
         .unwrap();
@@ -487,20 +519,17 @@ async fn a_session_ended_by_token_expiry_has_its_backend_closed_not_pooled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_clients_cancel_key_reaches_the_backend_it_was_lent() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
 
     // Alice's backend goes back to the pool, and bob is lent it.
-    let alice = h.connect_as("alice").await;
-    let pid = pid_of(&alice).await;
-    drop(alice);
-    wait_until_returned(&admin, pid).await;
+    let pid = alices_backend_returned(&h, &admin).await;
     let bob = h.connect_as("bob").await;
     assert_eq!(pid_of(&bob).await, pid);
 
     let token = bob.cancel_token();
     let cancel = tokio::spawn(async move {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         token.cancel_query(tokio_postgres::NoTls).await
     });
     let started = Instant::now();
@@ -509,57 +538,53 @@ async fn a_pooled_clients_cancel_key_reaches_the_backend_it_was_lent() {
         .await
         .expect_err("the sleep is cancelled");
     assert_eq!(crate::support::db_error(&e).0, "57014");
-    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(10));
     cancel.await.unwrap().expect("the cancel request is sent");
     assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
 }
 
 #[tokio::test]
 async fn idle_pooled_connections_are_closed_after_idle_timeout() {
-    let h = Harness::start_with("[pool]\nmode = \"session\"\nidle_timeout = \"1s\"\n").await;
+    let h = Harness::start_configured("", |c| {
+        pooled(c);
+        c.pool.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
     let admin = h.admin().await;
 
-    let alice = h.connect_as("alice").await;
-    let pid = pid_of(&alice).await;
-    drop(alice);
-    wait_until_returned(&admin, pid).await;
+    let pid = alices_backend_returned(&h, &admin).await;
     // Closed by the pool's sweep, with nobody asking for a connection.
     wait_until_gone(&admin, pid).await;
 
-    let bob = h.connect_as("bob").await;
-    assert_ne!(pid_of(&bob).await, pid);
-    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+    bob_on_another_backend_than(&h, pid, "").await;
 }
 
 #[tokio::test]
 async fn a_connection_past_max_lifetime_is_closed_instead_of_reused() {
-    let h = Harness::start_with("[pool]\nmode = \"session\"\nmax_lifetime = \"1s\"\n").await;
+    let h = Harness::start_configured("", |c| {
+        pooled(c);
+        c.pool.max_lifetime = Duration::from_secs(1);
+    })
+    .await;
     let admin = h.admin().await;
 
     let alice = h.connect_as("alice").await;
     let pid = pid_of(&alice).await;
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     drop(alice);
     wait_until_gone(&admin, pid).await;
 
-    let bob = h.connect_as("bob").await;
-    assert_ne!(pid_of(&bob).await, pid);
-    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+    bob_on_another_backend_than(&h, pid, "").await;
 }
 
 #[tokio::test]
 async fn a_reload_that_leaves_upstream_and_pool_alone_keeps_the_warm_connections() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
-    let alice = h.connect_as("alice").await;
-    let pid = pid_of(&alice).await;
-    drop(alice);
-    wait_until_returned(&admin, pid).await;
+    let pid = alices_backend_returned(&h, &admin).await;
 
-    h.reload_with(&format!(
-        "{POOLED}\n[[provider]]\nissuer = \"https://other.example\""
-    ))
-    .expect("reload");
+    h.reload_configured("[[provider]]\nissuer = \"https://other.example\"", pooled)
+        .expect("reload");
 
     let bob = h.connect_as("bob").await;
     assert_eq!(pid_of(&bob).await, pid, "bob gets alice's warm backend");
@@ -568,23 +593,17 @@ async fn a_reload_that_leaves_upstream_and_pool_alone_keeps_the_warm_connections
 
 #[tokio::test]
 async fn a_reload_that_changes_the_pool_starts_a_new_one() {
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
-    let alice = h.connect_as("alice").await;
-    let pid = pid_of(&alice).await;
-    drop(alice);
-    wait_until_returned(&admin, pid).await;
+    let pid = alices_backend_returned(&h, &admin).await;
 
-    h.reload_with("[pool]\nmode = \"session\"\nsize = 2\n")
-        .expect("reload");
+    h.reload_configured("", |c| {
+        pooled(c);
+        c.pool.size = 2;
+    })
+    .expect("reload");
 
-    let bob = h.connect_as("bob").await;
-    assert_ne!(
-        pid_of(&bob).await,
-        pid,
-        "the new pool has no warm backend yet"
-    );
-    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+    bob_on_another_backend_than(&h, pid, "the new pool has no warm backend yet").await;
 }
 
 /// A session whose last statement was a COPY FROM STDIN leaves its backend
@@ -594,7 +613,7 @@ async fn a_reload_that_changes_the_pool_starts_a_new_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_is_reused_after_each_form_of_copy_from_stdin() {
     use futures_util::SinkExt;
-    let h = Harness::start_with(POOLED).await;
+    let h = Harness::start_configured("", pooled).await;
     let admin = h.admin().await;
 
     // Simple protocol, as psql's \copy: Query, CopyData, CopyDone.

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
+use crate::support::config_file::{edit_toml, section, set};
 use crate::support::{
     Harness, WAIT, client_config, connect, db_error, proxy_config_toml, user_id_of,
 };
@@ -160,8 +161,14 @@ async fn sighup_applies_a_new_provider_and_keeps_the_old_configuration_when_inva
         .unwrap()
         .port();
     let toml = |extra: &str| {
-        proxy_config_toml(Ipv4Addr::LOCALHOST.into(), &h.pg, &h.issuer.issuer(), extra)
-            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        let toml = proxy_config_toml(Ipv4Addr::LOCALHOST.into(), &h.pg, &h.issuer.issuer(), extra);
+        edit_toml(&toml, |doc| {
+            set(
+                section(doc, "listen"),
+                "address",
+                format!("127.0.0.1:{port}"),
+            );
+        })
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rlsgate.toml");

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use crate::support::{
-    Harness, WAIT, client_config, db_error, envelope_payload, refusal, unix_now, user_id_of,
+    Harness, POOL_MODES, WAIT, client_config, db_error, envelope_payload, refusal, unix_now,
+    user_id_of,
 };
 use futures_util::StreamExt;
 use rlsgate::dev::issuer::KeyKind;
@@ -158,8 +159,6 @@ async fn a_session_outlives_its_token_when_configured_to_and_keeps_its_claims() 
     assert!(refusal(&err).starts_with("token expired at "), "{err}");
 }
 
-const POOLED: &str = "[pool]\nmode = \"session\"\nsize = 4\n";
-
 /// Backends of `authenticated` other than the asking one that run `needle`.
 async fn running(admin: &tokio_postgres::Client, needle: &str) -> i64 {
     admin
@@ -192,8 +191,8 @@ async fn until_none_runs(admin: &tokio_postgres::Client, needle: &str, context: 
 /// committed; in both pool modes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_in_flight_at_expiry_is_cancelled_and_never_commits() {
-    for pool in ["", POOLED] {
-        let h = Harness::start_with(pool).await;
+    for (mode, pool) in POOL_MODES {
+        let h = Harness::start_configured("", pool).await;
         let admin = h.admin().await;
         let client = h
             .connect("authenticated", &short_lived(&h, 2))
@@ -206,7 +205,7 @@ async fn a_statement_in_flight_at_expiry_is_cancelled_and_never_commits() {
             .await
             .unwrap_err();
         assert_token_expired(&err);
-        until_none_runs(&admin, "pg_sleep(7)", pool).await;
+        until_none_runs(&admin, "pg_sleep(7)", mode).await;
         // Past the moment the statement would have finished on its own.
         tokio::time::sleep_until(started + Duration::from_secs(8)).await;
         let written: i64 = admin
@@ -216,7 +215,7 @@ async fn a_statement_in_flight_at_expiry_is_cancelled_and_never_commits() {
             .get(0);
         assert_eq!(
             written, 0,
-            "{pool:?}: a statement committed after its token expired"
+            "{mode}: a statement committed after its token expired"
         );
     }
 }
@@ -226,8 +225,8 @@ async fn a_statement_in_flight_at_expiry_is_cancelled_and_never_commits() {
 /// holder cannot pile up Postgres backends; in both pool modes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_abandoned_by_its_client_is_cancelled_and_its_backend_ends() {
-    for pool in ["", POOLED] {
-        let h = Harness::start_with(pool).await;
+    for (mode, pool) in POOL_MODES {
+        let h = Harness::start_configured("", pool).await;
         let admin = h.admin().await;
         for _ in 0..3 {
             let mut session = h.raw_connect_as("alice").await;
@@ -241,7 +240,7 @@ async fn a_statement_abandoned_by_its_client_is_cancelled_and_its_backend_ends()
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             drop(session);
-            until_none_runs(&admin, "pg_sleep(600)", pool).await;
+            until_none_runs(&admin, "pg_sleep(600)", mode).await;
         }
         // The proxy is still fine.
         let alice = h.connect_as("alice").await;
@@ -254,9 +253,10 @@ async fn a_statement_abandoned_by_its_client_is_cancelled_and_its_backend_ends()
 /// pool modes, with and without a token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_outlives_its_envelope_gets_a_fresh_one_between_transactions() {
-    for pool in ["", POOLED] {
-        let h = Harness::start_configured(pool, |c| {
-            c.claims.envelope_lifetime = Duration::from_secs(3)
+    for (mode, pool) in POOL_MODES {
+        let h = Harness::start_configured("", |c| {
+            pool(c);
+            c.claims.envelope_lifetime = Duration::from_secs(3);
         })
         .await;
         let alice = h.connect_as("alice").await;
@@ -265,20 +265,16 @@ async fn a_session_that_outlives_its_envelope_gets_a_fresh_one_between_transacti
         assert!(first <= unix_now() + 3, "{first}");
         // Past its expiry: the next statement still sees alice.
         tokio::time::sleep(Duration::from_secs(4)).await;
-        assert_eq!(
-            user_id_of(&alice).await.as_deref(),
-            Some("alice"),
-            "{pool:?}"
-        );
+        assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"), "{mode}");
         let second = envelope_payload(&alice).await["exp"].as_u64().unwrap();
-        assert!(second > first, "{pool:?}: {second} after {first}");
+        assert!(second > first, "{mode}: {second} after {first}");
         let row = anonymous.query_one("select auth.session()", &[]).await;
-        assert!(row.is_ok(), "{pool:?}: {row:?}");
+        assert!(row.is_ok(), "{mode}: {row:?}");
         // Prepared statements and the unnamed statement survive a refresh.
         let statement = alice.prepare("select auth.user_id()").await.unwrap();
         tokio::time::sleep(Duration::from_secs(4)).await;
         let who: Option<String> = alice.query_one(&statement, &[]).await.unwrap().get(0);
-        assert_eq!(who.as_deref(), Some("alice"), "{pool:?}");
+        assert_eq!(who.as_deref(), Some("alice"), "{mode}");
     }
 }
 

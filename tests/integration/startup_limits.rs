@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::support::config_file::{edit_toml, section, set};
 use crate::support::wire::{self, APP_STARTUP, ErrorResponse};
-use crate::support::{Harness, WAIT};
+use crate::support::{Harness, WAIT, with_admin};
+use rlsgate::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
@@ -153,13 +155,21 @@ async fn refused_with(
     open
 }
 
+/// Timeouts beyond any wait of these tests: only the limits refuse.
+fn patient(config: &mut Config) {
+    config.listen.auth_timeout = Duration::from_secs(60);
+    config.listen.startup_timeout = Duration::from_secs(60);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_flooding_from_one_address_does_not_lock_out_others() {
     enough_file_descriptors(FLOOD + 8);
-    let h = Harness::start_with_admin(&format!(
-        "[listen]\nmax_startups_per_address = {PER_ADDRESS}\nmax_connections = 2\n\
-         auth_timeout = \"60s\"\nstartup_timeout = \"60s\""
-    ))
+    let h = Harness::start_configured("", |c| {
+        with_admin(c);
+        patient(c);
+        c.listen.max_startups_per_address = PER_ADDRESS;
+        c.listen.max_connections = 2;
+    })
     .await;
 
     // The flood: connections that say nothing, held open.
@@ -221,10 +231,12 @@ async fn a_client_flooding_from_one_address_does_not_lock_out_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_max_startups_are_refused_whatever_their_address() {
     enough_file_descriptors(16);
-    let h = Harness::start_with_admin(
-        "[listen]\nmax_startups = 3\nmax_startups_per_address = 2\nauth_timeout = \"60s\"\n\
-         startup_timeout = \"60s\"",
-    )
+    let h = Harness::start_configured("", |c| {
+        with_admin(c);
+        patient(c);
+        c.listen.max_startups = 3;
+        c.listen.max_startups_per_address = 2;
+    })
     .await;
     let mut silent = Vec::new();
     for ip in [FLOODER, FLOODER, ANOTHER_FLOODER] {
@@ -263,12 +275,16 @@ async fn connections_over_max_startups_are_refused_whatever_their_address() {
 async fn a_reload_applies_new_startup_limits_to_the_next_connections() {
     enough_file_descriptors(16);
     let limits = |per_address: usize| {
-        format!(
-            "[listen]\nmax_startups_per_address = {per_address}\nauth_timeout = \"60s\"\n\
-             startup_timeout = \"60s\""
-        )
+        move |c: &mut Config| {
+            patient(c);
+            c.listen.max_startups_per_address = per_address;
+        }
     };
-    let h = Harness::start_with_admin(&limits(2)).await;
+    let h = Harness::start_configured("", |c| {
+        with_admin(c);
+        limits(2)(c);
+    })
+    .await;
     let mut held = Vec::new();
     for _ in 0..2 {
         held.push(read_to_close(connect_from(FLOODER, &h).await));
@@ -277,7 +293,7 @@ async fn a_reload_applies_new_startup_limits_to_the_next_connections() {
     let error = the_error(&tokio::time::timeout(WAIT, third).await.unwrap().unwrap());
     assert!(error.message.contains("at most 2"), "{error:?}");
 
-    h.reload_with(&limits(3)).expect("reload");
+    h.reload_configured("", limits(3)).expect("reload");
     held.push(read_to_close(connect_from(FLOODER, &h).await));
     metric_becomes(&h, ACTIVE, &[], |v| v == 3.0).await;
     let fourth = read_to_close(connect_from(FLOODER, &h).await);
@@ -292,8 +308,12 @@ async fn a_reload_applies_new_startup_limits_to_the_next_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_authenticate_is_closed_at_the_auth_timeout() {
     // startup_timeout is beyond the wait: only auth_timeout can close them.
-    let h = Harness::start_with_admin("[listen]\nauth_timeout = \"2s\"\nstartup_timeout = \"60s\"")
-        .await;
+    let h = Harness::start_configured("", |c| {
+        with_admin(c);
+        c.listen.auth_timeout = Duration::from_secs(2);
+        c.listen.startup_timeout = Duration::from_secs(60);
+    })
+    .await;
 
     let started = Instant::now();
     let silent = read_to_close(connect_from(NEIGHBOUR, &h).await);
@@ -339,13 +359,13 @@ async fn a_flood_over_the_limit_is_logged_once_not_per_connection() {
         1,
         "http://127.0.0.1:1",
         crate::support::SIGNING_KEY,
-    )
-    .replacen(
-        "[listen]\n",
-        "[listen]\nmax_startups_per_address = 2\nauth_timeout = \"60s\"\n\
-         admin_address = \"127.0.0.1:0\"\n",
-        1,
     );
+    let toml = edit_toml(&toml, |doc| {
+        let listen = section(doc, "listen");
+        set(listen, "max_startups_per_address", 2);
+        set(listen, "auth_timeout", "60s");
+        set(listen, "admin_address", "127.0.0.1:0");
+    });
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("rlsgate.toml");
     std::fs::write(&config, toml).unwrap();

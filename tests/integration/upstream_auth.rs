@@ -8,41 +8,29 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::config_file::{edit_toml, section, set};
 use crate::support::pki::TestPki;
 use crate::support::process::Served;
 use crate::support::{
     Harness, SIGNING_KEY, WAIT, a_cancel_request_ends, client_config, connect, db_error, http_get,
-    metric, toml_path, user_id_of,
+    metric, pooled, toml_path, user_id_of, with_admin,
 };
 use rlsgate::config::Config;
 use rlsgate::dev::postgres::TempPostgres;
-use rlsgate::session::listener::RunningProxy;
 use serde_json::{Value, json};
 
 /// The sample configuration's password for the login role `authenticated`.
 const CONFIGURED_PASSWORD: &str = "authenticated-dev-password";
 
-/// The proxy's configuration for the harness's world, with `extra` placed
-/// as `Harness::start_with` places it, and `[upstream] host` replaced.
-fn config_toml(h: &Harness, host: &str, extra: &str) -> String {
-    let toml = crate::support::proxy_config_toml(
+/// The text of the proxy's configuration for the harness's world, with
+/// `extra` placed as `Harness::start_with` places it, for a file.
+fn config_toml(h: &Harness, extra: &str) -> String {
+    crate::support::proxy_config_toml(
         "127.0.0.1".parse().unwrap(),
         &h.pg,
         &h.issuer.issuer(),
         extra,
-    );
-    toml.replacen(
-        "host = \"127.0.0.1\"",
-        &format!("host = {}", toml_path(Path::new(host))),
-        1,
     )
-}
-
-/// Replaces the harness's proxy with one configured by `toml`.
-async fn serve_with(h: &mut Harness, toml: &str) {
-    let config = Config::parse(toml).expect("the test configuration parses");
-    let proxy = RunningProxy::start(config).await.expect("start the proxy");
-    std::mem::replace(&mut h.proxy, proxy).shutdown().await;
 }
 
 /// A configuration file in a directory that lives as long as the result.
@@ -142,11 +130,8 @@ async fn with_a_client_certificate_sessions_pooled_or_not_work_and_a_changed_pas
     a_cancel_request_ends(h.connect_as("carol").await).await;
 
     // Pooled connections log in the same way.
-    let pooled = format!(
-        "{}[pool]\nmode = \"session\"",
-        cert_upstream(&ca, Some(&client))
-    );
-    h.reload_with(&pooled).expect("reload with pooling");
+    h.reload_configured(&cert_upstream(&ca, Some(&client)), pooled)
+        .expect("reload with pooling");
     let dave = h.connect_as("dave").await;
     assert_eq!(user_id_of(&dave).await.as_deref(), Some("dave"));
     assert_eq!(client_dn(&dave).await.as_deref(), Some("/CN=authenticated"));
@@ -199,7 +184,7 @@ async fn a_missing_or_untrusted_client_certificate_is_refused_and_the_log_says_w
     let ca = TestPki::generate_named("rlsgate upstream CA", &[]);
     let h = Harness::start_on(cert_postgres(&ca).await, "").await;
     let toml = |client: Option<&(PathBuf, PathBuf)>| {
-        config_toml(&h, "127.0.0.1", cert_upstream(&ca, client).trim_end())
+        config_toml(&h, cert_upstream(&ca, client).trim_end())
     };
     let (_dir, path) = config_file(&toml(None));
     let served = Served::start(&path).await;
@@ -249,7 +234,6 @@ async fn check_and_init_db_log_in_with_client_certificates() {
 
     let (_dir, path) = config_file(&config_toml(
         &h,
-        "127.0.0.1",
         cert_upstream(&ca, Some(&client)).trim_end(),
     ));
     let report = check_report(&path).await;
@@ -313,7 +297,7 @@ fn os_user() -> String {
 /// user running the tests to the served roles (and the superuser, for
 /// init-db); TCP stays for the harness's superuser. Returns the harness,
 /// with a proxy over the socket, and the socket's directory.
-async fn socket_harness(extra: &str) -> (Harness, String) {
+async fn socket_harness(edit: impl FnOnce(&mut Config)) -> (Harness, String) {
     let mut pg = TempPostgres::start().await.expect("start PostgreSQL");
     let dir = pg
         .socket_dir()
@@ -326,10 +310,12 @@ async fn socket_harness(extra: &str) -> (Harness, String) {
     )
     .await
     .expect("configure peer authentication");
-    let mut h = Harness::start_on(pg, "").await;
     let dir = dir.display().to_string();
-    let toml = config_toml(&h, &dir, extra);
-    serve_with(&mut h, &toml).await;
+    let h = Harness::start_on_configured(pg, "", |c| {
+        c.upstream.host = dir.clone();
+        edit(c);
+    })
+    .await;
     (h, dir)
 }
 
@@ -348,7 +334,7 @@ async fn client_port(client: &tokio_postgres::Client) -> Option<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_a_unix_socket_with_peer_authentication_sessions_and_cancel_work_and_a_changed_password_locks_nobody_out()
  {
-    let (h, _dir) = socket_harness("").await;
+    let (h, _dir) = socket_harness(|_| {}).await;
     let alice = h.connect_as("alice").await;
     assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
     assert_eq!(client_port(&alice).await, Some(-1), "not over the socket");
@@ -364,7 +350,7 @@ async fn over_a_unix_socket_with_peer_authentication_sessions_and_cancel_work_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_sessions_go_over_a_unix_socket() {
-    let (h, _dir) = socket_harness("[pool]\nmode = \"session\"").await;
+    let (h, _dir) = socket_harness(pooled).await;
     let alice = h.connect_as("alice").await;
     assert_eq!(client_port(&alice).await, Some(-1), "not over the socket");
     let mut seen = std::collections::HashSet::new();
@@ -398,7 +384,7 @@ async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_probes_the_unix_socket() {
-    let (mut h, dir) = socket_harness("[listen]\nadmin_address = \"127.0.0.1:0\"").await;
+    let (mut h, dir) = socket_harness(with_admin).await;
     let (status, body) = http_get(&h.admin_url("/readyz")).await;
     assert_eq!(status, 200, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
@@ -417,8 +403,11 @@ async fn readyz_probes_the_unix_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_and_init_db_work_over_the_unix_socket() {
-    let (h, dir) = socket_harness("").await;
-    let (_config_dir, path) = config_file(&config_toml(&h, &dir, ""));
+    let (h, dir) = socket_harness(|_| {}).await;
+    let toml = edit_toml(&config_toml(&h, ""), |doc| {
+        set(section(doc, "upstream"), "host", dir.as_str());
+    });
+    let (_config_dir, path) = config_file(&toml);
     let report = check_report(&path).await;
     for role in ["authenticated", "anonymous"] {
         let line = format!(
@@ -451,7 +440,7 @@ async fn check_and_init_db_work_over_the_unix_socket() {
 async fn a_password_changed_from_inside_a_session_raises_an_alarm_until_it_is_set_back() {
     // Alone: it changes the password of `authenticated`, which other tests share.
     let h = Harness::start_alone("").await;
-    let toml = config_toml(&h, "127.0.0.1", "[listen]\nadmin_address = \"127.0.0.1:0\"");
+    let toml = config_toml(&h, "[listen]\nadmin_address = \"127.0.0.1:0\"");
     let (_dir, path) = config_file(&toml);
     let served = Served::start(&path).await;
     let session = |sub: &str| {

@@ -21,6 +21,9 @@ use super::{SIGNING_KEY, TEST_SCHEMA};
 
 /// The database every test's database is copied from.
 const TEMPLATE: &str = "rlsgate_template";
+/// Room for every test of a run with 4 to 8 test threads at once: each holds
+/// a few sessions, pooled ones and a superuser connection or two.
+const SHARED_MAX_CONNECTIONS: &str = "500";
 /// The database name of a test on a cluster of its own, as before sharing.
 const OWN_DATABASE: &str = "app";
 
@@ -171,7 +174,9 @@ fn shared_cluster() -> &'static TempPostgres {
 
 async fn start_shared() -> TempPostgres {
     remove_leftovers();
-    let pg = TempPostgres::start().await.expect("start PostgreSQL");
+    let pg = TempPostgres::start_with_settings(&[("max_connections", SHARED_MAX_CONNECTIONS)])
+        .await
+        .expect("start PostgreSQL");
     let root = pg.data_dir().parent().expect("a root").to_path_buf();
     std::fs::create_dir_all(markers()).expect("create the marker directory");
     std::fs::write(

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod config_file;
 pub mod pki;
 pub mod process;
 pub mod wire;
@@ -15,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cluster::TestDb;
-use rlsgate::config::Config;
+use rlsgate::config::{Config, PoolMode};
 use rlsgate::dev::issuer::{DevIssuer, KeyKind};
 use rlsgate::dev::postgres::TempPostgres;
 use rlsgate::session::listener::RunningProxy;
@@ -71,13 +72,20 @@ impl Harness {
     /// Reloads the proxy with the configuration `start_with(extra_toml)`
     /// would have given it.
     pub fn reload_with(&self, extra_toml: &str) -> anyhow::Result<()> {
+        self.reload_configured(extra_toml, |_| {})
+    }
+
+    /// Reloads the proxy with the configuration `start_configured(extra_toml,
+    /// edit)` would have given it.
+    pub fn reload_configured(
+        &self,
+        extra_toml: &str,
+        edit: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<()> {
         let ip = self.proxy.address.ip();
-        self.proxy.reload(proxy_config(
-            ip,
-            &self.pg,
-            &self.issuer.issuer(),
-            extra_toml,
-        ))
+        let mut config = proxy_config(ip, &self.pg, &self.issuer.issuer(), extra_toml);
+        edit(&mut config);
+        self.proxy.reload(config)
     }
 
     pub fn port(&self) -> u16 {
@@ -418,29 +426,13 @@ impl Harness {
     /// Like [`Harness::start_with`], with the admin listener on a free
     /// loopback port (see [`Harness::admin_url`]).
     pub async fn start_with_admin(extra_toml: &str) -> Harness {
-        Self::with_admin(Harness::start_with(extra_toml).await, extra_toml).await
+        Harness::start_configured(extra_toml, with_admin).await
     }
 
     /// [`Harness::start_with_admin`] on a cluster of the test's own (see
     /// [`Harness::start_alone`]).
     pub async fn start_alone_with_admin(extra_toml: &str) -> Harness {
-        Self::with_admin(Harness::start_alone(extra_toml).await, extra_toml).await
-    }
-
-    /// `h` with its proxy replaced by one with an admin listener.
-    async fn with_admin(mut h: Harness, extra_toml: &str) -> Harness {
-        let mut config = proxy_config(
-            Ipv4Addr::LOCALHOST.into(),
-            &h.pg,
-            &h.issuer.issuer(),
-            extra_toml,
-        );
-        config.listen.admin_address = Some((Ipv4Addr::LOCALHOST, 0).into());
-        let with_admin = RunningProxy::start(config)
-            .await
-            .expect("start a proxy with an admin listener");
-        std::mem::replace(&mut h.proxy, with_admin).shutdown().await;
-        h
+        Harness::start_alone_configured(extra_toml, with_admin).await
     }
 
     /// `http://127.0.0.1:PORT{path}` on the proxy's admin listener.
@@ -451,6 +443,28 @@ impl Harness {
             .expect("the proxy has an admin listener (Harness::start_with_admin)");
         format!("http://{admin}{path}")
     }
+}
+
+/// Session pooling (`[pool] mode = "session"`), keeping up to 4 idle
+/// upstream connections.
+pub fn pooled(config: &mut Config) {
+    config.pool.mode = PoolMode::Session;
+    config.pool.size = 4;
+}
+
+/// No pooling: the configuration as it is, beside [`pooled`] for tests that
+/// run both ways.
+pub fn unpooled(_: &mut Config) {}
+
+/// An edit of the parsed configuration, as [`Harness::start_configured`] takes.
+pub type Edit = fn(&mut Config);
+
+/// Both pool modes, each with its name for messages.
+pub const POOL_MODES: [(&str, Edit); 2] = [("unpooled", unpooled), ("pooled", pooled)];
+
+/// The admin listener on a free loopback port (see [`Harness::admin_url`]).
+pub fn with_admin(config: &mut Config) {
+    config.listen.admin_address = Some((Ipv4Addr::LOCALHOST, 0).into());
 }
 
 /// The status and body of a GET.
@@ -505,6 +519,15 @@ impl Harness {
     /// sample application; `extra_toml` as in `start_with`.
     pub async fn start_on(pg: TempPostgres, extra_toml: &str) -> Harness {
         Self::start_edited(TestDb::own(pg).await, extra_toml, |_| {}).await
+    }
+
+    /// [`Harness::start_on`], with the parsed configuration edited by `edit`.
+    pub async fn start_on_configured(
+        pg: TempPostgres,
+        extra_toml: &str,
+        edit: impl FnOnce(&mut Config),
+    ) -> Harness {
+        Self::start_edited(TestDb::own(pg).await, extra_toml, edit).await
     }
 
     /// Starts everything, with the parsed configuration edited by `edit`
