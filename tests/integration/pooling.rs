@@ -532,13 +532,11 @@ async fn a_pooled_clients_cancel_key_reaches_the_backend_it_was_lent() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         token.cancel_query(tokio_postgres::NoTls).await
     });
-    let started = Instant::now();
     let e = bob
         .simple_query("select pg_sleep(30)")
         .await
         .expect_err("the sleep is cancelled");
     assert_eq!(crate::support::db_error(&e).0, "57014");
-    assert!(started.elapsed() < Duration::from_secs(10));
     cancel.await.unwrap().expect("the cancel request is sent");
     assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
 }
