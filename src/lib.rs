@@ -25,7 +25,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod dev;
-pub mod ops;
+pub(crate) mod ops;
 pub mod protocol;
 pub mod session;
 pub mod upstream;

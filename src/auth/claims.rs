@@ -36,7 +36,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 /// The custom setting that holds the envelope.
-pub const SETTING: &str = "rlsgate.session";
+pub(crate) const SETTING: &str = "rlsgate.session";
 
 /// The longest an envelope is valid, unless `[claims] envelope_lifetime`
 /// says otherwise. Short enough that an envelope copied
@@ -44,7 +44,7 @@ pub const SETTING: &str = "rlsgate.session";
 /// backend it names; long enough that a transaction begun while it was
 /// fresh rarely outlives it (the relay refreshes envelopes only between
 /// transactions).
-pub const LIFETIME: Duration = Duration::from_secs(3600);
+pub(crate) const LIFETIME: Duration = Duration::from_secs(3600);
 
 /// The upstream backend an envelope is bound to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,24 +71,24 @@ pub struct Identity {
 /// Validity of a session that does not end with a token: roles served
 /// without one, and sessions allowed to outlive theirs (year 2106). Each of
 /// their envelopes still expires after [`LIFETIME`].
-pub const NO_EXPIRY: u64 = u32::MAX as u64;
+pub(crate) const NO_EXPIRY: u64 = u32::MAX as u64;
 
 impl Identity {
     /// When an envelope sealed at `now` for this identity expires.
-    pub fn envelope_expiry(&self, now: u64) -> u64 {
+    pub(crate) fn envelope_expiry(&self, now: u64) -> u64 {
         self.valid_until
             .min(now.saturating_add(self.lifetime.as_secs()))
     }
 
     /// Whether an envelope expiring at `exp` should be replaced at `now`:
     /// it ends before the session may, and half its lifetime is gone.
-    pub fn refresh_due(&self, exp: u64, now: u64) -> bool {
+    pub(crate) fn refresh_due(&self, exp: u64, now: u64) -> bool {
         exp < self.valid_until && exp.saturating_sub(now) < self.lifetime.as_secs() / 2
     }
 }
 
 /// One session's envelope: sealed for its backend, replaced when due.
-pub struct Envelope {
+pub(crate) struct Envelope {
     key: SigningKey,
     identity: Identity,
     backend: Backend,
@@ -98,7 +98,7 @@ pub struct Envelope {
 
 impl Envelope {
     /// The envelope bound to `backend`, expiring at `exp`.
-    pub fn new(key: SigningKey, identity: Identity, backend: Backend, exp: u64) -> Envelope {
+    pub(crate) fn new(key: SigningKey, identity: Identity, backend: Backend, exp: u64) -> Envelope {
         Envelope {
             key,
             identity,
@@ -108,7 +108,7 @@ impl Envelope {
     }
 
     /// A fresh envelope when the one bound is due for replacement at `now`.
-    pub fn renew(&mut self, now: u64) -> Option<String> {
+    pub(crate) fn renew(&mut self, now: u64) -> Option<String> {
         if !self.identity.refresh_due(self.exp, now) {
             return None;
         }
@@ -139,7 +139,7 @@ pub struct SigningKey {
 }
 
 impl SigningKey {
-    pub const MIN_LEN: usize = 32;
+    pub(crate) const MIN_LEN: usize = 32;
 
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, SigningKeyError> {
         if bytes.len() < Self::MIN_LEN {
@@ -220,7 +220,7 @@ impl fmt::Debug for SigningKey {
 }
 
 /// The key id: first 8 bytes of SHA-256 of the key, in lowercase hex.
-pub fn key_id(key: &[u8]) -> String {
+pub(crate) fn key_id(key: &[u8]) -> String {
     hex::encode(&digest::digest(&digest::SHA256, key).as_ref()[..8])
 }
 
@@ -228,10 +228,10 @@ pub fn key_id(key: &[u8]) -> String {
 const BLOCK_LEN: usize = 64;
 
 /// The 64-byte HMAC pads for a signing key, and its key id (see the contract).
-pub struct KeyPads {
-    pub key_id: String,
-    pub inner: [u8; 64],
-    pub outer: [u8; 64],
+pub(crate) struct KeyPads {
+    pub(crate) key_id: String,
+    pub(crate) inner: [u8; 64],
+    pub(crate) outer: [u8; 64],
 }
 
 impl fmt::Debug for KeyPads {
@@ -242,7 +242,7 @@ impl fmt::Debug for KeyPads {
 }
 
 /// RFC 2104: `HMAC(K, m) = H(outer || H(inner || m))`.
-pub fn key_pads(key: &[u8]) -> KeyPads {
+pub(crate) fn key_pads(key: &[u8]) -> KeyPads {
     let mut block = [0u8; BLOCK_LEN];
     if key.len() > BLOCK_LEN {
         let hashed = digest::digest(&digest::SHA256, key);

@@ -45,16 +45,16 @@ const DEFAULT_FRESHNESS: Duration = Duration::from_secs(3600);
 const REFRESH_AHEAD: u32 = 10;
 
 /// One verification key from a JWKS.
-pub struct VerifyingKey {
-    pub kid: Option<String>,
+pub(crate) struct VerifyingKey {
+    pub(crate) kid: Option<String>,
     /// The `alg` the JWK declares, if any; tokens must then use exactly it.
-    pub alg: Option<Algorithm>,
-    pub kind: KeyKind,
-    pub key: DecodingKey,
+    pub(crate) alg: Option<Algorithm>,
+    pub(crate) kind: KeyKind,
+    pub(crate) key: DecodingKey,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyKind {
+pub(crate) enum KeyKind {
     Rsa,
     EcP256,
     EcP384,
@@ -63,7 +63,7 @@ pub enum KeyKind {
 
 impl KeyKind {
     /// Whether a token signed with `alg` can be checked with this kind of key.
-    pub fn fits(self, alg: Algorithm) -> bool {
+    pub(crate) fn fits(self, alg: Algorithm) -> bool {
         use Algorithm::*;
         match self {
             KeyKind::Rsa => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
@@ -75,7 +75,7 @@ impl KeyKind {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     #[error("no key {kid:?} in the JWKS of {issuer}")]
     UnknownKid { kid: String, issuer: String },
     #[error("the token has no kid and the JWKS of {issuer} does not hold exactly one key")]
@@ -104,7 +104,7 @@ fn unavailable_state(older_than: &Option<Duration>) -> String {
 /// log, `rlsgate check`) and inside [`KeyError::Unavailable`]; each message
 /// starts with the URL that failed.
 #[derive(Debug, thiserror::Error)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     #[error(
         "{url}: no complete answer within {} (fetch_timeout)",
         humantime::format_duration(*.timeout)
@@ -242,7 +242,7 @@ impl Cached {
     }
 }
 
-pub struct JwksCache {
+pub(crate) struct JwksCache {
     issuer: String,
     source: Source,
     http: reqwest::Client,
@@ -259,15 +259,15 @@ pub struct JwksCache {
 
 /// A key cache's counts and age, for metrics.
 #[derive(Debug, Clone, Copy)]
-pub struct FetchStats {
-    pub succeeded: u64,
-    pub failed: u64,
+pub(crate) struct FetchStats {
+    pub(crate) succeeded: u64,
+    pub(crate) failed: u64,
     /// Since the keys held were fetched; `None` before the first success.
-    pub key_age: Option<Duration>,
+    pub(crate) key_age: Option<Duration>,
 }
 
 impl JwksCache {
-    pub fn new(provider: &config::Provider, http: reqwest::Client) -> Self {
+    pub(crate) fn new(provider: &config::Provider, http: reqwest::Client) -> Self {
         JwksCache {
             issuer: provider.issuer.clone(),
             source: Source::of(provider),
@@ -281,11 +281,7 @@ impl JwksCache {
         }
     }
 
-    pub fn issuer(&self) -> &str {
-        &self.issuer
-    }
-
-    pub fn stats(&self) -> FetchStats {
+    pub(crate) fn stats(&self) -> FetchStats {
         let fetched_at = self.cached.read().expect("jwks lock").fetched_at;
         FetchStats {
             succeeded: self.fetches_ok.load(Ordering::Relaxed),
@@ -299,7 +295,7 @@ impl JwksCache {
     /// the cooldown, like a token would) and answers from the result, so
     /// that a proxy no client has used yet becomes ready, and one whose
     /// provider came back recovers; stale keys get a background refresh.
-    pub async fn readiness(self: &Arc<Self>) -> Result<(), KeyError> {
+    pub(crate) async fn readiness(self: &Arc<Self>) -> Result<(), KeyError> {
         let now = Instant::now();
         let (standing, attempts, cooled) = {
             let cached = self.cached.read().expect("jwks lock");
@@ -328,7 +324,7 @@ impl JwksCache {
 
     /// Whether this cache fetches and keeps keys as `provider` asks, so that
     /// a reloaded configuration can go on using it.
-    pub fn serves(&self, provider: &config::Provider) -> bool {
+    pub(crate) fn serves(&self, provider: &config::Provider) -> bool {
         self.issuer == provider.issuer
             && self.source == Source::of(provider)
             && self.policy == Policy::of(provider)
@@ -337,7 +333,7 @@ impl JwksCache {
     /// Fetches the set now, past the cache and its cooldown, keeping nothing
     /// (for `rlsgate check`): the JWKS URL and its usable keys, or why they
     /// cannot be had.
-    pub async fn fetch_once(&self) -> Result<(String, Vec<Arc<VerifyingKey>>), FetchError> {
+    pub(crate) async fn fetch_once(&self) -> Result<(String, Vec<Arc<VerifyingKey>>), FetchError> {
         self.fetch().await.map(|f| (f.jwks_uri, f.keys))
     }
 
@@ -345,7 +341,10 @@ impl JwksCache {
     ///
     /// Only an unknown key, or a cache with nothing usable in it, waits for
     /// a fetch, and only past the cooldown.
-    pub async fn key(self: &Arc<Self>, kid: Option<&str>) -> Result<Arc<VerifyingKey>, KeyError> {
+    pub(crate) async fn key(
+        self: &Arc<Self>,
+        kid: Option<&str>,
+    ) -> Result<Arc<VerifyingKey>, KeyError> {
         let now = Instant::now();
         let (standing, found, attempts, cooled) = {
             let cached = self.cached.read().expect("jwks lock");

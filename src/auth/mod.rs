@@ -3,5 +3,5 @@
 
 pub mod claims;
 pub mod jwks;
-pub mod token_cache;
+pub(crate) mod token_cache;
 pub mod token_check;

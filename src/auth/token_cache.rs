@@ -36,10 +36,10 @@ use crate::auth::token_check::VerifiedToken;
 
 /// The SHA-256 of a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TokenDigest([u8; 32]);
+pub(crate) struct TokenDigest([u8; 32]);
 
 impl TokenDigest {
-    pub fn of(token: &str) -> TokenDigest {
+    pub(crate) fn of(token: &str) -> TokenDigest {
         let mut bytes = [0; 32];
         bytes.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
         TokenDigest(bytes)
@@ -48,14 +48,14 @@ impl TokenDigest {
 
 /// A token that passed the full check, and the issuer that verified it.
 #[derive(Debug)]
-pub struct CachedToken {
-    pub verified: VerifiedToken,
-    pub issuer: String,
+pub(crate) struct CachedToken {
+    pub(crate) verified: VerifiedToken,
+    pub(crate) issuer: String,
 }
 
 /// A bounded map from token digests to verified tokens; `capacity` 0
 /// disables it.
-pub struct TokenCache {
+pub(crate) struct TokenCache {
     capacity: usize,
     entries: Mutex<Entries>,
 }
@@ -68,21 +68,21 @@ struct Entries {
 }
 
 impl TokenCache {
-    pub fn new(capacity: usize) -> TokenCache {
+    pub(crate) fn new(capacity: usize) -> TokenCache {
         TokenCache {
             capacity,
             entries: Mutex::default(),
         }
     }
 
-    pub fn is_enabled(&self) -> bool {
+    pub(crate) fn is_enabled(&self) -> bool {
         self.capacity > 0
     }
 
     /// The entry for `digest` if its token has not expired at `now` (unix
     /// seconds). The lock is held only for the lookup: cloning the claims
     /// is the caller's, outside it.
-    pub fn get(&self, digest: &TokenDigest, now: u64) -> Option<Arc<CachedToken>> {
+    pub(crate) fn get(&self, digest: &TokenDigest, now: u64) -> Option<Arc<CachedToken>> {
         if !self.is_enabled() {
             return None;
         }
@@ -94,7 +94,7 @@ impl TokenCache {
     /// Remembers a token that passed the full check, evicting the oldest
     /// entry when full. Expired entries are not removed early: they are
     /// never served, and leave in turn.
-    pub fn insert(&self, digest: TokenDigest, verified: VerifiedToken, issuer: String) {
+    pub(crate) fn insert(&self, digest: TokenDigest, verified: VerifiedToken, issuer: String) {
         if !self.is_enabled() {
             return;
         }
@@ -115,12 +115,14 @@ impl TokenCache {
         order.push_back(digest);
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries.map.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

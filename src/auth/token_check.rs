@@ -42,14 +42,14 @@ const LATEST_NUMERIC_DATE: u64 = 253_402_300_799;
 /// Claims that passed every check, and when they stop being valid.
 #[derive(Debug, Clone)]
 pub struct VerifiedToken {
-    pub claims: Map<String, Value>,
+    pub(crate) claims: Map<String, Value>,
     /// The token's `exp` (unix seconds): a fractional `exp` rounded down, and
     /// never beyond [`LATEST_NUMERIC_DATE`].
-    pub expires_at: u64,
+    pub(crate) expires_at: u64,
 }
 
 impl VerifiedToken {
-    pub fn subject(&self) -> Option<&str> {
+    pub(crate) fn subject(&self) -> Option<&str> {
         self.claims.get("sub").and_then(Value::as_str)
     }
 }
@@ -87,7 +87,7 @@ impl TokenChecker {
     /// so a reload neither refetches them nor loses them while the provider
     /// is down. Verified tokens are forgotten: the rules they passed may have
     /// changed.
-    pub fn replacing(
+    pub(crate) fn replacing(
         previous: Option<&TokenChecker>,
         config: &Config,
         http: reqwest::Client,
@@ -128,7 +128,7 @@ impl TokenChecker {
     }
 
     /// The token cache's hits and misses so far.
-    pub fn cache_counts(&self) -> (u64, u64) {
+    pub(crate) fn cache_counts(&self) -> (u64, u64) {
         (
             self.cache_hits.load(Ordering::Relaxed),
             self.cache_misses.load(Ordering::Relaxed),
@@ -136,14 +136,14 @@ impl TokenChecker {
     }
 
     /// Each provider's issuer and, unless it only has a shared secret, its key cache.
-    pub fn providers(&self) -> impl Iterator<Item = (&str, Option<&Arc<JwksCache>>)> {
+    pub(crate) fn providers(&self) -> impl Iterator<Item = (&str, Option<&Arc<JwksCache>>)> {
         self.providers
             .values()
             .map(|p| (p.issuer.as_str(), p.keys.as_ref()))
     }
 
     /// The leeway granted to the provider that issued these claims.
-    pub fn leeway(&self, token: &VerifiedToken) -> Duration {
+    pub(crate) fn leeway(&self, token: &VerifiedToken) -> Duration {
         token
             .claims
             .get("iss")
@@ -650,7 +650,7 @@ pub fn fingerprint(token: &str) -> String {
     hex::encode(&digest::digest(&digest::SHA256, token.as_bytes()).as_ref()[..6])
 }
 
-pub fn format_time(unix: u64) -> String {
+pub(crate) fn format_time(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
 

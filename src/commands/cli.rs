@@ -26,7 +26,7 @@ pub struct Cli {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }

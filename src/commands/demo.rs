@@ -18,18 +18,21 @@ use crate::dev::postgres::TempPostgres;
 use crate::dev::{SAMPLE_SCHEMA, sample_config};
 use crate::session::listener::RunningProxy;
 
-pub struct Options {
+pub(crate) struct Options {
     /// The proxy's port on 127.0.0.1; 0 picks a free one.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Print the connection details as JSON instead of prose.
-    pub json: bool,
+    pub(crate) json: bool,
     /// Leave the database directory behind on exit.
-    pub keep: bool,
+    pub(crate) keep: bool,
 }
 
 const USERS: [&str; 2] = ["alice", "bob"];
 
-pub async fn run(options: Options, shutdown: impl std::future::Future) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    options: Options,
+    shutdown: impl std::future::Future,
+) -> anyhow::Result<()> {
     eprintln!("starting a throwaway PostgreSQL…");
     let pg = TempPostgres::start().await?;
     let key_base64 = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());

@@ -21,7 +21,7 @@ const LOG_TARGET: &str = "rlsgate::cli";
 
 /// `rlsgate keygen`: writes `out/issuer.pem` and `out/jwks.json` and prints
 /// how to use them.
-pub fn keygen(out: &Path, kind: KeyKind, force: bool) -> anyhow::Result<()> {
+pub(crate) fn keygen(out: &Path, kind: KeyKind, force: bool) -> anyhow::Result<()> {
     let key_path = out.join("issuer.pem");
     let jwks_path = out.join("jwks.json");
     if !force {
@@ -57,17 +57,17 @@ pub fn keygen(out: &Path, kind: KeyKind, force: bool) -> anyhow::Result<()> {
 }
 
 /// What `rlsgate token` puts in a token besides `iat`, which is now.
-pub struct TokenClaims {
-    pub issuer: String,
-    pub sub: String,
-    pub aud: Vec<String>,
+pub(crate) struct TokenClaims {
+    pub(crate) issuer: String,
+    pub(crate) sub: String,
+    pub(crate) aud: Vec<String>,
     /// From `--claim`, in the order given.
-    pub extra: Vec<(String, Value)>,
-    pub ttl: Duration,
+    pub(crate) extra: Vec<(String, Value)>,
+    pub(crate) ttl: Duration,
 }
 
 /// `rlsgate token`: prints a token signed with the key at `key`.
-pub fn token(key: &Path, claims: TokenClaims) -> anyhow::Result<()> {
+pub(crate) fn token(key: &Path, claims: TokenClaims) -> anyhow::Result<()> {
     let key = SigningKeyPair::load(key)?;
     let mut payload = Map::new();
     for (name, value) in claims.extra {
@@ -100,7 +100,7 @@ pub fn token(key: &Path, claims: TokenClaims) -> anyhow::Result<()> {
 
 /// Why a `--claim` is refused; clap shows it with the argument.
 #[derive(Debug, thiserror::Error)]
-pub enum ClaimArgError {
+pub(crate) enum ClaimArgError {
     #[error("expected KEY=VALUE, e.g. role=admin or tier=3")]
     NoEquals,
     #[error("the claim name before '=' is empty")]
@@ -113,7 +113,7 @@ pub enum ClaimArgError {
 /// `--claim KEY=VALUE`: VALUE as JSON when it parses, else as a string.
 /// The claims other flags set are refused, so that none is overridden
 /// behind the user's back.
-pub fn parse_claim(text: &str) -> Result<(String, Value), ClaimArgError> {
+pub(crate) fn parse_claim(text: &str) -> Result<(String, Value), ClaimArgError> {
     let (name, value) = text.split_once('=').ok_or(ClaimArgError::NoEquals)?;
     if name.is_empty() {
         return Err(ClaimArgError::EmptyName);
@@ -138,14 +138,14 @@ pub fn parse_claim(text: &str) -> Result<(String, Value), ClaimArgError> {
 
 /// Why a `--ttl` is refused.
 #[derive(Debug, thiserror::Error)]
-pub enum TtlArgError {
+pub(crate) enum TtlArgError {
     #[error(transparent)]
     Unreadable(#[from] humantime::DurationError),
     #[error("a token must live at least 1s")]
     TooShort,
 }
 
-pub fn parse_ttl(text: &str) -> Result<Duration, TtlArgError> {
+pub(crate) fn parse_ttl(text: &str) -> Result<Duration, TtlArgError> {
     let ttl = humantime::parse_duration(text)?;
     if ttl < Duration::from_secs(1) {
         return Err(TtlArgError::TooShort);
@@ -155,7 +155,7 @@ pub fn parse_ttl(text: &str) -> Result<Duration, TtlArgError> {
 
 /// `rlsgate issuer`: serves discovery and a JWKS for the keys at `paths`
 /// until SIGINT or SIGTERM.
-pub async fn issuer(
+pub(crate) async fn issuer(
     paths: Vec<PathBuf>,
     listen: SocketAddr,
     issuer_url: Option<String>,

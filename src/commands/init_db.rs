@@ -35,7 +35,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
 ];
 
 /// The version of schema `auth` this build installs and expects.
-pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+pub(crate) const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// Serializes concurrent installs into one database ("rlsgate" in ASCII).
 const ADVISORY_LOCK_KEY: i64 = 0x726c_7367_6174_6500;
@@ -285,7 +285,7 @@ pub async fn run(
 
 /// `rlsgate init-db`: installs into `database_url` with the key the flags
 /// choose (see [`chosen_key`]) and prints what changed.
-pub async fn command(
+pub(crate) async fn command(
     database_url: &str,
     config: Option<&Path>,
     signing_key: Option<&str>,

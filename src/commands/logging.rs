@@ -4,7 +4,7 @@
 use crate::commands::cli::LogFormat;
 
 /// Installs the global subscriber; called once, before any command runs.
-pub fn init(format: LogFormat) {
+pub(crate) fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -1,8 +1,8 @@
 //! The command line and the commands besides serving.
 
 pub mod cli;
-pub mod demo;
-pub mod dev_tools;
+pub(crate) mod demo;
+pub(crate) mod dev_tools;
 pub mod init_db;
-pub mod logging;
-pub mod serve;
+pub(crate) mod logging;
+pub(crate) mod serve;

@@ -15,7 +15,7 @@ const LOG_TARGET: &str = "rlsgate::cli";
 
 /// Serves with the configuration at `path` until SIGINT or SIGTERM, then
 /// drains.
-pub async fn run(path: PathBuf) -> anyhow::Result<()> {
+pub(crate) async fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let proxy = RunningProxy::start(config).await?;
     // The bound addresses, which differ from the configured ones for port 0.

@@ -35,7 +35,7 @@ const LOG_TARGET: &str = "rlsgate::admin";
 type Current = watch::Receiver<Arc<Services>>;
 
 /// Serves the admin endpoints until `shutdown` completes.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     services: Current,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -104,7 +104,7 @@ async fn ready(State(current): State<Current>) -> Response {
 ///
 /// The checks run concurrently, so one slow provider costs at most its
 /// `fetch_timeout`.
-pub async fn readiness(services: &Arc<Services>) -> (bool, serde_json::Value) {
+pub(crate) async fn readiness(services: &Arc<Services>) -> (bool, serde_json::Value) {
     let upstream = {
         let config = &services.config.upstream;
         let (host, port, address) = (config.host.clone(), config.port, config.address());

@@ -19,21 +19,21 @@ use metrics_exporter_prometheus::{
 use crate::protocol::refusal::Reason;
 use crate::session::relay::Ending;
 
-pub const CLIENT_CONNECTIONS_ACTIVE: &str = "rlsgate_client_connections_active";
-pub const CLIENT_SESSIONS_ACTIVE: &str = "rlsgate_client_sessions_active";
-pub const CLIENT_SESSIONS_TOTAL: &str = "rlsgate_client_sessions_total";
-pub const REFUSALS_TOTAL: &str = "rlsgate_refusals_total";
-pub const JWKS_FETCHES_TOTAL: &str = "rlsgate_jwks_fetches_total";
-pub const JWKS_KEY_AGE_SECONDS: &str = "rlsgate_jwks_key_age_seconds";
-pub const TOKEN_VERIFICATION_SECONDS: &str = "rlsgate_token_verification_seconds";
-pub const TOKEN_CACHE_HITS_TOTAL: &str = "rlsgate_token_cache_hits_total";
-pub const TOKEN_CACHE_MISSES_TOTAL: &str = "rlsgate_token_cache_misses_total";
-pub const UPSTREAM_CONNECT_SECONDS: &str = "rlsgate_upstream_connect_seconds";
-pub const SESSION_DURATION_SECONDS: &str = "rlsgate_session_duration_seconds";
-pub const RELAYED_BYTES_TOTAL: &str = "rlsgate_relayed_bytes_total";
-pub const CANCEL_REQUESTS_TOTAL: &str = "rlsgate_cancel_requests_total";
-pub const UPSTREAM_TAMPERING: &str = "rlsgate_upstream_tampering";
-pub const UPSTREAM_TAMPERING_TOTAL: &str = "rlsgate_upstream_tampering_total";
+pub(crate) const CLIENT_CONNECTIONS_ACTIVE: &str = "rlsgate_client_connections_active";
+pub(crate) const CLIENT_SESSIONS_ACTIVE: &str = "rlsgate_client_sessions_active";
+pub(crate) const CLIENT_SESSIONS_TOTAL: &str = "rlsgate_client_sessions_total";
+pub(crate) const REFUSALS_TOTAL: &str = "rlsgate_refusals_total";
+pub(crate) const JWKS_FETCHES_TOTAL: &str = "rlsgate_jwks_fetches_total";
+pub(crate) const JWKS_KEY_AGE_SECONDS: &str = "rlsgate_jwks_key_age_seconds";
+pub(crate) const TOKEN_VERIFICATION_SECONDS: &str = "rlsgate_token_verification_seconds";
+pub(crate) const TOKEN_CACHE_HITS_TOTAL: &str = "rlsgate_token_cache_hits_total";
+pub(crate) const TOKEN_CACHE_MISSES_TOTAL: &str = "rlsgate_token_cache_misses_total";
+pub(crate) const UPSTREAM_CONNECT_SECONDS: &str = "rlsgate_upstream_connect_seconds";
+pub(crate) const SESSION_DURATION_SECONDS: &str = "rlsgate_session_duration_seconds";
+pub(crate) const RELAYED_BYTES_TOTAL: &str = "rlsgate_relayed_bytes_total";
+pub(crate) const CANCEL_REQUESTS_TOTAL: &str = "rlsgate_cancel_requests_total";
+pub(crate) const UPSTREAM_TAMPERING: &str = "rlsgate_upstream_tampering";
+pub(crate) const UPSTREAM_TAMPERING_TOTAL: &str = "rlsgate_upstream_tampering_total";
 
 /// Buckets for the latencies (token check, upstream connect), in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -56,7 +56,7 @@ const SESSION_BUCKETS: &[f64] = &[
 const METADATA: Metadata<'static> = Metadata::new("rlsgate", metrics::Level::INFO, None);
 
 /// The outcome label of `rlsgate_client_sessions_total`.
-pub fn outcome(ending: &Ending) -> &'static str {
+pub(crate) fn outcome(ending: &Ending) -> &'static str {
     match ending {
         Ending::ClientClosed => "client_closed",
         Ending::UpstreamClosed => "server_closed",
@@ -67,7 +67,7 @@ pub fn outcome(ending: &Ending) -> &'static str {
 }
 
 /// One proxy's metrics.
-pub struct Metrics {
+pub(crate) struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     connections_active: Gauge,
@@ -80,7 +80,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full(SESSION_DURATION_SECONDS.to_owned()),
@@ -101,7 +101,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything recorded so far.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         self.handle.render()
     }
 
@@ -109,7 +109,7 @@ impl Metrics {
     /// own gets no upkeep task from the exporter: without this, samples would
     /// pile up for as long as nobody scrapes `/metrics` (or forever, with no
     /// admin listener).
-    pub fn run_upkeep(&self) {
+    pub(crate) fn run_upkeep(&self) {
         self.handle.run_upkeep();
     }
 
@@ -130,13 +130,13 @@ impl Metrics {
     }
 
     /// A TCP connection arrived; the gauge goes down when the guard is dropped.
-    pub fn connection_opened(&self) -> ConnectionGuard {
+    pub(crate) fn connection_opened(&self) -> ConnectionGuard {
         self.connections_active.increment(1.0);
         ConnectionGuard(self.connections_active.clone())
     }
 
     /// A session was admitted and is about to relay.
-    pub fn session_started(&self, role: &str) {
+    pub(crate) fn session_started(&self, role: &str) {
         self.gauge(
             CLIENT_SESSIONS_ACTIVE,
             vec![Label::new("role", role.to_owned())],
@@ -145,7 +145,7 @@ impl Metrics {
     }
 
     /// A session that [`Metrics::session_started`] counted has ended.
-    pub fn session_ended(&self, role: &str, ending: &Ending, duration: Duration) {
+    pub(crate) fn session_ended(&self, role: &str, ending: &Ending, duration: Duration) {
         self.gauge(
             CLIENT_SESSIONS_ACTIVE,
             vec![Label::new("role", role.to_owned())],
@@ -162,7 +162,7 @@ impl Metrics {
         self.histogram(SESSION_DURATION_SECONDS, duration);
     }
 
-    pub fn refused(&self, reason: Reason) {
+    pub(crate) fn refused(&self, reason: Reason) {
         self.counter(
             REFUSALS_TOTAL,
             vec![Label::from_static_parts("reason", reason.as_str())],
@@ -171,17 +171,17 @@ impl Metrics {
     }
 
     /// A token check (signature or cache) took `elapsed`, whatever its answer.
-    pub fn token_checked(&self, elapsed: Duration) {
+    pub(crate) fn token_checked(&self, elapsed: Duration) {
         self.histogram(TOKEN_VERIFICATION_SECONDS, elapsed);
     }
 
     /// Opening the upstream session (connect, authenticate, bind claims) took `elapsed`.
-    pub fn upstream_connected(&self, elapsed: Duration) {
+    pub(crate) fn upstream_connected(&self, elapsed: Duration) {
         self.histogram(UPSTREAM_CONNECT_SECONDS, elapsed);
     }
 
     /// `result`: forwarded, unknown_key, rate_limited or failed.
-    pub fn cancel_request(&self, result: &'static str) {
+    pub(crate) fn cancel_request(&self, result: &'static str) {
         self.counter(
             CANCEL_REQUESTS_TOTAL,
             vec![Label::from_static_parts("result", result)],
@@ -191,7 +191,7 @@ impl Metrics {
 
     /// A tampering alarm (see [`crate::ops::tamper`]) of `kind` for upstream
     /// user `user` was raised, again or for the first time.
-    pub fn tampering_raised(&self, kind: &'static str, user: &str) {
+    pub(crate) fn tampering_raised(&self, kind: &'static str, user: &str) {
         self.gauge(UPSTREAM_TAMPERING, tampering_labels(kind, user))
             .set(1.0);
         self.counter(
@@ -201,14 +201,14 @@ impl Metrics {
         .increment(1);
     }
 
-    pub fn tampering_cleared(&self, kind: &'static str, user: &str) {
+    pub(crate) fn tampering_cleared(&self, kind: &'static str, user: &str) {
         self.gauge(UPSTREAM_TAMPERING, tampering_labels(kind, user))
             .set(0.0);
     }
 
     /// The counters of relayed bytes, client to server and server to client,
     /// for the relay to add to as it reads.
-    pub fn relayed_bytes(&self) -> (Counter, Counter) {
+    pub(crate) fn relayed_bytes(&self) -> (Counter, Counter) {
         let direction = |d: &'static str| vec![Label::from_static_parts("direction", d)];
         (
             self.counter(RELAYED_BYTES_TOTAL, direction("client_to_server")),
@@ -217,7 +217,7 @@ impl Metrics {
     }
 
     /// The token cache's running totals, copied in before each render.
-    pub fn token_cache(&self, hits: u64, misses: u64) {
+    pub(crate) fn token_cache(&self, hits: u64, misses: u64) {
         self.counter(TOKEN_CACHE_HITS_TOTAL, Vec::new())
             .absolute(hits);
         self.counter(TOKEN_CACHE_MISSES_TOTAL, Vec::new())
@@ -226,7 +226,13 @@ impl Metrics {
 
     /// A provider's key cache as it stands, copied in before each render:
     /// fetch totals and the age of the keys it holds (none: no gauge).
-    pub fn jwks(&self, provider: &str, fetched: u64, failed: u64, key_age: Option<Duration>) {
+    pub(crate) fn jwks(
+        &self,
+        provider: &str,
+        fetched: u64,
+        failed: u64,
+        key_age: Option<Duration>,
+    ) {
         let labels = |result: &'static str| {
             vec![
                 Label::new("provider", provider.to_owned()),
@@ -259,7 +265,7 @@ fn tampering_labels(kind: &'static str, user: &str) -> Vec<Label> {
 }
 
 /// Holds one count of `rlsgate_client_connections_active`.
-pub struct ConnectionGuard(Gauge);
+pub(crate) struct ConnectionGuard(Gauge);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {

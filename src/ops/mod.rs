@@ -1,8 +1,8 @@
 //! What operators see and steer: admin endpoints, metrics, alarms, reload and
 //! `rlsgate check`.
 
-pub mod admin;
-pub mod check;
-pub mod metrics;
-pub mod reload;
-pub mod tamper;
+pub(crate) mod admin;
+pub(crate) mod check;
+pub(crate) mod metrics;
+pub(crate) mod reload;
+pub(crate) mod tamper;

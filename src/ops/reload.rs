@@ -14,7 +14,7 @@ const LOG_TARGET: &str = "rlsgate::reload";
 /// Reloads `path` into the proxy on every SIGHUP until the process ends,
 /// through the same [`Reloader`] as `RunningProxy::reload`.
 #[cfg(unix)]
-pub async fn on_hangup(path: &Path, proxy: Reloader) {
+pub(crate) async fn on_hangup(path: &Path, proxy: Reloader) {
     use tokio::signal::unix::{SignalKind, signal};
 
     let mut hangups = match signal(SignalKind::hangup()) {
@@ -33,7 +33,7 @@ pub async fn on_hangup(path: &Path, proxy: Reloader) {
 }
 
 #[cfg(not(unix))]
-pub async fn on_hangup(_path: &Path, _proxy: Reloader) {
+pub(crate) async fn on_hangup(_path: &Path, _proxy: Reloader) {
     std::future::pending::<()>().await
 }
 

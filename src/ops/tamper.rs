@@ -19,7 +19,7 @@ const LOG_TARGET: &str = "rlsgate::tamper";
 
 /// What was probably changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Tampering {
+pub(crate) enum Tampering {
     /// Postgres refused the configured `upstream_password`.
     PasswordRejected,
     /// The login role carries settings the proxy did not declare.
@@ -28,7 +28,7 @@ pub enum Tampering {
 
 impl Tampering {
     /// The `kind` label and JSON value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Tampering::PasswordRejected => "password_rejected",
             Tampering::UndeclaredSettings => "undeclared_settings",
@@ -80,14 +80,14 @@ impl std::fmt::Display for Tampering {
 }
 
 /// The raised alarms of one proxy; kept across reloads, like its metrics.
-pub struct TamperWatch {
+pub(crate) struct TamperWatch {
     /// The detail of each raised alarm, by kind and upstream user.
     raised: Mutex<BTreeMap<(Tampering, String), String>>,
     metrics: Arc<Metrics>,
 }
 
 impl TamperWatch {
-    pub fn new(metrics: Arc<Metrics>) -> TamperWatch {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> TamperWatch {
         TamperWatch {
             raised: Mutex::new(BTreeMap::new()),
             metrics,
@@ -95,7 +95,7 @@ impl TamperWatch {
     }
 
     /// Raised: logs a warning once per (kind, upstream user) until cleared, with the fix; sets the gauge.
-    pub fn raise(&self, kind: Tampering, upstream_user: &str, detail: &str) {
+    pub(crate) fn raise(&self, kind: Tampering, upstream_user: &str, detail: &str) {
         self.metrics.tampering_raised(kind.as_str(), upstream_user);
         let first = {
             let mut raised = self.raised.lock().expect("tamper lock");
@@ -116,7 +116,7 @@ impl TamperWatch {
     }
 
     /// The login works again: lowers the gauge and says so, if it was raised.
-    pub fn clear(&self, kind: Tampering, upstream_user: &str) {
+    pub(crate) fn clear(&self, kind: Tampering, upstream_user: &str) {
         let was_raised = {
             let mut raised = self.raised.lock().expect("tamper lock");
             // Cheap when nothing is raised, as on nearly every login.
@@ -134,7 +134,7 @@ impl TamperWatch {
     }
 
     /// The raised alarms: (kind, upstream user, detail), in that order.
-    pub fn active(&self) -> Vec<(Tampering, String, String)> {
+    pub(crate) fn active(&self) -> Vec<(Tampering, String, String)> {
         let raised = self.raised.lock().expect("tamper lock");
         raised
             .iter()

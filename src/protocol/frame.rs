@@ -16,39 +16,35 @@ use postgres_protocol::message::backend::Message;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The kind byte and the length field.
-pub const HEADER_LEN: usize = 5;
+pub(crate) const HEADER_LEN: usize = 5;
 
 /// The largest backend message the proxy reads for itself (answers during
 /// login, to its own queries and settings, to `rlsgate check`'s catalog
 /// queries): far above any of them, so a length beyond it is a broken or
 /// hostile server, turned away before its body is read.
-pub const MAX_BACKEND_MESSAGE: usize = 16 << 20;
+pub(crate) const MAX_BACKEND_MESSAGE: usize = 16 << 20;
 
 /// Message kinds the proxy looks for when it reads.
-pub mod kind {
+pub(crate) mod kind {
     /// Frontend: the client says goodbye.
-    pub const TERMINATE: u8 = b'X';
+    pub(crate) const TERMINATE: u8 = b'X';
     /// Frontend: the cleartext password (and SASL responses).
-    pub const PASSWORD: u8 = b'p';
-    /// Backend: the end of an answer, with the transaction status.
-    pub const READY_FOR_QUERY: u8 = b'Z';
-    pub const ERROR_RESPONSE: u8 = b'E';
-    pub const NOTICE_RESPONSE: u8 = b'N';
-    pub const PARAMETER_STATUS: u8 = b'S';
+    pub(crate) const PASSWORD: u8 = b'p';
+    pub(crate) const PARAMETER_STATUS: u8 = b'S';
 }
 
 /// A message header, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
-    pub kind: u8,
+pub(crate) struct Header {
+    pub(crate) kind: u8,
     /// The length field less its own four bytes.
-    pub body_len: usize,
+    pub(crate) body_len: usize,
 }
 
 impl Header {
     /// `None` when the length field is below 4: it counts itself, so no
     /// message can declare less.
-    pub fn parse(header: [u8; HEADER_LEN]) -> Option<Header> {
+    pub(crate) fn parse(header: [u8; HEADER_LEN]) -> Option<Header> {
         let [kind, len @ ..] = header;
         let body_len = (u32::from_be_bytes(len) as usize).checked_sub(4)?;
         Some(Header { kind, body_len })
@@ -57,14 +53,17 @@ impl Header {
 
 /// One whole message as it came: header and body.
 #[derive(Debug, Clone)]
-pub struct Frame {
+pub(crate) struct Frame {
     raw: BytesMut,
 }
 
 impl Frame {
     /// Reads the next message, refusing one whose body is longer than
     /// `max_body` before reading it.
-    pub async fn read(stream: &mut (impl AsyncRead + Unpin), max_body: usize) -> io::Result<Frame> {
+    pub(crate) async fn read(
+        stream: &mut (impl AsyncRead + Unpin),
+        max_body: usize,
+    ) -> io::Result<Frame> {
         let header = read_header(stream).await?;
         let parsed = Header::parse(header)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad frame length"))?;
@@ -88,22 +87,22 @@ impl Frame {
         Frame { raw }
     }
 
-    pub fn kind(&self) -> u8 {
+    pub(crate) fn kind(&self) -> u8 {
         self.raw[0]
     }
 
     /// Everything after the header.
-    pub fn body(&self) -> &[u8] {
+    pub(crate) fn body(&self) -> &[u8] {
         &self.raw[HEADER_LEN..]
     }
 
     /// The whole message, header included, to pass on as it came.
-    pub fn into_raw(self) -> BytesMut {
+    pub(crate) fn into_raw(self) -> BytesMut {
         self.raw
     }
 
     /// The message parsed as a backend message.
-    pub fn into_message(mut self) -> io::Result<Message> {
+    pub(crate) fn into_message(mut self) -> io::Result<Message> {
         Message::parse(&mut self.raw)?
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated message"))
     }
@@ -111,14 +110,19 @@ impl Frame {
 
 /// The next message's header, for a reader that checks it itself before
 /// reading the body (the front door's password).
-pub async fn read_header(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<[u8; HEADER_LEN]> {
+pub(crate) async fn read_header(
+    stream: &mut (impl AsyncRead + Unpin),
+) -> io::Result<[u8; HEADER_LEN]> {
     let mut header = [0u8; HEADER_LEN];
     stream.read_exact(&mut header).await?;
     Ok(header)
 }
 
 /// A body of `len` bytes whose length was already checked.
-pub async fn read_body(stream: &mut (impl AsyncRead + Unpin), len: usize) -> io::Result<Vec<u8>> {
+pub(crate) async fn read_body(
+    stream: &mut (impl AsyncRead + Unpin),
+    len: usize,
+) -> io::Result<Vec<u8>> {
     let mut body = BytesMut::new();
     read_body_into(stream, len, &mut body).await?;
     Ok(body.into())

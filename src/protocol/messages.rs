@@ -41,7 +41,7 @@ fn put(out: &mut BytesMut, message: &impl Message) {
 }
 
 /// The answer to an SSLRequest: `S`, TLS follows, or `N`.
-pub fn ssl_response(out: &mut BytesMut, accept: bool) {
+pub(crate) fn ssl_response(out: &mut BytesMut, accept: bool) {
     let answer = if accept {
         SslResponse::Accept
     } else {
@@ -51,13 +51,17 @@ pub fn ssl_response(out: &mut BytesMut, accept: bool) {
 }
 
 /// The answer to a GSSENCRequest: `N`, the proxy has no GSSAPI.
-pub fn gssenc_refused(out: &mut BytesMut) {
+pub(crate) fn gssenc_refused(out: &mut BytesMut) {
     put(out, &GssEncResponse::Refuse);
 }
 
 /// NegotiateProtocolVersion: the newest version the proxy speaks, and the
 /// protocol options the client asked for that it does not support.
-pub fn negotiate_protocol_version(out: &mut BytesMut, newest: u32, unsupported: Vec<String>) {
+pub(crate) fn negotiate_protocol_version(
+    out: &mut BytesMut,
+    newest: u32,
+    unsupported: Vec<String>,
+) {
     put(
         out,
         &NegotiateProtocolVersion::new(newest as i32, unsupported),
@@ -65,23 +69,23 @@ pub fn negotiate_protocol_version(out: &mut BytesMut, newest: u32, unsupported: 
 }
 
 /// AuthenticationCleartextPassword: the proxy asks for the token.
-pub fn authentication_cleartext_password(out: &mut BytesMut) {
+pub(crate) fn authentication_cleartext_password(out: &mut BytesMut) {
     put(out, &Authentication::CleartextPassword);
 }
 
-pub fn authentication_ok(out: &mut BytesMut) {
+pub(crate) fn authentication_ok(out: &mut BytesMut) {
     put(out, &Authentication::Ok);
 }
 
 /// BackendKeyData with the key the client is to cancel with.
-pub fn backend_key_data(out: &mut BytesMut, key: CancelKey) {
+pub(crate) fn backend_key_data(out: &mut BytesMut, key: CancelKey) {
     put(
         out,
         &BackendKeyData::new(key.pid, SecretKey::I32(key.secret)),
     );
 }
 
-pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+pub(crate) fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
     put(
         out,
         &ParameterStatus::new(name.to_owned(), value.to_owned()),
@@ -89,13 +93,13 @@ pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
 }
 
 /// ReadyForQuery, idle: outside a transaction.
-pub fn ready_for_query_idle(out: &mut BytesMut) {
+pub(crate) fn ready_for_query_idle(out: &mut BytesMut) {
     put(out, &ReadyForQuery::new(TransactionStatus::Idle));
 }
 
 /// An ErrorResponse with the fields libpq shows: severity (localized and
 /// not), code, message.
-pub fn error_response(out: &mut BytesMut, severity: &str, sqlstate: &str, message: &str) {
+pub(crate) fn error_response(out: &mut BytesMut, severity: &str, sqlstate: &str, message: &str) {
     let response = ErrorResponse::new(vec![
         (b'S', severity.to_owned()),
         (b'V', severity.to_owned()),
@@ -108,12 +112,12 @@ pub fn error_response(out: &mut BytesMut, severity: &str, sqlstate: &str, messag
 // To Postgres.
 
 /// SSLRequest: the proxy asks the server for TLS.
-pub fn ssl_request(out: &mut BytesMut) {
+pub(crate) fn ssl_request(out: &mut BytesMut) {
     frontend::ssl_request(out);
 }
 
 /// StartupMessage of protocol 3.0 with these parameters.
-pub fn startup_message<'a>(
+pub(crate) fn startup_message<'a>(
     out: &mut BytesMut,
     parameters: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> io::Result<()> {
@@ -121,29 +125,33 @@ pub fn startup_message<'a>(
 }
 
 /// CancelRequest for the backend with this key.
-pub fn cancel_request(out: &mut BytesMut, key: CancelKey) {
+pub(crate) fn cancel_request(out: &mut BytesMut, key: CancelKey) {
     frontend::cancel_request(key.pid, key.secret, out);
 }
 
 /// PasswordMessage: a cleartext password or an MD5 hash.
-pub fn password(out: &mut BytesMut, password: &[u8]) -> io::Result<()> {
+pub(crate) fn password(out: &mut BytesMut, password: &[u8]) -> io::Result<()> {
     frontend::password_message(password, out)
 }
 
-pub fn sasl_initial_response(out: &mut BytesMut, mechanism: &str, data: &[u8]) -> io::Result<()> {
+pub(crate) fn sasl_initial_response(
+    out: &mut BytesMut,
+    mechanism: &str,
+    data: &[u8],
+) -> io::Result<()> {
     frontend::sasl_initial_response(mechanism, data, out)
 }
 
-pub fn sasl_response(out: &mut BytesMut, data: &[u8]) -> io::Result<()> {
+pub(crate) fn sasl_response(out: &mut BytesMut, data: &[u8]) -> io::Result<()> {
     frontend::sasl_response(data, out)
 }
 
 /// A simple Query.
-pub fn query(out: &mut BytesMut, sql: &str) -> io::Result<()> {
+pub(crate) fn query(out: &mut BytesMut, sql: &str) -> io::Result<()> {
     frontend::query(sql, out)
 }
 
-pub fn terminate(out: &mut BytesMut) {
+pub(crate) fn terminate(out: &mut BytesMut) {
     frontend::terminate(out);
 }
 
@@ -157,7 +165,7 @@ const TEXT_OID: u32 = 25;
 /// Sync: Parse, Bind and Execute for each pair, Close, Sync. With a
 /// `statement` name the statement is closed afterwards, so the client's
 /// unnamed statement, if it has one, survives.
-pub fn set_config<'a>(
+pub(crate) fn set_config<'a>(
     out: &mut BytesMut,
     statement: &str,
     pairs: impl IntoIterator<Item = (&'a str, &'a str)>,

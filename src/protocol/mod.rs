@@ -4,8 +4,8 @@
 //! ErrorResponse from Postgres says ([`server_error`]), and how a refusal
 //! reaches the client ([`refusal`]).
 
-pub mod frame;
-pub mod messages;
+pub(crate) mod frame;
+pub(crate) mod messages;
 pub mod refusal;
-pub mod server_error;
+pub(crate) mod server_error;
 pub mod startup;

@@ -8,19 +8,19 @@ use bytes::BytesMut;
 use crate::protocol::messages;
 
 /// SQLSTATE codes the proxy itself sends.
-pub mod sqlstate {
-    pub const INVALID_AUTHORIZATION: &str = "28000";
-    pub const TOO_MANY_CONNECTIONS: &str = "53300";
-    pub const CONNECTION_FAILURE: &str = "08006";
-    pub const PROTOCOL_VIOLATION: &str = "08P01";
-    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
-    pub const ADMIN_SHUTDOWN: &str = "57P01";
+pub(crate) mod sqlstate {
+    pub(crate) const INVALID_AUTHORIZATION: &str = "28000";
+    pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub(crate) const CONNECTION_FAILURE: &str = "08006";
+    pub(crate) const PROTOCOL_VIOLATION: &str = "08P01";
+    pub(crate) const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub(crate) const ADMIN_SHUTDOWN: &str = "57P01";
 }
 
 /// What kind of refusal, for metrics (`rlsgate_refusals_total{reason}`) and
 /// logs: a short fixed name, never anything the client sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     /// The token's `exp` (or `nbf`, `iat` under `max_token_age`) rules it out now.
     Expired,
     /// The signature does not verify, or the algorithm does not fit the key.
@@ -45,7 +45,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::Expired => "expired",
             Reason::BadSignature => "bad_signature",
@@ -77,12 +77,12 @@ impl fmt::Display for Reason {
 pub struct Refusal {
     pub sqlstate: Cow<'static, str>,
     pub message: String,
-    pub detail: Option<String>,
-    pub reason: Reason,
+    pub(crate) detail: Option<String>,
+    pub(crate) reason: Reason,
 }
 
 impl Refusal {
-    pub fn new(sqlstate: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(sqlstate: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         Refusal {
             sqlstate: sqlstate.into(),
             message: message.into(),
@@ -92,12 +92,12 @@ impl Refusal {
     }
 
     /// 28000: the client's credentials or identity are not acceptable.
-    pub fn auth(message: impl Into<String>) -> Self {
+    pub(crate) fn auth(message: impl Into<String>) -> Self {
         Self::new(sqlstate::INVALID_AUTHORIZATION, message)
     }
 
     /// 08006: the database cannot be reached or refused the proxy.
-    pub fn database_unavailable(detail: impl Into<String>) -> Self {
+    pub(crate) fn database_unavailable(detail: impl Into<String>) -> Self {
         Self::new(
             sqlstate::CONNECTION_FAILURE,
             "the database is unavailable; try again later",
@@ -106,17 +106,17 @@ impl Refusal {
         .because(Reason::Upstream)
     }
 
-    pub fn protocol(message: impl Into<String>) -> Self {
+    pub(crate) fn protocol(message: impl Into<String>) -> Self {
         Self::new(sqlstate::PROTOCOL_VIOLATION, message).because(Reason::Malformed)
     }
 
     /// Sets the kind of refusal (by default [`Reason::Other`]).
-    pub fn because(mut self, reason: Reason) -> Self {
+    pub(crate) fn because(mut self, reason: Reason) -> Self {
         self.reason = reason;
         self
     }
 
-    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
         self
     }

@@ -7,18 +7,18 @@ use crate::protocol::frame::Frame;
 
 /// What an ErrorResponse says. Fields it lacks are empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ServerError {
+pub(crate) struct ServerError {
     /// `V`, which is never translated, or else `S` (servers before 9.6).
-    pub severity: String,
+    pub(crate) severity: String,
     /// `C`: the SQLSTATE.
-    pub code: String,
+    pub(crate) code: String,
     /// `M`: the primary message.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl ServerError {
     /// Walks the fields; a malformed field ends the walk with what was read.
-    pub fn from_body(body: &ErrorResponseBody) -> ServerError {
+    pub(crate) fn from_body(body: &ErrorResponseBody) -> ServerError {
         let mut error = ServerError::default();
         let mut localized_severity = String::new();
         let mut fields = body.fields();
@@ -40,7 +40,7 @@ impl ServerError {
 
     /// The fields of an ErrorResponse frame; all empty when the frame is
     /// not one, or is malformed.
-    pub fn from_frame(frame: Frame) -> ServerError {
+    pub(crate) fn from_frame(frame: Frame) -> ServerError {
         match frame.into_message() {
             Ok(Message::ErrorResponse(body)) => ServerError::from_body(&body),
             _ => ServerError::default(),
@@ -49,7 +49,7 @@ impl ServerError {
 
     /// Whether the error ends the connection: FATAL or PANIC, or a
     /// severity the server did not say.
-    pub fn is_fatal(&self) -> bool {
+    pub(crate) fn is_fatal(&self) -> bool {
         matches!(self.severity.as_str(), "FATAL" | "PANIC" | "")
     }
 }

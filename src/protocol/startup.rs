@@ -15,17 +15,17 @@ use crate::protocol::refusal::{Reason, Refusal, sqlstate};
 /// Largest packet before authentication, as in PostgreSQL's `pqcomm.h`.
 pub const MAX_STARTUP_PACKET: usize = 10_000;
 /// The request codes of the packets that are not a StartupMessage.
-pub const SSL_REQUEST: u32 = 80_877_103;
-pub const GSSENC_REQUEST: u32 = 80_877_104;
-pub const CANCEL_REQUEST: u32 = 80_877_102;
+pub(crate) const SSL_REQUEST: u32 = 80_877_103;
+pub(crate) const GSSENC_REQUEST: u32 = 80_877_104;
+pub(crate) const CANCEL_REQUEST: u32 = 80_877_102;
 /// The protocol version the proxy speaks (major in the high 16 bits).
-pub const PROTOCOL_3_0: u32 = 196_608;
+pub(crate) const PROTOCOL_3_0: u32 = 196_608;
 
 /// The key of a CancelRequest: a backend's process id and secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CancelKey {
-    pub pid: i32,
-    pub secret: i32,
+    pub(crate) pid: i32,
+    pub(crate) secret: i32,
 }
 
 /// One packet a client may send before it is authenticated, parsed.
@@ -132,7 +132,7 @@ fn parse_startup(version: u32, body: &[u8]) -> Result<StartupMessage, Refusal> {
 
 /// The refusal of a request code the proxy does not speak, worded as
 /// PostgreSQL words it.
-pub fn unsupported_protocol(code: u32) -> Refusal {
+pub(crate) fn unsupported_protocol(code: u32) -> Refusal {
     Refusal::new(
         sqlstate::FEATURE_NOT_SUPPORTED,
         format!(

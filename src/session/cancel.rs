@@ -71,7 +71,7 @@ pub struct Budget {
 }
 
 /// Cancel requests one key may make.
-pub const KEY_BUDGET: Budget = Budget {
+pub(crate) const KEY_BUDGET: Budget = Budget {
     burst: 10,
     per_second: 5,
 };
@@ -81,7 +81,7 @@ pub const GUESS_BUDGET: Budget = Budget {
     per_second: 2,
 };
 /// How often ignored requests are logged, summed up.
-pub const LOG_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
 /// How long forwarding one request may take, connecting included.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Beyond this many addresses with guesses on record, those whose budget is
@@ -178,7 +178,7 @@ struct Forward {
 }
 
 #[derive(Default)]
-pub struct CancelRegistry {
+pub(crate) struct CancelRegistry {
     targets: Mutex<HashMap<CancelKey, Target>>,
     guesses: Mutex<Guesses>,
     ignored: Arc<Mutex<IgnoredLog>>,
@@ -186,9 +186,9 @@ pub struct CancelRegistry {
 
 /// Keeps a session's key registered; [`Registration::close`] (or, failing
 /// that, dropping it) unregisters the key.
-pub struct Registration {
+pub(crate) struct Registration {
     registry: Arc<CancelRegistry>,
-    pub key: CancelKey,
+    pub(crate) key: CancelKey,
     gate: Arc<Gate>,
 }
 
@@ -197,7 +197,7 @@ impl Registration {
     /// is still on its way (each is bounded in time). Returns whether the
     /// backend may be handed on: not if a request was sent but not seen
     /// taken, as it might still reach the backend.
-    pub async fn close(self) -> bool {
+    pub(crate) async fn close(self) -> bool {
         self.unregister();
         let _alone = self.gate.lock.write().await;
         !self.gate.unsettled.load(Ordering::Acquire)
@@ -224,7 +224,7 @@ impl Drop for Registration {
 impl CancelRegistry {
     /// Issues a key for a session whose backend is `upstream`: the backend's
     /// pid with a fresh random secret.
-    pub fn register(
+    pub(crate) fn register(
         self: &Arc<Self>,
         host: String,
         port: u16,
@@ -264,7 +264,12 @@ impl CancelRegistry {
     /// does, and so is a request over a budget (see the module's doc).
     /// Returns what became of it, for `rlsgate_cancel_requests_total{result}`:
     /// `forwarded`, `unknown_key`, `rate_limited` or `failed`.
-    pub async fn cancel(&self, key: CancelKey, source: IpAddr, tls: &UpstreamTls) -> &'static str {
+    pub(crate) async fn cancel(
+        &self,
+        key: CancelKey,
+        source: IpAddr,
+        tls: &UpstreamTls,
+    ) -> &'static str {
         let forward = match self.admit(key, source) {
             Ok(forward) => forward,
             Err(why) => {
@@ -443,7 +448,7 @@ struct Failed {
 
 /// Why a cancel request could not be handed to the server.
 #[derive(Debug, thiserror::Error)]
-pub enum CancelError {
+pub(crate) enum CancelError {
     /// No connection to the server: the request never left.
     #[error("{0}")]
     Connect(crate::protocol::refusal::Refusal),
@@ -466,7 +471,7 @@ pub enum CancelError {
 /// cancel. So a session's end that waits for this (through
 /// [`Registration::close`]) can hand the backend on without a cancel of its
 /// client's still on the way to the next client's statement.
-pub async fn cancel_backend(
+pub(crate) async fn cancel_backend(
     host: &str,
     port: u16,
     key: CancelKey,

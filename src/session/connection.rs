@@ -41,24 +41,24 @@ const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 1 << 20;
 
 /// What every connection shares.
-pub struct Services {
-    pub config: Config,
+pub(crate) struct Services {
+    pub(crate) config: Config,
     /// `[listen] max_connections`, and per role for roles that set one.
     /// Shared with the services a reload replaces these with.
-    pub limit: Arc<Limit>,
-    pub role_limits: HashMap<String, Arc<Limit>>,
-    pub tokens: TokenChecker,
-    pub cancels: Arc<CancelRegistry>,
+    pub(crate) limit: Arc<Limit>,
+    pub(crate) role_limits: HashMap<String, Arc<Limit>>,
+    pub(crate) tokens: TokenChecker,
+    pub(crate) cancels: Arc<CancelRegistry>,
     /// How the upstream connections of sessions and cancel requests are made.
-    pub upstream_tls: UpstreamTls,
-    pub tls: Option<TlsAcceptor>,
+    pub(crate) upstream_tls: UpstreamTls,
+    pub(crate) tls: Option<TlsAcceptor>,
     /// Kept across reloads, so counts go on.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Warm upstream connections, with `[pool] mode = "session"`.
-    pub pool: Option<Arc<Pool>>,
+    pub(crate) pool: Option<Arc<Pool>>,
     /// Alarms for a login role changed from inside a session; kept across
     /// reloads, and told of logins through `upstream_tls`.
-    pub tampering: Arc<crate::ops::tamper::TamperWatch>,
+    pub(crate) tampering: Arc<crate::ops::tamper::TamperWatch>,
 }
 
 /// A session admitted and connected upstream, ready for the relay.
@@ -96,7 +96,7 @@ struct Seen {
 
 /// Serves one connection, which holds `startup` until its session is ready
 /// or it fails.
-pub async fn serve(
+pub(crate) async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     services: Arc<Services>,
@@ -390,7 +390,7 @@ async fn token_identity(
     let max_bytes = config.listen.max_token_bytes;
     let token = match front_door::ask_password(client, max_bytes, auth_deadline).await {
         Ok(token) => token,
-        Err(PasswordError::Closed(_)) => return Err(Failure::Closed),
+        Err(PasswordError::Closed) => return Err(Failure::Closed),
         Err(PasswordError::Refused(refusal)) => return Err(refusal.into()),
     };
     seen.token = Some(fingerprint(&token));

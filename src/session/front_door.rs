@@ -32,18 +32,18 @@ const LOG_TARGET: &str = "rlsgate::front_door";
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// What a new connection turned out to be.
-pub enum Arrival {
+pub(crate) enum Arrival {
     Startup(StartupRequest),
     Cancel(CancelKey),
 }
 
 /// A client that sent a StartupMessage and waits for authentication.
-pub struct StartupRequest {
-    pub stream: ClientStream,
-    pub parameters: BTreeMap<String, String>,
+pub(crate) struct StartupRequest {
+    pub(crate) stream: ClientStream,
+    pub(crate) parameters: BTreeMap<String, String>,
 }
 
-pub enum FrontDoorError {
+pub(crate) enum FrontDoorError {
     /// The peer went away or spoke something that is not the protocol.
     Closed(io::Error),
     /// The client gets a FATAL ErrorResponse on `stream`.
@@ -60,7 +60,10 @@ impl From<io::Error> for FrontDoorError {
 }
 
 /// Reads the client's first request, negotiating TLS on the way.
-pub async fn receive(tcp: TcpStream, tls: Option<&TlsAcceptor>) -> Result<Arrival, FrontDoorError> {
+pub(crate) async fn receive(
+    tcp: TcpStream,
+    tls: Option<&TlsAcceptor>,
+) -> Result<Arrival, FrontDoorError> {
     let mut first = [0u8; 1];
     let direct = tls.is_some() && tcp.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE;
     let mut stream = match tls {
@@ -115,7 +118,7 @@ fn refused<T>(stream: ClientStream, refusal: Refusal) -> Result<T, FrontDoorErro
 /// Asks for the cleartext password (the token) and reads it, up to
 /// `max_bytes`, until `deadline` (`[listen] auth_timeout` after the client
 /// connected).
-pub async fn ask_password(
+pub(crate) async fn ask_password(
     stream: &mut ClientStream,
     max_bytes: usize,
     deadline: Instant,
@@ -124,7 +127,7 @@ pub async fn ask_password(
         Ok(result) => result,
         Err(_) => {
             tracing::debug!(target: LOG_TARGET, "closed: no password within auth_timeout");
-            Err(PasswordError::Closed(io::ErrorKind::TimedOut.into()))
+            Err(PasswordError::Closed)
         }
     }
 }
@@ -143,15 +146,15 @@ async fn read_password(
     parse_password(body).map_err(PasswordError::Refused)
 }
 
-pub enum PasswordError {
+pub(crate) enum PasswordError {
     /// The client hung up, as psql does to prompt for a password.
-    Closed(io::Error),
+    Closed,
     Refused(Refusal),
 }
 
 impl From<io::Error> for PasswordError {
-    fn from(e: io::Error) -> Self {
-        PasswordError::Closed(e)
+    fn from(_: io::Error) -> Self {
+        PasswordError::Closed
     }
 }
 
@@ -199,6 +202,6 @@ async fn direct_tls(tcp: TcpStream, acceptor: &TlsAcceptor) -> io::Result<Client
 }
 
 /// Used by the listener to share one acceptor across connections.
-pub fn acceptor(config: Arc<rustls::ServerConfig>) -> TlsAcceptor {
+pub(crate) fn acceptor(config: Arc<rustls::ServerConfig>) -> TlsAcceptor {
     TlsAcceptor::from(config)
 }

@@ -9,32 +9,33 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub struct Limit {
+pub(crate) struct Limit {
     slots: Arc<Semaphore>,
     size: Mutex<usize>,
 }
 
 impl Limit {
-    pub fn new(size: usize) -> Limit {
+    pub(crate) fn new(size: usize) -> Limit {
         Limit {
             slots: Arc::new(Semaphore::new(size)),
             size: Mutex::new(size),
         }
     }
 
-    pub fn size(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn size(&self) -> usize {
         *self.size.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A slot, held until the permit is dropped; `None` when all are taken.
-    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
         Arc::clone(&self.slots).try_acquire_owned().ok()
     }
 
     /// Grows at once; shrinks by retiring free slots now and the rest as the
     /// sessions holding them end, so that sessions over the new limit are
     /// never cut off but no new one starts until the count is below it.
-    pub fn resize(&self, new_size: usize) {
+    pub(crate) fn resize(&self, new_size: usize) {
         let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
         if new_size > *size {
             self.slots.add_permits(new_size - *size);
@@ -61,7 +62,7 @@ impl Limit {
 /// `max_per_address` of them from one client address, so that clients that
 /// connect and then dawdle or say nothing hold a bounded share, and one
 /// address cannot hold it all.
-pub struct StartupLimits {
+pub(crate) struct StartupLimits {
     state: Mutex<Startups>,
 }
 
@@ -75,7 +76,7 @@ struct Startups {
 
 /// Which startup limit turned a connection away, and its size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartupLimitHit {
+pub(crate) enum StartupLimitHit {
     /// `[listen] max_startups`.
     Overall(usize),
     /// `[listen] max_startups_per_address`.
@@ -84,14 +85,14 @@ pub enum StartupLimitHit {
 
 impl StartupLimitHit {
     /// The configuration key of the limit.
-    pub fn key(self) -> &'static str {
+    pub(crate) fn key(self) -> &'static str {
         match self {
             StartupLimitHit::Overall(_) => "max_startups",
             StartupLimitHit::PerAddress(_) => "max_startups_per_address",
         }
     }
 
-    pub fn size(self) -> usize {
+    pub(crate) fn size(self) -> usize {
         match self {
             StartupLimitHit::Overall(size) | StartupLimitHit::PerAddress(size) => size,
         }
@@ -99,13 +100,13 @@ impl StartupLimitHit {
 }
 
 /// A connection's place among those starting up, given back when dropped.
-pub struct StartupSlot {
+pub(crate) struct StartupSlot {
     limits: Arc<StartupLimits>,
     address: IpAddr,
 }
 
 impl StartupLimits {
-    pub fn new(max: usize, max_per_address: usize) -> Arc<StartupLimits> {
+    pub(crate) fn new(max: usize, max_per_address: usize) -> Arc<StartupLimits> {
         Arc::new(StartupLimits {
             state: Mutex::new(Startups {
                 max,
@@ -122,14 +123,17 @@ impl StartupLimits {
 
     /// New sizes apply to the next connection; connections already over a
     /// lowered limit keep their slots until they finish starting up.
-    pub fn resize(&self, max: usize, max_per_address: usize) {
+    pub(crate) fn resize(&self, max: usize, max_per_address: usize) {
         let mut state = self.state();
         state.max = max;
         state.max_per_address = max_per_address;
     }
 
     /// A slot for a connection from `peer`, or which limit is reached.
-    pub fn try_acquire(self: &Arc<Self>, peer: IpAddr) -> Result<StartupSlot, StartupLimitHit> {
+    pub(crate) fn try_acquire(
+        self: &Arc<Self>,
+        peer: IpAddr,
+    ) -> Result<StartupSlot, StartupLimitHit> {
         let address = counted_address(peer);
         let mut state = self.state();
         if state.total >= state.max {
@@ -148,7 +152,8 @@ impl StartupLimits {
     }
 
     /// Connections starting up now.
-    pub fn starting(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn starting(&self) -> usize {
         self.state().total
     }
 }

@@ -313,11 +313,11 @@ pub struct RunningProxy {
 /// Applies a configuration to the connections a running proxy accepts from
 /// then on; a handle of its own, so that a task (SIGHUP) can hold one.
 #[derive(Clone)]
-pub struct Reloader(watch::Sender<Arc<Services>>);
+pub(crate) struct Reloader(watch::Sender<Arc<Services>>);
 
 impl Reloader {
     /// On error the current configuration stays.
-    pub fn reload(&self, config: Config) -> anyhow::Result<()> {
+    pub(crate) fn reload(&self, config: Config) -> anyhow::Result<()> {
         let next = reloaded(&self.0.borrow(), config)?;
         self.0.send_replace(Arc::new(next));
         Ok(())
@@ -353,7 +353,7 @@ impl RunningProxy {
     }
 
     /// A handle that reloads this proxy, for a task of its own.
-    pub fn reloader(&self) -> Reloader {
+    pub(crate) fn reloader(&self) -> Reloader {
         self.reloader.clone()
     }
 
@@ -362,7 +362,7 @@ impl RunningProxy {
     /// shutdown signals as `stop`. Serving ends by itself only by panicking;
     /// the panic goes on here, so that the process does not stay up without
     /// accepting.
-    pub async fn run_until(mut self, stop: impl Future) {
+    pub(crate) async fn run_until(mut self, stop: impl Future) {
         tokio::select! {
             _ = stop => {}
             ended = &mut self.task => {

@@ -1,12 +1,12 @@
 //! One client connection, from accept to close.
 
 pub mod cancel;
-pub mod connection;
-pub mod front_door;
-pub mod limit;
+pub(crate) mod connection;
+pub(crate) mod front_door;
+pub(crate) mod limit;
 pub mod listener;
-pub mod net;
+pub(crate) mod net;
 pub mod relay;
-pub mod shutdown;
-pub mod stream;
-pub mod tls;
+pub(crate) mod shutdown;
+pub(crate) mod stream;
+pub(crate) mod tls;

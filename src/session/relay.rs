@@ -32,33 +32,37 @@ const FINISH_MESSAGE_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a session ended.
 #[derive(Debug)]
-pub enum Ending {
+pub(crate) enum Ending {
     ClientClosed,
     UpstreamClosed,
     /// The token expired (unix seconds of its `exp`).
     TokenExpired(u64),
     ShuttingDown,
     /// Reading from or writing to that side failed, or it broke the protocol.
+    #[allow(
+        dead_code,
+        reason = "read through Debug in the session's closing log line"
+    )]
     Failed(Side, io::Error),
 }
 
 /// One side of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Client,
     Upstream,
 }
 
 /// When the session must end because its token does.
 #[derive(Debug, Clone, Copy)]
-pub struct Expiry {
-    pub at: Instant,
-    pub exp: u64,
+pub(crate) struct Expiry {
+    pub(crate) at: Instant,
+    pub(crate) exp: u64,
 }
 
 /// Bytes relayed each way: counted per read, for the session's log line,
 /// and added to the proxy's counters (`rlsgate_relayed_bytes_total`) as they go.
-pub struct Traffic {
+pub(crate) struct Traffic {
     client_to_server: AtomicU64,
     server_to_client: AtomicU64,
     client_to_server_total: metrics::Counter,
@@ -67,7 +71,10 @@ pub struct Traffic {
 
 impl Traffic {
     /// Counts into these totals as well as its own.
-    pub fn new(client_to_server: metrics::Counter, server_to_client: metrics::Counter) -> Self {
+    pub(crate) fn new(
+        client_to_server: metrics::Counter,
+        server_to_client: metrics::Counter,
+    ) -> Self {
         Traffic {
             client_to_server: AtomicU64::new(0),
             server_to_client: AtomicU64::new(0),
@@ -77,7 +84,7 @@ impl Traffic {
     }
 
     /// Bytes relayed so far: (client to server, server to client).
-    pub fn bytes(&self) -> (u64, u64) {
+    pub(crate) fn bytes(&self) -> (u64, u64) {
         (
             self.client_to_server.load(Ordering::Relaxed),
             self.server_to_client.load(Ordering::Relaxed),
@@ -96,28 +103,28 @@ impl Traffic {
 }
 
 /// What a session's relay needs besides its two streams.
-pub struct Plan {
+pub(crate) struct Plan {
     /// When the session ends with its token, if it does.
-    pub expiry: Option<Expiry>,
+    pub(crate) expiry: Option<Expiry>,
     /// The backend outlives the session: the client's Terminate is kept
     /// from it.
-    pub pooled: bool,
+    pub(crate) pooled: bool,
     /// The session's envelope, replaced when due.
-    pub envelope: Envelope,
+    pub(crate) envelope: Envelope,
 }
 
 /// How a session ended, and the state it left its backend in.
 #[derive(Debug)]
-pub struct Finish {
-    pub ending: Ending,
+pub(crate) struct Finish {
+    pub(crate) ending: Ending,
     /// The client said goodbye (Terminate or end of stream) right after a
     /// ReadyForQuery "idle" that answered everything it had sent: a pooled
     /// backend can serve another client.
-    pub clean: bool,
+    pub(crate) clean: bool,
     /// Something the client sent was still unanswered: a statement may be
     /// running on the backend, and must be cancelled rather than left to
     /// finish (and commit) after its session ended.
-    pub in_flight: bool,
+    pub(crate) in_flight: bool,
 }
 
 /// What the two directions of a session tell each other.
@@ -161,7 +168,7 @@ impl Shared {
 /// an ending reaches the client as a whole message, the client's Terminate
 /// is known, the proxy can slip a fresh envelope in while the session is
 /// idle, and what is still running when it ends is known.
-pub async fn run(
+pub(crate) async fn run(
     client: ClientStream,
     upstream: &mut UpstreamStream,
     plan: Plan,

@@ -4,25 +4,25 @@
 use tokio::sync::broadcast;
 
 /// Tells a session that the proxy is stopping. Once received, it stays received.
-pub struct Shutdown {
+pub(crate) struct Shutdown {
     received: bool,
     notify: broadcast::Receiver<()>,
 }
 
 impl Shutdown {
-    pub fn new(notify: broadcast::Receiver<()>) -> Shutdown {
+    pub(crate) fn new(notify: broadcast::Receiver<()>) -> Shutdown {
         Shutdown {
             received: false,
             notify,
         }
     }
 
-    pub fn is_received(&self) -> bool {
+    pub(crate) fn is_received(&self) -> bool {
         self.received
     }
 
     /// Waits for the signal (a closed channel counts as the signal).
-    pub async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         if self.received {
             return;
         }
@@ -33,7 +33,7 @@ impl Shutdown {
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM: what stops `serve`, `demo` and
 /// `issuer`.
-pub async fn signal() {
+pub(crate) async fn signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

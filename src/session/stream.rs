@@ -13,20 +13,20 @@ use tokio::net::TcpStream;
 use tokio::net::UnixStream;
 
 /// The client's stream: TLS when it asked for it (SSLRequest or direct TLS).
-pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+pub(crate) type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// The connection to Postgres: TLS over TCP as `[upstream] tls` says, or
 /// plain TCP or a Unix socket.
-pub type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>, Transport>;
+pub(crate) type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>, Transport>;
 
-pub enum MaybeTls<T, P = TcpStream> {
+pub(crate) enum MaybeTls<T, P = TcpStream> {
     Plain(P),
     Tls(Box<T>),
 }
 
 /// A plain connection to Postgres: TCP, or the Unix socket in the directory
 /// that `host` names.
-pub enum Transport {
+pub(crate) enum Transport {
     Tcp(TcpStream),
     #[cfg(unix)]
     Unix(UnixStream),
@@ -34,13 +34,13 @@ pub enum Transport {
 
 /// The Unix socket of a Postgres server when `host` is a directory (starts
 /// with `/`), as libpq reads it: `{host}/.s.PGSQL.{port}`.
-pub fn socket_path(host: &str, port: u16) -> Option<PathBuf> {
+pub(crate) fn socket_path(host: &str, port: u16) -> Option<PathBuf> {
     host.starts_with('/')
         .then(|| PathBuf::from(host).join(format!(".s.PGSQL.{port}")))
 }
 
 /// Where `host` and `port` lead, for messages: `host:port` or the socket.
-pub fn address(host: &str, port: u16) -> String {
+pub(crate) fn address(host: &str, port: u16) -> String {
     match socket_path(host, port) {
         Some(path) => path.display().to_string(),
         None if host.contains(':') => format!("[{host}]:{port}"),
@@ -51,7 +51,7 @@ pub fn address(host: &str, port: u16) -> String {
 impl Transport {
     /// Connects to `host:port` over TCP (tuned, see [`crate::session::net::tune`]),
     /// or to the Unix socket when `host` is a directory.
-    pub async fn connect(host: &str, port: u16) -> io::Result<Transport> {
+    pub(crate) async fn connect(host: &str, port: u16) -> io::Result<Transport> {
         if let Some(path) = socket_path(host, port) {
             #[cfg(unix)]
             return UnixStream::connect(path).await.map(Transport::Unix);
@@ -71,7 +71,7 @@ impl Transport {
 }
 
 /// A TLS stream over TCP, either side's.
-pub trait OverTcp {
+pub(crate) trait OverTcp {
     fn tcp(&self) -> &TcpStream;
 }
 
@@ -88,13 +88,13 @@ impl OverTcp for tokio_rustls::client::TlsStream<TcpStream> {
 }
 
 impl<T, P> MaybeTls<T, P> {
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         matches!(self, MaybeTls::Tls(_))
     }
 }
 
 impl<T: OverTcp> MaybeTls<T> {
-    pub fn tcp(&self) -> &TcpStream {
+    pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
             MaybeTls::Plain(tcp) => tcp,
             MaybeTls::Tls(tls) => tls.tcp(),

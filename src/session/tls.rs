@@ -8,10 +8,13 @@ use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// ALPN protocol name that PostgreSQL 17+ clients send with direct TLS.
-pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+pub(crate) const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
 /// Loads a PEM certificate chain and private key into a rustls server config.
-pub fn server_config(cert_path: &Path, key_path: &Path) -> anyhow::Result<Arc<ServerConfig>> {
+pub(crate) fn server_config(
+    cert_path: &Path,
+    key_path: &Path,
+) -> anyhow::Result<Arc<ServerConfig>> {
     let certs: Vec<CertificateDer<'static>> =
         rustls_pemfile::certs(&mut read(cert_path)?.as_slice())
             .collect::<Result<_, _>>()

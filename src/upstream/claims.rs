@@ -67,7 +67,7 @@ pub(crate) async fn read_set_config_answer(
 
 /// Binds `identity`'s envelope to an unpooled session's backend, in one
 /// round trip. Returns the envelope's expiry.
-pub async fn bind_claims(
+pub(crate) async fn bind_claims(
     session: &mut UpstreamSession,
     key: &SigningKey,
     identity: &Identity,

@@ -24,30 +24,30 @@ use crate::upstream::inspect::inspect;
 use crate::upstream::tls::UpstreamTls;
 
 /// A ready upstream backend, idle after its first ReadyForQuery.
-pub struct UpstreamSession {
-    pub stream: UpstreamStream,
+pub(crate) struct UpstreamSession {
+    pub(crate) stream: UpstreamStream,
     /// The backend's process id and secret, for cancelling its queries.
-    pub key: CancelKey,
+    pub(crate) key: CancelKey,
     /// The backend as claims envelopes name it.
-    pub backend: Backend,
+    pub(crate) backend: Backend,
     /// Raw ParameterStatus and NoticeResponse frames to pass on to the client.
-    pub greeting: BytesMut,
+    pub(crate) greeting: BytesMut,
     /// The raw ReadyForQuery frame that ended startup.
-    pub ready: BytesMut,
+    pub(crate) ready: BytesMut,
 }
 
 /// What the upstream session is opened with.
-pub struct Login<'a> {
-    pub role: &'a Role,
-    pub database: Option<&'a str>,
-    pub parameters: Vec<(String, String)>,
+pub(crate) struct Login<'a> {
+    pub(crate) role: &'a Role,
+    pub(crate) database: Option<&'a str>,
+    pub(crate) parameters: Vec<(String, String)>,
     /// Whether a login role with `ALTER ROLE … SET` settings its `[[role]]`
     /// does not declare is refused (always, except for `rlsgate check`,
     /// which reports them).
-    pub refuse_undeclared_settings: bool,
+    pub(crate) refuse_undeclared_settings: bool,
 }
 
-pub async fn connect(
+pub(crate) async fn connect(
     upstream: &Upstream,
     tls: &UpstreamTls,
     login: Login<'_>,

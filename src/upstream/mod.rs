@@ -6,10 +6,10 @@
 //! envelope; [`retire`] ends the backend with its session. [`pool`] keeps
 //! warm connections, [`tls`] makes them.
 
-pub mod claims;
-pub mod inspect;
-pub mod login;
+pub(crate) mod claims;
+pub(crate) mod inspect;
+pub(crate) mod login;
 pub mod options;
-pub mod pool;
-pub mod retire;
-pub mod tls;
+pub(crate) mod pool;
+pub(crate) mod retire;
+pub(crate) mod tls;

@@ -55,7 +55,7 @@ struct PoolKey {
 }
 
 /// A pooled backend, lent to one client session at a time.
-pub struct Lease {
+pub(crate) struct Lease {
     key: PoolKey,
     cancel: CancelKey,
     backend: Backend,
@@ -73,24 +73,24 @@ struct Idle {
     since: Instant,
 }
 
-pub struct Pool {
+pub(crate) struct Pool {
     settings: config::Pool,
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
     reaper: AtomicBool,
 }
 
 /// An upstream session ready for its client, with its claims bound.
-pub struct Attached {
-    pub upstream: UpstreamSession,
+pub(crate) struct Attached {
+    pub(crate) upstream: UpstreamSession,
     /// `None` when the session is the client's own, outside the pool.
-    pub lease: Option<Lease>,
+    pub(crate) lease: Option<Lease>,
     /// When the bound envelope expires (unix seconds).
-    pub claims_exp: u64,
+    pub(crate) claims_exp: u64,
 }
 
 impl Attached {
     /// A connection of the client's own, with its claims bound.
-    pub async fn unpooled(
+    pub(crate) async fn unpooled(
         upstream: &Upstream,
         tls: &UpstreamTls,
         login: Login<'_>,
@@ -116,7 +116,7 @@ impl Attached {
 }
 
 impl Pool {
-    pub fn new(settings: config::Pool) -> Pool {
+    pub(crate) fn new(settings: config::Pool) -> Pool {
         Pool {
             settings,
             idle: Mutex::new(HashMap::new()),
@@ -127,7 +127,7 @@ impl Pool {
     /// An upstream session for one client, with its parameters applied and
     /// its claims bound. The lease is `None` when the session is the
     /// client's own, outside the pool.
-    pub async fn attach(
+    pub(crate) async fn attach(
         self: &Arc<Self>,
         upstream: &Upstream,
         tls: &UpstreamTls,
@@ -217,7 +217,7 @@ impl Pool {
     /// Takes back a connection its client session left clean (see
     /// [`relay::Finish`](crate::session::relay::Finish)): kept, reset, unless it is
     /// too old. A connection left in any other state is retired instead.
-    pub async fn give_back(self: &Arc<Self>, mut stream: UpstreamStream, mut lease: Lease) {
+    pub(crate) async fn give_back(self: &Arc<Self>, mut stream: UpstreamStream, mut lease: Lease) {
         self.start_reaper();
         if lease.born.elapsed() >= self.settings.max_lifetime {
             close(stream);
@@ -307,12 +307,6 @@ impl Pool {
             idle.retain(|_, list| !list.is_empty());
         }
         expired.into_iter().for_each(close);
-    }
-
-    /// Idle connections kept, over all databases and users.
-    pub fn idle_count(&self) -> usize {
-        let idle = self.idle.lock().expect("pool lock");
-        idle.values().map(Vec::len).sum()
     }
 
     /// Sweeps in the background for as long as the pool exists; started by

@@ -23,7 +23,7 @@ const RETIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// backend that no slot of the proxy counts. Then Terminate, and a wait
 /// until the backend has closed the connection, so that the session's
 /// slots are released only once its backend is gone.
-pub async fn retire(
+pub(crate) async fn retire(
     mut stream: UpstreamStream,
     (host, port, key): (&str, u16, CancelKey),
     in_flight: bool,

@@ -42,7 +42,7 @@ use crate::session::tls::ALPN_POSTGRESQL;
 
 /// How the proxy connects to Postgres: built once from `[upstream]`.
 #[derive(Clone)]
-pub struct UpstreamTls {
+pub(crate) struct UpstreamTls {
     mode: UpstreamTlsMode,
     /// `None` with `disable`.
     connector: Option<TlsConnector>,
@@ -98,7 +98,7 @@ impl std::fmt::Debug for UpstreamTls {
 
 impl UpstreamTls {
     /// From a validated `[upstream]` section.
-    pub fn from_config(upstream: &Upstream) -> anyhow::Result<UpstreamTls> {
+    pub(crate) fn from_config(upstream: &Upstream) -> anyhow::Result<UpstreamTls> {
         let tls = Self::new(
             upstream.tls,
             upstream.tls_ca_file.as_deref(),
@@ -112,7 +112,7 @@ impl UpstreamTls {
 
     /// `ca_file` is read only by the verifying modes; without it they trust
     /// the system's roots. `server_name` unset: the host of each connection.
-    pub fn new(
+    pub(crate) fn new(
         mode: UpstreamTlsMode,
         ca_file: Option<&Path>,
         server_name: Option<&str>,
@@ -165,7 +165,11 @@ impl UpstreamTls {
     /// Errors name the settings the files were given in. Without TLS
     /// (`disable`) there is nothing to present it in, and the files are
     /// not read, as libpq does.
-    pub fn with_client_certificate(mut self, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn with_client_certificate(
+        mut self,
+        cert: &Path,
+        key: &Path,
+    ) -> anyhow::Result<Self> {
         let Some(verifier) = &self.verifier else {
             return Ok(self);
         };
@@ -188,7 +192,7 @@ impl UpstreamTls {
     }
 
     /// Messages name libpq's URL parameters instead of `[upstream]` keys.
-    pub fn named_as_in_urls(mut self) -> UpstreamTls {
+    pub(crate) fn named_as_in_urls(mut self) -> UpstreamTls {
         self.names = URL_NAMES;
         self
     }
@@ -196,28 +200,28 @@ impl UpstreamTls {
     /// Logins made through this are reported to `watch`: a refused
     /// password raises [`Tampering::PasswordRejected`](crate::ops::tamper::Tampering),
     /// a login that works clears it.
-    pub fn watched_by(mut self, watch: Arc<TamperWatch>) -> UpstreamTls {
+    pub(crate) fn watched_by(mut self, watch: Arc<TamperWatch>) -> UpstreamTls {
         self.tampering = Some(watch);
         self
     }
 
-    pub fn tampering(&self) -> Option<&TamperWatch> {
+    pub(crate) fn tampering(&self) -> Option<&TamperWatch> {
         self.tampering.as_deref()
     }
 
     /// Whether the proxy presents a client certificate.
-    pub fn has_client_certificate(&self) -> bool {
+    pub(crate) fn has_client_certificate(&self) -> bool {
         self.client_cert
     }
 
-    pub fn mode(&self) -> UpstreamTlsMode {
+    pub(crate) fn mode(&self) -> UpstreamTlsMode {
         self.mode
     }
 
     /// Asks for TLS on a fresh connection (SSLRequest) and performs the
     /// handshake as the mode says; `host` names the server when no
     /// `tls_server_name` is set. Refusals carry SQLSTATE 08006.
-    pub async fn negotiate(
+    pub(crate) async fn negotiate(
         &self,
         mut tcp: TcpStream,
         host: &str,
@@ -269,7 +273,7 @@ impl UpstreamTls {
     /// Opens a TCP connection to `host:port` (keepalive on) and negotiates;
     /// or, when `host` is a directory, connects to the Unix socket in it
     /// without TLS, as libpq does (there is none over a socket).
-    pub async fn connect(&self, host: &str, port: u16) -> Result<UpstreamStream, Refusal> {
+    pub(crate) async fn connect(&self, host: &str, port: u16) -> Result<UpstreamStream, Refusal> {
         let cannot = |e: io::Error| {
             Refusal::database_unavailable(format!(
                 "cannot connect to {}: {e}",
@@ -296,7 +300,7 @@ impl UpstreamTls {
     /// What a connection lost during startup means when it ended with a TLS
     /// alert about the proxy's client certificate: with TLS 1.3 the server
     /// checks it after the handshake, and its refusal comes with the first read.
-    pub fn client_certificate_refusal(&self, error: &io::Error) -> Option<String> {
+    pub(crate) fn client_certificate_refusal(&self, error: &io::Error) -> Option<String> {
         let alert = error
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -410,7 +414,7 @@ impl UpstreamTls {
     }
 
     /// A connector for tokio-postgres with the same verification.
-    pub fn for_postgres(&self) -> MakeRustlsConnect {
+    pub(crate) fn for_postgres(&self) -> MakeRustlsConnect {
         MakeRustlsConnect { tls: self.clone() }
     }
 }
@@ -605,18 +609,18 @@ impl ServerCertVerifier for ChainOnly {
 /// knows `sslmode` only up to `require`, and no `sslrootcert`, `sslcert`
 /// or `sslkey`.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct UrlTls {
+pub(crate) struct UrlTls {
     /// The connection string without the settings below.
-    pub rest: String,
-    pub sslmode: Option<String>,
-    pub sslrootcert: Option<String>,
-    pub sslcert: Option<String>,
-    pub sslkey: Option<String>,
+    pub(crate) rest: String,
+    pub(crate) sslmode: Option<String>,
+    pub(crate) sslrootcert: Option<String>,
+    pub(crate) sslcert: Option<String>,
+    pub(crate) sslkey: Option<String>,
 }
 
 impl UrlTls {
     /// Splits a `postgresql://` URL or a `key=value` string.
-    pub fn split(conninfo: &str) -> UrlTls {
+    pub(crate) fn split(conninfo: &str) -> UrlTls {
         if conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://") {
             Self::split_url(conninfo)
         } else {
@@ -724,7 +728,7 @@ impl UrlTls {
     /// and `sslkey`, by default `~/.postgresql/postgresql.crt` and `.key`. A
     /// default certificate file that does not exist means none; a named one
     /// that does not exist is an error when it is read.
-    pub fn client_certificate(&self) -> Option<(PathBuf, PathBuf)> {
+    pub(crate) fn client_certificate(&self) -> Option<(PathBuf, PathBuf)> {
         let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql"));
         let default = |name: &str| home.as_ref().map(|dir| dir.join(name));
         let cert = match &self.sslcert {
@@ -742,7 +746,7 @@ impl UrlTls {
     /// `sslrootcert=system` trusts the system's roots and defaults to
     /// `verify-full`; `require` with a CA file checks the chain
     /// (`verify-ca`). `None` when the string says nothing about TLS.
-    pub fn resolve(&self) -> anyhow::Result<Option<(UpstreamTlsMode, Option<PathBuf>)>> {
+    pub(crate) fn resolve(&self) -> anyhow::Result<Option<(UpstreamTlsMode, Option<PathBuf>)>> {
         let mode = match self.sslmode.as_deref() {
             None => None,
             Some(value) => Some(UpstreamTlsMode::from_sslmode(value).with_context(|| {
@@ -776,14 +780,14 @@ impl UrlTls {
 
 /// tokio-postgres's TLS hook over [`UpstreamTls`].
 #[derive(Clone, Debug)]
-pub struct MakeRustlsConnect {
+pub(crate) struct MakeRustlsConnect {
     tls: UpstreamTls,
 }
 
 impl MakeRustlsConnect {
     /// The tokio-postgres `sslmode` that makes it call this connector as
     /// the mode asks (it knows nothing stricter than `require`).
-    pub fn ssl_mode(&self) -> tokio_postgres::config::SslMode {
+    pub(crate) fn ssl_mode(&self) -> tokio_postgres::config::SslMode {
         use tokio_postgres::config::SslMode;
         match self.tls.mode {
             UpstreamTlsMode::Disable => SslMode::Disable,
@@ -817,7 +821,7 @@ where
     }
 }
 
-pub struct RustlsConnect {
+pub(crate) struct RustlsConnect {
     tls: UpstreamTls,
     connector: TlsConnector,
     name: ServerName<'static>,
@@ -843,7 +847,7 @@ where
 }
 
 /// A TLS stream for tokio-postgres.
-pub struct RustlsStream<S>(Box<tokio_rustls::client::TlsStream<S>>);
+pub(crate) struct RustlsStream<S>(Box<tokio_rustls::client::TlsStream<S>>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {

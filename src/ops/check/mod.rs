@@ -54,7 +54,7 @@ use std::path::Path;
 use crate::config::Config;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
+pub(crate) enum Status {
     Ok,
     Warn,
     Fail,
@@ -73,24 +73,24 @@ impl Status {
 /// One line of the report: what was checked (`config FILE`, `provider URL`,
 /// `role NAME`) and what was found.
 #[derive(Debug, Clone)]
-pub struct Finding {
-    pub status: Status,
-    pub subject: String,
-    pub message: String,
+pub(crate) struct Finding {
+    pub(crate) status: Status,
+    pub(crate) subject: String,
+    pub(crate) message: String,
 }
 
 #[derive(Debug, Default)]
-pub struct Report {
-    pub findings: Vec<Finding>,
+pub(crate) struct Report {
+    pub(crate) findings: Vec<Finding>,
 }
 
 impl Report {
     /// Nothing failed (warnings may remain).
-    pub fn passed(&self) -> bool {
+    pub(crate) fn passed(&self) -> bool {
         self.count(Status::Fail) == 0
     }
 
-    pub fn count(&self, status: Status) -> usize {
+    pub(crate) fn count(&self, status: Status) -> usize {
         self.findings.iter().filter(|f| f.status == status).count()
     }
 
@@ -149,7 +149,7 @@ impl fmt::Display for Report {
 /// Loads the configuration at `path` and checks it (see the module
 /// documentation). `database` is the database to look into when
 /// `[upstream]` names none.
-pub async fn run(path: &Path, database: Option<&str>) -> Report {
+pub(crate) async fn run(path: &Path, database: Option<&str>) -> Report {
     let mut report = Report::default();
     let config = match Config::load(path) {
         Ok(config) => config,
@@ -173,7 +173,7 @@ pub async fn run(path: &Path, database: Option<&str>) -> Report {
 
 /// `rlsgate check`: prints the report, and exits with status 1 when
 /// something failed.
-pub async fn command(path: &Path, database: Option<&str>) {
+pub(crate) async fn command(path: &Path, database: Option<&str>) {
     let report = run(path, database).await;
     print!("{report}");
     if !report.passed() {
@@ -184,7 +184,12 @@ pub async fn command(path: &Path, database: Option<&str>) {
 }
 
 /// Checks a loaded configuration; `path` is only named in the advice.
-pub async fn check(config: &Config, path: &Path, database: Option<&str>, report: &mut Report) {
+pub(crate) async fn check(
+    config: &Config,
+    path: &Path,
+    database: Option<&str>,
+    report: &mut Report,
+) {
     check_providers(config, report).await;
     check_upstream(config, path, database, report).await;
 }
