@@ -13,15 +13,20 @@
 //! - [`upstream`]: the Postgres side — log in, bind the claims, TLS, the pool.
 //! - [`ops`]: for operators — admin endpoints, metrics, tampering alarms,
 //!   configuration reload, `rlsgate check`.
-//! - [`commands`]: the command line and the commands that are not the proxy
-//!   (`init-db`, `demo`, `keygen`, `token`, `issuer`).
+//! - [`commands`]: the command line — `cli` parses and dispatches; `serve`,
+//!   `init-db`, `demo` and the development tools (`keygen`, `token`,
+//!   `issuer`) each have a file.
 //! - [`dev`]: a throwaway PostgreSQL, signing keys and a token issuer, for
 //!   `demo` and the tests.
 //!
-//! [`clock`] is the one place that reads the current Unix time.
+//! [`config`] is the TOML file, one file per section; [`clock`] is the one
+//! place that reads the current Unix time.
+//!
+//! Items are `pub(crate)` unless the integration tests, the benchmark or the
+//! fuzz targets use them; [`config`] and [`dev`] are public whole.
 
 pub mod auth;
-pub mod clock;
+pub(crate) mod clock;
 pub mod commands;
 pub mod config;
 pub mod dev;

@@ -1,4 +1,5 @@
-//! The command line and the commands besides serving.
+//! The command line: [`cli`] parses the arguments and hands each command to
+//! its own file (`rlsgate check` lives with the check, in `ops`).
 
 pub mod cli;
 pub(crate) mod demo;

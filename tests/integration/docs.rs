@@ -198,3 +198,83 @@ fn code_blocks_are_found_with_their_language_and_indentation_removed() {
     assert_eq!(blocks[1].info, "toml");
     assert_eq!(blocks[1].text, "k = 1\n");
 }
+
+/// The part of the README's "Project layout" tree that draws `src/`.
+fn src_layout() -> String {
+    let readme = readme();
+    let section = readme
+        .split("\n## Project layout\n")
+        .nth(1)
+        .expect("the README has a \"Project layout\" section");
+    let tree = code_blocks(section)
+        .into_iter()
+        .next()
+        .expect("the Project layout section opens with the tree")
+        .text;
+    let start = tree.find("src/\n").expect("the tree draws src/");
+    let end = tree
+        .find("tests/integration/")
+        .expect("the tree draws tests/");
+    tree[start + "src/\n".len()..end].to_owned()
+}
+
+/// The folders below `dir` (recursively) and the `.rs` files directly in it.
+fn folders_and_files(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let (mut folders, mut files) = (Vec::new(), Vec::new());
+    for entry in fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        let path = entry.path();
+        if path.is_dir() {
+            folders.push(path);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+    (folders, files)
+}
+
+#[test]
+fn the_readmes_project_layout_names_every_folder_and_module_of_src_and_nothing_else() {
+    let layout = src_layout();
+    let words: Vec<&str> = layout
+        .split(|c: char| !(c.is_alphanumeric() || "_./".contains(c)))
+        .map(|w| w.trim_end_matches('.'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let src = manifest_dir().join("src");
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    let stem = |p: &Path| p.file_stem().unwrap().to_string_lossy().into_owned();
+    let (stages, top_files) = folders_and_files(&src);
+    for file in &top_files {
+        assert!(
+            words.contains(&name(file).as_str()),
+            "{} is missing",
+            name(file)
+        );
+    }
+    for stage in &stages {
+        let folder = format!("{}/", name(stage));
+        assert!(words.contains(&folder.as_str()), "src/{folder} is missing");
+        let (inner, files) = folders_and_files(stage);
+        for module in files.iter().map(|f| stem(f)).filter(|m| m != "mod") {
+            assert!(
+                words.contains(&module.as_str()),
+                "src/{folder}{module}.rs is missing"
+            );
+        }
+        for inner in &inner {
+            let inner = format!("{}/", name(inner));
+            assert!(
+                words.contains(&inner.as_str()),
+                "src/{folder}{inner} is missing"
+            );
+        }
+    }
+    for folder in words.iter().filter(|w| w.ends_with('/')) {
+        let exists =
+            src.join(folder).is_dir() || stages.iter().any(|stage| stage.join(folder).is_dir());
+        assert!(
+            exists,
+            "the layout draws {folder}, which src/ does not have"
+        );
+    }
+}
