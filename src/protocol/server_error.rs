@@ -77,6 +77,35 @@ mod tests {
         assert!(ServerError::from_frame(frame("FATAL", "57P01", "bye")).is_fatal());
     }
 
+    /// An ErrorResponse with these fields, as a server writes it.
+    fn error_with(fields: &[(u8, &str)]) -> Frame {
+        let mut body = Vec::new();
+        for (kind, value) in fields {
+            body.push(*kind);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut out = BytesMut::from(&b"E"[..]);
+        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        out.extend_from_slice(&body);
+        Frame::from_raw(out)
+    }
+
+    #[test]
+    fn the_untranslated_severity_decides_and_the_translated_one_stands_in_for_old_servers() {
+        // lc_messages = 'de_DE': S is translated, V is not.
+        let german = error_with(&[(b'S', "FATAL-DE"), (b'V', "FATAL"), (b'C', "57P01")]);
+        assert!(ServerError::from_frame(german).is_fatal());
+        let german_error = error_with(&[(b'S', "FEHLER"), (b'V', "ERROR"), (b'C', "42501")]);
+        let error = ServerError::from_frame(german_error);
+        assert_eq!(error.severity, "ERROR");
+        assert!(!error.is_fatal());
+        // A server before 9.6 sends no V.
+        let old = error_with(&[(b'S', "ERROR"), (b'C', "42501")]);
+        assert!(!ServerError::from_frame(old).is_fatal());
+    }
+
     #[test]
     fn what_is_not_an_error_response_has_no_fields_and_counts_as_fatal() {
         let mut out = BytesMut::new();
