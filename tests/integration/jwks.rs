@@ -8,13 +8,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::support::{Harness, WAIT, db_error, poll_until};
+use crate::support::{Harness, PAST_COOLDOWN, WAIT, db_error, poll_until};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
 use tokio::time::{sleep, timeout};
-
-/// Longer than the harness's `refetch_cooldown = "1s"`.
-const PAST_COOLDOWN: Duration = Duration::from_millis(1300);
 
 /// `future`'s output, or a failure naming `what` if it takes longer than `limit`.
 async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {

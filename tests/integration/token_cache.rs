@@ -9,9 +9,6 @@ use crate::support::{Harness, jwt_header, unix_now};
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
 
-/// Longer than the harness's `refetch_cooldown = "1s"`.
-const PAST_COOLDOWN: Duration = Duration::from_millis(1300);
-
 /// The harness's `leeway = "2s"`, in seconds.
 const LEEWAY: u64 = 2;
 
@@ -22,18 +19,7 @@ const LEEWAY: u64 = 2;
 async fn take_away_the_key(h: &Harness) {
     let kid = h.issuer.current_kid(KeyKind::Rs256);
     h.issuer.retire(&kid);
-    tokio::time::sleep(PAST_COOLDOWN).await;
-    let before = h.issuer.jwks_fetches();
-    let unknown = h
-        .issuer
-        .mint_with_unpublished_key(KeyKind::Rs256, json!({"sub": "mallory", "aud": "todo-app"}));
-    let message = h.connect_refused("authenticated", &unknown).await;
-    assert!(message.contains("no key"), "{message}");
-    assert_eq!(
-        h.issuer.jwks_fetches(),
-        before + 1,
-        "the JWKS was refetched"
-    );
+    h.unknown_key_refused_after_one_refetch().await;
 
     let fresh = h
         .issuer

@@ -28,6 +28,9 @@ pub const SIGNING_KEY: &str = "cmxzZ2F0ZS10ZXN0LXNpZ25pbmcta2V5LTMyLWJ5dGVzIQ=="
 /// How long any single wait in these tests may take before it is a failure.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Longer than the harness's `refetch_cooldown = "1s"`.
+pub const PAST_COOLDOWN: Duration = Duration::from_millis(1300);
+
 /// What the tests add to the sample application.
 const TEST_SCHEMA: &str = "
 grant select on todos to anonymous;
@@ -628,4 +631,25 @@ pub async fn a_cancel_request_ends(client: Client) {
         .unwrap();
     let error = result.expect_err("pg_sleep(60) must be cancelled");
     assert_eq!(db_error(&error).0, "57014");
+}
+
+impl Harness {
+    /// Once the refetch cooldown has passed, a token signed with a key the
+    /// issuer never published is refused for want of a key, after exactly
+    /// one refetch of the JWKS.
+    pub async fn unknown_key_refused_after_one_refetch(&self) {
+        tokio::time::sleep(PAST_COOLDOWN).await;
+        let before = self.issuer.jwks_fetches();
+        let unknown = self.issuer.mint_with_unpublished_key(
+            KeyKind::Rs256,
+            json!({"sub": "mallory", "aud": "todo-app"}),
+        );
+        let message = self.connect_refused("authenticated", &unknown).await;
+        assert!(message.contains("no key"), "{message}");
+        assert_eq!(
+            self.issuer.jwks_fetches(),
+            before + 1,
+            "the JWKS was refetched once"
+        );
+    }
 }
