@@ -544,3 +544,32 @@ async fn requests_are_counted_by_outcome_and_status_and_refusals_by_reason() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn shutdown_lets_a_request_in_flight_finish_and_takes_no_new_ones() {
+    let h = serving_http("").await;
+    let alice = Call::as_user(&h, "alice");
+    let Harness { proxy, pg, issuer } = h;
+    let in_flight = alice.send(json!({"query": "select pg_sleep(1), 'finished'"}));
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.shutdown().await;
+    };
+    let ((status, body), ()) = tokio::join!(in_flight, stop);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rows"][0][1], "finished");
+    let refused = alice.request(&json!({"query": "select 1"})).send().await;
+    assert!(refused.is_err(), "a request after shutdown is not served");
+    drop((pg, issuer));
+}
+
+#[tokio::test]
+async fn a_reload_applies_to_the_next_request() {
+    let h = serving_http("").await;
+    let alice = Call::as_user(&h, "alice");
+    let long = json!({"query": format!("select '{}'", "x".repeat(2000))});
+    assert_eq!(alice.send(long.clone()).await.0, 200);
+    h.reload_with(&format!("{HTTP}max_request_bytes = 1000\n"))
+        .expect("the reload applies");
+    assert_eq!(alice.send(long).await.0, 413);
+}
