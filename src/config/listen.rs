@@ -20,8 +20,8 @@ pub struct Listen {
     /// Accept tokens over plaintext TCP on a non-loopback address.
     #[serde(default)]
     pub allow_plaintext_tokens: bool,
-    /// Sessions served at once: a slot is taken once the client's startup
-    /// packet has arrived.
+    /// Sessions, and HTTP requests, served at once: a session's slot is
+    /// taken once its token is checked, a request's when it arrives.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
     /// Connections not yet authenticated (TLS handshake, startup packet,

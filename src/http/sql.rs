@@ -59,13 +59,42 @@ pub(super) async fn handle(
 ) -> Response {
     let mut tally = Tally::new(&services);
     let mut seen = Seen::default();
-    let result = answer(&services, &peer, &headers, body, &mut seen).await;
+    // A request in flight is a client served, as a wire session is: its
+    // body and its answer are in memory until it ends.
+    let result = match request_slot(&services) {
+        Ok(_slot) => answer(&services, &peer, &headers, body, &mut seen).await,
+        Err(refusal) => Err(refusal.into()),
+    };
     let (outcome, response) = match result {
         Ok((results, batch)) => ("ok", ok_response(results, &headers, batch)),
         Err(failure) => failure_response(failure, &services, &seen),
     };
+    tracing::debug!(
+        target: LOG_TARGET,
+        client = %peer.address,
+        role = seen.role.as_deref(),
+        token = seen.token.as_deref(),
+        outcome,
+        status = response.status().as_u16(),
+        "answered a request"
+    );
     tally.finish(outcome, response.status());
     response
+}
+
+/// A slot of `[listen] max_connections`, which wire sessions and HTTP
+/// requests in flight share: 53300 when it is full.
+fn request_slot(services: &Services) -> Result<tokio::sync::OwnedSemaphorePermit, Refusal> {
+    services.limit.try_acquire().ok_or_else(|| {
+        Refusal::new(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!(
+                "too many connections: rlsgate serves at most {} sessions and requests at once",
+                services.config.listen.max_connections
+            ),
+        )
+        .because(Reason::Limit)
+    })
 }
 
 async fn answer(

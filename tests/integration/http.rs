@@ -433,6 +433,23 @@ async fn a_request_waits_for_a_free_connection_and_is_refused_with_53300_when_no
 }
 
 #[tokio::test]
+async fn requests_in_flight_count_against_max_connections_with_sessions() {
+    let h = Harness::start_with(&format!("[listen]\nmax_connections = 1\n{HTTP}")).await;
+    let session = h.connect_as("bob").await;
+    let alice = Call::as_user(&h, "alice");
+    let (status, body) = alice.send(json!({"query": "select 1"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["code"], "53300", "{body}");
+    drop(session);
+    let answered = poll_until(WAIT, "the session's slot is free", || async {
+        let (status, _) = alice.send(json!({"query": "select 1"})).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(answered, ());
+}
+
+#[tokio::test]
 async fn requests_go_on_after_the_database_restarts() {
     let mut h = Harness::start_alone(HTTP).await;
     let alice = Call::as_user(&h, "alice");
