@@ -42,6 +42,10 @@ enum Command {
         /// The port the proxy listens on (127.0.0.1); 0 picks a free one.
         #[arg(long, default_value_t = 6432)]
         port: u16,
+        /// The port of the HTTP front door (POST /sql, WebSocket), on
+        /// 127.0.0.1; 0 picks a free one.
+        #[arg(long, default_value_t = 4444)]
+        http_port: u16,
         /// Print the connection details as one JSON object on stdout, for scripts.
         #[arg(long)]
         json: bool,
@@ -222,8 +226,19 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             check::command(&config, database.as_deref()).await;
             Ok(())
         }
-        Command::Demo { port, json, keep } => {
-            demo::run(demo::Options { port, json, keep }, shutdown::signal()).await
+        Command::Demo {
+            port,
+            http_port,
+            json,
+            keep,
+        } => {
+            let options = demo::Options {
+                port,
+                http_port,
+                json,
+                keep,
+            };
+            demo::run(options, shutdown::signal()).await
         }
         Command::InitDb {
             database_url,

@@ -21,6 +21,8 @@ use crate::session::listener::RunningProxy;
 pub(crate) struct Options {
     /// The proxy's port on 127.0.0.1; 0 picks a free one.
     pub(crate) port: u16,
+    /// The HTTP front door's port on 127.0.0.1; 0 picks a free one.
+    pub(crate) http_port: u16,
     /// Print the connection details as JSON instead of prose.
     pub(crate) json: bool,
     /// Leave the database directory behind on exit.
@@ -40,12 +42,12 @@ pub(crate) async fn run(
 
     let issuer = DevIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let listen = SocketAddr::from(([127, 0, 0, 1], options.port));
-    let config = Config::parse(&sample_config(
-        listen,
-        pg.port(),
-        &issuer.issuer(),
-        &key_base64,
-    ))?;
+    let mut config = sample_config(listen, pg.port(), &issuer.issuer(), &key_base64);
+    config.push_str(&format!(
+        "\n[http]\naddress = \"127.0.0.1:{}\"\n",
+        options.http_port
+    ));
+    let config = Config::parse(&config)?;
     let proxy = RunningProxy::start(config).await?;
 
     let details = connection_details(&proxy, &issuer, &pg);
@@ -89,6 +91,8 @@ async fn install_sample(pg: &TempPostgres, key_base64: &str) -> anyhow::Result<(
 /// the ways to use it.
 fn connection_details(proxy: &RunningProxy, issuer: &DevIssuer, pg: &TempPostgres) -> Value {
     let port = proxy.address.port();
+    let http = proxy.http_address.map(|a| a.port()).unwrap_or_default();
+    let sql_url = format!("http://127.0.0.1:{http}/sql");
     let users: serde_json::Map<String, Value> = USERS
         .iter()
         .map(|user| {
@@ -96,9 +100,13 @@ fn connection_details(proxy: &RunningProxy, issuer: &DevIssuer, pg: &TempPostgre
             let url =
                 format!("postgresql://authenticated:{token}@127.0.0.1:{port}/app?sslmode=disable");
             let psql = format!("psql \"{url}\" -c 'select * from todos'");
+            let curl = format!(
+                "curl -s {sql_url} -H 'Neon-Connection-String: postgresql://authenticated@127.0.0.1/app' \
+                 -H 'Authorization: Bearer {token}' -d '{{\"query\": \"select title from todos\"}}'"
+            );
             (
                 user.to_string(),
-                json!({"token": token, "url": url, "psql": psql}),
+                json!({"token": token, "url": url, "psql": psql, "curl": curl}),
             )
         })
         .collect();
@@ -107,6 +115,10 @@ fn connection_details(proxy: &RunningProxy, issuer: &DevIssuer, pg: &TempPostgre
         "port": port,
         "database": "app",
         "user": "authenticated",
+        "http": {
+            "sql": sql_url,
+            "websocket": format!("ws://127.0.0.1:{http}/v2"),
+        },
         "issuer": issuer.issuer(),
         "data_dir": pg.data_dir(),
         "users": users,
@@ -131,6 +143,19 @@ fn print_instructions(details: &Value) {
     }
     println!("# An application connects the same way, with the user's JWT as the password:");
     println!("#   postgresql://authenticated:<JWT>@127.0.0.1:{port}/app");
+    println!();
+    println!("# Or over HTTP, as @neondatabase/serverless does, one token per request:");
+    println!(
+        "{}",
+        details["users"]["alice"]["curl"]
+            .as_str()
+            .unwrap_or_default()
+    );
+    println!(
+        "# (the driver: neonConfig.fetchEndpoint = '{}', WebSocket {})",
+        details["http"]["sql"].as_str().unwrap_or_default(),
+        details["http"]["websocket"].as_str().unwrap_or_default()
+    );
     println!();
     println!("Press Ctrl-C to stop; everything the demo created is then removed.");
 }

@@ -11,7 +11,9 @@
 //!   frames, served as a wire connection (the token is the password).
 //! - `OPTIONS`: the CORS preflight, for browsers.
 //!
-//! HTTP/1.1 only, TLS (https, wss) with `[listen] tls_cert`/`tls_key`.
+//! HTTP/1.1 only. With `[listen] tls_cert`/`tls_key` a client that starts
+//! a TLS handshake gets https (and wss); plain HTTP stays possible, and
+//! tokens are refused over it off loopback, as on the wire.
 
 mod exchange;
 mod json;
@@ -39,6 +41,9 @@ use crate::session::stream::ClientStream;
 /// Log lines name the subsystem, not the file: operators filter on it
 /// (`RUST_LOG=rlsgate::http=debug`).
 const LOG_TARGET: &str = "rlsgate::http";
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 /// The headers a browser may send on a cross-origin request.
 const ALLOWED_HEADERS: &str = "Authorization, Content-Type, Neon-Connection-String, \
@@ -104,13 +109,10 @@ async fn connection(
     crate::session::net::tune(&tcp);
     let local_is_loopback = tcp.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let handshake = accepted_with.config.listen.auth_timeout;
-    let stream = match &accepted_with.tls {
-        None => ClientStream::Plain(tcp),
-        Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
-            _ => return,
-        },
+    let Ok(stream) = tokio::time::timeout(handshake, secure(tcp, &accepted_with)).await else {
+        return;
     };
+    let Some(stream) = stream else { return };
     let peer = Peer {
         address,
         tls: stream.is_tls(),
@@ -137,6 +139,22 @@ async fn connection(
     tokio::select! {
         _ = http.as_mut() => {}
         () = shutdown.recv() => {}
+    }
+}
+
+/// TLS when the client starts a handshake and TLS is configured; else
+/// plain HTTP, where tokens are refused off loopback (as on the wire).
+/// `None` when the handshake fails.
+async fn secure(tcp: tokio::net::TcpStream, services: &Services) -> Option<ClientStream> {
+    let Some(acceptor) = &services.http_tls else {
+        return Some(ClientStream::Plain(tcp));
+    };
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).await.ok()? == 1 && first[0] == TLS_HANDSHAKE {
+        let tls = acceptor.accept(tcp).await.ok()?;
+        Some(ClientStream::Tls(Box::new(tls)))
+    } else {
+        Some(ClientStream::Plain(tcp))
     }
 }
 

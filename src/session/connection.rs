@@ -51,6 +51,8 @@ pub(crate) struct Services {
     /// How the upstream connections of sessions and cancel requests are made.
     pub(crate) upstream_tls: UpstreamTls,
     pub(crate) tls: Option<TlsAcceptor>,
+    /// The same certificate for the HTTP front door (ALPN `http/1.1`).
+    pub(crate) http_tls: Option<TlsAcceptor>,
     /// Kept across reloads, so counts go on.
     pub(crate) metrics: Arc<Metrics>,
     /// Warm upstream connections, with `[pool] mode = "session"`.

@@ -62,9 +62,16 @@ fn reloaded(previous: &Services, config: Config) -> anyhow::Result<Services> {
 }
 
 fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services> {
-    let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
-        (Some(cert), Some(key)) => Some(front_door::acceptor(tls::server_config(cert, key)?)),
-        _ => None,
+    let acceptor = |alpn: &[u8]| match (&config.listen.tls_cert, &config.listen.tls_key) {
+        (Some(cert), Some(key)) => anyhow::Ok(Some(front_door::acceptor(tls::server_config(
+            cert, key, alpn,
+        )?))),
+        _ => Ok(None),
+    };
+    let tls = acceptor(tls::ALPN_POSTGRESQL)?;
+    let http_tls = match config.http.address {
+        Some(_) => acceptor(tls::ALPN_HTTP1)?,
+        None => None,
     };
     let resized = |old: Option<&Arc<Limit>>, size: usize| match old {
         Some(limit) => {
@@ -96,6 +103,7 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
         upstream_tls: UpstreamTls::from_config(&config.upstream)?
             .watched_by(Arc::clone(&tampering)),
         tls,
+        http_tls,
         metrics,
         tampering,
         pool: match previous {

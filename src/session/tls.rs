@@ -10,10 +10,17 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 /// ALPN protocol name that PostgreSQL 17+ clients send with direct TLS.
 pub(crate) const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
-/// Loads a PEM certificate chain and private key into a rustls server config.
+/// ALPN protocol name of HTTP/1.1, for the HTTP front door.
+pub(crate) const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Loads a PEM certificate chain and private key into a rustls server
+/// config that offers `alpn` (one protocol: a client that offers others
+/// only is turned away, so a connection meant for one protocol never
+/// reaches a server of the other).
 pub(crate) fn server_config(
     cert_path: &Path,
     key_path: &Path,
+    alpn: &[u8],
 ) -> anyhow::Result<Arc<ServerConfig>> {
     let certs: Vec<CertificateDer<'static>> =
         rustls_pemfile::certs(&mut read(cert_path)?.as_slice())
@@ -36,7 +43,7 @@ pub(crate) fn server_config(
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("the TLS certificate and key do not match")?;
-    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio_postgres::NoTls;
 
 /// The demo process, killed if a test fails before stopping it.
@@ -18,7 +18,7 @@ struct Demo {
 impl Demo {
     fn start(extra_args: &[&str]) -> Demo {
         let mut child = Command::new(env!("CARGO_BIN_EXE_rlsgate"))
-            .args(["demo", "--json", "--port", "0"])
+            .args(["demo", "--json", "--port", "0", "--http-port", "0"])
             .args(extra_args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -114,6 +114,31 @@ async fn the_demo_serves_alice_and_bob_their_own_todos_and_leaves_nothing_behind
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("fix the bike"), "{printed}");
     assert!(!printed.contains("water the plants"), "{printed}");
+
+    // Over HTTP, with the printed endpoint and a token per request.
+    let sql = demo.details["http"]["sql"].as_str().unwrap();
+    for (user, titles) in [
+        ("alice", json!([["water the plants"], ["call mum"]])),
+        ("bob", json!([["fix the bike"]])),
+    ] {
+        let token = demo.details["users"][user]["token"].as_str().unwrap();
+        let answer: Value = reqwest::Client::new()
+            .post(sql)
+            .header(
+                "Neon-Connection-String",
+                "postgresql://authenticated@127.0.0.1/app",
+            )
+            .header("Neon-Array-Mode", "true")
+            .bearer_auth(token)
+            .body(r#"{"query": "select title from todos order by id"}"#)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["rows"], titles, "{user}: {answer}");
+    }
 
     let data_dir = demo.data_dir();
     assert!(data_dir.exists());

@@ -4,12 +4,14 @@
 //! with the SQLSTATE, limits, CORS, cancellation and database restarts.
 //! The driver itself runs in `serverless.rs`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::{Value, json};
 
-use crate::support::{Harness, WAIT, unix_now};
+use crate::support::pki::TestPki;
+use crate::support::{Harness, WAIT, http_get, metric, poll_until, unix_now};
 
 const HTTP: &str = "[http]\naddress = \"127.0.0.1:0\"\n";
 
@@ -20,16 +22,21 @@ async fn serving_http(extra: &str) -> Harness {
 
 /// One request to `/sql` as the driver sends it (raw text, array mode).
 struct Call<'a> {
-    h: &'a Harness,
+    /// `http://ADDRESS/sql`, with this client.
+    address: SocketAddr,
+    client: reqwest::Client,
+    scheme: &'static str,
     role: &'a str,
     token: Option<String>,
     headers: Vec<(&'static str, String)>,
 }
 
 impl<'a> Call<'a> {
-    fn new(h: &'a Harness, token: Option<String>) -> Call<'a> {
+    fn new(h: &Harness, token: Option<String>) -> Call<'a> {
         Call {
-            h,
+            address: h.proxy.http_address.expect("[http] address is set"),
+            client: reqwest::Client::new(),
+            scheme: "http",
             role: "authenticated",
             token,
             headers: vec![
@@ -39,7 +46,7 @@ impl<'a> Call<'a> {
         }
     }
 
-    fn as_user(h: &'a Harness, sub: &str) -> Call<'a> {
+    fn as_user(h: &Harness, sub: &str) -> Call<'a> {
         Call::new(h, Some(h.token(sub)))
     }
 
@@ -50,9 +57,9 @@ impl<'a> Call<'a> {
     }
 
     fn request(&self, body: &Value) -> reqwest::RequestBuilder {
-        let address = self.h.proxy.http_address.expect("[http] address is set");
-        let mut request = reqwest::Client::new()
-            .post(format!("http://{address}/sql"))
+        let mut request = self
+            .client
+            .post(format!("{}://{}/sql", self.scheme, self.address))
             .header(
                 "Neon-Connection-String",
                 format!("postgresql://{}@db.example/app", self.role),
@@ -464,4 +471,105 @@ async fn the_cors_preflight_allows_the_drivers_headers_from_allowed_origins() {
     }
     let other = preflight("https://evil.example").await.unwrap();
     assert!(!other.headers().contains_key("access-control-allow-origin"));
+}
+
+#[tokio::test]
+async fn tokens_need_https_off_loopback_as_they_need_tls_on_the_wire() {
+    let ip = crate::tls::non_loopback_ipv4();
+    let pki = TestPki::generate(&[IpAddr::V4(ip)]);
+    let h = serving_http("").await;
+    let extra = format!("{}\n[http]\naddress = \"{ip}:0\"\n", pki.listen_toml());
+    let proxy = h.another_proxy(ip.into(), &extra).await;
+    let mut plain = Call::as_user(&h, "alice");
+    plain.address = proxy.http_address.unwrap();
+    let (status, body) = plain.send(json!({"query": "select 1"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["code"], "28000");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("TLS is required"),
+        "{body}"
+    );
+
+    let ca = reqwest::Certificate::from_pem(pki.ca_text().as_bytes()).unwrap();
+    let mut https = Call::as_user(&h, "alice");
+    https.address = plain.address;
+    https.scheme = "https";
+    https.client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    assert_eq!(https.value("select auth.user_id()").await, json!("alice"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_are_counted_by_outcome_and_status_and_refusals_by_reason() {
+    let h = Harness::start_with_admin(HTTP).await;
+    let alice = Call::as_user(&h, "alice");
+    alice.value("select 1").await;
+    alice.code(json!({"query": "select 1/0"})).await;
+    Call::new(&h, None).code(json!({"query": "select 1"})).await;
+    let text = poll_until(WAIT, "the requests are counted", || async {
+        let (_, text) = http_get(&h.admin_url("/metrics")).await;
+        let counted = |outcome: &str, status: &str| {
+            metric(
+                &text,
+                "rlsgate_http_requests_total",
+                &[("outcome", outcome), ("status", status)],
+            )
+        };
+        (counted("ok", "200") == Some(1.0)
+            && counted("database_error", "400") == Some(1.0)
+            && counted("refused", "400") == Some(1.0))
+        .then_some(text)
+    })
+    .await;
+    assert_eq!(
+        metric(&text, "rlsgate_http_requests_active", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&text, "rlsgate_refusals_total", &[("reason", "malformed")]),
+        Some(1.0)
+    );
+    assert!(
+        text.contains("rlsgate_http_request_duration_seconds_count 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rlsgate_http_upstream_wait_seconds_count 2"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_request_in_flight_finish_and_takes_no_new_ones() {
+    let h = serving_http("").await;
+    let alice = Call::as_user(&h, "alice");
+    let Harness { proxy, pg, issuer } = h;
+    let in_flight = alice.send(json!({"query": "select pg_sleep(1), 'finished'"}));
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.shutdown().await;
+    };
+    let ((status, body), ()) = tokio::join!(in_flight, stop);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rows"][0][1], "finished");
+    let refused = alice.request(&json!({"query": "select 1"})).send().await;
+    assert!(refused.is_err(), "a request after shutdown is not served");
+    drop((pg, issuer));
+}
+
+#[tokio::test]
+async fn a_reload_applies_to_the_next_request() {
+    let h = serving_http("").await;
+    let alice = Call::as_user(&h, "alice");
+    let long = json!({"query": format!("select '{}'", "x".repeat(2000))});
+    assert_eq!(alice.send(long.clone()).await.0, 200);
+    h.reload_with(&format!("{HTTP}max_request_bytes = 1000\n"))
+        .expect("the reload applies");
+    assert_eq!(alice.send(long).await.0, 413);
 }

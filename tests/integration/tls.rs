@@ -226,7 +226,7 @@ async fn direct_tls_without_alpn_postgresql_is_rejected() {
 
 /// An IPv4 address of this machine that is not loopback. Tests that need
 /// one fail, rather than skip, when there is none.
-fn non_loopback_ipv4() -> Ipv4Addr {
+pub(crate) fn non_loopback_ipv4() -> Ipv4Addr {
     // Connecting a UDP socket sends nothing; it only picks the route and so
     // the local address (198.51.100.0/24 is TEST-NET-2).
     let routed = std::net::UdpSocket::bind("0.0.0.0:0")
