@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the client checks (tests/integration/clients.rs) run: psql and pgbench,
-# pgjdbc and a JDK, psycopg 3 with psycopg_pool in clients/python/.venv, and
-# the Node.js drivers pg and postgres from clients/node/package-lock.json.
+# pgjdbc and a JDK, psycopg 3 with psycopg_pool in clients/python/.venv, the
+# Node.js drivers pg and postgres from clients/node/package-lock.json, and
+# (for tests/integration/serverless.rs) @neondatabase/serverless, drizzle-orm
+# and ws from clients/serverless/package-lock.json.
 # Running it again installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -52,6 +54,14 @@ if ! cmp -s node/package-lock.json node/node_modules/.package-lock.json.installe
   cp node/package-lock.json node/node_modules/.package-lock.json.installed
 fi
 node -e 'for (const m of ["pg", "postgres"]) console.log(m, require("./node/node_modules/" + m + "/package.json").version)'
+
+# The serverless driver and Drizzle, likewise from their own lock file.
+if ! cmp -s serverless/package-lock.json serverless/node_modules/.package-lock.json.installed 2>/dev/null; then
+  echo "installing serverless node modules (npm ci)"
+  (cd serverless && npm ci --no-audit --no-fund --loglevel=error)
+  cp serverless/package-lock.json serverless/node_modules/.package-lock.json.installed
+fi
+node -e 'for (const m of ["@neondatabase/serverless", "drizzle-orm", "ws"]) console.log(m, require("./serverless/node_modules/" + m + "/package.json").version)'
 
 echo "java: $(javac -version 2>&1), pgjdbc: $JDBC_JAR"
 echo "client checks ready: cargo test --test clients"

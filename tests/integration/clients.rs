@@ -39,13 +39,13 @@ const SHORT_TOKEN_LIFETIME: u64 = 5;
 /// The title of the row bob owns before a program starts; alice must not see it.
 const BOBS_ROW: &str = "bob's own todo";
 
-const INSTALL_HINT: &str = "run `bash clients/install.sh` to install the client drivers";
+pub(crate) const INSTALL_HINT: &str = "run `bash clients/install.sh` to install the client drivers";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn clients_dir(sub: &str) -> PathBuf {
+pub(crate) fn clients_dir(sub: &str) -> PathBuf {
     repo().join("clients").join(sub)
 }
 
@@ -53,16 +53,16 @@ fn clients_dir(sub: &str) -> PathBuf {
 /// programs read: the proxy's address, tokens for alice and bob, an expired
 /// one, and a short-lived one of alice's with the time the proxy ends its
 /// sessions.
-struct Setup {
-    h: Harness,
-    env: Vec<(&'static str, String)>,
+pub(crate) struct Setup {
+    pub(crate) h: Harness,
+    pub(crate) env: Vec<(&'static str, String)>,
     /// The certificate and key of a proxy with TLS.
     _pki: Option<TestPki>,
 }
 
 /// Over plaintext on loopback, or with TLS.
 #[derive(Clone, Copy, PartialEq)]
-enum Transport {
+pub(crate) enum Transport {
     Plaintext,
     Tls,
 }
@@ -91,9 +91,9 @@ async fn setup(transport: Transport) -> Setup {
     setup_with(transport, "").await
 }
 
-/// [`setup`], with `pool_toml` (a `[pool]` section, or nothing) added to the
-/// proxy's configuration.
-async fn setup_with(transport: Transport, pool_toml: &str) -> Setup {
+/// [`setup`], with `pool_toml` (a `[pool]` or `[http]` section, or nothing)
+/// added to the proxy's configuration.
+pub(crate) async fn setup_with(transport: Transport, pool_toml: &str) -> Setup {
     ensure_drivers_installed();
     let (h, pki) = match transport {
         Transport::Plaintext => (Harness::start_with(pool_toml).await, None),
@@ -138,7 +138,13 @@ impl Setup {
     /// Runs `program` with `args` in `dir`, with the connection details in
     /// its environment; it must exit 0 within `PROGRAM_TIME`. Returns its
     /// standard output.
-    async fn run(&self, what: &str, program: &Path, args: &[&str], dir: &Path) -> String {
+    pub(crate) async fn run(
+        &self,
+        what: &str,
+        program: &Path,
+        args: &[&str],
+        dir: &Path,
+    ) -> String {
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
@@ -173,7 +179,7 @@ impl Setup {
 
     /// After a program: every row belongs to alice or bob, bob's row is
     /// untouched and alone, nothing rolled back was kept, and alice has rows.
-    async fn assert_rows_sound(&self) -> BTreeMap<String, i64> {
+    pub(crate) async fn assert_rows_sound(&self) -> BTreeMap<String, i64> {
         let admin = self.h.admin().await;
         let owners: BTreeMap<String, i64> = admin
             .query("select user_id, count(*) from todos group by user_id", &[])
@@ -219,7 +225,7 @@ fn find_program(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn require_program(name: &str, package: &str) -> PathBuf {
+pub(crate) fn require_program(name: &str, package: &str) -> PathBuf {
     find_program(name).unwrap_or_else(|| panic!("{name} not found ({package}): {INSTALL_HINT}"))
 }
 

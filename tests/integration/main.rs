@@ -25,6 +25,7 @@ mod protocol;
 mod providers;
 mod refusals;
 mod reload;
+mod serverless;
 mod session_end;
 mod startup_limits;
 mod startup_options;
