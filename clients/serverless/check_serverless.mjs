@@ -40,7 +40,7 @@ const EXPIRED = env('EXPIRED_TOKEN');
 // Point the driver at rlsgate: POST /sql and the WebSocket tunnel on its [http] address.
 neonConfig.fetchEndpoint = `http://${RLSGATE}/sql`;
 neonConfig.wsProxy = () => `${RLSGATE}/v2`;
-neonConfig.useSecureWebSocket = false; // ws:// here; wss:// through a TLS terminator
+neonConfig.useSecureWebSocket = false; // ws:// here; true (wss://) with [listen] tls_cert
 neonConfig.webSocketConstructor = ws; // Node.js before 22 has no WebSocket of its own
 neonConfig.poolQueryViaFetch = false; // Pool queries go through the WebSocket
 

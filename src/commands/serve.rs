@@ -23,6 +23,7 @@ pub(crate) async fn run(path: PathBuf) -> anyhow::Result<()> {
         target: LOG_TARGET,
         address = %proxy.address,
         admin = proxy.admin_address.map(tracing::field::display),
+        http = proxy.http_address.map(tracing::field::display),
         config = %path.display(),
         "rlsgate listening"
     );

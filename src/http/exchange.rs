@@ -2,8 +2,9 @@
 //!
 //! Everything is written at once, as three parts:
 //!
-//! 1. `set_config` of the request's signed envelope (and, for a batch, the
-//!    `default_transaction_*` settings its transaction starts with), as
+//! 1. `set_config` of the request's signed envelope, its `application_name`
+//!    (from the connection string) and, for a batch, the
+//!    `default_transaction_*` settings its transaction starts with, as
 //!    bound parameters, then Sync;
 //! 2. each statement (Parse, Bind, Describe, Execute), then one Sync: the
 //!    statements share one transaction, which the first error rolls back;
@@ -55,12 +56,11 @@ pub(super) type Answer = Result<(), DbError>;
 /// idle unless it returns an error.
 pub(super) async fn run(
     stream: &mut UpstreamStream,
-    envelope: &str,
-    payload: &Payload,
-    batch: &BatchOptions,
+    request: &Request<'_>,
     encoder: &mut Encoder,
 ) -> Result<Answer, Spoiled> {
-    let out = compose(envelope, payload, batch).map_err(|e| Spoiled::Lost {
+    let payload = request.payload;
+    let out = compose(request).map_err(|e| Spoiled::Lost {
         reason: e.to_string(),
         answered: false,
     })?;
@@ -92,11 +92,29 @@ pub(super) async fn run(
     }
 }
 
+/// What one request runs.
+pub(super) struct Request<'a> {
+    /// The signed envelope of the request's claims.
+    pub(super) envelope: &'a str,
+    pub(super) application_name: Option<&'a str>,
+    pub(super) payload: &'a Payload,
+    pub(super) batch: &'a BatchOptions,
+}
+
 /// The three parts, in one buffer.
-fn compose(envelope: &str, payload: &Payload, batch: &BatchOptions) -> io::Result<BytesMut> {
+fn compose(request: &Request<'_>) -> io::Result<BytesMut> {
+    let Request {
+        envelope,
+        application_name,
+        payload,
+        batch,
+    } = request;
     let mut out = BytesMut::with_capacity(1024);
     let on_off = |b: bool| if b { "on" } else { "off" };
-    let mut settings = vec![(claims::SETTING, envelope)];
+    let mut settings = vec![(claims::SETTING, *envelope)];
+    if let Some(name) = application_name {
+        settings.push(("application_name", name));
+    }
     if let Payload::Batch(_) = payload {
         if let Some((level, _)) = batch.isolation {
             settings.push(("default_transaction_isolation", level));

@@ -25,6 +25,8 @@ pub(super) struct Headers {
     /// The `Authorization: Bearer` token, or else the connection string's
     /// password (drivers that put the token there).
     pub(super) token: Option<String>,
+    /// The connection string's `application_name`, set for the request.
+    pub(super) application_name: Option<String>,
     pub(super) raw_text: bool,
     pub(super) array_mode: bool,
     pub(super) batch: BatchOptions,
@@ -114,10 +116,15 @@ impl Headers {
             Some(value) => Some(bearer_token(value)?),
         };
         let token = bearer.or_else(|| url.password().map(decoded));
+        let application_name = url
+            .query_pairs()
+            .find(|(name, _)| name == "application_name")
+            .map(|(_, value)| value.into_owned());
         Ok(Headers {
             role,
             database,
             token,
+            application_name,
             raw_text: flag(RAW_TEXT_OUTPUT)?.unwrap_or(false),
             array_mode: flag(ARRAY_MODE)?.unwrap_or(false),
             batch: BatchOptions {
@@ -240,7 +247,7 @@ mod tests {
         let read = Headers::read(&headers(&[
             (
                 CONNECTION_STRING,
-                "postgresql://app%5Fuser:pw@db.example/my%20db?sslmode=require",
+                "postgresql://app%5Fuser:pw@db.example/my%20db?sslmode=require&application_name=my%20app",
             ),
             ("authorization", "Bearer abc.def.ghi"),
             (RAW_TEXT_OUTPUT, "true"),
@@ -250,6 +257,7 @@ mod tests {
         assert_eq!(read.role, "app_user");
         assert_eq!(read.database.as_deref(), Some("my db"));
         assert_eq!(read.token.as_deref(), Some("abc.def.ghi"));
+        assert_eq!(read.application_name.as_deref(), Some("my app"));
         assert!(read.raw_text && read.array_mode);
         assert_eq!(read.batch, BatchOptions::default());
     }

@@ -193,14 +193,13 @@ async fn run(
         let envelope = config.claims.signing_key.seal(identity, backend, exp);
         let mut encoder = Encoder::new(limit, request.raw_text, request.array_mode);
         let in_flight = InFlight::new(services, &lent);
-        let result = exchange::run(
-            &mut lent.stream,
-            &envelope,
+        let exchanged = exchange::Request {
+            envelope: &envelope,
+            application_name: request.application_name.as_deref(),
             payload,
-            &request.batch,
-            &mut encoder,
-        )
-        .await;
+            batch: &request.batch,
+        };
+        let result = exchange::run(&mut lent.stream, &exchanged, &mut encoder).await;
         match result {
             Ok(answer) => {
                 in_flight.done();

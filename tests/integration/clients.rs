@@ -41,7 +41,7 @@ const BOBS_ROW: &str = "bob's own todo";
 
 pub(crate) const INSTALL_HINT: &str = "run `bash clients/install.sh` to install the client drivers";
 
-fn repo() -> &'static Path {
+pub(crate) fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -555,7 +555,7 @@ fn doc_snippets(doc: &str) -> Vec<DocSnippet> {
 
 /// The regions of a program between `docs:begin NAME` and `docs:end` (in
 /// whatever comment the language has), by name.
-fn program_snippets(path: &Path) -> BTreeMap<String, String> {
+pub(crate) fn program_snippets(path: &Path) -> BTreeMap<String, String> {
     let source =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let mut snippets = BTreeMap::new();

@@ -27,6 +27,8 @@ struct Call<'a> {
     client: reqwest::Client,
     scheme: &'static str,
     role: &'a str,
+    /// Appended to the connection string (`?application_name=…`).
+    query: &'a str,
     token: Option<String>,
     headers: Vec<(&'static str, String)>,
 }
@@ -38,6 +40,7 @@ impl<'a> Call<'a> {
             client: reqwest::Client::new(),
             scheme: "http",
             role: "authenticated",
+            query: "",
             token,
             headers: vec![
                 ("Neon-Raw-Text-Output", "true".into()),
@@ -62,7 +65,7 @@ impl<'a> Call<'a> {
             .post(format!("{}://{}/sql", self.scheme, self.address))
             .header(
                 "Neon-Connection-String",
-                format!("postgresql://{}@db.example/app", self.role),
+                format!("postgresql://{}@db.example/app{}", self.role, self.query),
             )
             // The driver sends its JSON as text/plain.
             .header("Content-Type", "text/plain;charset=UTF-8")
@@ -261,6 +264,26 @@ async fn session_state_left_by_a_request_is_gone_for_the_next() {
             .get(0);
         assert_eq!(in_transaction, 0, "after {leave_behind}");
     }
+}
+
+#[tokio::test]
+async fn the_connection_strings_application_name_is_set_for_its_request_only() {
+    let h = serving_http("[pool]\nsize = 1\n").await;
+    let mut named = Call::as_user(&h, "alice");
+    named.query = "?application_name=todo%20app";
+    assert_eq!(
+        named
+            .value("select current_setting('application_name')")
+            .await,
+        json!("todo app")
+    );
+    let plain = Call::as_user(&h, "alice");
+    assert_eq!(
+        plain
+            .value("select current_setting('application_name')")
+            .await,
+        json!("")
+    );
 }
 
 #[tokio::test]

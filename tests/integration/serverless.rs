@@ -271,3 +271,48 @@ async fn neither_tokens_nor_envelopes_appear_in_the_log_of_the_front_door() {
         "the proxy's log",
     );
 }
+
+/// The README's serverless section quotes the program, verbatim, through
+/// `<!-- snippet: PATH NAME -->` markers, and quotes every region of it.
+#[test]
+fn the_readmes_serverless_snippets_are_the_code_that_runs() {
+    let readme = std::fs::read_to_string(crate::clients::repo().join("README.md")).unwrap();
+    let program = "clients/serverless/check_serverless.mjs";
+    let regions = crate::clients::program_snippets(&crate::clients::repo().join(program));
+    let lines: Vec<&str> = readme.lines().collect();
+    let mut quoted = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(name) = line
+            .trim()
+            .strip_prefix(&format!("<!-- snippet: {program} "))
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        else {
+            continue;
+        };
+        assert!(
+            lines[i + 1].starts_with("```"),
+            "README line {}: a code block must follow",
+            i + 2
+        );
+        let block: Vec<&str> = lines[i + 2..]
+            .iter()
+            .take_while(|l| !l.starts_with("```"))
+            .copied()
+            .collect();
+        let code = regions
+            .get(name)
+            .unwrap_or_else(|| panic!("{program} has no region {name}"));
+        assert_eq!(
+            &block.join("\n"),
+            code,
+            "the README's snippet {name} differs from {program}"
+        );
+        quoted.push(name.to_owned());
+    }
+    for name in regions.keys() {
+        assert!(
+            quoted.contains(name),
+            "{program}'s region {name} is not quoted in the README"
+        );
+    }
+}
