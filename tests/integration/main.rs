@@ -25,6 +25,7 @@ mod protocol;
 mod providers;
 mod refusals;
 mod reload;
+mod replicas;
 mod serverless;
 mod session_end;
 mod startup_limits;
