@@ -10,6 +10,9 @@
 //!   refusal reaches the client.
 //! - [`auth`]: is the password a JWT a configured provider signed (its JWKS,
 //!   a cache of verified tokens), and the signed envelope of its claims.
+//! - [`http`]: the serverless driver's front door — `POST /sql` with a
+//!   token per request over shared upstream connections, and the WebSocket
+//!   tunnel into the same path as a TCP client.
 //! - [`upstream`]: the Postgres side — log in, bind the claims, TLS, the pool.
 //! - [`ops`]: for operators — admin endpoints, metrics, tampering alarms,
 //!   configuration reload, `rlsgate check`.
@@ -30,6 +33,7 @@ pub(crate) mod clock;
 pub mod commands;
 pub mod config;
 pub mod dev;
+pub(crate) mod http;
 pub(crate) mod ops;
 pub mod protocol;
 pub mod session;

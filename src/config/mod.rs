@@ -3,6 +3,7 @@
 //! Each section has a file of its own: its keys, defaults and checks.
 
 mod claims;
+mod http;
 mod listen;
 mod pool;
 mod providers;
@@ -16,6 +17,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 pub use claims::Claims;
+pub use http::Http;
 pub use listen::Listen;
 pub use pool::{Pool, PoolMode};
 pub use providers::{ASYMMETRIC_ALGORITHMS, Provider};
@@ -38,6 +40,9 @@ pub struct Config {
     /// Warm upstream connections; off unless configured.
     #[serde(default)]
     pub pool: Pool,
+    /// The serverless driver's front door; off unless `address` is set.
+    #[serde(default)]
+    pub http: Http,
 }
 
 /// A configured secret, kept out of `Debug` output.
@@ -127,7 +132,8 @@ impl Config {
         self.listen.validate()?;
         self.claims.validate()?;
         self.upstream.validate()?;
-        self.pool.validate()?;
+        self.pool.validate(self.http.address.is_some())?;
+        self.http.validate()?;
         Ok(())
     }
 }

@@ -19,6 +19,10 @@ pub struct Pool {
     /// A connection this old is closed rather than reused.
     #[serde(default = "defaults::pool_max_lifetime", with = "humantime_serde")]
     pub max_lifetime: Duration,
+    /// How long a request waits for one of the `size` connections it may
+    /// use (HTTP requests) before it is refused with 53300.
+    #[serde(default = "defaults::pool_wait_timeout", with = "humantime_serde")]
+    pub wait_timeout: Duration,
 }
 
 impl Default for Pool {
@@ -28,6 +32,7 @@ impl Default for Pool {
             size: defaults::pool_size(),
             idle_timeout: defaults::pool_idle_timeout(),
             max_lifetime: defaults::pool_max_lifetime(),
+            wait_timeout: defaults::pool_wait_timeout(),
         }
     }
 }
@@ -43,13 +48,19 @@ pub enum PoolMode {
 }
 
 impl Pool {
-    pub(super) fn validate(&self) -> anyhow::Result<()> {
-        if self.mode == PoolMode::Session {
+    /// `serving_http`: the HTTP front door pools whatever the mode.
+    pub(super) fn validate(&self, serving_http: bool) -> anyhow::Result<()> {
+        if self.mode == PoolMode::Session || serving_http {
             if self.size == 0 {
-                bail!("[pool] size must be at least 1 with mode = \"session\"");
+                bail!(
+                    "[pool] size must be at least 1 with mode = \"session\" or [http] address set"
+                );
             }
             if self.idle_timeout.is_zero() || self.max_lifetime.is_zero() {
                 bail!("[pool] idle_timeout and max_lifetime must be longer than zero");
+            }
+            if self.wait_timeout.is_zero() {
+                bail!("[pool] wait_timeout must be longer than zero");
             }
         }
         Ok(())
@@ -66,5 +77,8 @@ mod defaults {
     }
     pub fn pool_max_lifetime() -> Duration {
         Duration::from_secs(3600)
+    }
+    pub fn pool_wait_timeout() -> Duration {
+        Duration::from_secs(30)
     }
 }

@@ -215,6 +215,50 @@ fn pooling_is_off_unless_configured_and_its_bounds_are_checked() {
 }
 
 #[test]
+fn http_is_off_unless_an_address_is_set_and_its_limits_are_checked_by_name() {
+    let config = with_provider("").unwrap();
+    assert_eq!(config.http.address, None);
+    assert_eq!(config.http.max_request_bytes, 10 << 20);
+    assert_eq!(config.http.max_response_bytes, 10 << 20);
+    assert_eq!(config.http.cors_origins, ["*"]);
+    assert_eq!(config.pool.wait_timeout, Duration::from_secs(30));
+    let config = with_provider(
+        "[http]\naddress = \"127.0.0.1:4444\"\nmax_response_bytes = 1000\n\
+         cors_origins = [\"https://app.example\", \"http://localhost:3000\"]\n\
+         [pool]\nwait_timeout = \"2s\"",
+    )
+    .unwrap();
+    assert_eq!(config.http.address, Some("127.0.0.1:4444".parse().unwrap()));
+    assert_eq!(config.http.max_response_bytes, 1000);
+    assert!(config.http.allows_origin("http://localhost:3000"));
+    assert!(!config.http.allows_origin("https://evil.example"));
+    assert_eq!(config.pool.wait_timeout, Duration::from_secs(2));
+    for (lines, key) in [
+        ("[http]\nmax_request_bytes = 0", "[http] max_request_bytes"),
+        (
+            "[http]\ncors_origins = [\"https://app.example/\"]",
+            "[http] cors_origins",
+        ),
+        (
+            "[http]\ncors_origins = [\"app.example\"]",
+            "[http] cors_origins",
+        ),
+        (
+            "[http]\naddress = \"127.0.0.1:0\"\n[pool]\nsize = 0",
+            "[pool] size",
+        ),
+        (
+            "[http]\naddress = \"127.0.0.1:0\"\n[pool]\nwait_timeout = \"0s\"",
+            "[pool] wait_timeout",
+        ),
+        ("[http]\nport = 1", "port"),
+    ] {
+        let err = with_provider(lines).unwrap_err();
+        assert!(format!("{err:#}").contains(key), "{lines}: {err:#}");
+    }
+}
+
+#[test]
 fn an_issuer_need_not_be_a_url_when_keys_come_from_elsewhere() {
     let parse = |provider: &str| {
         Config::parse(&format!(

@@ -34,6 +34,10 @@ pub(crate) const RELAYED_BYTES_TOTAL: &str = "rlsgate_relayed_bytes_total";
 pub(crate) const CANCEL_REQUESTS_TOTAL: &str = "rlsgate_cancel_requests_total";
 pub(crate) const UPSTREAM_TAMPERING: &str = "rlsgate_upstream_tampering";
 pub(crate) const UPSTREAM_TAMPERING_TOTAL: &str = "rlsgate_upstream_tampering_total";
+pub(crate) const HTTP_REQUESTS_TOTAL: &str = "rlsgate_http_requests_total";
+pub(crate) const HTTP_REQUESTS_ACTIVE: &str = "rlsgate_http_requests_active";
+pub(crate) const HTTP_REQUEST_DURATION_SECONDS: &str = "rlsgate_http_request_duration_seconds";
+pub(crate) const HTTP_UPSTREAM_WAIT_SECONDS: &str = "rlsgate_http_upstream_wait_seconds";
 
 /// Buckets for the latencies (token check, upstream connect), in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -130,9 +134,9 @@ impl Metrics {
     }
 
     /// A TCP connection arrived; the gauge goes down when the guard is dropped.
-    pub(crate) fn connection_opened(&self) -> ConnectionGuard {
+    pub(crate) fn connection_opened(&self) -> ActiveGuard {
         self.connections_active.increment(1.0);
-        ConnectionGuard(self.connections_active.clone())
+        ActiveGuard(self.connections_active.clone())
     }
 
     /// A session was admitted and is about to relay.
@@ -264,17 +268,48 @@ fn tampering_labels(kind: &'static str, user: &str) -> Vec<Label> {
     ]
 }
 
-/// Holds one count of `rlsgate_client_connections_active`.
-pub(crate) struct ConnectionGuard(Gauge);
+impl Metrics {
+    /// An HTTP request arrived; the gauge goes down when the guard is dropped.
+    pub(crate) fn http_request_started(&self) -> ActiveGuard {
+        let gauge = self.gauge(HTTP_REQUESTS_ACTIVE, Vec::new());
+        gauge.increment(1.0);
+        ActiveGuard(gauge)
+    }
 
-impl Drop for ConnectionGuard {
+    /// An HTTP request was answered with `status` after `elapsed`;
+    /// `outcome`: ok, database_error, refused, too_large, upstream_error,
+    /// client_closed.
+    pub(crate) fn http_request_ended(&self, outcome: &'static str, status: u16, elapsed: Duration) {
+        self.counter(
+            HTTP_REQUESTS_TOTAL,
+            vec![
+                Label::from_static_parts("outcome", outcome),
+                Label::new("status", status.to_string()),
+            ],
+        )
+        .increment(1);
+        self.histogram(HTTP_REQUEST_DURATION_SECONDS, elapsed);
+    }
+
+    /// A request waited `elapsed` for its upstream connection (one that
+    /// had to be opened included).
+    pub(crate) fn http_upstream_waited(&self, elapsed: Duration) {
+        self.histogram(HTTP_UPSTREAM_WAIT_SECONDS, elapsed);
+    }
+}
+
+/// Holds one count of a gauge of things open now, such as
+/// `rlsgate_client_connections_active`.
+pub(crate) struct ActiveGuard(Gauge);
+
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
 }
 
 fn describe(recorder: &PrometheusRecorder) {
-    let help: [(&'static str, Option<Unit>, &'static str); 15] = [
+    let help: [(&'static str, Option<Unit>, &'static str); 19] = [
         (
             CLIENT_CONNECTIONS_ACTIVE,
             None,
@@ -345,6 +380,26 @@ fn describe(recorder: &PrometheusRecorder) {
             UPSTREAM_TAMPERING_TOTAL,
             None,
             "Upstream logins refused as if the login role was changed from inside a session, by kind.",
+        ),
+        (
+            HTTP_REQUESTS_TOTAL,
+            None,
+            "HTTP /sql requests answered, by outcome (ok, database_error, refused, too_large, upstream_error, client_closed) and status.",
+        ),
+        (
+            HTTP_REQUESTS_ACTIVE,
+            None,
+            "HTTP /sql requests being served now.",
+        ),
+        (
+            HTTP_REQUEST_DURATION_SECONDS,
+            Some(Unit::Seconds),
+            "Time to answer an HTTP /sql request, from its headers to its answer.",
+        ),
+        (
+            HTTP_UPSTREAM_WAIT_SECONDS,
+            Some(Unit::Seconds),
+            "Time an HTTP request waited for its upstream connection.",
         ),
     ];
     for (name, unit, text) in help {

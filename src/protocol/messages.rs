@@ -194,6 +194,47 @@ pub(crate) fn set_config<'a>(
     Ok(())
 }
 
+/// One statement of an HTTP request by the extended protocol: Parse
+/// (unnamed, no parameter types, so the server infers them), Bind (text
+/// parameters, `None` for NULL; text results), Describe the portal, Execute
+/// every row. No Sync: the statements of one request share a transaction
+/// until [`sync`].
+pub(crate) fn statement<'a>(
+    out: &mut BytesMut,
+    sql: &str,
+    params: &'a [Option<String>],
+) -> io::Result<()> {
+    frontend::parse("", sql, [], out)?;
+    frontend::bind(
+        "",
+        "",
+        [0i16],
+        params.iter().map(Option::as_deref),
+        |value: Option<&'a str>, buf| match value {
+            Some(v) => {
+                buf.put_slice(v.as_bytes());
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        },
+        [0i16],
+        out,
+    )
+    .map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many parameters, or one too long",
+        )
+    })?;
+    frontend::describe(b'P', "", out)?;
+    frontend::execute("", 0, out)
+}
+
+/// Sync: the end of a pipeline, answered by ReadyForQuery.
+pub(crate) fn sync(out: &mut BytesMut) {
+    frontend::sync(out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +295,18 @@ mod tests {
         // Parse, Bind, Execute, Close, Sync.
         let kinds: Vec<u8> = walk(&out).collect();
         assert_eq!(kinds, b"PBECS");
+    }
+
+    #[test]
+    fn a_statement_is_parsed_bound_described_and_executed_without_a_sync() {
+        let mut out = BytesMut::new();
+        statement(&mut out, "select $1, $2", &[Some("a".into()), None]).unwrap();
+        let kinds: Vec<u8> = walk(&out).collect();
+        assert_eq!(kinds, b"PBDE");
+        // The NULL is a length of -1 with no bytes, not an empty string.
+        assert!(out.windows(4).any(|w| w == [0xff, 0xff, 0xff, 0xff]));
+        // SQL with a NUL byte cannot be a C string: refused, not cut short.
+        assert!(statement(&mut BytesMut::new(), "select 1\0", &[]).is_err());
     }
 
     fn walk(mut bytes: &[u8]) -> impl Iterator<Item = u8> + '_ {

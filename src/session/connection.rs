@@ -8,7 +8,6 @@ use std::time::{Duration, Instant as StdInstant};
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
@@ -56,6 +55,8 @@ pub(crate) struct Services {
     pub(crate) metrics: Arc<Metrics>,
     /// Warm upstream connections, with `[pool] mode = "session"`.
     pub(crate) pool: Option<Arc<Pool>>,
+    /// The upstream connections HTTP requests share, with `[http] address`.
+    pub(crate) http_pool: Option<Arc<Pool>>,
     /// Alarms for a login role changed from inside a session; kept across
     /// reloads, and told of logins through `upstream_tls`.
     pub(crate) tampering: Arc<crate::ops::tamper::TamperWatch>,
@@ -97,7 +98,7 @@ struct Seen {
 /// Serves one connection, which holds `startup` until its session is ready
 /// or it fails.
 pub(crate) async fn serve(
-    tcp: TcpStream,
+    client: ClientStream,
     peer: SocketAddr,
     services: Arc<Services>,
     startup: StartupSlot,
@@ -107,18 +108,22 @@ pub(crate) async fn serve(
     let _open = services.metrics.connection_opened();
     async move {
         let timeout = services.config.listen.startup_timeout;
-        let (client, session) =
-            match tokio::time::timeout(timeout, establish(tcp, peer, &services, startup)).await {
-                Ok(Some(established)) => established,
-                Ok(None) => return,
-                Err(_) => {
-                    tracing::info!(
-                        target: LOG_TARGET,
-                        "closed: startup not finished within {timeout:?}",
-                    );
-                    return;
-                }
-            };
+        let (client, session) = match tokio::time::timeout(
+            timeout,
+            establish(client, peer, &services, startup),
+        )
+        .await
+        {
+            Ok(Some(established)) => established,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::info!(
+                    target: LOG_TARGET,
+                    "closed: startup not finished within {timeout:?}",
+                );
+                return;
+            }
+        };
         let started = StdInstant::now();
         let (to_server, to_client) = services.metrics.relayed_bytes();
         let traffic = Traffic::new(to_server, to_client);
@@ -175,18 +180,17 @@ pub(crate) async fn serve(
 /// checked (see [`session_slots`]), so that clients that say nothing, or
 /// dawdle over their password, hold none.
 async fn establish(
-    tcp: TcpStream,
+    client: ClientStream,
     peer: SocketAddr,
     services: &Services,
     _startup: StartupSlot,
 ) -> Option<(ClientStream, Session)> {
-    crate::session::net::tune(&tcp);
     // By then the startup packet and the password must have arrived; the
     // token check and the upstream login have the rest of startup_timeout.
     let auth_deadline = tokio::time::Instant::now() + services.config.listen.auth_timeout;
     let received = tokio::time::timeout_at(
         auth_deadline,
-        front_door::receive(tcp, services.tls.as_ref()),
+        front_door::receive(client, services.tls.as_ref()),
     )
     .await;
     let Ok(received) = received else {
@@ -376,10 +380,7 @@ async fn token_identity(
 ) -> Result<(Identity, Option<Expiry>, VerifiedToken), Failure> {
     let config = &services.config;
     let plaintext = !client.is_tls();
-    let local = client
-        .tcp()
-        .local_addr()
-        .is_ok_and(|a| a.ip().is_loopback());
+    let local = client.local_is_loopback();
     if plaintext && !local && !config.listen.allow_plaintext_tokens {
         return Err(Refusal::auth(
             "TLS is required to send a token: connect with sslmode=require (or verify-full)",

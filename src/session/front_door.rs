@@ -59,16 +59,23 @@ impl From<io::Error> for FrontDoorError {
     }
 }
 
-/// Reads the client's first request, negotiating TLS on the way.
+/// Reads the client's first request, negotiating TLS on the way (over
+/// TCP; a tunnel is answered `N`: its encryption is the carrier's).
 pub(crate) async fn receive(
-    tcp: TcpStream,
+    stream: ClientStream,
     tls: Option<&TlsAcceptor>,
 ) -> Result<Arrival, FrontDoorError> {
-    let mut first = [0u8; 1];
-    let direct = tls.is_some() && tcp.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE;
-    let mut stream = match tls {
-        Some(acceptor) if direct => direct_tls(tcp, acceptor).await?,
-        _ => ClientStream::Plain(tcp),
+    let tls = tls.filter(|_| matches!(stream, ClientStream::Plain(_)));
+    let mut stream = match (stream, tls) {
+        (ClientStream::Plain(tcp), Some(acceptor)) => {
+            let mut first = [0u8; 1];
+            if tcp.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE {
+                direct_tls(tcp, acceptor).await?
+            } else {
+                ClientStream::Plain(tcp)
+            }
+        }
+        (stream, _) => stream,
     };
     let mut gss_declined = false;
     loop {

@@ -23,8 +23,9 @@ use crate::ops::tamper::TamperWatch;
 use crate::protocol::refusal::{Reason, Refusal, sqlstate};
 use crate::session::connection::{self, Services};
 use crate::session::front_door;
-use crate::session::limit::{Limit, StartupLimitHit, StartupLimits};
+use crate::session::limit::{Limit, StartupLimitHit, StartupLimits, StartupSlot};
 use crate::session::shutdown::Shutdown;
+use crate::session::stream::ClientStream;
 use crate::session::tls;
 use crate::upstream::pool::Pool;
 use crate::upstream::tls::UpstreamTls;
@@ -43,6 +44,12 @@ fn services(config: Config) -> anyhow::Result<Services> {
 /// provider keys carry over, so sessions already running are neither
 /// dropped nor forgotten.
 fn reloaded(previous: &Services, config: Config) -> anyhow::Result<Services> {
+    if config.http.address != previous.config.http.address {
+        tracing::warn!(
+            target: LOG_TARGET,
+            "[http] address changed: a restart applies it, a reload does not"
+        );
+    }
     if config.listen.address != previous.config.listen.address {
         tracing::warn!(
             target: LOG_TARGET,
@@ -99,6 +106,18 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
             _ => (config.pool.mode == PoolMode::Session)
                 .then(|| Arc::new(Pool::new(config.pool.clone()))),
         },
+        http_pool: match previous {
+            Some(p) if p.config.pool == config.pool && p.config.upstream == config.upstream => {
+                p.http_pool.clone()
+            }
+            _ => None,
+        }
+        .or_else(|| {
+            config
+                .http
+                .address
+                .map(|_| Arc::new(Pool::new(config.pool.clone())))
+        }),
         config,
     })
 }
@@ -119,7 +138,7 @@ async fn bind_admin(config: &Config) -> anyhow::Result<Option<TcpListener>> {
 /// endpoints, when `admin` is given, serve until the last session has ended.
 async fn run(
     listener: TcpListener,
-    admin: Option<TcpListener>,
+    (admin, http): (Option<TcpListener>, Option<TcpListener>),
     services: watch::Receiver<Arc<Services>>,
     shutdown: impl Future,
 ) {
@@ -141,10 +160,28 @@ async fn run(
     };
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (session_done_tx, mut all_done_rx) = mpsc::channel::<()>(1);
+    let (start_draining, draining) = watch::channel(false);
     let startups = {
         let listen = &services.borrow().config.listen;
         StartupLimits::new(listen.max_startups, listen.max_startups_per_address)
     };
+    let sessions = Sessions {
+        startups: Arc::clone(&startups),
+        notify_shutdown: notify_shutdown.clone(),
+        open: session_done_tx.clone(),
+        draining,
+    };
+    let http = http.map(|http| {
+        let mut stop = sessions.draining.clone();
+        tokio::spawn(crate::http::serve(
+            http,
+            services.clone(),
+            sessions,
+            async move {
+                let _ = stop.wait_for(|draining| *draining).await;
+            },
+        ))
+    });
     let mut turned_away = TurnedAway::default();
 
     let accept = async {
@@ -174,7 +211,9 @@ async fn run(
             let shutdown = Shutdown::new(notify_shutdown.subscribe());
             let done = session_done_tx.clone();
             tokio::spawn(async move {
-                connection::serve(tcp, peer, services, startup, shutdown).await;
+                crate::session::net::tune(&tcp);
+                let client = ClientStream::Plain(tcp);
+                connection::serve(client, peer, services, startup, shutdown).await;
                 drop(done);
             });
         }
@@ -185,6 +224,11 @@ async fn run(
     }
     drop(listener);
     drop(session_done_tx);
+    start_draining.send_replace(true);
+    if let Some(http) = http {
+        // It stops accepting at once; its connections count as sessions.
+        let _ = http.await;
+    }
 
     let drain = services.borrow().config.listen.shutdown_drain;
     if tokio::time::timeout(drain, all_done_rx.recv())
@@ -204,6 +248,61 @@ async fn run(
         if tokio::time::timeout(ADMIN_GRACE, &mut admin).await.is_err() {
             admin.abort();
         }
+    }
+}
+
+/// What the wire's and HTTP's accept loops share: the startup limits, the
+/// shutdown notice, and the count of connections still open, which
+/// shutdown waits for.
+#[derive(Clone)]
+pub(crate) struct Sessions {
+    startups: Arc<StartupLimits>,
+    notify_shutdown: broadcast::Sender<()>,
+    open: mpsc::Sender<()>,
+    draining: watch::Receiver<bool>,
+}
+
+/// Held while a connection is open: shutdown waits until none is.
+pub(crate) struct Open {
+    _counted: mpsc::Sender<()>,
+}
+
+impl Sessions {
+    /// The notice that the drain time is over and sessions must end.
+    pub(crate) fn shutdown(&self) -> Shutdown {
+        Shutdown::new(self.notify_shutdown.subscribe())
+    }
+
+    /// Counts a connection as open until the guard is dropped.
+    pub(crate) fn open(&self) -> Open {
+        Open {
+            _counted: self.open.clone(),
+        }
+    }
+
+    /// Completes once the proxy stops accepting: connections finish what
+    /// they are doing and close.
+    pub(crate) fn draining(&self) -> impl Future<Output = ()> + use<> {
+        let mut draining = self.draining.clone();
+        async move {
+            let _ = draining.wait_for(|d| *d).await;
+        }
+    }
+
+    /// A startup slot for a client at `ip`, under the limits of `services`'
+    /// configuration; a refusal that names the limit when none is free.
+    pub(crate) fn startup_slot(
+        &self,
+        ip: std::net::IpAddr,
+        services: &Services,
+    ) -> Result<StartupSlot, Refusal> {
+        let listen = &services.config.listen;
+        self.startups
+            .resize(listen.max_startups, listen.max_startups_per_address);
+        self.startups.try_acquire(ip).map_err(|hit| {
+            services.metrics.refused(Reason::Limit);
+            startup_refusal(hit)
+        })
     }
 }
 
@@ -305,6 +404,8 @@ pub struct RunningProxy {
     pub address: SocketAddr,
     /// Where the admin endpoints listen, when `admin_address` is set.
     pub admin_address: Option<SocketAddr>,
+    /// Where HTTP and WebSocket clients connect, when `[http] address` is set.
+    pub http_address: Option<SocketAddr>,
     reloader: Reloader,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -334,12 +435,22 @@ impl RunningProxy {
         let address = listener.local_addr()?;
         let admin = bind_admin(&config).await?;
         let admin_address = admin.as_ref().map(TcpListener::local_addr).transpose()?;
+        let http = match config.http.address {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on {address} ([http] address)"))?,
+            ),
+            None => None,
+        };
+        let http_address = http.as_ref().map(TcpListener::local_addr).transpose()?;
         let (services, current) = watch::channel(Arc::new(services(config)?));
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(listener, admin, current, stopped));
+        let task = tokio::spawn(run(listener, (admin, http), current, stopped));
         Ok(RunningProxy {
             address,
             admin_address,
+            http_address,
             reloader: Reloader(services),
             stop: Some(stop),
             task,

@@ -1,6 +1,6 @@
-//! The byte streams of a session, on each side plain or TLS over TCP once
-//! negotiated: the client's, and the upstream's, which may also be a Unix
-//! socket (always plain, as libpq has it).
+//! The byte streams of a session: the client's (TCP, TLS once negotiated,
+//! or a tunnel), and the upstream's (TCP, TLS as configured, or a Unix
+//! socket, always plain, as libpq has it).
 
 use std::io;
 use std::path::PathBuf;
@@ -12,14 +12,33 @@ use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
 
-/// The client's stream: TLS when it asked for it (SSLRequest or direct TLS).
-pub(crate) type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+/// The client's stream: TCP, TLS when it asked for it (SSLRequest or direct
+/// TLS), or a tunnel (the WebSocket of [`crate::http`]).
+pub(crate) enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tunnel(Tunnel),
+}
+
+/// A byte stream carried inside another protocol.
+pub(crate) struct Tunnel {
+    pub(crate) io: Box<dyn Duplex>,
+    /// The carrying connection is encrypted (wss).
+    pub(crate) secure: bool,
+    /// The carrying connection arrived on a loopback address.
+    pub(crate) local_is_loopback: bool,
+}
+
+/// What a tunnel's stream can do.
+pub(crate) trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
 
 /// The connection to Postgres: TLS over TCP as `[upstream] tls` says, or
 /// plain TCP or a Unix socket.
 pub(crate) type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>, Transport>;
 
-pub(crate) enum MaybeTls<T, P = TcpStream> {
+pub(crate) enum MaybeTls<T, P> {
     Plain(P),
     Tls(Box<T>),
 }
@@ -70,34 +89,68 @@ impl Transport {
     }
 }
 
-/// A TLS stream over TCP, either side's.
-pub(crate) trait OverTcp {
-    fn tcp(&self) -> &TcpStream;
-}
-
-impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-
-impl OverTcp for tokio_rustls::client::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-
-impl<T, P> MaybeTls<T, P> {
+impl ClientStream {
+    /// Encrypted: TLS, or a tunnel inside TLS.
     pub(crate) fn is_tls(&self) -> bool {
-        matches!(self, MaybeTls::Tls(_))
+        match self {
+            ClientStream::Plain(_) => false,
+            ClientStream::Tls(_) => true,
+            ClientStream::Tunnel(tunnel) => tunnel.secure,
+        }
+    }
+
+    /// Whether the client reached a loopback address of ours, where tokens
+    /// may travel in plaintext.
+    pub(crate) fn local_is_loopback(&self) -> bool {
+        let tcp = match self {
+            ClientStream::Plain(tcp) => tcp,
+            ClientStream::Tls(tls) => tls.get_ref().0,
+            ClientStream::Tunnel(tunnel) => return tunnel.local_is_loopback,
+        };
+        tcp.local_addr().is_ok_and(|a| a.ip().is_loopback())
     }
 }
 
-impl<T: OverTcp> MaybeTls<T> {
-    pub(crate) fn tcp(&self) -> &TcpStream {
-        match self {
-            MaybeTls::Plain(tcp) => tcp,
-            MaybeTls::Tls(tls) => tls.tcp(),
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            ClientStream::Tunnel(t) => Pin::new(t.io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            ClientStream::Tunnel(t) => Pin::new(t.io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            ClientStream::Tunnel(t) => Pin::new(t.io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            ClientStream::Tunnel(t) => Pin::new(t.io.as_mut()).poll_shutdown(cx),
         }
     }
 }

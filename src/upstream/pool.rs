@@ -25,14 +25,15 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::claims::{self, Backend, Identity, SigningKey};
 use crate::clock::unix_now;
 use crate::config::{self, Upstream};
 use crate::protocol::frame::{Frame, HEADER_LEN, Header, MAX_BACKEND_MESSAGE, kind};
 use crate::protocol::messages;
-use crate::protocol::refusal::Refusal;
+use crate::protocol::refusal::{Reason, Refusal, sqlstate};
 use crate::protocol::startup::CancelKey;
 use crate::session::stream::UpstreamStream;
 use crate::upstream::claims::{SetFailure, bind_claims, read_set_config_answer};
@@ -76,7 +77,21 @@ struct Idle {
 pub(crate) struct Pool {
     settings: config::Pool,
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+    /// Connections out on loan per key, at most `size` ([`Pool::lend`]).
+    lent: Mutex<HashMap<PoolKey, Arc<Semaphore>>>,
     reaper: AtomicBool,
+}
+
+/// A clean connection lent for one request ([`Pool::lend`]): no claims, no
+/// session state, idle. It goes back with [`Pool::put_back`] only as clean.
+pub(crate) struct Lent {
+    pub(crate) stream: UpstreamStream,
+    pub(crate) lease: Lease,
+    /// Whether the connection served before: a stale one may have died
+    /// since without a sign, so a request that got no answer on it may be
+    /// tried once more on a fresh one.
+    pub(crate) reused: bool,
+    _slot: OwnedSemaphorePermit,
 }
 
 /// An upstream session ready for its client, with its claims bound.
@@ -120,6 +135,7 @@ impl Pool {
         Pool {
             settings,
             idle: Mutex::new(HashMap::new()),
+            lent: Mutex::new(HashMap::new()),
             reaper: AtomicBool::new(false),
         }
     }
@@ -214,6 +230,94 @@ impl Pool {
         }
     }
 
+    /// A clean connection for one request as `role` on `database`: an idle
+    /// one that is still alive, or a new one. At most `[pool] size` are lent
+    /// per database and upstream user at once; a request waits up to
+    /// `wait_timeout` for one, then is refused with 53300.
+    pub(crate) async fn lend(
+        self: &Arc<Self>,
+        upstream: &Upstream,
+        tls: &UpstreamTls,
+        role: &config::Role,
+        database: Option<&str>,
+    ) -> Result<Lent, Refusal> {
+        let key = PoolKey {
+            database: upstream
+                .database
+                .clone()
+                .or_else(|| database.map(str::to_owned)),
+            user: role.upstream_user().to_owned(),
+        };
+        let slots = {
+            let mut lent = self.lent.lock().expect("pool lock");
+            let slots = lent
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.settings.size)));
+            Arc::clone(slots)
+        };
+        let wait = self.settings.wait_timeout;
+        let slot = match tokio::time::timeout(wait, slots.acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                return Err(Refusal::new(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "no database connection came free within {wait:?}: all {} of this role's \
+                         connections ([pool] size) stayed busy",
+                        self.settings.size
+                    ),
+                )
+                .because(Reason::Limit));
+            }
+        };
+        self.start_reaper();
+        while let Some(mut idle) = self.take(&key) {
+            if still_idle(&mut idle.stream) {
+                return Ok(Lent {
+                    stream: idle.stream,
+                    lease: idle.lease,
+                    reused: true,
+                    _slot: slot,
+                });
+            }
+            tracing::debug!(target: LOG_TARGET, "discarded an idle connection that had ended");
+            close(idle.stream);
+        }
+        let login = Login {
+            role,
+            database,
+            parameters: Vec::new(),
+            refuse_undeclared_settings: true,
+        };
+        let session = connect(upstream, tls, login).await?;
+        let lease = Lease::new(key, &session);
+        Ok(Lent {
+            stream: session.stream,
+            lease,
+            reused: false,
+            _slot: slot,
+        })
+    }
+
+    /// Closes a lent connection its request could not leave clean.
+    pub(crate) fn discard(&self, lent: Lent) {
+        close(lent.stream);
+    }
+
+    /// Takes back a lent connection its request left clean (idle, its
+    /// settings reset by `DISCARD ALL`), unless it is too old.
+    pub(crate) fn put_back(&self, lent: Lent) {
+        let Lent {
+            stream, mut lease, ..
+        } = lent;
+        if lease.born.elapsed() >= self.settings.max_lifetime {
+            close(stream);
+            return;
+        }
+        lease.current = lease.base.clone();
+        self.keep(stream, lease);
+    }
+
     /// Takes back a connection its client session left clean (see
     /// [`relay::Finish`](crate::session::relay::Finish)): kept, reset, unless it is
     /// too old. A connection left in any other state is retired instead.
@@ -242,6 +346,11 @@ impl Pool {
                 return;
             }
         }
+        self.keep(stream, lease);
+    }
+
+    /// Keeps a clean connection idle, unless `size` already are.
+    fn keep(&self, stream: UpstreamStream, lease: Lease) {
         let full = {
             let mut idle = self.idle.lock().expect("pool lock");
             let list = idle.entry(lease.key.clone()).or_default();
@@ -329,6 +438,16 @@ impl Pool {
 }
 
 impl Lease {
+    /// The backend, as claims envelopes name it.
+    pub(crate) fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The backend's own cancel key.
+    pub(crate) fn cancel_key(&self) -> CancelKey {
+        self.cancel
+    }
+
     fn new(key: PoolKey, session: &UpstreamSession) -> Lease {
         let mut base = BTreeMap::new();
         let mut raw = &session.greeting[..];
@@ -465,6 +584,18 @@ async fn reset(stream: &mut UpstreamStream, lease: &mut Lease) -> Result<(), Res
     }
     lease.current = lease.base.clone();
     Ok(())
+}
+
+/// Whether an idle connection has nothing to say. A backend that ended
+/// while idle (the database restarted, an administrator terminated it) has
+/// sent its FATAL error, or closed, and is discarded before anyone uses it.
+fn still_idle(stream: &mut UpstreamStream) -> bool {
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    std::pin::Pin::new(stream)
+        .poll_read(&mut cx, &mut buf)
+        .is_pending()
 }
 
 /// Closes a connection in the background: Terminate, so the backend ends

@@ -16,6 +16,7 @@ mod docs;
 mod forgery;
 mod front_door;
 mod hostile;
+mod http;
 mod jwks;
 mod keys;
 mod observability;
