@@ -742,13 +742,13 @@ mod tests {
         let second = registry.register("127.0.0.1".into(), 1, CancelKey { pid: 1, secret: 2 });
         let source: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..KEY_BUDGET.burst {
-            assert!(registry.admit(first.key, source).is_ok());
+            assert!(registry.admit(first.key, source, true).is_ok());
         }
         assert!(matches!(
-            registry.admit(first.key, source),
+            registry.admit(first.key, source, true),
             Err(Ignore::KeyOverBudget)
         ));
-        assert!(registry.admit(second.key, source).is_ok());
+        assert!(registry.admit(second.key, source, true).is_ok());
     }
 
     #[test]
@@ -761,17 +761,54 @@ mod tests {
         };
         for _ in 0..GUESS_BUDGET.burst {
             assert!(matches!(
-                registry.admit(wrong, guesser),
+                registry.admit(wrong, guesser, true),
                 Err(Ignore::UnknownKey)
             ));
         }
         assert!(matches!(
-            registry.admit(registration.key, guesser),
+            registry.admit(registration.key, guesser, true),
             Err(Ignore::AddressOverBudget)
         ));
         // Another address is not affected.
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        assert!(registry.admit(registration.key, other).is_ok());
+        assert!(registry.admit(registration.key, other, true).is_ok());
+    }
+
+    #[test]
+    fn a_replicas_keys_carry_its_peer_id_in_the_top_bits_and_random_below() {
+        for id in [0, 1, 42, crate::config::MAX_PEER_ID] {
+            for random in [0, u32::MAX, 0x1234_5678] {
+                let key = CancelKey {
+                    pid: 1,
+                    secret: secret_of(Some(id), random),
+                };
+                assert_eq!(peer_of(key), id);
+                assert_eq!(key.secret as u32 & 0x01ff_ffff, random & 0x01ff_ffff);
+            }
+        }
+        assert_eq!(secret_of(None, 0xdead_beef) as u32, 0xdead_beef);
+        let registry = Arc::new(CancelRegistry::default());
+        registry.set_peer_id(Some(5));
+        let registration =
+            registry.register("127.0.0.1".into(), 1, CancelKey { pid: 3, secret: 4 });
+        assert_eq!(peer_of(registration.key), 5);
+    }
+
+    #[test]
+    fn a_peers_request_is_charged_to_the_key_not_to_the_peers_address() {
+        let (registry, registration) = registry_with_one_key();
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        let wrong = CancelKey {
+            pid: registration.key.pid,
+            secret: registration.key.secret.wrapping_add(1),
+        };
+        for _ in 0..GUESS_BUDGET.burst * 2 {
+            assert!(matches!(
+                registry.admit(wrong, peer, false),
+                Err(Ignore::UnknownKey)
+            ));
+        }
+        assert!(registry.admit(registration.key, peer, false).is_ok());
     }
 
     #[tokio::test]
@@ -781,7 +818,7 @@ mod tests {
         let source: IpAddr = "192.0.2.1".parse().unwrap();
         assert!(registration.close().await, "nothing was forwarded");
         assert!(matches!(
-            registry.admit(key, source),
+            registry.admit(key, source, true),
             Err(Ignore::UnknownKey)
         ));
         assert!(registry.targets.lock().unwrap().is_empty());
@@ -860,7 +897,7 @@ mod tests {
     async fn close_waits_for_a_request_being_forwarded_and_reports_an_unsettled_one() {
         let (registry, registration) = registry_with_one_key();
         let source: IpAddr = "192.0.2.1".parse().unwrap();
-        let forward = registry.admit(registration.key, source).unwrap();
+        let forward = registry.admit(registration.key, source, true).unwrap();
         let sending = forward.gate.lock.read().await;
         let closing = tokio::spawn(registration.close());
         for _ in 0..100 {

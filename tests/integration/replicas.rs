@@ -252,7 +252,7 @@ async fn clients_through_haproxy_each_see_their_own_rows_and_their_cancels_land(
     // (for most) the one holding the session.
     let admin = h.admin().await;
     for sub in ["alice", "bob", "carol", "dave", "erin", "frank"] {
-        let mut session = sleeping(&h, port, sub).await;
+        let mut session = sleeping(h, port, sub).await;
         wait_until_active(&admin, session.pid).await;
         send_cancel(port, session.pid, session.secret).await;
         assert_eq!(
