@@ -137,14 +137,14 @@ impl HaProxy {
             .map(|(i, p)| {
                 let admin = p.admin_address.unwrap().port();
                 format!(
-                    "  server r{i} {} check port {admin} inter 100 fall 1 rise 2\n",
+                    "  server r{i} {} check port {admin} inter 200 fall 2 rise 1\n",
                     p.address
                 )
             })
             .collect();
         let config = format!(
             "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 60s\n  \
-             timeout server 60s\n  retries 3\n  option redispatch\nfrontend clients\n  bind 127.0.0.1:{port}\n  \
+             timeout server 60s\n  timeout check 5s\n  retries 3\n  option redispatch\nfrontend clients\n  bind 127.0.0.1:{port}\n  \
              default_backend replicas\nbackend replicas\n  balance roundrobin\n  option httpchk GET /readyz\n{servers}"
         );
         let dir = tempfile::tempdir().unwrap();
@@ -220,8 +220,9 @@ impl Drop for HaProxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_through_haproxy_each_see_their_own_rows_and_their_cancels_land() {
     let h = Harness::start().await;
-    // Behind a TCP load balancer every client has its address.
-    let proxies = replicas(&h, "max_startups_per_address = 256").await;
+    // Behind a TCP load balancer every client has its address; and all
+    // three hundred may be logging in at once.
+    let proxies = replicas(&h, "max_startups = 1000\nmax_startups_per_address = 1000").await;
     let haproxy = HaProxy::start(&proxies);
     let port = haproxy.serving().await;
     let h = &h;
