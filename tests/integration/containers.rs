@@ -23,7 +23,7 @@ const DOCKERFILE: &str = "Dockerfile";
 /// Compose's stop timeout when a service sets no `stop_grace_period`.
 const COMPOSE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn read(path: &str) -> String {
+pub(crate) fn read(path: &str) -> String {
     std::fs::read_to_string(Path::new(ROOT).join(path))
         .unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
 }
@@ -31,20 +31,20 @@ fn read(path: &str) -> String {
 // ---- the command line ------------------------------------------------------
 
 /// A command line the binary accepted, reduced to its subcommand.
-struct Parsed {
-    subcommand: String,
+pub(crate) struct Parsed {
+    pub(crate) subcommand: String,
     matches: clap::ArgMatches,
 }
 
 impl Parsed {
     /// The value of `--long` as the binary sees it: from the command line,
     /// from the environment, or its default.
-    fn value(&self, long: &str) -> Option<String> {
+    pub(crate) fn value(&self, long: &str) -> Option<String> {
         self.values(long).into_iter().next()
     }
 
     /// Every value of a repeatable `--long`.
-    fn values(&self, long: &str) -> Vec<String> {
+    pub(crate) fn values(&self, long: &str) -> Vec<String> {
         let command = Cli::command();
         let Some(subcommand) = command.find_subcommand(&self.subcommand) else {
             return Vec::new();
@@ -61,7 +61,7 @@ impl Parsed {
             .collect()
     }
 
-    fn required(&self, long: &str) -> String {
+    pub(crate) fn required(&self, long: &str) -> String {
         self.value(long)
             .unwrap_or_else(|| panic!("`rlsgate {}` is run without {long}", self.subcommand))
     }
@@ -90,7 +90,7 @@ fn cli_env_names() -> BTreeSet<String> {
 /// Parses `argv` as the binary does in a container whose environment is
 /// `env`: the variables the command line reads come from `env` alone, never
 /// from the environment this test runs in.
-fn parse_in(argv: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, String> {
+pub(crate) fn parse_in(argv: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, String> {
     let names = cli_env_names();
     let _guard = ENV_LOCK
         .lock()
@@ -131,7 +131,7 @@ fn parse_in(argv: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, S
     })
 }
 
-fn is_rlsgate_program(word: &str) -> bool {
+pub(crate) fn is_rlsgate_program(word: &str) -> bool {
     word.rsplit('/').next() == Some("rlsgate")
 }
 
@@ -684,11 +684,11 @@ impl Stage {
 }
 
 /// What the final stage runs, as a container of the image starts.
-struct Image {
-    entrypoint: Vec<String>,
-    cmd: Vec<String>,
-    user: Option<String>,
-    env: BTreeMap<String, String>,
+pub(crate) struct Image {
+    pub(crate) entrypoint: Vec<String>,
+    pub(crate) cmd: Vec<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) env: BTreeMap<String, String>,
 }
 
 fn exec_form(keyword: &str, args: &str) -> Vec<String> {
@@ -697,7 +697,7 @@ fn exec_form(keyword: &str, args: &str) -> Vec<String> {
     })
 }
 
-fn image() -> Image {
+pub(crate) fn image() -> Image {
     let stages = dockerfile();
     let last = stages.last().expect("the Dockerfile has a stage");
     let entrypoint = last
@@ -720,7 +720,7 @@ fn image() -> Image {
 }
 
 /// The image's default command line, as the binary parses it.
-fn image_default_command() -> Parsed {
+pub(crate) fn image_default_command() -> Parsed {
     let image = image();
     let argv = [image.entrypoint.clone(), image.cmd.clone()].concat();
     assert!(

@@ -19,6 +19,7 @@ mod hostile;
 mod http;
 mod jwks;
 mod keys;
+mod kubernetes;
 mod observability;
 mod pooling;
 mod protocol;
