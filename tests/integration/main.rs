@@ -20,6 +20,7 @@ mod http;
 mod jwks;
 mod keys;
 mod observability;
+mod ops_kit;
 mod pooling;
 mod protocol;
 mod providers;
