@@ -42,6 +42,10 @@ pub struct Listen {
     /// Time a client has from connecting to being ready for queries.
     #[serde(default = "defaults::startup_timeout", with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// On shutdown, how long new clients are still accepted after `/readyz`
+    /// turned 503, for load balancers to notice and send them elsewhere.
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     /// On shutdown, how long sessions may run on before they are ended.
     #[serde(default = "defaults::shutdown_drain", with = "humantime_serde")]
     pub shutdown_drain: Duration,

@@ -3,6 +3,7 @@
 //! Each section has a file of its own: its keys, defaults and checks.
 
 mod claims;
+mod cluster;
 mod http;
 mod listen;
 mod pool;
@@ -17,6 +18,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 pub use claims::Claims;
+pub use cluster::{Cluster, MAX_PEER_ID, Peer};
 pub use http::Http;
 pub use listen::Listen;
 pub use pool::{Pool, PoolMode};
@@ -43,6 +45,9 @@ pub struct Config {
     /// The serverless driver's front door; off unless `address` is set.
     #[serde(default)]
     pub http: Http,
+    /// Peers behind the same load balancer; off unless `peer_id` is set.
+    #[serde(default)]
+    pub cluster: Cluster,
 }
 
 /// A configured secret, kept out of `Debug` output.
@@ -134,6 +139,7 @@ impl Config {
         self.upstream.validate()?;
         self.pool.validate(self.http.address.is_some())?;
         self.http.validate()?;
+        self.cluster.validate()?;
         Ok(())
     }
 }

@@ -259,6 +259,42 @@ fn http_is_off_unless_an_address_is_set_and_its_limits_are_checked_by_name() {
 }
 
 #[test]
+fn a_cluster_needs_a_peer_id_and_its_peers_are_checked_by_name() {
+    let config = with_provider("").unwrap();
+    assert_eq!(config.cluster.peer_id, None);
+    assert_eq!(config.listen.shutdown_delay, Duration::ZERO);
+    let config = with_provider(
+        "[cluster]\npeer_id = 1\n\
+         [[cluster.peer]]\nid = 0\naddress = \"rlsgate-0.peers:6432\"\n\
+         [[cluster.peer]]\nid = 1\naddress = \"rlsgate-1.peers:6432\"",
+    )
+    .unwrap();
+    assert_eq!(config.cluster.peer_id, Some(1));
+    let others: Vec<u8> = config.cluster.others().map(|p| p.id).collect();
+    assert_eq!(others, [0], "its own entry is skipped");
+    for (lines, key) in [
+        ("[cluster]\npeer_id = 128", "peer_id must be 0–127"),
+        ("[cluster]\npeer_id = -1", "peer_id"),
+        (
+            "[[cluster.peer]]\nid = 0\naddress = \"a:1\"",
+            "peer_id is not set",
+        ),
+        (
+            "[cluster]\npeer_id = 0\n[[cluster.peer]]\nid = 1\naddress = \"a:1\"\n\
+             [[cluster.peer]]\nid = 1\naddress = \"b:1\"",
+            "id = 1 appears twice",
+        ),
+        (
+            "[cluster]\npeer_id = 0\n[[cluster.peer]]\nid = 1\naddress = \"nohost\"",
+            "host:port",
+        ),
+    ] {
+        let err = with_provider(lines).unwrap_err();
+        assert!(format!("{err:#}").contains(key), "{lines}: {err:#}");
+    }
+}
+
+#[test]
 fn an_issuer_need_not_be_a_url_when_keys_come_from_elsewhere() {
     let parse = |provider: &str| {
         Config::parse(&format!(

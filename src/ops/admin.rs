@@ -5,7 +5,8 @@
 //!   [`crate::ops::metrics`]).
 //! - `GET /healthz`: 200 `ok` while the process runs (liveness).
 //! - `GET /readyz`: 200 when new clients can be served, else 503, with a
-//!   JSON body either way (readiness; see [`readiness`]).
+//!   JSON body either way (readiness; see [`readiness`]); 503
+//!   `{"ready":false,"draining":true}` from the moment shutdown begins.
 //!
 //! It shows no secrets, but it does show issuer URLs and traffic: bind it
 //! to loopback or a private network.
@@ -34,12 +35,18 @@ const LOG_TARGET: &str = "rlsgate::admin";
 /// reload replaces.
 type Current = watch::Receiver<Arc<Services>>;
 
-/// Serves the admin endpoints until `shutdown` completes.
+/// Serves the admin endpoints until `shutdown` completes. `draining` turns
+/// true once the proxy stops accepting: from then on `/readyz` is 503, so
+/// that a load balancer sends new clients elsewhere while sessions drain.
 pub(crate) async fn serve(
     listener: TcpListener,
-    services: Current,
+    (services, draining): (Current, watch::Receiver<bool>),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let ready = move |State(current): State<Current>| {
+        let draining = *draining.borrow();
+        async move { ready(current, draining).await }
+    };
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -75,7 +82,11 @@ async fn metrics(State(current): State<Current>) -> Response {
         .into_response()
 }
 
-async fn ready(State(current): State<Current>) -> Response {
+async fn ready(current: Current, draining: bool) -> Response {
+    if draining {
+        let body = json!({"ready": false, "draining": true});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    }
     let services = Arc::clone(&current.borrow());
     let (ready, body) = readiness(&services).await;
     let status = if ready {

@@ -26,7 +26,7 @@ use pgwire::messages::startup::{
 use postgres_protocol::IsNull;
 use postgres_protocol::message::frontend;
 
-use crate::protocol::startup::CancelKey;
+use crate::protocol::startup::{CancelKey, PEER_CANCEL_REQUEST};
 
 // To the client.
 
@@ -127,6 +127,15 @@ pub(crate) fn startup_message<'a>(
 /// CancelRequest for the backend with this key.
 pub(crate) fn cancel_request(out: &mut BytesMut, key: CancelKey) {
     frontend::cancel_request(key.pid, key.secret, out);
+}
+
+/// A CancelRequest forwarded to a peer replica: the same packet with the
+/// peers' own code ([`PEER_CANCEL_REQUEST`]).
+pub(crate) fn peer_cancel_request(out: &mut BytesMut, key: CancelKey) {
+    out.put_u32(16);
+    out.put_u32(PEER_CANCEL_REQUEST);
+    out.put_i32(key.pid);
+    out.put_i32(key.secret);
 }
 
 /// PasswordMessage: a cleartext password or an MD5 hash.
@@ -277,6 +286,12 @@ mod tests {
             written(|o| cancel_request(o, key)),
             [
                 0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 7, 0xff, 0xff, 0xff, 0xfe
+            ]
+        );
+        assert_eq!(
+            written(|o| peer_cancel_request(o, key)),
+            [
+                0, 0, 0, 16, 0x04, 0xd2, 0x1e, 0x61, 0, 0, 0, 7, 0xff, 0xff, 0xff, 0xfe
             ]
         );
         assert_eq!(

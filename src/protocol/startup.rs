@@ -18,6 +18,10 @@ pub const MAX_STARTUP_PACKET: usize = 10_000;
 pub(crate) const SSL_REQUEST: u32 = 80_877_103;
 pub(crate) const GSSENC_REQUEST: u32 = 80_877_104;
 pub(crate) const CANCEL_REQUEST: u32 = 80_877_102;
+/// A CancelRequest one rlsgate replica forwards to the peer whose key it
+/// names (`1234 << 16 | 7777`, a code PostgreSQL does not use): handled
+/// there, never forwarded again.
+pub(crate) const PEER_CANCEL_REQUEST: u32 = 80_879_201;
 /// The protocol version the proxy speaks (major in the high 16 bits).
 pub(crate) const PROTOCOL_3_0: u32 = 196_608;
 
@@ -37,6 +41,8 @@ pub enum Request {
     GssEnc,
     /// CancelRequest for the backend with this key.
     Cancel(CancelKey),
+    /// A CancelRequest forwarded by a peer replica.
+    PeerCancel(CancelKey),
     /// StartupMessage of protocol 3.x.
     Startup(StartupMessage),
 }
@@ -94,12 +100,17 @@ pub fn parse_request(packet: &[u8]) -> Result<Request, Refusal> {
     match code {
         SSL_REQUEST => Ok(Request::Ssl),
         GSSENC_REQUEST => Ok(Request::GssEnc),
-        CANCEL_REQUEST if body.len() == 8 => Ok(Request::Cancel(CancelKey {
-            pid: i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
-            secret: i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
-        })),
+        CANCEL_REQUEST if body.len() == 8 => Ok(Request::Cancel(cancel_key(body))),
+        PEER_CANCEL_REQUEST if body.len() == 8 => Ok(Request::PeerCancel(cancel_key(body))),
         code if code >> 16 == 3 => parse_startup(code, body).map(Request::Startup),
         code => Err(unsupported_protocol(code)),
+    }
+}
+
+fn cancel_key(body: &[u8]) -> CancelKey {
+    CancelKey {
+        pid: i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+        secret: i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
     }
 }
 
@@ -215,6 +226,10 @@ mod tests {
             Ok(Request::GssEnc)
         ));
         let key = [0, 0, 0, 7, 0xff, 0xff, 0xff, 0xfe];
+        match parse_request(&packet(PEER_CANCEL_REQUEST, &key)) {
+            Ok(Request::PeerCancel(key)) => assert_eq!(key, CancelKey { pid: 7, secret: -2 }),
+            other => panic!("{other:?}"),
+        }
         match parse_request(&packet(CANCEL_REQUEST, &key)) {
             Ok(Request::Cancel(key)) => assert_eq!(key, CancelKey { pid: 7, secret: -2 }),
             other => panic!("{other:?}"),

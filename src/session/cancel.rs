@@ -34,6 +34,24 @@
 //! `rlsgate_cancel_requests_total` and logged: the first at once, those in
 //! the next [`LOG_EVERY`] summed up in one line.
 //!
+//! # Peers
+//!
+//! Replicas behind one load balancer (`[cluster]`) share no state, and a
+//! cancel request opens a new connection, which the balancer sends to any
+//! replica. So each replica puts its `peer_id` in the top 7 bits of the
+//! secrets it issues (25 random bits remain: the guessing figures above
+//! become ≈ 3 months and ≈ 4.7 hours), and a replica handed a key with
+//! another replica's id forwards the request to that peer's listener, with
+//! a request code of the peers' own
+//! ([`PEER_CANCEL_REQUEST`](crate::protocol::startup::PEER_CANCEL_REQUEST)).
+//! The forwarding replica charges the client's address as for an unknown
+//! key first (it cannot tell a real key of the peer's from a guess), so
+//! forwarding multiplies no one's budget. The peer takes such a request only
+//! from the address of a configured peer, charges only the key's budget,
+//! and never forwards it again. Results: `forwarded_to_peer`,
+//! `unknown_peer` (an id no `[[cluster.peer]]` has), `peer_failed`, and on
+//! the peer's side `not_a_peer`.
+//!
 //! # Handing a backend on
 //!
 //! A pooled backend outlives its client, so a cancel of that client's must
@@ -53,6 +71,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::RwLock;
 
+use crate::config::Cluster;
 use crate::protocol::messages;
 use crate::protocol::startup::CancelKey;
 use crate::upstream::tls::UpstreamTls;
@@ -182,6 +201,8 @@ pub(crate) struct CancelRegistry {
     targets: Mutex<HashMap<CancelKey, Target>>,
     guesses: Mutex<Guesses>,
     ignored: Arc<Mutex<IgnoredLog>>,
+    /// `[cluster] peer_id`, in the keys issued from now on.
+    peer_id: Mutex<Option<u8>>,
 }
 
 /// Keeps a session's key registered; [`Registration::close`] (or, failing
@@ -233,10 +254,11 @@ impl CancelRegistry {
         let mut targets = self.targets.lock().expect("cancel lock");
         // A backend serves one session at a time, but across a reload that
         // changes [upstream] two servers may have a backend with this pid.
+        let peer_id = *self.peer_id.lock().expect("cancel lock");
         let key = loop {
             let key = CancelKey {
                 pid: upstream.pid,
-                secret: rand::random(),
+                secret: secret_of(peer_id, rand::random()),
             };
             if key.secret != upstream.secret && !targets.contains_key(&key) {
                 break key;
@@ -260,17 +282,106 @@ impl CancelRegistry {
         }
     }
 
-    /// Forwards a cancel request; an unknown key is ignored, as Postgres
-    /// does, and so is a request over a budget (see the module's doc).
-    /// Returns what became of it, for `rlsgate_cancel_requests_total{result}`:
-    /// `forwarded`, `unknown_key`, `rate_limited` or `failed`.
+    /// Sets the peer id the keys issued from now on carry (`[cluster]
+    /// peer_id`; a reload may change it).
+    pub(crate) fn set_peer_id(&self, peer_id: Option<u8>) {
+        *self.peer_id.lock().expect("cancel lock") = peer_id;
+    }
+
+    /// Handles a client's cancel request: a key of another replica's goes
+    /// to that peer (see [`peers`](crate::session::cancel#peers)), any
+    /// other is this replica's to forward upstream.
     pub(crate) async fn cancel(
         &self,
         key: CancelKey,
         source: IpAddr,
+        (tls, cluster): (&UpstreamTls, &Cluster),
+    ) -> &'static str {
+        let own = *self.peer_id.lock().expect("cancel lock");
+        match (own, peer_of(key)) {
+            (Some(own), owner) if owner != own => self.to_peer(key, source, owner, cluster).await,
+            _ => self.forward(key, source, true, tls).await,
+        }
+    }
+
+    /// Handles a cancel request a peer forwarded: only from a peer's
+    /// address, charged to the key's budget (the peer charged the client's
+    /// address), and never forwarded again.
+    pub(crate) async fn cancel_for_peer(
+        &self,
+        key: CancelKey,
+        source: IpAddr,
+        (tls, cluster): (&UpstreamTls, &Cluster),
+    ) -> &'static str {
+        if !is_a_peer(source, cluster).await {
+            tracing::warn!(
+                target: LOG_TARGET,
+                %source, "a peer's cancel request from an address that is no peer's: ignored",
+            );
+            return "not_a_peer";
+        }
+        self.forward(key, source, false, tls).await
+    }
+
+    /// Sends a request for `owner`'s key to that peer, once the client's
+    /// address has paid for it from its guess budget: this replica cannot
+    /// tell a real key of the peer's from a guess.
+    async fn to_peer(
+        &self,
+        key: CancelKey,
+        source: IpAddr,
+        owner: u8,
+        cluster: &Cluster,
+    ) -> &'static str {
+        if !self.charge_address(source) {
+            self.log_ignored(Ignore::AddressOverBudget, source);
+            return Ignore::AddressOverBudget.result();
+        }
+        let Some(peer) = cluster.others().find(|p| p.id == owner) else {
+            tracing::info!(
+                target: LOG_TARGET,
+                %source, peer = owner, "cancel request for a peer that is not configured: ignored",
+            );
+            return "unknown_peer";
+        };
+        match forward_to_peer(&peer.address, key).await {
+            Ok(()) => "forwarded_to_peer",
+            Err(e) => {
+                tracing::warn!(
+                    target: LOG_TARGET,
+                    peer = owner, address = %peer.address, error = %e,
+                    "cannot forward a cancel request to its peer",
+                );
+                "peer_failed"
+            }
+        }
+    }
+
+    /// Takes one request from `source`'s guess budget; `false` when spent.
+    fn charge_address(&self, source: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut guesses = self.guesses.lock().expect("cancel rate lock");
+        guesses.sweep(now);
+        guesses
+            .buckets
+            .entry(budget_address(source))
+            .or_insert_with(|| Bucket::full(GUESS_BUDGET, now))
+            .take(GUESS_BUDGET, now)
+    }
+
+    /// Forwards a cancel request upstream; an unknown key is ignored, as
+    /// Postgres does, and so is a request over a budget (see the module's
+    /// doc; `charge_address`: whether `source` pays for unknown keys).
+    /// Returns what became of it, for `rlsgate_cancel_requests_total{result}`:
+    /// `forwarded`, `unknown_key`, `rate_limited` or `failed`.
+    async fn forward(
+        &self,
+        key: CancelKey,
+        source: IpAddr,
+        charge_address: bool,
         tls: &UpstreamTls,
     ) -> &'static str {
-        let forward = match self.admit(key, source) {
+        let forward = match self.admit(key, source, charge_address) {
             Ok(forward) => forward,
             Err(why) => {
                 self.log_ignored(why, source);
@@ -299,8 +410,14 @@ impl CancelRegistry {
         }
     }
 
-    /// Charges `source`'s and the key's budgets; the target if admitted.
-    fn admit(&self, key: CancelKey, source: IpAddr) -> Result<Forward, Ignore> {
+    /// Charges `source`'s (when `charge_address`) and the key's budgets;
+    /// the target if admitted.
+    fn admit(
+        &self,
+        key: CancelKey,
+        source: IpAddr,
+        charge_address: bool,
+    ) -> Result<Forward, Ignore> {
         let now = Instant::now();
         let source = budget_address(source);
         let mut guesses = self.guesses.lock().expect("cancel rate lock");
@@ -309,16 +426,18 @@ impl CancelRegistry {
             .buckets
             .get_mut(&source)
             .is_some_and(|b| b.refill(GUESS_BUDGET, now) < 1.0);
-        if spent {
+        if spent && charge_address {
             return Err(Ignore::AddressOverBudget);
         }
         let mut targets = self.targets.lock().expect("cancel lock");
         let Some(target) = targets.get_mut(&key) else {
-            let bucket = guesses
-                .buckets
-                .entry(source)
-                .or_insert_with(|| Bucket::full(GUESS_BUDGET, now));
-            bucket.take(GUESS_BUDGET, now);
+            if charge_address {
+                let bucket = guesses
+                    .buckets
+                    .entry(source)
+                    .or_insert_with(|| Bucket::full(GUESS_BUDGET, now));
+                bucket.take(GUESS_BUDGET, now);
+            }
             return Err(Ignore::UnknownKey);
         };
         if !target.budget.take(KEY_BUDGET, now) {
@@ -437,6 +556,61 @@ fn budget_address(ip: IpAddr) -> IpAddr {
             None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
         },
     }
+}
+
+/// The secret of a key issued by replica `peer_id` (none: all random): its
+/// top 7 bits are the peer id, the other 25 random.
+fn secret_of(peer_id: Option<u8>, random: u32) -> i32 {
+    let bits = match peer_id {
+        Some(id) => (u32::from(id) << PEER_SHIFT) | (random & !(u32::MAX << PEER_SHIFT)),
+        None => random,
+    };
+    bits as i32
+}
+
+/// Which replica issued `key`, if the cluster is configured.
+fn peer_of(key: CancelKey) -> u8 {
+    ((key.secret as u32) >> PEER_SHIFT) as u8
+}
+
+/// Where the peer id starts in a secret.
+const PEER_SHIFT: u32 = 25;
+
+/// Whether `source` is the address of one of the configured peers, as
+/// their names resolve now (peers' addresses change, in Kubernetes with
+/// every restart).
+async fn is_a_peer(source: IpAddr, cluster: &Cluster) -> bool {
+    let source = budget_address(source);
+    for peer in cluster.others() {
+        let resolved =
+            tokio::time::timeout(FORWARD_TIMEOUT, tokio::net::lookup_host(&peer.address));
+        if let Ok(Ok(mut addresses)) = resolved.await
+            && addresses.any(|a| budget_address(a.ip()) == source)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Sends a peer's cancel request to it and waits until it has closed the
+/// connection (it has then handled the request).
+async fn forward_to_peer(address: &str, key: CancelKey) -> std::io::Result<()> {
+    let mut packet = BytesMut::with_capacity(16);
+    messages::peer_cancel_request(&mut packet, key);
+    let sent = tokio::time::timeout(FORWARD_TIMEOUT * 2, async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream.write_all(&packet).await?;
+        let mut sink = [0u8; 64];
+        while let Ok(1..) = stream.read(&mut sink).await {}
+        Ok(())
+    });
+    sent.await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the peer did not take the request in time",
+        ))
+    })
 }
 
 /// A forward that failed; `maybe_sent` once the request may have reached
@@ -568,13 +742,13 @@ mod tests {
         let second = registry.register("127.0.0.1".into(), 1, CancelKey { pid: 1, secret: 2 });
         let source: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..KEY_BUDGET.burst {
-            assert!(registry.admit(first.key, source).is_ok());
+            assert!(registry.admit(first.key, source, true).is_ok());
         }
         assert!(matches!(
-            registry.admit(first.key, source),
+            registry.admit(first.key, source, true),
             Err(Ignore::KeyOverBudget)
         ));
-        assert!(registry.admit(second.key, source).is_ok());
+        assert!(registry.admit(second.key, source, true).is_ok());
     }
 
     #[test]
@@ -587,17 +761,54 @@ mod tests {
         };
         for _ in 0..GUESS_BUDGET.burst {
             assert!(matches!(
-                registry.admit(wrong, guesser),
+                registry.admit(wrong, guesser, true),
                 Err(Ignore::UnknownKey)
             ));
         }
         assert!(matches!(
-            registry.admit(registration.key, guesser),
+            registry.admit(registration.key, guesser, true),
             Err(Ignore::AddressOverBudget)
         ));
         // Another address is not affected.
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        assert!(registry.admit(registration.key, other).is_ok());
+        assert!(registry.admit(registration.key, other, true).is_ok());
+    }
+
+    #[test]
+    fn a_replicas_keys_carry_its_peer_id_in_the_top_bits_and_random_below() {
+        for id in [0, 1, 42, crate::config::MAX_PEER_ID] {
+            for random in [0, u32::MAX, 0x1234_5678] {
+                let key = CancelKey {
+                    pid: 1,
+                    secret: secret_of(Some(id), random),
+                };
+                assert_eq!(peer_of(key), id);
+                assert_eq!(key.secret as u32 & 0x01ff_ffff, random & 0x01ff_ffff);
+            }
+        }
+        assert_eq!(secret_of(None, 0xdead_beef) as u32, 0xdead_beef);
+        let registry = Arc::new(CancelRegistry::default());
+        registry.set_peer_id(Some(5));
+        let registration =
+            registry.register("127.0.0.1".into(), 1, CancelKey { pid: 3, secret: 4 });
+        assert_eq!(peer_of(registration.key), 5);
+    }
+
+    #[test]
+    fn a_peers_request_is_charged_to_the_key_not_to_the_peers_address() {
+        let (registry, registration) = registry_with_one_key();
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        let wrong = CancelKey {
+            pid: registration.key.pid,
+            secret: registration.key.secret.wrapping_add(1),
+        };
+        for _ in 0..GUESS_BUDGET.burst * 2 {
+            assert!(matches!(
+                registry.admit(wrong, peer, false),
+                Err(Ignore::UnknownKey)
+            ));
+        }
+        assert!(registry.admit(registration.key, peer, false).is_ok());
     }
 
     #[tokio::test]
@@ -607,7 +818,7 @@ mod tests {
         let source: IpAddr = "192.0.2.1".parse().unwrap();
         assert!(registration.close().await, "nothing was forwarded");
         assert!(matches!(
-            registry.admit(key, source),
+            registry.admit(key, source, true),
             Err(Ignore::UnknownKey)
         ));
         assert!(registry.targets.lock().unwrap().is_empty());
@@ -686,7 +897,7 @@ mod tests {
     async fn close_waits_for_a_request_being_forwarded_and_reports_an_unsettled_one() {
         let (registry, registration) = registry_with_one_key();
         let source: IpAddr = "192.0.2.1".parse().unwrap();
-        let forward = registry.admit(registration.key, source).unwrap();
+        let forward = registry.admit(registration.key, source, true).unwrap();
         let sending = forward.gate.lock.read().await;
         let closing = tokio::spawn(registration.close());
         for _ in 0..100 {

@@ -204,9 +204,16 @@ async fn establish(
     let request = match received {
         Ok(Arrival::Startup(request)) => request,
         Ok(Arrival::Cancel(key)) => {
+            let upstream = (&services.upstream_tls, &services.config.cluster);
+            let result = services.cancels.cancel(key, peer.ip(), upstream).await;
+            services.metrics.cancel_request(result);
+            return None;
+        }
+        Ok(Arrival::PeerCancel(key)) => {
+            let upstream = (&services.upstream_tls, &services.config.cluster);
             let result = services
                 .cancels
-                .cancel(key, peer.ip(), &services.upstream_tls)
+                .cancel_for_peer(key, peer.ip(), upstream)
                 .await;
             services.metrics.cancel_request(result);
             return None;

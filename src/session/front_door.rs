@@ -35,6 +35,8 @@ const TLS_HANDSHAKE: u8 = 0x16;
 pub(crate) enum Arrival {
     Startup(StartupRequest),
     Cancel(CancelKey),
+    /// A cancel request a peer replica forwarded.
+    PeerCancel(CancelKey),
 }
 
 /// A client that sent a StartupMessage and waits for authentication.
@@ -103,6 +105,7 @@ pub(crate) async fn receive(
                 stream.write_all(&answer).await?;
             }
             Request::Cancel(key) => return Ok(Arrival::Cancel(key)),
+            Request::PeerCancel(key) => return Ok(Arrival::PeerCancel(key)),
             Request::Startup(startup) => {
                 if let Some(negotiation) = startup.negotiation() {
                     stream.write_all(&negotiation).await?;

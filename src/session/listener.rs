@@ -99,7 +99,11 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
         limit,
         role_limits,
         tokens: TokenChecker::replacing(previous.map(|p| &p.tokens), &config, jwks::http_client()),
-        cancels: previous.map_or_else(Arc::default, |p| Arc::clone(&p.cancels)),
+        cancels: {
+            let cancels = previous.map_or_else(Arc::default, |p| Arc::clone(&p.cancels));
+            cancels.set_peer_id(config.cluster.peer_id);
+            cancels
+        },
         upstream_tls: UpstreamTls::from_config(&config.upstream)?
             .watched_by(Arc::clone(&tampering)),
         tls,
@@ -151,8 +155,11 @@ async fn run(
     shutdown: impl Future,
 ) {
     let (stop_admin, admin_stopped) = oneshot::channel::<()>();
+    let (start_draining, draining) = watch::channel(false);
+    let (not_ready, stopping) = watch::channel(false);
     let admin = admin.map(|admin| {
-        tokio::spawn(admin::serve(admin, services.clone(), async move {
+        let state = (services.clone(), stopping);
+        tokio::spawn(admin::serve(admin, state, async move {
             let _ = admin_stopped.await;
         }))
     });
@@ -168,7 +175,6 @@ async fn run(
     };
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (session_done_tx, mut all_done_rx) = mpsc::channel::<()>(1);
-    let (start_draining, draining) = watch::channel(false);
     let startups = {
         let listen = &services.borrow().config.listen;
         StartupLimits::new(listen.max_startups, listen.max_startups_per_address)
@@ -226,13 +232,31 @@ async fn run(
             });
         }
     };
-    tokio::select! {
-        () = accept => {}
-        _ = shutdown => tracing::info!(target: LOG_TARGET, "shutting down: no new connections"),
+    {
+        tokio::pin!(accept);
+        tokio::select! {
+            () = &mut accept => {}
+            _ = shutdown => {}
+        }
+        // Not ready from now on; new connections are still accepted for
+        // shutdown_delay, while load balancers notice.
+        not_ready.send_replace(true);
+        let delay = services.borrow().config.listen.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(
+                target: LOG_TARGET,
+                "shutting down: not ready, accepting for {delay:?} more"
+            );
+            tokio::select! {
+                () = &mut accept => {}
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
     }
+    tracing::info!(target: LOG_TARGET, "shutting down: no new connections");
+    start_draining.send_replace(true);
     drop(listener);
     drop(session_done_tx);
-    start_draining.send_replace(true);
     if let Some(http) = http {
         // It stops accepting at once; its connections count as sessions.
         let _ = http.await;

@@ -1,7 +1,9 @@
 //! `bench/run --quick` runs end to end: PostgreSQL, pgbouncer, the issuer and
-//! rlsgate start, every pgbench row and the memory row get a number, and
-//! everything is cleaned up. The script installs pgbench and pgbouncer itself
-//! when run as root; otherwise it fails with the apt-get line to run.
+//! rlsgate start, every pgbench row, the HTTP rows (wrk against `POST /sql`,
+//! every request answered 200 with its row) and the memory row get a number,
+//! and everything is cleaned up. The script installs pgbench, pgbouncer and
+//! wrk itself when run as root; otherwise it fails with the apt-get line to
+//! run.
 #![cfg(target_os = "linux")]
 
 use std::io::Read;
@@ -23,6 +25,9 @@ const ROWS: &[&str] = &[
     "| pgbouncer (session pool) |",
     "| rlsgate (no pooling) |",
     "| rlsgate ([pool] mode = \"session\") |",
+    // HTTP beside the wire protocol: this build serves [http], so no n/a.
+    "| 8 clients, 8 requests |",
+    "| 64 clients, 64 requests |",
 ];
 
 #[test]
@@ -40,6 +45,8 @@ fn bench_script_runs_end_to_end_in_quick_form() {
         .env_remove("DURATION")
         .env_remove("SCALE")
         .env_remove("IDLE_CLIENTS")
+        .env_remove("HTTP_USERS")
+        .env_remove("HTTP_POOL_SIZE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -18,7 +18,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 
 /// Sends a CancelRequest to the proxy by hand and waits until the proxy has
 /// dealt with it (it closes the connection without an answer, as Postgres does).
-async fn send_cancel(port: u16, pid: i32, secret: i32) {
+pub(crate) async fn send_cancel(port: u16, pid: i32, secret: i32) {
     let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     cancel_over(stream, pid, secret).await;
 }
@@ -36,7 +36,7 @@ async fn send_cancel_from(source: Ipv4Addr, port: u16, pid: i32, secret: i32) {
     cancel_over(stream, pid, secret).await;
 }
 
-async fn cancel_over(mut stream: TcpStream, pid: i32, secret: i32) {
+pub(crate) async fn cancel_over(mut stream: TcpStream, pid: i32, secret: i32) {
     wire::send(&mut stream, &wire::cancel_request(pid, secret)).await;
     let mut rest = Vec::new();
     let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
@@ -58,7 +58,7 @@ async fn upstream_pid(raw: &mut RawSession) -> i32 {
 }
 
 /// Waits until backend `pid` is running a statement.
-async fn wait_until_active(admin: &Client, pid: i32) {
+pub(crate) async fn wait_until_active(admin: &Client, pid: i32) {
     wait_for_backend(admin, pid, "running a statement", |state, _| {
         state == "active"
     })

@@ -26,6 +26,7 @@ mod protocol;
 mod providers;
 mod refusals;
 mod reload;
+mod replicas;
 mod serverless;
 mod session_end;
 mod startup_limits;

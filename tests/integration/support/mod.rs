@@ -187,6 +187,17 @@ impl Harness {
     }
 }
 
+/// The configuration [`Harness::another_proxy`] gives a proxy on loopback
+/// with `extra_toml`, for a reload of one.
+pub fn proxy_config_for(h: &Harness, extra_toml: &str) -> Config {
+    proxy_config(
+        Ipv4Addr::LOCALHOST.into(),
+        &h.pg,
+        &h.issuer.issuer(),
+        extra_toml,
+    )
+}
+
 /// The proxy's configuration: the sample one, listening on `ip` (any port)
 /// in front of `pg_port` and `issuer`, with a leeway and refetch cooldown
 /// short enough that tests of expiry and refetching run quickly. Lines of
