@@ -21,6 +21,7 @@ mod jwks;
 mod keys;
 mod kubernetes;
 mod observability;
+mod ops_kit;
 mod pooling;
 mod protocol;
 mod providers;
