@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
         match parse_request(packet) {
             Err(refusal) => return check_refusal(&refusal),
             Ok(Request::Ssl | Request::GssEnc) => continue,
-            Ok(Request::Cancel(_)) => return,
+            Ok(Request::Cancel(_) | Request::PeerCancel(_)) => return,
             Ok(Request::Startup(startup)) => {
                 if let Some(negotiation) = startup.negotiation() {
                     assert_eq!(negotiation.first(), Some(&b'v'));
