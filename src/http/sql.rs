@@ -105,7 +105,6 @@ async fn answer(
     seen: &mut Seen,
 ) -> Result<(Vec<u8>, bool), Failure> {
     let request = Headers::read(headers)?;
-    seen.role = Some(request.role.clone());
     let role = services.config.role(&request.role).ok_or_else(|| {
         Refusal::auth(format!(
             "role {:?} is not served by this proxy",
@@ -113,6 +112,8 @@ async fn answer(
         ))
         .because(Reason::Role)
     })?;
+    // The configured name: what a client sent is never logged as such.
+    seen.role = Some(role.name.clone());
     let identity = identify(services, peer, role, request.token.as_deref(), seen).await?;
     let limit = services.config.http.max_request_bytes;
     let bytes = axum::body::to_bytes(body, limit)
