@@ -185,10 +185,13 @@ async fn run(
     loop {
         let waiting = Instant::now();
         let database = request.database.as_deref();
-        let mut lent = pool
+        let lent = pool
             .lend(&config.upstream, &services.upstream_tls, role, database)
-            .await?;
+            .await;
+        // Counted whether a connection came or not: a wait that timed out
+        // is the one that matters most.
         services.metrics.http_upstream_waited(waiting.elapsed());
+        let mut lent = lent?;
         let backend = lent.lease.backend();
         let exp = identity.envelope_expiry(unix_now());
         let envelope = config.claims.signing_key.seal(identity, backend, exp);

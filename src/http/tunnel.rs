@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Sink, Stream};
@@ -56,7 +56,7 @@ pub(super) fn accept(
 }
 
 /// A WebSocket read and written as bytes: binary frames in, one binary
-/// frame per write out. A text frame is an error; a close frame is the
+/// frame per write out. A text frame is an error (closed with 1003); a close frame is the
 /// end of the stream.
 struct Frames {
     socket: WebSocket,
@@ -69,6 +69,23 @@ impl Frames {
         Frames {
             socket,
             unread: Bytes::new(),
+        }
+    }
+}
+
+impl Frames {
+    /// Closes with 1003 (unsupported data), so that the client learns why,
+    /// as far as the socket takes it at once: the stream ends regardless.
+    fn refuse_text(&mut self, cx: &mut Context<'_>) {
+        let socket = &mut self.socket;
+        if let Poll::Ready(Ok(())) = Pin::new(&mut *socket).poll_ready(cx) {
+            let close = Message::Close(Some(CloseFrame {
+                code: close_code::UNSUPPORTED,
+                reason: "rlsgate's tunnel carries binary frames only".into(),
+            }));
+            if Pin::new(&mut *socket).start_send(close).is_ok() {
+                let _ = Pin::new(socket).poll_flush(cx);
+            }
         }
     }
 }
@@ -89,6 +106,7 @@ impl AsyncRead for Frames {
                 None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(())),
                 Some(Ok(Message::Binary(bytes))) => this.unread = bytes,
                 Some(Ok(Message::Text(_))) => {
+                    this.refuse_text(cx);
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "a text frame: the tunnel carries binary frames only",

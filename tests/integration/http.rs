@@ -613,3 +613,30 @@ async fn a_reload_applies_to_the_next_request() {
         .expect("the reload applies");
     assert_eq!(alice.send(long).await.0, 413);
 }
+
+#[tokio::test]
+async fn a_text_frame_in_the_tunnel_is_answered_with_close_code_1003() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let h = serving_http("").await;
+    let address = h.proxy.http_address.unwrap();
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/v2"))
+        .await
+        .expect("the tunnel opens");
+    socket.send(Message::text("select 1")).await.unwrap();
+    let closed = tokio::time::timeout(WAIT, async {
+        while let Some(message) = socket.next().await {
+            if let Ok(Message::Close(frame)) = message {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .expect("the tunnel answers");
+    let frame = closed.expect("a close frame with a reason");
+    assert_eq!(frame.code, CloseCode::Unsupported);
+    assert!(frame.reason.contains("binary"), "{}", frame.reason);
+}
