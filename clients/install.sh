@@ -30,8 +30,8 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >
 fi
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   echo "installing from Debian: ${apt_packages[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_packages[@]}"
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${apt_packages[@]}"
 fi
 [ -f "$JDBC_JAR" ] || { echo "$JDBC_JAR is missing after installing libpostgresql-jdbc-java" >&2; exit 1; }
 

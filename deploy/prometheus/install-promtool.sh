@@ -20,9 +20,9 @@ trap 'rm -rf "$scratch"' EXIT
 # apt's download user must be able to write there.
 chmod 755 "$scratch"
 cd "$scratch"
-if ! apt-get download -qq prometheus >/dev/null 2>&1; then
-  apt-get update -qq
-  apt-get download -qq prometheus
+if ! apt-get -o DPkg::Lock::Timeout=600 download -qq prometheus >/dev/null 2>&1; then
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 download -qq prometheus
 fi
 dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool
 install -m 0755 usr/bin/promtool /usr/local/bin/promtool

@@ -15,8 +15,7 @@ pub(super) const BATCH_ISOLATION_LEVEL: &str = "neon-batch-isolation-level";
 pub(super) const BATCH_READ_ONLY: &str = "neon-batch-read-only";
 pub(super) const BATCH_DEFERRABLE: &str = "neon-batch-deferrable";
 
-/// The request's headers, read.
-#[derive(Debug)]
+/// The request's headers, read. Its `Debug` leaves the token out.
 pub(super) struct Headers {
     /// The connection string's user name: a `[[role]]`.
     pub(super) role: String,
@@ -30,6 +29,20 @@ pub(super) struct Headers {
     pub(super) raw_text: bool,
     pub(super) array_mode: bool,
     pub(super) batch: BatchOptions,
+}
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Headers")
+            .field("role", &self.role)
+            .field("database", &self.database)
+            .field("token", &self.token.as_ref().map(|_| ".."))
+            .field("application_name", &self.application_name)
+            .field("raw_text", &self.raw_text)
+            .field("array_mode", &self.array_mode)
+            .field("batch", &self.batch)
+            .finish()
+    }
 }
 
 /// How a batch's transaction runs (`Neon-Batch-*`); ignored for one query.
@@ -260,6 +273,18 @@ mod tests {
         assert_eq!(read.application_name.as_deref(), Some("my app"));
         assert!(read.raw_text && read.array_mode);
         assert_eq!(read.batch, BatchOptions::default());
+    }
+
+    #[test]
+    fn the_token_is_left_out_of_debug_output() {
+        let read = Headers::read(&headers(&[
+            (CONNECTION_STRING, "postgresql://app@h/db"),
+            ("authorization", "Bearer secret.token.here"),
+        ]))
+        .unwrap();
+        let shown = format!("{read:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("token: Some(\"..\")"), "{shown}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub(crate) const CANCEL_REQUEST: u32 = 80_877_102;
 /// A CancelRequest one rlsgate replica forwards to the peer whose key it
 /// names (`1234 << 16 | 7777`, a code PostgreSQL does not use): handled
 /// there, never forwarded again.
-pub(crate) const PEER_CANCEL_REQUEST: u32 = 80_879_201;
+pub const PEER_CANCEL_REQUEST: u32 = 80_879_201;
 /// The protocol version the proxy speaks (major in the high 16 bits).
 pub(crate) const PROTOCOL_3_0: u32 = 196_608;
 

@@ -55,6 +55,20 @@ struct PoolKey {
     user: String,
 }
 
+impl PoolKey {
+    /// The key of `role`'s connections to `database`, or to the database
+    /// `[upstream]` names, which wins.
+    fn new(upstream: &Upstream, role: &config::Role, database: Option<&str>) -> PoolKey {
+        PoolKey {
+            database: upstream
+                .database
+                .clone()
+                .or_else(|| database.map(str::to_owned)),
+            user: role.upstream_user().to_owned(),
+        }
+    }
+}
+
 /// A pooled backend, lent to one client session at a time.
 pub(crate) struct Lease {
     key: PoolKey,
@@ -157,13 +171,7 @@ impl Pool {
             );
             return Attached::unpooled(upstream, tls, login, claims).await;
         };
-        let key = PoolKey {
-            database: upstream
-                .database
-                .clone()
-                .or_else(|| login.database.map(str::to_owned)),
-            user: login.role.upstream_user().to_owned(),
-        };
+        let key = PoolKey::new(upstream, login.role, login.database);
         loop {
             let (mut stream, mut lease, fresh) = match self.take(&key) {
                 Some(idle) => (idle.stream, idle.lease, false),
@@ -241,13 +249,7 @@ impl Pool {
         role: &config::Role,
         database: Option<&str>,
     ) -> Result<Lent, Refusal> {
-        let key = PoolKey {
-            database: upstream
-                .database
-                .clone()
-                .or_else(|| database.map(str::to_owned)),
-            user: role.upstream_user().to_owned(),
-        };
+        let key = PoolKey::new(upstream, role, database);
         let slots = {
             let mut lent = self.lent.lock().expect("pool lock");
             let slots = lent

@@ -640,3 +640,20 @@ async fn a_text_frame_in_the_tunnel_is_answered_with_close_code_1003() {
     assert_eq!(frame.code, CloseCode::Unsupported);
     assert!(frame.reason.contains("binary"), "{}", frame.reason);
 }
+
+#[tokio::test]
+async fn copy_is_refused_with_0a000_and_its_connection_is_not_reused() {
+    let h = serving_http("[pool]\nsize = 1\n").await;
+    let alice = Call::as_user(&h, "alice");
+    let pid = alice.value("select pg_backend_pid()").await;
+    let (status, body) = alice.send(json!({"query": "copy todos to stdout"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["code"], "0A000", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("COPY"), "{body}");
+    // The connection was left mid-COPY: closed, and the next request gets another.
+    let next = alice.value("select pg_backend_pid()").await;
+    assert_ne!(
+        next, pid,
+        "[pool] size = 1: the same pid would be the same connection"
+    );
+}

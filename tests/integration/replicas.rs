@@ -195,8 +195,8 @@ fn haproxy_binary() -> &'static str {
     let installed = Command::new("sh")
         .args([
             "-c",
-            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-             apt-get install -y -qq --no-install-recommends haproxy",
+            "apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
+             apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends haproxy",
         ])
         .stdin(Stdio::null())
         .output()
@@ -303,4 +303,43 @@ async fn a_draining_replica_turns_unready_finishes_its_sessions_and_haproxy_rout
     assert_eq!(rows[0][1].as_deref(), Some("finished"));
     held.terminate().await;
     stopping.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_cancel_request_from_an_address_that_is_no_peers_is_ignored() {
+    use rlsgate::protocol::startup::PEER_CANCEL_REQUEST;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let h = Harness::start().await;
+    let proxies = replicas(&h, "").await;
+    let admin = h.admin().await;
+    let mut session = sleeping(&h, proxies[0].address.port(), "alice").await;
+    wait_until_active(&admin, session.pid).await;
+    // The peers are on 127.0.0.1; this comes from 127.0.0.2.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind("127.0.0.2:0".parse().unwrap())
+        .expect("bind 127.0.0.2");
+    let mut stream = socket.connect(proxies[0].address).await.unwrap();
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&16u32.to_be_bytes());
+    packet.extend_from_slice(&PEER_CANCEL_REQUEST.to_be_bytes());
+    packet.extend_from_slice(&session.pid.to_be_bytes());
+    packet.extend_from_slice(&session.secret.to_be_bytes());
+    stream.write_all(&packet).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+    let metrics = metrics_of(&proxies[0]).await;
+    assert_eq!(
+        crate::support::metric(
+            &metrics,
+            "rlsgate_cancel_requests_total",
+            &[("result", "not_a_peer")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    // Still sleeping; a client's own request, sent to a peer, ends it.
+    send_cancel(proxies[1].address.port(), session.pid, session.secret).await;
+    assert_eq!(session.read_result().await.unwrap_err().code, "57014");
 }
