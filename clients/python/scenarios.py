@@ -213,9 +213,13 @@ def close_from_another_thread_while_a_query_runs():
         conn.close()
         thread.join(WAIT)
         check("concurrent close: the query's thread returns", not thread.is_alive())
+        # libpq is not thread-safe on one connection: depending on where the
+        # query's thread is when the close lands, psycopg reports the closed
+        # connection as OperationalError or as InternalError ("got no result
+        # from the query"), as it does on a direct connection.
         check(
-            "concurrent close: the query fails with OperationalError",
-            isinstance(outcome.get("error"), psycopg.OperationalError),
+            "concurrent close: the query fails with OperationalError or InternalError",
+            isinstance(outcome.get("error"), (psycopg.OperationalError, psycopg.InternalError)),
             how_it_ended(outcome),
         )
         check("concurrent close: the connection is closed", conn.closed)

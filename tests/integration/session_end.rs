@@ -248,6 +248,31 @@ async fn a_statement_abandoned_by_its_client_is_cancelled_and_its_backend_ends()
     }
 }
 
+/// A cancel ends only the statement running when it arrives: one the
+/// client pipelined behind it is cancelled too before the backend ends,
+/// rather than left to run; in both pool modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_a_leaving_client_pipelined_are_all_cancelled() {
+    for (mode, pool) in POOL_MODES {
+        let h = Harness::start_configured("", pool).await;
+        let admin = h.admin().await;
+        let mut session = h.raw_connect_as("alice").await;
+        session.send_query("select pg_sleep(600)").await;
+        session.send_query("select pg_sleep(601)").await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while running(&admin, "pg_sleep(600)").await == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the query never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(session);
+        until_none_runs(&admin, "pg_sleep(600)", mode).await;
+        until_none_runs(&admin, "pg_sleep(601)", mode).await;
+    }
+}
+
 /// A session that outlives its envelope gets a fresh one ahead of its next
 /// statement between transactions, and its claims go on working; in both
 /// pool modes, with and without a token.
