@@ -1,18 +1,19 @@
 //! `bench/run --quick` runs end to end: PostgreSQL, pgbouncer, the issuer and
 //! rlsgate start, every pgbench row, the HTTP rows (wrk against `POST /sql`,
 //! every request answered 200 with its row) and the memory row get a number,
-//! and everything is cleaned up. The script installs pgbench, pgbouncer and
-//! wrk itself when run as root; otherwise it fails with the apt-get line to
-//! run.
+//! each proxy's CPU per transaction and its sampled system calls per
+//! transaction (strace) are numbers, and everything is cleaned up. The script
+//! installs pgbench, pgbouncer, wrk and strace itself when run as root;
+//! otherwise it fails with the apt-get line to run.
 #![cfg(target_os = "linux")]
 
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A quick run takes about a minute even on a loaded 2-core machine; this
+/// A quick run takes one to two minutes on a loaded 2-core machine; this
 /// bound only stops a hung run (its trap then cleans up).
-const TIMEOUT: Duration = Duration::from_secs(180);
+const TIMEOUT: Duration = Duration::from_secs(240);
 
 /// Rows the report must contain, each with a measured value or the documented
 /// "n/a" for pooling in a build without it.
@@ -22,13 +23,138 @@ const ROWS: &[&str] = &[
     "| -S, 32 clients, -M simple |",
     "| -S, 32 clients, -M prepared |",
     "| direct |",
-    "| pgbouncer (session pool) |",
+    "| pgbouncer (session pool, scram-sha-256) |",
+    "| pgbouncer (session pool, trust) |",
     "| rlsgate (no pooling) |",
     "| rlsgate ([pool] mode = \"session\") |",
     // HTTP beside the wire protocol: this build serves [http], so no n/a.
     "| 8 clients, 8 requests |",
     "| 64 clients, 64 requests |",
 ];
+
+const STEADY_ROWS: &[&str] = &[
+    "-S, 8 clients, -M simple",
+    "-S, 8 clients, -M prepared",
+    "-S, 32 clients, -M simple",
+    "-S, 32 clients, -M prepared",
+];
+
+/// A Markdown table of the report: its column names and its rows, each a
+/// list of trimmed cells.
+struct Table<'a> {
+    columns: Vec<&'a str>,
+    rows: Vec<Vec<&'a str>>,
+}
+
+fn cells(line: &str) -> Vec<&str> {
+    let inner = line.trim().trim_start_matches('|').trim_end_matches('|');
+    inner.split('|').map(str::trim).collect()
+}
+
+impl<'a> Table<'a> {
+    /// The table whose header line starts with HEADER.
+    fn find(report: &'a str, header: &str) -> Table<'a> {
+        let mut lines = report.lines().skip_while(|line| !line.starts_with(header));
+        let columns = cells(
+            lines
+                .next()
+                .unwrap_or_else(|| panic!("no table {header:?}")),
+        );
+        let rows = lines
+            .skip(1) // the |---| line
+            .take_while(|line| line.starts_with('|'))
+            .map(cells)
+            .collect();
+        Table { columns, rows }
+    }
+
+    /// The cell in COLUMN of the row whose first cells are KEY.
+    fn cell(&self, key: &[&str], column: &str) -> &'a str {
+        let index = self
+            .columns
+            .iter()
+            .position(|name| *name == column)
+            .unwrap_or_else(|| panic!("no column {column:?} in {:?}", self.columns));
+        let row = self
+            .rows
+            .iter()
+            .find(|row| row.starts_with(key))
+            .unwrap_or_else(|| panic!("no row {key:?} under {:?}", self.columns));
+        row[index]
+    }
+}
+
+/// A measured quantity: a finite number above zero (not "error", "–" or empty).
+fn positive(cell: &str) -> bool {
+    cell.parse::<f64>().is_ok_and(|v| v.is_finite() && v > 0.0)
+}
+
+/// The CPU and system-call columns hold numbers for pgbouncer and rlsgate on
+/// every row where the proxy relays, and the per-call breakdown names calls.
+fn check_cpu_and_syscalls(report: &str) {
+    let steady = Table::find(report, "| row | direct TPS |");
+    for row in STEADY_ROWS {
+        for column in [
+            "pgbouncer CPU µs/tx",
+            "rlsgate CPU µs/tx",
+            "CPU rlsgate ÷ pgbouncer (lower is better)",
+            "pgbouncer syscalls/tx",
+            "rlsgate syscalls/tx",
+        ] {
+            let cell = steady.cell(&[row], column);
+            assert!(positive(cell), "{row}, {column}: {cell:?}\n{report}");
+        }
+    }
+    let connect = Table::find(report, "| target | TPS |");
+    for row in [
+        "pgbouncer (session pool, scram-sha-256)",
+        "pgbouncer (session pool, trust)",
+        "rlsgate (no pooling)",
+        "rlsgate ([pool] mode = \"session\")",
+    ] {
+        for column in ["CPU µs/tx", "CPU ÷ pgbouncer (trust) (lower is better)"] {
+            let cell = connect.cell(&[row], column);
+            assert!(positive(cell), "{row}, {column}: {cell:?}\n{report}");
+        }
+    }
+    assert_eq!(connect.cell(&["direct"], "CPU µs/tx"), "–", "{report}");
+    let http = Table::find(report, "| at a time | wire -S |");
+    for row in ["8 clients, 8 requests", "64 clients, 64 requests"] {
+        for column in ["wire CPU µs/tx", "HTTP CPU µs/request"] {
+            let cell = http.cell(&[row], column);
+            assert!(positive(cell), "{row}, {column}: {cell:?}\n{report}");
+        }
+    }
+    let calls = Table::find(report, "| row | proxy |");
+    for row in STEADY_ROWS {
+        for proxy in ["pgbouncer", "rlsgate"] {
+            let key = [*row, proxy];
+            let sampled = calls.cell(&key, "transactions in the sample");
+            assert!(
+                sampled.parse::<u64>().is_ok_and(|n| n > 0),
+                "{key:?}: {sampled:?}\n{report}"
+            );
+            // The same total as in the steady table, and a breakdown of
+            // "name per-transaction" pairs.
+            let total = calls.cell(&key, "syscalls/tx");
+            assert_eq!(total, steady.cell(&[row], &format!("{proxy} syscalls/tx")));
+            let top = calls.cell(&key, "most frequent, per transaction");
+            let pairs: Vec<(&str, &str)> = top
+                .split(", ")
+                .map(|pair| pair.split_once(' ').unwrap_or((pair, "")))
+                .collect();
+            assert!(
+                !pairs.is_empty()
+                    && pairs.iter().all(|(name, n)| {
+                        !name.is_empty()
+                            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                            && n.parse::<f64>().is_ok()
+                    }),
+                "{key:?}: breakdown {top:?}\n{report}"
+            );
+        }
+    }
+}
 
 #[test]
 fn bench_script_runs_end_to_end_in_quick_form() {
@@ -120,6 +246,7 @@ fn bench_script_runs_end_to_end_in_quick_form() {
         !stdout.to_lowercase().contains("error"),
         "the report has an error\n{context}"
     );
+    check_cpu_and_syscalls(&stdout);
     let written = std::fs::read_to_string(results.path()).unwrap();
     assert_eq!(
         written.trim(),
