@@ -58,6 +58,10 @@ pub struct Listen {
     /// claims in the database; tokens are still checked when clients connect.
     #[serde(default = "defaults::yes")]
     pub end_sessions_at_token_expiry: bool,
+    /// Threads that run sessions, each a single-threaded runtime (thread
+    /// per core); unset: one per CPU; 0: sessions share the main
+    /// multi-threaded runtime. Read at start only.
+    pub workers: Option<usize>,
 }
 
 impl Listen {
@@ -80,9 +84,22 @@ impl Listen {
         if self.auth_timeout.is_zero() {
             bail!("[listen] auth_timeout must be longer than 0s");
         }
+        if self.workers.is_some_and(|n| n > MAX_WORKERS) {
+            bail!("[listen] workers must be at most {MAX_WORKERS}");
+        }
         Ok(())
     }
+
+    /// How many worker threads run sessions: `workers`, or one per CPU.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
 }
+
+/// More worker threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 mod defaults {
     use std::time::Duration;

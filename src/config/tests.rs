@@ -484,3 +484,26 @@ fn a_socket_directory_host_has_no_tls_and_errors_name_both_keys() {
     assert!(message.contains("[upstream] tls_client_cert"), "{message}");
     assert!(message.contains("peer"), "{message}");
 }
+
+#[test]
+fn workers_default_to_one_per_cpu_and_zero_means_the_shared_runtime() {
+    let with_workers = |line: &str| {
+        Config::parse(&format!(
+            "[listen]\naddress = \"127.0.0.1:6432\"\n{line}\n[upstream]\nhost = \"h\"\n\
+             [[role]]\nname = \"a\"\ntoken = \"none\"\n\
+             [claims]\nsigning_key = \"cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM=\"\n"
+        ))
+    };
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(with_workers("").unwrap().listen.worker_threads(), cpus);
+    assert_eq!(
+        with_workers("workers = 0").unwrap().listen.worker_threads(),
+        0
+    );
+    assert_eq!(
+        with_workers("workers = 3").unwrap().listen.worker_threads(),
+        3
+    );
+    let err = with_workers("workers = 100000").unwrap_err();
+    assert!(format!("{err:#}").contains("[listen] workers"), "{err:#}");
+}

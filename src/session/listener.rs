@@ -27,6 +27,7 @@ use crate::session::limit::{Limit, StartupLimitHit, StartupLimits, StartupSlot};
 use crate::session::shutdown::Shutdown;
 use crate::session::stream::ClientStream;
 use crate::session::tls;
+use crate::session::workers::Workers;
 use crate::upstream::pool::Pool;
 use crate::upstream::tls::UpstreamTls;
 
@@ -43,13 +44,21 @@ fn services(config: Config) -> anyhow::Result<Services> {
 /// again; cancel keys, session counts, metrics, tampering alarms and cached
 /// provider keys carry over, so sessions already running are neither
 /// dropped nor forgotten.
-fn reloaded(previous: &Services, config: Config) -> anyhow::Result<Services> {
+fn reloaded(previous: &Services, mut config: Config) -> anyhow::Result<Services> {
     if config.http.address != previous.config.http.address {
         tracing::warn!(
             target: LOG_TARGET,
             "[http] address changed: a restart applies it, a reload does not"
         );
     }
+    if config.listen.worker_threads() != previous.config.listen.worker_threads() {
+        tracing::warn!(
+            target: LOG_TARGET,
+            "[listen] workers changed: a restart applies it, a reload does not"
+        );
+    }
+    // The configuration in force says how many workers run.
+    config.listen.workers = previous.config.listen.workers;
     if config.listen.address != previous.config.listen.address {
         tracing::warn!(
             target: LOG_TARGET,
@@ -62,6 +71,7 @@ fn reloaded(previous: &Services, config: Config) -> anyhow::Result<Services> {
 }
 
 fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services> {
+    let workers = config.listen.worker_threads();
     let acceptor = |alpn: &[u8]| match (&config.listen.tls_cert, &config.listen.tls_key) {
         (Some(cert), Some(key)) => anyhow::Ok(Some(front_door::acceptor(tls::server_config(
             cert, key, alpn,
@@ -116,7 +126,7 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
                 p.pool.clone()
             }
             _ => (config.pool.mode == PoolMode::Session)
-                .then(|| Arc::new(Pool::new(config.pool.clone()))),
+                .then(|| Arc::new(Pool::new(config.pool.clone(), workers))),
         },
         http_pool: match previous {
             Some(p) if p.config.pool == config.pool && p.config.upstream == config.upstream => {
@@ -128,7 +138,7 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
             config
                 .http
                 .address
-                .map(|_| Arc::new(Pool::new(config.pool.clone())))
+                .map(|_| Arc::new(Pool::new(config.pool.clone(), 0)))
         }),
         config,
     })
@@ -149,7 +159,7 @@ async fn bind_admin(config: &Config) -> anyhow::Result<Option<TcpListener>> {
 /// served with the services current when it was accepted. The admin
 /// endpoints, when `admin` is given, serve until the last session has ended.
 async fn run(
-    listener: TcpListener,
+    (listener, workers): (TcpListener, Workers),
     (admin, http): (Option<TcpListener>, Option<TcpListener>),
     services: watch::Receiver<Arc<Services>>,
     shutdown: impl Future,
@@ -224,7 +234,7 @@ async fn run(
             };
             let shutdown = Shutdown::new(notify_shutdown.subscribe());
             let done = session_done_tx.clone();
-            tokio::spawn(async move {
+            workers.spawn(tcp, move |tcp| async move {
                 crate::session::net::tune(&tcp);
                 let client = ClientStream::Plain(tcp);
                 connection::serve(client, peer, services, startup, shutdown).await;
@@ -460,7 +470,9 @@ impl Reloader {
 impl RunningProxy {
     /// Binds `config.listen.address` and, when set, `admin_address` (port 0
     /// picks a free one) and serves.
-    pub async fn start(config: Config) -> anyhow::Result<RunningProxy> {
+    pub async fn start(mut config: Config) -> anyhow::Result<RunningProxy> {
+        // Resolved once: the number of CPUs may change, the workers do not.
+        config.listen.workers = Some(config.listen.worker_threads());
         let listener = TcpListener::bind(config.listen.address)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen.address))?;
@@ -476,9 +488,10 @@ impl RunningProxy {
             None => None,
         };
         let http_address = http.as_ref().map(TcpListener::local_addr).transpose()?;
+        let workers = Workers::start(config.listen.worker_threads())?;
         let (services, current) = watch::channel(Arc::new(services(config)?));
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(listener, (admin, http), current, stopped));
+        let task = tokio::spawn(run((listener, workers), (admin, http), current, stopped));
         Ok(RunningProxy {
             address,
             admin_address,

@@ -10,3 +10,4 @@ pub mod relay;
 pub(crate) mod shutdown;
 pub(crate) mod stream;
 pub(crate) mod tls;
+pub(crate) mod workers;

@@ -36,6 +36,7 @@ use crate::protocol::messages;
 use crate::protocol::refusal::{Reason, Refusal, sqlstate};
 use crate::protocol::startup::CancelKey;
 use crate::session::stream::UpstreamStream;
+use crate::session::workers;
 use crate::upstream::claims::{SetFailure, bind_claims, read_set_config_answer};
 use crate::upstream::login::{Login, UpstreamSession, connect};
 use crate::upstream::options::split_options;
@@ -53,6 +54,10 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 struct PoolKey {
     database: Option<String>,
     user: String,
+    /// The worker thread whose reactor the connections are registered with
+    /// ([`workers::home`]): a session uses the connections of its own
+    /// worker, so that their I/O never wakes another thread.
+    home: Option<usize>,
 }
 
 impl PoolKey {
@@ -65,6 +70,7 @@ impl PoolKey {
                 .clone()
                 .or_else(|| database.map(str::to_owned)),
             user: role.upstream_user().to_owned(),
+            home: workers::home(),
         }
     }
 }
@@ -90,6 +96,10 @@ struct Idle {
 
 pub(crate) struct Pool {
     settings: config::Pool,
+    /// Idle connections kept per key of a worker thread: `size` shared out
+    /// among the workers, so that they keep `size` in all, give or take
+    /// rounding.
+    idle_per_worker: usize,
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
     /// Connections out on loan per key, at most `size` ([`Pool::lend`]).
     lent: Mutex<HashMap<PoolKey, Arc<Semaphore>>>,
@@ -145,8 +155,11 @@ impl Attached {
 }
 
 impl Pool {
-    pub(crate) fn new(settings: config::Pool) -> Pool {
+    /// A pool for sessions spread over `workers` worker threads (0: no
+    /// workers, all sessions on one runtime).
+    pub(crate) fn new(settings: config::Pool, workers: usize) -> Pool {
         Pool {
+            idle_per_worker: settings.size.div_ceil(workers.max(1)),
             settings,
             idle: Mutex::new(HashMap::new()),
             lent: Mutex::new(HashMap::new()),
@@ -355,8 +368,12 @@ impl Pool {
     fn keep(&self, stream: UpstreamStream, lease: Lease) {
         let full = {
             let mut idle = self.idle.lock().expect("pool lock");
+            let cap = match lease.key.home {
+                Some(_) => self.idle_per_worker,
+                None => self.settings.size,
+            };
             let list = idle.entry(lease.key.clone()).or_default();
-            if list.len() < self.settings.size {
+            if list.len() < cap {
                 list.push(Idle {
                     stream,
                     lease,

@@ -1,0 +1,186 @@
+//! Thread-per-core: sessions run on single-threaded runtimes, one per
+//! worker thread, each session on one thread from its handover to its end.
+//!
+//! On tokio's multi-thread runtime a session's two directions, its timers
+//! and its sockets' readiness are spread over threads that wake each other
+//! (futex calls) several times per transaction; on a thread of its own a
+//! session costs the same system calls as pgbouncer's single loop. The
+//! listener accepts on the main runtime and hands each connection to the
+//! worker with the fewest sessions; the socket moves to that worker's
+//! reactor (two `epoll_ctl` calls per connection, none per message).
+//!
+//! What the sessions share (token cache, keys, limits, metrics, pool) is
+//! already shared across threads. The exception is a socket: it stays
+//! registered with the reactor of the runtime that opened it, so a pooled
+//! upstream connection is kept for sessions of the worker that opened it
+//! ([`home`]).
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::Context;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+/// Log lines name the subsystem, not the file: operators filter on it
+/// (`RUST_LOG=rlsgate::listener=debug`), so it outlives a move of the code.
+const LOG_TARGET: &str = "rlsgate::listener";
+
+thread_local! {
+    /// The index of the worker this thread is, if it is one.
+    static HOME: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The worker the calling thread is, or `None` off the workers (the main
+/// runtime, which serves HTTP and, with `workers = 0`, every session).
+pub(crate) fn home() -> Option<usize> {
+    HOME.with(Cell::get)
+}
+
+/// The worker threads; dropping this stops them (sessions still running on
+/// them end with their runtime).
+pub(crate) struct Workers {
+    workers: Vec<Worker>,
+}
+
+struct Worker {
+    handle: Handle,
+    /// Sessions on this worker now.
+    sessions: Arc<AtomicUsize>,
+    /// Dropped to stop the worker.
+    _stop: oneshot::Sender<()>,
+}
+
+impl Workers {
+    /// Starts `count` worker threads; none with 0, and then sessions run
+    /// on the caller's runtime.
+    pub(crate) fn start(count: usize) -> anyhow::Result<Workers> {
+        let workers = (0..count)
+            .map(start_worker)
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Workers { workers })
+    }
+
+    /// Runs `session` on the worker with the fewest sessions, or on the
+    /// current runtime when there are no workers. `session` gets the socket
+    /// registered with the reactor of the runtime it runs on.
+    pub(crate) fn spawn<F, Fut>(&self, tcp: tokio::net::TcpStream, session: F)
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(worker) = self
+            .workers
+            .iter()
+            .min_by_key(|w| w.sessions.load(Ordering::Relaxed))
+        else {
+            tokio::spawn(session(tcp));
+            return;
+        };
+        let std_tcp = match tcp.into_std() {
+            Ok(std_tcp) => std_tcp,
+            Err(e) => {
+                tracing::warn!(target: LOG_TARGET, error = %e, "cannot hand a connection over");
+                return;
+            }
+        };
+        let counted = Counted::new(&worker.sessions);
+        worker.handle.spawn(async move {
+            let _counted = counted;
+            match tokio::net::TcpStream::from_std(std_tcp) {
+                Ok(tcp) => session(tcp).await,
+                Err(e) => {
+                    tracing::warn!(target: LOG_TARGET, error = %e, "cannot take a connection over");
+                }
+            }
+        });
+    }
+}
+
+fn start_worker(index: usize) -> anyhow::Result<Worker> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a worker's runtime")?;
+    let handle = runtime.handle().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(format!("rlsgate-worker-{index}"))
+        .spawn(move || {
+            HOME.with(|home| home.set(Some(index)));
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+        })
+        .context("cannot start a worker thread")?;
+    Ok(Worker {
+        handle,
+        sessions: Arc::new(AtomicUsize::new(0)),
+        _stop: stop,
+    })
+}
+
+/// Counts a session on its worker while it lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(sessions: &Arc<AtomicUsize>) -> Counted {
+        sessions.fetch_add(1, Ordering::Relaxed);
+        Counted(Arc::clone(sessions))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn connections_are_spread_over_the_workers_and_run_on_them() {
+        let workers = Workers::start(2).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(tokio::net::TcpStream::connect(address).await.unwrap());
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            workers.spawn(tcp, move |mut tcp| async move {
+                tx.send(home()).unwrap();
+                // Holds its worker until its client leaves.
+                let _ = tcp.read(&mut [0u8; 1]).await;
+            });
+        }
+        let mut homes = Vec::new();
+        for _ in 0..4 {
+            homes.push(rx.recv().await.unwrap());
+        }
+        homes.sort();
+        assert_eq!(homes, [Some(0), Some(0), Some(1), Some(1)]);
+        assert_eq!(home(), None, "the caller is no worker");
+    }
+
+    #[tokio::test]
+    async fn without_workers_a_session_runs_on_the_callers_runtime() {
+        let workers = Workers::start(0).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (tx, rx) = oneshot::channel();
+        workers.spawn(tcp, move |_| async move {
+            tx.send(home()).unwrap();
+        });
+        assert_eq!(rx.await.unwrap(), None);
+    }
+}
