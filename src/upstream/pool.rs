@@ -852,6 +852,36 @@ mod tests {
     }
 
     #[test]
+    fn settings_are_known_once_taken_until_refused_and_the_lists_are_bounded() {
+        let pool = Pool::new(config::Pool::default());
+        let key = PoolKey {
+            database: None,
+            user: "u".into(),
+        };
+        let other = PoolKey {
+            database: Some("other".into()),
+            user: "u".into(),
+        };
+        let app = pairs(&[("application_name", "a")]);
+        assert_eq!(pool.known_reports(&key, &Vec::new()), Some(Reports::new()));
+        assert_eq!(pool.known_reports(&key, &app), None);
+
+        let reported: Reports = [("application_name".to_owned(), "a".to_owned())].into();
+        pool.remember(&key, app.clone(), reported.clone());
+        assert_eq!(pool.known_reports(&key, &app), Some(reported));
+        assert_eq!(pool.known_reports(&other, &app), None, "per key");
+        pool.forget(&key, &app);
+        assert_eq!(pool.known_reports(&key, &app), None);
+
+        for n in 0..=TAKEN_LISTS {
+            let list = pairs(&[("application_name", &n.to_string())]);
+            pool.remember(&key, list, Reports::new());
+        }
+        let lists = pool.taken.lock().unwrap()[&key].len();
+        assert!(lists <= TAKEN_LISTS, "{lists} lists remembered");
+    }
+
+    #[test]
     fn a_greeting_is_rebuilt_from_parameter_status_values() {
         let session_greeting = {
             let lease = Lease {
