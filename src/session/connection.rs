@@ -12,7 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::auth::claims::{Envelope, Identity, NO_EXPIRY};
+use crate::auth::claims::{Envelope, Identity, NO_EXPIRY, SigningKey};
 use crate::auth::token_check::{TokenChecker, VerifiedToken, fingerprint};
 use crate::clock::unix_now;
 use crate::config::{Config, Role, TokenPolicy};
@@ -305,50 +305,13 @@ async fn open_session(
         refuse_undeclared_settings: true,
     };
     let key = &config.claims.signing_key;
-    let connecting = StdInstant::now();
-    let attached = match &services.pool {
-        Some(pool) => {
-            pool.attach(
-                &config.upstream,
-                &services.upstream_tls,
-                login,
-                (key, &identity),
-            )
-            .await
-        }
-        None => {
-            Attached::unpooled(
-                &config.upstream,
-                &services.upstream_tls,
-                login,
-                (key, &identity),
-            )
-            .await
-        }
-    };
-    services.metrics.upstream_connected(connecting.elapsed());
+    let (attached, cancel) = attach_and_greet(client, services, login, (key, &identity)).await?;
     let Attached {
         upstream,
         lease,
         claims_exp,
-    } = attached?;
-    let cancel = services.cancels.register(
-        config.upstream.host.clone(),
-        config.upstream.port,
-        upstream.key,
-    );
-
-    let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 32);
-    messages::authentication_ok(&mut greeting);
-    greeting.put_slice(&upstream.greeting);
-    // The backend's real pid, with the proxy's own secret.
-    messages::backend_key_data(&mut greeting, cancel.key);
-    greeting.put_slice(&upstream.ready);
-    client
-        .write_all(&greeting)
-        .await
-        .map_err(|_| Failure::Closed)?;
-    client.flush().await.map_err(|_| Failure::Closed)?;
+        ..
+    } = attached;
     let iss = verified_token
         .as_ref()
         .and_then(|v| v.claims.get("iss"))
@@ -376,6 +339,58 @@ async fn open_session(
         session_slot,
         role_slot,
     })
+}
+
+/// The upstream session, and the client greeted (AuthenticationOk,
+/// ParameterStatus, BackendKeyData, ReadyForQuery) with its cancel key
+/// registered. A pooled bind may have been sent ahead of the greeting: its
+/// answer is read here, after the greeting and before the relay forwards
+/// anything of the client's (see [`Pool::attach`]).
+/// `rlsgate_upstream_connect_seconds` still counts until the claims are
+/// bound, answer included.
+async fn attach_and_greet(
+    client: &mut ClientStream,
+    services: &Services,
+    login: Login<'_>,
+    claims: (&SigningKey, &Identity),
+) -> Result<(Attached, Registration), Failure> {
+    let config = &services.config;
+    let connecting = StdInstant::now();
+    let attached = match &services.pool {
+        Some(pool) => {
+            pool.attach(&config.upstream, &services.upstream_tls, login, claims)
+                .await
+        }
+        None => Attached::unpooled(&config.upstream, &services.upstream_tls, login, claims).await,
+    };
+    let attached = attached.inspect_err(|_| {
+        services.metrics.upstream_connected(connecting.elapsed());
+    })?;
+    let upstream = &attached.upstream;
+    let cancel = services.cancels.register(
+        config.upstream.host.clone(),
+        config.upstream.port,
+        upstream.key,
+    );
+    let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 32);
+    messages::authentication_ok(&mut greeting);
+    greeting.put_slice(&upstream.greeting);
+    // The backend's real pid, with the proxy's own secret.
+    messages::backend_key_data(&mut greeting, cancel.key);
+    greeting.put_slice(&upstream.ready);
+    client
+        .write_all(&greeting)
+        .await
+        .map_err(|_| Failure::Closed)?;
+    client.flush().await.map_err(|_| Failure::Closed)?;
+    let confirmed = attached.confirm().await;
+    services.metrics.upstream_connected(connecting.elapsed());
+    let (attached, late) = confirmed?;
+    if !late.is_empty() {
+        client.write_all(&late).await.map_err(|_| Failure::Closed)?;
+        client.flush().await.map_err(|_| Failure::Closed)?;
+    }
+    Ok((attached, cancel))
 }
 
 /// Asks for the token and checks it: the session's identity, when the

@@ -8,12 +8,13 @@
 //! envelope names the backend it is lent, so it is worthless on any other.
 //!
 //! A client is lent an idle connection (or a new one) once its token is
-//! checked, and in one round trip its startup parameters and its sealed
-//! claims are set with `set_config` as bound parameters of the extended
-//! protocol, so the envelope never appears in query text. A connection that
-//! fails that round trip is discarded and the next one tried: that is how no
-//! client is handed a dead connection. Startup parameters that cannot be
+//! checked, and its startup parameters and its sealed claims are set with
+//! `set_config` as bound parameters of the extended protocol, so the
+//! envelope never appears in query text. Startup parameters that cannot be
 //! applied that way get the client a connection of its own, outside the pool.
+//!
+//! That bind is sent ahead of the client's greeting, and its answer read
+//! after it (see [`Pool::attach`] for when, and why, it is not).
 //!
 //! A connection goes back to the pool only if its client left it idle (see
 //! [`relay::Finish`](crate::session::relay::Finish)), and only after
@@ -48,6 +49,17 @@ const LOG_TARGET: &str = "rlsgate::pool";
 
 /// How long returning a connection (its `DISCARD ALL`) may take.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many lists of startup settings the pool remembers as taken, per
+/// database and upstream user ([`Pool::known_reports`]): a bound on what
+/// clients can make it hold. Past it, the list starts over.
+const TAKEN_LISTS: usize = 64;
+
+/// ParameterStatus values a bind reported, by name.
+type Reports = BTreeMap<String, String>;
+
+/// A client's startup settings as `set_config` pairs, in order.
+type Settings = Vec<(String, String)>;
 
 /// What connections are pooled by: they are interchangeable within one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -103,6 +115,10 @@ pub(crate) struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
     /// Connections out on loan per key, at most `size` ([`Pool::lend`]).
     lent: Mutex<HashMap<PoolKey, Arc<Semaphore>>>,
+    /// Lists of startup settings a connection took without complaint, and
+    /// what they reported: a client with one of these has its bind sent
+    /// ahead of its greeting ([`Pool::attach`]).
+    taken: Mutex<HashMap<PoolKey, HashMap<Settings, Reports>>>,
     reaper: AtomicBool,
 }
 
@@ -125,6 +141,19 @@ pub(crate) struct Attached {
     pub(crate) lease: Option<Lease>,
     /// When the bound envelope expires (unix seconds).
     pub(crate) claims_exp: u64,
+    /// The bind was sent and its answer is still to be read: see
+    /// [`Attached::confirm`].
+    pending: Option<Pending>,
+}
+
+/// A bind sent without waiting for its answer ([`Pool::attach`]).
+struct Pending {
+    pool: Arc<Pool>,
+    key: PoolKey,
+    settings: Settings,
+    /// What the greeting told the client the bind would report.
+    predicted: Reports,
+    timeout: Duration,
 }
 
 impl Attached {
@@ -150,7 +179,75 @@ impl Attached {
             upstream: session,
             lease: None,
             claims_exp: bound,
+            pending: None,
         })
+    }
+
+    /// A pooled connection with its bind sent: the session the client is
+    /// greeted with.
+    fn lent(stream: UpstreamStream, lease: Lease, exp: u64, pending: Option<Pending>) -> Attached {
+        let mut ready = BytesMut::new();
+        messages::ready_for_query_idle(&mut ready);
+        let upstream = UpstreamSession {
+            stream,
+            key: lease.cancel,
+            backend: lease.backend,
+            greeting: lease.greeting(),
+            ready,
+        };
+        Attached {
+            upstream,
+            lease: Some(lease),
+            claims_exp: exp,
+            pending,
+        }
+    }
+
+    /// Reads the answer to a bind sent ahead of the greeting, if one was:
+    /// call it once the client is greeted, before anything of the client's
+    /// goes upstream. Returns ParameterStatus messages for what the bind
+    /// reported that the greeting did not say, for the client.
+    ///
+    /// A bind that failed leaves the client nothing to fall back to (it was
+    /// greeted): the connection is closed, never pooled again, and the
+    /// client refused with 08006; its statements never reached the backend.
+    /// A list of settings refused is forgotten, so that the next client with
+    /// it waits for its answer, and gets a connection of its own.
+    pub(crate) async fn confirm(mut self) -> Result<(Attached, BytesMut), Refusal> {
+        let mut late = BytesMut::new();
+        let (Some(pending), Some(lease)) = (self.pending.take(), self.lease.as_mut()) else {
+            return Ok((self, late));
+        };
+        let stream = &mut self.upstream.stream;
+        let answer = tokio::time::timeout(pending.timeout, read_bind_answer(stream))
+            .await
+            .unwrap_or_else(|_| Err(SetFailure::Dead("no answer".to_owned())));
+        let reason = match answer {
+            Ok(reports) => {
+                for (name, value) in &reports {
+                    if lease.current.get(name) != Some(value) {
+                        messages::parameter_status(&mut late, name, value);
+                        lease.current.insert(name.clone(), value.clone());
+                    }
+                }
+                if reports != pending.predicted {
+                    pending
+                        .pool
+                        .remember(&pending.key, pending.settings, reports);
+                }
+                return Ok((self, late));
+            }
+            Err(SetFailure::Dead(reason)) => reason,
+            Err(SetFailure::Refused(reason)) => {
+                pending.pool.forget(&pending.key, &pending.settings);
+                reason
+            }
+        };
+        close(self.upstream.stream);
+        Err(Refusal::database_unavailable(format!(
+            "binding the session's claims on a pooled connection failed after the greeting: \
+             {reason}"
+        )))
     }
 }
 
@@ -163,13 +260,42 @@ impl Pool {
             settings,
             idle: Mutex::new(HashMap::new()),
             lent: Mutex::new(HashMap::new()),
+            taken: Mutex::new(HashMap::new()),
             reaper: AtomicBool::new(false),
         }
     }
 
     /// An upstream session for one client, with its parameters applied and
-    /// its claims bound. The lease is `None` when the session is the
-    /// client's own, outside the pool.
+    /// its claims bound (or on their way: see [`Attached::confirm`]). The
+    /// lease is `None` when the session is the client's own, outside the pool.
+    ///
+    /// The bind is pipelined with the client's greeting, not with its first
+    /// message: it is written to the backend, the client is greeted, and
+    /// then its answer is read, before the relay forwards anything of the
+    /// client's. The round trip overlaps the client's own turn (reading the
+    /// greeting, sending its first statement) instead of delaying the
+    /// greeting; and since no statement of the client's is forwarded before
+    /// the answer is known to be a success, a bind that fails can never let
+    /// one run without its claims. (Pipelining with the first message would
+    /// not be safe: behind a failed bind's Sync the server runs the next
+    /// statement with no claims, and without that Sync the bind would share
+    /// the client's transaction, and be undone by its rollback.)
+    ///
+    /// Once the greeting is sent nothing can be fallen back on, so the bind
+    /// waits for its answer, as it always did, when it could be refused:
+    /// when the client's startup settings are a list no connection of this
+    /// database and user took before. Its answer is then read before the
+    /// greeting, a refusal gets the client a connection of its own, and what
+    /// the bind reported is remembered for the next client with the same
+    /// list, whose greeting it becomes. Only the envelope (no settings), or
+    /// settings taken before, go ahead of the greeting.
+    ///
+    /// An idle connection whose backend has ended (the database restarted,
+    /// an administrator terminated it) has said so, or closed, by the time
+    /// it is taken: it is discarded and the next one tried, invisibly. One
+    /// that ends between that check and its bind costs a client that was
+    /// greeted an 08006 (see [`Attached::confirm`]); one that was not, a
+    /// retry on the next.
     pub(crate) async fn attach(
         self: &Arc<Self>,
         upstream: &Upstream,
@@ -185,47 +311,39 @@ impl Pool {
             return Attached::unpooled(upstream, tls, login, claims).await;
         };
         let key = PoolKey::new(upstream, login.role, login.database);
+        let known = self.known_reports(&key, &settings);
         loop {
-            let (mut stream, mut lease, fresh) = match self.take(&key) {
-                Some(idle) => (idle.stream, idle.lease, false),
-                None => {
-                    let bare = Login {
-                        role: login.role,
-                        database: login.database,
-                        parameters: Vec::new(),
-                        refuse_undeclared_settings: login.refuse_undeclared_settings,
-                    };
-                    let session = connect(upstream, tls, bare).await?;
-                    let lease = Lease::new(key.clone(), &session);
-                    (session.stream, lease, true)
-                }
-            };
+            let (mut stream, mut lease, fresh) =
+                self.connection(&key, upstream, tls, &login).await?;
             let exp = claims.1.envelope_expiry(unix_now());
             let sealed = claims.0.seal(claims.1, lease.backend, exp);
-            let bound = tokio::time::timeout(
-                upstream.connect_timeout,
-                bind(&mut stream, &mut lease, &settings, &sealed),
-            )
+            let bound = tokio::time::timeout(upstream.connect_timeout, async {
+                match &known {
+                    Some(reports) => send_bind(&mut stream, &settings, &sealed)
+                        .await
+                        .map(|()| reports.clone()),
+                    None => bind(&mut stream, &settings, &sealed).await,
+                }
+            })
             .await
             .unwrap_or_else(|_| Err(SetFailure::Dead("no answer".to_owned())));
             match bound {
-                Ok(()) => {
-                    let session = UpstreamSession {
-                        stream,
-                        key: lease.cancel,
-                        backend: lease.backend,
-                        greeting: lease.greeting(),
-                        ready: {
-                            let mut ready = BytesMut::new();
-                            messages::ready_for_query_idle(&mut ready);
-                            ready
-                        },
+                Ok(reports) => {
+                    lease.current.extend(reports.clone());
+                    let pending = match known {
+                        Some(predicted) => Some(Pending {
+                            pool: Arc::clone(self),
+                            key,
+                            settings,
+                            predicted,
+                            timeout: upstream.connect_timeout,
+                        }),
+                        None => {
+                            self.remember(&key, settings, reports);
+                            None
+                        }
                     };
-                    return Ok(Attached {
-                        upstream: session,
-                        lease: Some(lease),
-                        claims_exp: exp,
-                    });
+                    return Ok(Attached::lent(stream, lease, exp, pending));
                 }
                 Err(SetFailure::Dead(reason)) if !fresh => {
                     tracing::info!(
@@ -248,6 +366,61 @@ impl Pool {
                     return Attached::unpooled(upstream, tls, login, claims).await;
                 }
             }
+        }
+    }
+
+    /// An idle connection of `key` that is still alive, or a new one (then
+    /// `true`), logged in with no client's parameters.
+    async fn connection(
+        &self,
+        key: &PoolKey,
+        upstream: &Upstream,
+        tls: &UpstreamTls,
+        login: &Login<'_>,
+    ) -> Result<(UpstreamStream, Lease, bool), Refusal> {
+        if let Some(idle) = self.take_alive(key) {
+            return Ok((idle.stream, idle.lease, false));
+        }
+        let bare = Login {
+            role: login.role,
+            database: login.database,
+            parameters: Vec::new(),
+            refuse_undeclared_settings: login.refuse_undeclared_settings,
+        };
+        let session = connect(upstream, tls, bare).await?;
+        let lease = Lease::new(key.clone(), &session);
+        Ok((session.stream, lease, true))
+    }
+
+    /// What binding `settings` reports on a connection of `key`, when that
+    /// is known: none for no settings; else what a connection that took
+    /// them reported.
+    fn known_reports(&self, key: &PoolKey, settings: &Settings) -> Option<Reports> {
+        if settings.is_empty() {
+            return Some(Reports::new());
+        }
+        let taken = self.taken.lock().expect("pool lock");
+        taken.get(key)?.get(settings).cloned()
+    }
+
+    /// Remembers that a connection of `key` took `settings`, reporting `reports`.
+    fn remember(&self, key: &PoolKey, settings: Settings, reports: Reports) {
+        if settings.is_empty() {
+            return;
+        }
+        let mut taken = self.taken.lock().expect("pool lock");
+        let lists = taken.entry(key.clone()).or_default();
+        if lists.len() >= TAKEN_LISTS && !lists.contains_key(&settings) {
+            lists.clear();
+        }
+        lists.insert(settings, reports);
+    }
+
+    /// Forgets `settings`, refused by a connection of `key`.
+    fn forget(&self, key: &PoolKey, settings: &Settings) {
+        let mut taken = self.taken.lock().expect("pool lock");
+        if let Some(lists) = taken.get_mut(key) {
+            lists.remove(settings);
         }
     }
 
@@ -286,17 +459,13 @@ impl Pool {
             }
         };
         self.start_reaper();
-        while let Some(mut idle) = self.take(&key) {
-            if still_idle(&mut idle.stream) {
-                return Ok(Lent {
-                    stream: idle.stream,
-                    lease: idle.lease,
-                    reused: true,
-                    _slot: slot,
-                });
-            }
-            tracing::debug!(target: LOG_TARGET, "discarded an idle connection that had ended");
-            close(idle.stream);
+        if let Some(idle) = self.take_alive(&key) {
+            return Ok(Lent {
+                stream: idle.stream,
+                lease: idle.lease,
+                reused: true,
+                _slot: slot,
+            });
         }
         let login = Login {
             role,
@@ -409,6 +578,19 @@ impl Pool {
         };
         expired.into_iter().for_each(close);
         found
+    }
+
+    /// Like [`Pool::take`], passing over (and closing) connections whose
+    /// backend has ended while idle (see [`still_idle`]).
+    fn take_alive(&self, key: &PoolKey) -> Option<Idle> {
+        while let Some(mut idle) = self.take(key) {
+            if still_idle(&mut idle.stream) {
+                return Some(idle);
+            }
+            tracing::debug!(target: LOG_TARGET, "discarded an idle connection that had ended");
+            close(idle.stream);
+        }
+        None
     }
 
     fn expired(&self, entry: &Idle) -> bool {
@@ -540,11 +722,10 @@ fn settings_of(parameters: &[(String, String)]) -> Option<Vec<(String, String)>>
     Some(settings)
 }
 
-/// One round trip: the claims and each setting, by `set_config` with bound
-/// parameters, one Sync. ParameterStatus messages update `lease`.
-async fn bind(
+/// The claims and each setting, by `set_config` with bound parameters, one
+/// Sync: written, not waited for (see [`read_bind_answer`]).
+async fn send_bind(
     stream: &mut UpstreamStream,
-    lease: &mut Lease,
     settings: &[(String, String)],
     sealed: &str,
 ) -> Result<(), SetFailure> {
@@ -558,13 +739,27 @@ async fn bind(
         stream.write_all(&out).await?;
         stream.flush().await
     };
-    sent.await.map_err(|e| SetFailure::Dead(e.to_string()))?;
+    sent.await.map_err(|e| SetFailure::Dead(e.to_string()))
+}
+
+/// The answer to [`send_bind`]: the ParameterStatus values it reported.
+async fn read_bind_answer(stream: &mut UpstreamStream) -> Result<Reports, SetFailure> {
+    let mut reports = Reports::new();
     read_set_config_answer(stream, |body| {
-        if let Some((name, value)) = parameter_status(body) {
-            lease.current.insert(name, value);
-        }
+        reports.extend(parameter_status(body));
     })
-    .await
+    .await?;
+    Ok(reports)
+}
+
+/// One round trip: [`send_bind`], then its answer.
+async fn bind(
+    stream: &mut UpstreamStream,
+    settings: &[(String, String)],
+    sealed: &str,
+) -> Result<Reports, SetFailure> {
+    send_bind(stream, settings, sealed).await?;
+    read_bind_answer(stream).await
 }
 
 /// Why a connection failed its reset; it is closed, not pooled.
@@ -671,6 +866,36 @@ mod tests {
         assert_eq!(settings_of(&pairs(&[("_pq_.compression", "on")])), None);
         assert_eq!(settings_of(&pairs(&[("options", "-d 5")])), None);
         assert_eq!(settings_of(&pairs(&[("options", "-c novalue")])), None);
+    }
+
+    #[test]
+    fn settings_are_known_once_taken_until_refused_and_the_lists_are_bounded() {
+        let pool = Pool::new(config::Pool::default());
+        let key = PoolKey {
+            database: None,
+            user: "u".into(),
+        };
+        let other = PoolKey {
+            database: Some("other".into()),
+            user: "u".into(),
+        };
+        let app = pairs(&[("application_name", "a")]);
+        assert_eq!(pool.known_reports(&key, &Vec::new()), Some(Reports::new()));
+        assert_eq!(pool.known_reports(&key, &app), None);
+
+        let reported: Reports = [("application_name".to_owned(), "a".to_owned())].into();
+        pool.remember(&key, app.clone(), reported.clone());
+        assert_eq!(pool.known_reports(&key, &app), Some(reported));
+        assert_eq!(pool.known_reports(&other, &app), None, "per key");
+        pool.forget(&key, &app);
+        assert_eq!(pool.known_reports(&key, &app), None);
+
+        for n in 0..=TAKEN_LISTS {
+            let list = pairs(&[("application_name", &n.to_string())]);
+            pool.remember(&key, list, Reports::new());
+        }
+        let lists = pool.taken.lock().unwrap()[&key].len();
+        assert!(lists <= TAKEN_LISTS, "{lists} lists remembered");
     }
 
     #[test]

@@ -664,3 +664,256 @@ async fn a_backend_is_reused_after_each_form_of_copy_from_stdin() {
         Some("3")
     );
 }
+
+/// What a client read, by type and body, after sending its startup packet
+/// (`parameters` besides user and database), its password (`sub`'s token)
+/// and `sql` in one write, as the serverless driver does: everything up to
+/// the second ReadyForQuery (the greeting's, then its query's), or up to
+/// the end of the stream. The stream, for more.
+async fn all_in_one_write(
+    h: &Harness,
+    sub: &str,
+    parameters: &[(&str, &str)],
+    sql: &str,
+) -> (Vec<(u8, Vec<u8>)>, tokio::net::TcpStream) {
+    let mut startup = wire::APP_STARTUP.to_vec();
+    startup.extend_from_slice(parameters);
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", h.port()))
+        .await
+        .unwrap();
+    let mut write = wire::startup_message(&startup);
+    write.extend(wire::password_message(&h.token(sub)));
+    write.extend(wire::query_message(sql));
+    wire::send(&mut stream, &write).await;
+    let mut read = Vec::new();
+    let mut readies = 0;
+    while readies < 2 {
+        let next = tokio::time::timeout(WAIT, wire::read_message(&mut stream))
+            .await
+            .unwrap_or_else(|_| panic!("{sub}: no answer within {WAIT:?} after {read:?}"));
+        let Ok((kind, body)) = next else { break };
+        readies += usize::from(kind == b'Z');
+        read.push((kind, body));
+    }
+    (read, stream)
+}
+
+/// The types of `messages`, ParameterStatus and notices left out.
+fn kinds(messages: &[(u8, Vec<u8>)]) -> String {
+    messages
+        .iter()
+        .map(|(kind, _)| char::from(*kind))
+        .filter(|kind| !matches!(kind, 'S' | 'N'))
+        .collect()
+}
+
+/// The first value of each DataRow in `messages`.
+fn values(messages: &[(u8, Vec<u8>)]) -> Vec<Option<String>> {
+    messages
+        .iter()
+        .filter(|(kind, _)| *kind == b'D')
+        .map(|(_, body)| wire::data_row(body).into_iter().next().unwrap())
+        .collect()
+}
+
+/// `sub`'s startup, password and `select` of the todos it may see, in one
+/// write: the client's first statement must see its claims (RLS lets it see
+/// its own todo and no other), and read exactly its own answer: the
+/// greeting, then one RowDescription, DataRow, CommandComplete and
+/// ReadyForQuery, nothing of the bind's. Then one more query, and the end:
+/// nothing else arrives. The backend's pid.
+async fn first_statement_sees_claims(h: &Harness, sub: &str, parameters: &[(&str, &str)]) -> i32 {
+    let sql = "select string_agg(title, ',') || ' ' || pg_backend_pid() from todos";
+    let (read, mut stream) = all_in_one_write(h, sub, parameters, sql).await;
+    assert_eq!(kinds(&read), "RRKZTDCZ", "{sub}: {read:?}");
+    let value = values(&read).remove(0).unwrap();
+    let (titles, pid) = value.rsplit_once(' ').unwrap();
+    assert_eq!(
+        titles,
+        format!("{sub}'s todo"),
+        "{sub} sees only their own todo"
+    );
+    wire::send(&mut stream, &wire::query_message("select 1")).await;
+    let mut more = Vec::new();
+    while more.last().is_none_or(|(kind, _)| *kind != b'Z') {
+        more.push(wire::read_message(&mut stream).await.unwrap());
+    }
+    assert_eq!(kinds(&more), "TDCZ", "{sub}: {more:?}");
+    wire::send(&mut stream, &wire::terminate_message()).await;
+    let after = tokio::time::timeout(WAIT, wire::read_message(&mut stream))
+        .await
+        .expect("the session ends after Terminate");
+    assert!(
+        after.is_err(),
+        "{sub}: nothing after the last answer: {after:?}"
+    );
+    pid.parse().unwrap()
+}
+
+/// A todo of each of these users, written past RLS by the superuser.
+async fn todos_of(admin: &Client, subs: &[&str]) {
+    for sub in subs {
+        admin
+            .execute(
+                "insert into todos (user_id, title) values ($1, $1 || '''s todo')",
+                &[sub],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_pooled_clients_first_statement_sent_with_its_startup_sees_its_claims() {
+    let h = Harness::start_configured("", pooled).await;
+    let admin = h.admin().await;
+    todos_of(&admin, &["alice", "bob", "carol"]).await;
+
+    // A new backend, then the same one from the pool.
+    let pid = first_statement_sees_claims(&h, "alice", &[]).await;
+    wait_until_returned(&admin, pid).await;
+    assert_eq!(first_statement_sees_claims(&h, "bob", &[]).await, pid);
+    wait_until_returned(&admin, pid).await;
+
+    // Startup settings: the first client with them waits for the bind's
+    // answer; the next has its bind sent ahead of its greeting.
+    let settings = [
+        ("application_name", "carol-app"),
+        ("TimeZone", "Asia/Tokyo"),
+    ];
+    for _ in 0..2 {
+        assert_eq!(
+            first_statement_sees_claims(&h, "carol", &settings).await,
+            pid
+        );
+        wait_until_returned(&admin, pid).await;
+    }
+}
+
+#[tokio::test]
+async fn a_greeting_sent_ahead_of_the_bind_tells_the_clients_own_settings() {
+    let h = Harness::start_configured("", pooled).await;
+    let admin = h.admin().await;
+    let settings = [
+        ("application_name", "alice-app"),
+        ("TimeZone", "Pacific/Auckland"),
+        ("options", "-c DateStyle=German"),
+    ];
+    // Told by the bind's answer, then ahead of it, on the same backend.
+    let mut pid = None;
+    for sub in ["alice", "bob"] {
+        let (mut session, status) = login_with(&h, sub, &settings).await;
+        assert_eq!(status["application_name"], "alice-app");
+        assert_eq!(status["TimeZone"], "Pacific/Auckland");
+        assert!(status["DateStyle"].starts_with("German"), "{status:?}");
+        check_greeting_matches_backend(&mut session, &status).await;
+        let this: i32 = session
+            .query_value("select pg_backend_pid()")
+            .await
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(*pid.get_or_insert(this), this, "{sub} on the same backend");
+        assert_eq!(
+            session
+                .query_value("select auth.user_id()")
+                .await
+                .as_deref(),
+            Some(sub)
+        );
+        session.terminate().await;
+        wait_until_returned(&admin, this).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_whose_backend_was_terminated_is_replaced_invisibly() {
+    let h = Harness::start_configured("", pooled).await;
+    let admin = h.admin().await;
+    todos_of(&admin, &["bob"]).await;
+
+    let pid = alices_backend_returned(&h, &admin).await;
+    let terminated: bool = admin
+        .query_one("select pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    wait_until_gone(&admin, pid).await;
+
+    // No error: bob's statement, sent with his startup, runs on a new backend.
+    assert_ne!(first_statement_sees_claims(&h, "bob", &[]).await, pid);
+}
+
+#[tokio::test]
+async fn settings_refused_after_a_connection_took_them_fail_the_client_before_its_statement_runs() {
+    let h = Harness::start_configured("", pooled).await;
+    let admin = h.admin().await;
+    admin
+        .batch_execute("create text search configuration public.pipelined (copy = english)")
+        .await
+        .unwrap();
+    let options = ("options", "-c default_text_search_config=public.pipelined");
+
+    // Alice's bind waits for its answer, which says the setting was taken;
+    // bob's goes ahead of his greeting.
+    let mut pid = None;
+    for sub in ["alice", "bob"] {
+        let (mut session, _) = login_with(&h, sub, &[options]).await;
+        let this: i32 = session
+            .query_value("select pg_backend_pid()")
+            .await
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(*pid.get_or_insert(this), this, "{sub} on the same backend");
+        assert_eq!(
+            session
+                .query_value("show default_text_search_config")
+                .await
+                .as_deref(),
+            Some("public.pipelined")
+        );
+        session.terminate().await;
+        wait_until_returned(&admin, this).await;
+    }
+    let pid = pid.unwrap();
+
+    admin
+        .batch_execute("drop text search configuration public.pipelined")
+        .await
+        .unwrap();
+    // Carol is greeted, then refused; her statement never ran, and the
+    // backend is closed, not pooled.
+    let insert = "insert into scratch values (7, 'carol was here')";
+    let (read, _stream) = all_in_one_write(&h, "carol", &[options], insert).await;
+    assert_eq!(kinds(&read), "RRKZE", "{read:?}");
+    let error = wire::error_response(&read.last().unwrap().1);
+    assert_eq!(
+        (error.severity.as_str(), error.code.as_str()),
+        ("FATAL", "08006"),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.message,
+        "the database is unavailable; try again later"
+    );
+    wait_until_gone(&admin, pid).await;
+    let rows: i64 = admin
+        .query_one("select count(*) from scratch", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "carol's statement must not have run");
+
+    // Dave's bind waits for its answer again, and a connection of his own
+    // is refused the setting, as without a pool.
+    let mut config = h.client_config("authenticated", &h.token("dave"));
+    config.options("-c default_text_search_config=public.pipelined");
+    let e = crate::support::connect(&config)
+        .await
+        .expect_err("the setting is refused");
+    let (code, message) = crate::support::db_error(&e);
+    assert_eq!(code, "22023", "{message}");
+    assert!(message.contains("default_text_search_config"), "{message}");
+}
