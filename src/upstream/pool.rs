@@ -870,14 +870,16 @@ mod tests {
 
     #[test]
     fn settings_are_known_once_taken_until_refused_and_the_lists_are_bounded() {
-        let pool = Pool::new(config::Pool::default());
+        let pool = Pool::new(config::Pool::default(), 0);
         let key = PoolKey {
             database: None,
             user: "u".into(),
+            home: None,
         };
         let other = PoolKey {
             database: Some("other".into()),
             user: "u".into(),
+            home: None,
         };
         let app = pairs(&[("application_name", "a")]);
         assert_eq!(pool.known_reports(&key, &Vec::new()), Some(Reports::new()));
@@ -905,6 +907,7 @@ mod tests {
                 key: PoolKey {
                     database: None,
                     user: "u".into(),
+                    home: None,
                 },
                 cancel: CancelKey { pid: 1, secret: 2 },
                 backend: Backend { pid: 1, started: 3 },
