@@ -85,6 +85,12 @@ impl PoolKey {
             home: workers::home(),
         }
     }
+
+    /// Whether connections of `other` reach the same database as the same
+    /// user, whichever worker holds them.
+    fn same_target(&self, other: &PoolKey) -> bool {
+        self.database == other.database && self.user == other.user
+    }
 }
 
 /// A pooled backend, lent to one client session at a time.
@@ -558,26 +564,47 @@ impl Pool {
         }
     }
 
-    /// The most recently returned idle connection for `key` that is neither
-    /// idle nor alive for too long; the others are closed.
+    /// The most recently returned idle connection for `key` (or, when its
+    /// worker has none, another worker's for the same database and user)
+    /// that is neither idle nor alive for too long; the others are closed.
     fn take(&self, key: &PoolKey) -> Option<Idle> {
         let mut expired = Vec::new();
         let found = {
             let mut idle = self.idle.lock().expect("pool lock");
-            let list = idle.get_mut(key)?;
-            let mut found = None;
-            while let Some(entry) = list.pop() {
-                if self.expired(&entry) {
-                    expired.push(entry.stream);
-                } else {
-                    found = Some(entry);
-                    break;
-                }
+            let mut found = idle
+                .get_mut(key)
+                .and_then(|list| self.pop_fresh(list, &mut expired));
+            if found.is_none() {
+                // Another worker's connection: its I/O then wakes that
+                // worker's thread, which is still cheaper than a new
+                // connection. It goes back to its own worker's list.
+                let others: Vec<PoolKey> = idle
+                    .keys()
+                    .filter(|other| other.home != key.home && other.same_target(key))
+                    .cloned()
+                    .collect();
+                found = others.iter().find_map(|other| {
+                    let list = idle.get_mut(other)?;
+                    self.pop_fresh(list, &mut expired)
+                });
             }
             found
         };
         expired.into_iter().for_each(close);
         found
+    }
+
+    /// The most recently returned connection of `list` that is neither
+    /// idle nor alive for too long; those that are go to `expired`.
+    fn pop_fresh(&self, list: &mut Vec<Idle>, expired: &mut Vec<UpstreamStream>) -> Option<Idle> {
+        while let Some(entry) = list.pop() {
+            if self.expired(&entry) {
+                expired.push(entry.stream);
+            } else {
+                return Some(entry);
+            }
+        }
+        None
     }
 
     /// Like [`Pool::take`], passing over (and closing) connections whose
@@ -829,6 +856,7 @@ fn close(mut stream: UpstreamStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::stream::{MaybeTls, Transport};
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter()
@@ -898,6 +926,60 @@ mod tests {
         }
         let lists = pool.taken.lock().unwrap()[&key].len();
         assert!(lists <= TAKEN_LISTS, "{lists} lists remembered");
+    }
+
+    /// An idle connection of `key` over loopback, as the pool keeps it.
+    async fn idle_connection(key: PoolKey, pid: i32) -> (UpstreamStream, Lease) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let lease = Lease {
+            key,
+            cancel: CancelKey { pid, secret: 2 },
+            backend: Backend { pid, started: 3 },
+            base: BTreeMap::new(),
+            current: BTreeMap::new(),
+            born: Instant::now(),
+        };
+        (MaybeTls::Plain(Transport::Tcp(tcp)), lease)
+    }
+
+    #[tokio::test]
+    async fn a_worker_with_no_idle_connection_takes_another_workers() {
+        let pool = Pool::new(config::Pool::default(), 2);
+        let of = |home, user: &str| PoolKey {
+            database: None,
+            user: user.into(),
+            home,
+        };
+        let (stream, lease) = idle_connection(of(Some(0), "u"), 7).await;
+        pool.keep(stream, lease);
+        assert!(pool.take(&of(Some(1), "other")).is_none(), "another user's");
+        let taken = pool.take(&of(Some(1), "u")).expect("worker 0's connection");
+        assert_eq!(taken.lease.backend.pid, 7);
+        assert_eq!(taken.lease.key.home, Some(0), "it goes back to worker 0");
+        assert!(pool.take(&of(Some(0), "u")).is_none(), "taken once");
+    }
+
+    #[tokio::test]
+    async fn each_worker_keeps_its_share_of_the_pool_size() {
+        let settings = config::Pool {
+            size: 3,
+            ..config::Pool::default()
+        };
+        let pool = Pool::new(settings, 2);
+        let home0 = PoolKey {
+            database: None,
+            user: "u".into(),
+            home: Some(0),
+        };
+        for pid in 0..4 {
+            let (stream, lease) = idle_connection(home0.clone(), pid).await;
+            pool.keep(stream, lease);
+        }
+        let kept = pool.idle.lock().unwrap()[&home0].len();
+        assert_eq!(kept, 2, "3 over 2 workers, rounded up");
     }
 
     #[test]
