@@ -917,3 +917,58 @@ async fn settings_refused_after_a_connection_took_them_fail_the_client_before_it
     assert_eq!(code, "22023", "{message}");
     assert!(message.contains("default_text_search_config"), "{message}");
 }
+
+/// With `[listen] workers = 0` every session runs on the one shared
+/// multi-threaded runtime (as before worker threads): claims, pooling and
+/// cancel work there as on the workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_worker_threads_sessions_share_one_runtime_and_pool_and_cancel_as_before() {
+    let h = Harness::start_configured("", |config| {
+        pooled(config);
+        config.listen.workers = Some(0);
+    })
+    .await;
+    let admin = h.admin().await;
+    let alice = h.connect_as("alice").await;
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+    let pid = pid_of(&alice).await;
+
+    let token = alice.cancel_token();
+    let canceller = {
+        let admin = h.admin().await;
+        tokio::spawn(async move {
+            let deadline = Instant::now() + WAIT;
+            while admin
+                .query_one(
+                    "select count(*) from pg_stat_activity \
+                     where pid = $1 and state = 'active' and query like '%pg_sleep(30)%'",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 0
+            {
+                assert!(Instant::now() < deadline, "the query never started");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            token.cancel_query(tokio_postgres::NoTls).await
+        })
+    };
+    let err = alice
+        .batch_execute("select pg_sleep(30)")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    canceller
+        .await
+        .unwrap()
+        .expect("the cancel request is sent");
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+
+    drop(alice);
+    wait_until_returned(&admin, pid).await;
+    let bob = h.connect_as("bob").await;
+    assert_eq!(pid_of(&bob).await, pid, "the backend is pooled");
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+}
