@@ -6,8 +6,10 @@
 //! reads exactly one message and not a byte more, so that what follows it
 //! stays in the stream for whoever reads next (the relay, after startup);
 //! and it checks the declared length against a maximum before reading the
-//! body. The relay frames its streams in place instead, without copying
-//! (`session::relay::Frames`), with the same [`Header::parse`].
+//! body. [`Answer`] reads the answer to one of the proxy's own requests
+//! through a buffer instead, and hands back what it read past it. The relay
+//! frames its streams in place, without copying (`session::relay::Frames`),
+//! with the same [`Header::parse`].
 
 use std::io;
 
@@ -65,19 +67,9 @@ impl Frame {
         max_body: usize,
     ) -> io::Result<Frame> {
         let header = read_header(stream).await?;
-        let parsed = Header::parse(header)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad frame length"))?;
-        if parsed.body_len > max_body {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "a message of {} bytes, more than the {max_body} the proxy reads",
-                    parsed.body_len
-                ),
-            ));
-        }
+        let body_len = checked_body_len(header, max_body)?;
         let mut raw = BytesMut::from(&header[..]);
-        read_body_into(stream, parsed.body_len, &mut raw).await?;
+        read_body_into(stream, body_len, &mut raw).await?;
         Ok(Frame { raw })
     }
 
@@ -106,6 +98,123 @@ impl Frame {
         Message::parse(&mut self.raw)?
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated message"))
     }
+}
+
+/// The answer to one of the proxy's own requests (binding claims, `DISCARD
+/// ALL`), read through a buffer: each read takes what the stream has, so a
+/// whole answer usually costs one system call instead of two per message.
+///
+/// A buffered read may take bytes past the answer's ReadyForQuery: a
+/// NoticeResponse or ParameterStatus the server sends unasked. They are not
+/// the answer's, so [`Answer::finish`] hands them back, completing a
+/// message cut short (the server is sending the rest) and reading nothing
+/// further, for the caller to pass on whole to whoever reads the stream
+/// next. That is simpler and safer than never reading past the
+/// ReadyForQuery: an error may end any answer early, so a reader that
+/// stopped at it could never ask for more than a dozen bytes at a time; and
+/// the leftover stays with the one caller that knows whose it is, instead
+/// of in a prefix buffer every reader of the stream would have to drain.
+pub(crate) struct Answer {
+    buf: BytesMut,
+    max_body: usize,
+}
+
+/// How much an [`Answer`] asks the stream for at least: more than any of
+/// the proxy's own answers usually takes.
+const ANSWER_READ: usize = 4 * 1024;
+
+impl Answer {
+    /// Refusing messages whose body is longer than `max_body` before their
+    /// body is read.
+    pub(crate) fn new(max_body: usize) -> Answer {
+        Answer {
+            buf: BytesMut::new(),
+            max_body,
+        }
+    }
+
+    /// The next message of the answer.
+    pub(crate) async fn next(
+        &mut self,
+        stream: &mut (impl AsyncRead + Unpin),
+    ) -> io::Result<Frame> {
+        loop {
+            let wanted = match self.pending(0)? {
+                Pending::Whole(len) => {
+                    return Ok(Frame {
+                        raw: self.buf.split_to(len),
+                    });
+                }
+                Pending::Short(missing) => missing,
+            };
+            // Grow by what the message still lacks, up to a chunk at a time,
+            // not by its declared length at once.
+            self.buf.reserve(wanted.clamp(ANSWER_READ, 8 * ANSWER_READ));
+            if stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// What was read past the last message taken: whole messages only, read
+    /// to their end, and not a byte beyond.
+    pub(crate) async fn finish(
+        mut self,
+        stream: &mut (impl AsyncRead + Unpin),
+    ) -> io::Result<BytesMut> {
+        let mut whole = 0;
+        loop {
+            match self.pending(whole)? {
+                Pending::Whole(len) => whole += len,
+                Pending::Short(_) if whole == self.buf.len() => return Ok(self.buf),
+                Pending::Short(missing) => {
+                    let mut rest = (&mut *stream).take(missing as u64);
+                    self.buf.reserve(missing.min(8 * ANSWER_READ));
+                    if rest.read_buf(&mut self.buf).await? == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the buffer holds a whole message from `at` (its length), or
+    /// how many bytes it still lacks at least.
+    fn pending(&self, at: usize) -> io::Result<Pending> {
+        let buffered = &self.buf[at..];
+        let Some(header) = buffered.first_chunk::<HEADER_LEN>() else {
+            return Ok(Pending::Short(HEADER_LEN - buffered.len()));
+        };
+        let body_len = checked_body_len(*header, self.max_body)?;
+        let len = HEADER_LEN + body_len;
+        Ok(match buffered.len().checked_sub(len) {
+            Some(_) => Pending::Whole(len),
+            None => Pending::Short(len - buffered.len()),
+        })
+    }
+}
+
+/// What [`Answer::pending`] found.
+enum Pending {
+    Whole(usize),
+    Short(usize),
+}
+
+/// The body length a header declares, refused when it is below the length
+/// field's own four bytes or above `max_body`.
+fn checked_body_len(header: [u8; HEADER_LEN], max_body: usize) -> io::Result<usize> {
+    let parsed = Header::parse(header)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad frame length"))?;
+    if parsed.body_len > max_body {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "a message of {} bytes, more than the {max_body} the proxy reads",
+                parsed.body_len
+            ),
+        ));
+    }
+    Ok(parsed.body_len)
 }
 
 /// The next message's header, for a reader that checks it itself before
@@ -189,6 +298,90 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
         let mut reader = &[b'D', 0, 0, 0, 3][..];
         let error = Frame::read(&mut reader, 1024).await.unwrap_err();
+        assert_eq!(error.to_string(), "bad frame length");
+    }
+
+    /// Feeds `first`, lets the answer be read as far as it goes, then the
+    /// rest of `bytes`; returns the kinds read up to ReadyForQuery, what
+    /// `finish` handed back, and the reading side of the stream.
+    async fn read_answer_split(
+        bytes: Vec<u8>,
+        at: usize,
+    ) -> (
+        Vec<u8>,
+        BytesMut,
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let (mut server, mut proxy) = tokio::io::duplex(1 << 16);
+        server.write_all(&bytes[..at]).await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut answer = Answer::new(100);
+            let mut kinds = Vec::new();
+            loop {
+                let frame = answer.next(&mut proxy).await.unwrap();
+                kinds.push(frame.kind());
+                if frame.kind() == b'Z' {
+                    break;
+                }
+            }
+            let unasked = answer.finish(&mut proxy).await.unwrap();
+            (kinds, unasked, proxy)
+        });
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        server.write_all(&bytes[at..]).await.unwrap();
+        let (kinds, unasked, proxy) = reader.await.unwrap();
+        (kinds, unasked, proxy, server)
+    }
+
+    #[tokio::test]
+    async fn an_answer_split_anywhere_is_read_whole_and_nothing_past_it_is_lost() {
+        use tokio::io::AsyncWriteExt;
+        let answer = [
+            message(b'1', b""),
+            message(b'2', b""),
+            message(b'D', b"\0\x01\0\0\0\x03abc"),
+            message(b'C', b"SELECT 1\0"),
+            message(b'Z', b"I"),
+        ]
+        .concat();
+        let notice = message(b'N', b"SWARNING\0Mreloaded\0\0");
+        let status = message(b'S', b"TimeZone\0UTC\0");
+        let status_len = status.len();
+        let unasked = [notice, status].concat();
+        let next = message(b'A', b"\0\0\0\x01chan\0payload\0");
+        let bytes = [answer.clone(), unasked.clone()].concat();
+        for at in 0..=bytes.len() {
+            let (kinds, got, mut proxy, mut server) = read_answer_split(bytes.clone(), at).await;
+            assert_eq!(kinds, b"12DCZ", "split at {at}");
+            // Whole messages past the ReadyForQuery, in order: none, or a
+            // prefix of them; what was not read stays in the stream.
+            assert!(unasked.starts_with(&got), "split at {at}: {got:?}");
+            let boundaries = [0, unasked.len() - status_len, unasked.len()];
+            assert!(boundaries.contains(&got.len()), "split at {at}: {got:?}");
+            server.write_all(&next).await.unwrap();
+            let mut rest = vec![0u8; unasked.len() - got.len() + next.len()];
+            proxy.read_exact(&mut rest).await.unwrap();
+            assert_eq!(
+                [&got[..], &rest[..]].concat(),
+                [&unasked[..], &next[..]].concat(),
+                "split at {at}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_refuses_a_length_above_the_maximum_before_its_body() {
+        let mut reader = &[b'D', 0x7f, 0xff, 0xff, 0xff][..];
+        let error = Answer::new(1024).next(&mut reader).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        let mut reader = &[message(b'Z', b"I"), vec![b'E', 0, 0, 0, 2]].concat()[..];
+        let mut answer = Answer::new(1024);
+        assert_eq!(answer.next(&mut reader).await.unwrap().kind(), b'Z');
+        let error = answer.finish(&mut reader).await.unwrap_err();
         assert_eq!(error.to_string(), "bad frame length");
     }
 

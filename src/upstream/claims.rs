@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth::claims::{self, Identity, SigningKey};
-use crate::protocol::frame::{Frame, MAX_BACKEND_MESSAGE};
+use crate::protocol::frame::{Answer, MAX_BACKEND_MESSAGE};
 use crate::protocol::messages;
 use crate::protocol::refusal::Refusal;
 use crate::protocol::server_error::ServerError;
@@ -23,17 +23,18 @@ pub(crate) enum SetFailure {
 }
 
 /// Reads the answer to [`messages::set_config`] up to its ReadyForQuery,
-/// passing each ParameterStatus on to `reported`.
+/// passing each ParameterStatus on to `reported`. Returns the whole
+/// messages the server sent unasked after it, read along (see [`Answer`]):
+/// the client's, to be passed on ahead of anything else from the backend.
 pub(crate) async fn read_set_config_answer(
     stream: &mut UpstreamStream,
     mut reported: impl FnMut(&[u8]),
-) -> Result<(), SetFailure> {
+) -> Result<BytesMut, SetFailure> {
     let dead = |e: io::Error| SetFailure::Dead(e.to_string());
     let mut refused = None;
+    let mut answer = Answer::new(MAX_BACKEND_MESSAGE);
     loop {
-        let frame = Frame::read(stream, MAX_BACKEND_MESSAGE)
-            .await
-            .map_err(dead)?;
+        let frame = answer.next(stream).await.map_err(dead)?;
         match frame.kind() {
             b'1' | b'2' | b'3' | b'D' | b'C' | b'N' | b'A' => {}
             b'S' => reported(frame.body()),
@@ -49,7 +50,7 @@ pub(crate) async fn read_set_config_answer(
             b'Z' => {
                 return match (refused, frame.body().first()) {
                     (Some(why), _) => Err(SetFailure::Refused(why)),
-                    (None, Some(&b'I')) => Ok(()),
+                    (None, Some(&b'I')) => answer.finish(stream).await.map_err(dead),
                     (None, _) => Err(SetFailure::Dead(
                         "not idle after applying settings".to_owned(),
                     )),
@@ -87,8 +88,11 @@ pub(crate) async fn bind_claims(
         stream.flush().await
     };
     written.await.map_err(|e| failed(e.to_string()))?;
-    read_set_config_answer(&mut session.stream, |_| {})
+    let unasked = read_set_config_answer(&mut session.stream, |_| {})
         .await
         .map_err(|(SetFailure::Dead(why) | SetFailure::Refused(why))| failed(why))?;
+    // After the ReadyForQuery the client is greeted with, where the relay
+    // would have passed them on.
+    session.ready.extend_from_slice(&unasked);
     Ok(exp)
 }

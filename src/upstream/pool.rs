@@ -32,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::auth::claims::{self, Backend, Identity, SigningKey};
 use crate::clock::unix_now;
 use crate::config::{self, Upstream};
-use crate::protocol::frame::{Frame, HEADER_LEN, Header, MAX_BACKEND_MESSAGE, kind};
+use crate::protocol::frame::{Answer, HEADER_LEN, Header, MAX_BACKEND_MESSAGE, kind};
 use crate::protocol::messages;
 use crate::protocol::refusal::{Reason, Refusal, sqlstate};
 use crate::protocol::startup::CancelKey;
@@ -229,7 +229,7 @@ impl Attached {
             .await
             .unwrap_or_else(|_| Err(SetFailure::Dead("no answer".to_owned())));
         let reason = match answer {
-            Ok(reports) => {
+            Ok((reports, unasked)) => {
                 for (name, value) in &reports {
                     if lease.current.get(name) != Some(value) {
                         messages::parameter_status(&mut late, name, value);
@@ -241,6 +241,7 @@ impl Attached {
                         .pool
                         .remember(&pending.key, pending.settings, reports);
                 }
+                late.extend_from_slice(&unasked);
                 return Ok((self, late));
             }
             Err(SetFailure::Dead(reason)) => reason,
@@ -327,14 +328,14 @@ impl Pool {
                 match &known {
                     Some(reports) => send_bind(&mut stream, &settings, &sealed)
                         .await
-                        .map(|()| reports.clone()),
+                        .map(|()| (reports.clone(), BytesMut::new())),
                     None => bind(&mut stream, &settings, &sealed).await,
                 }
             })
             .await
             .unwrap_or_else(|_| Err(SetFailure::Dead("no answer".to_owned())));
             match bound {
-                Ok(reports) => {
+                Ok((reports, unasked)) => {
                     lease.current.extend(reports.clone());
                     let pending = match known {
                         Some(predicted) => Some(Pending {
@@ -349,7 +350,9 @@ impl Pool {
                             None
                         }
                     };
-                    return Ok(Attached::lent(stream, lease, exp, pending));
+                    let mut attached = Attached::lent(stream, lease, exp, pending);
+                    attached.upstream.ready.extend_from_slice(&unasked);
+                    return Ok(attached);
                 }
                 Err(SetFailure::Dead(reason)) if !fresh => {
                     tracing::info!(
@@ -769,14 +772,15 @@ async fn send_bind(
     sent.await.map_err(|e| SetFailure::Dead(e.to_string()))
 }
 
-/// The answer to [`send_bind`]: the ParameterStatus values it reported.
-async fn read_bind_answer(stream: &mut UpstreamStream) -> Result<Reports, SetFailure> {
+/// The answer to [`send_bind`]: the ParameterStatus values it reported,
+/// and what the server sent unasked after it, for the client.
+async fn read_bind_answer(stream: &mut UpstreamStream) -> Result<(Reports, BytesMut), SetFailure> {
     let mut reports = Reports::new();
-    read_set_config_answer(stream, |body| {
+    let unasked = read_set_config_answer(stream, |body| {
         reports.extend(parameter_status(body));
     })
     .await?;
-    Ok(reports)
+    Ok((reports, unasked))
 }
 
 /// One round trip: [`send_bind`], then its answer.
@@ -784,7 +788,7 @@ async fn bind(
     stream: &mut UpstreamStream,
     settings: &[(String, String)],
     sealed: &str,
-) -> Result<Reports, SetFailure> {
+) -> Result<(Reports, BytesMut), SetFailure> {
     send_bind(stream, settings, sealed).await?;
     read_bind_answer(stream).await
 }
@@ -802,14 +806,21 @@ enum ResetError {
 
 /// `DISCARD ALL`, answered by exactly CommandComplete and ReadyForQuery
 /// "idle" (ParameterStatus, notices and notifications aside).
+///
+/// What the server sent unasked after that ReadyForQuery, if the buffered
+/// read took any (see [`Answer`]), is the idle connection's, not the next
+/// client's: it is taken by the same rules as before it, so a
+/// ParameterStatus still reaches the lease and anything else retires the
+/// connection.
 async fn reset(stream: &mut UpstreamStream, lease: &mut Lease) -> Result<(), ResetError> {
     let mut out = BytesMut::new();
     messages::query(&mut out, "DISCARD ALL")?;
     stream.write_all(&out).await?;
     let mut reported = Vec::new();
     let mut completed = false;
+    let mut answer = Answer::new(MAX_BACKEND_MESSAGE);
     loop {
-        let frame = Frame::read(stream, MAX_BACKEND_MESSAGE).await?;
+        let frame = answer.next(stream).await?;
         match frame.kind() {
             b'N' | b'A' => {}
             b'S' => reported.extend(parameter_status(frame.body())),
@@ -817,6 +828,19 @@ async fn reset(stream: &mut UpstreamStream, lease: &mut Lease) -> Result<(), Res
             b'Z' if completed && frame.body().first() == Some(&b'I') => break,
             other => return Err(ResetError::Unexpected(other)),
         }
+    }
+    let unasked = answer.finish(stream).await?;
+    let mut raw = &unasked[..];
+    while let Some((header, rest)) = raw.split_first_chunk::<HEADER_LEN>()
+        && let Some(header) = Header::parse(*header)
+        && let Some((body, rest)) = rest.split_at_checked(header.body_len)
+    {
+        match header.kind {
+            b'N' | b'A' => {}
+            b'S' => reported.extend(parameter_status(body)),
+            other => return Err(ResetError::Unexpected(other)),
+        }
+        raw = rest;
     }
     // Everything is back at its startup value, and what was reported just
     // now is the newest word on it (a reloaded default, say).
