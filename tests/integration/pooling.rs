@@ -8,6 +8,12 @@ use crate::support::wire::{self, RawSession};
 use crate::support::{Harness, WAIT, pooled, simple_rows, user_id_of};
 use tokio_postgres::Client;
 
+/// The backend pid a raw session's queries run on.
+async fn raw_pid(session: &mut RawSession) -> i32 {
+    let pid = session.query_value("select pg_backend_pid()").await;
+    pid.and_then(|pid| pid.parse().ok()).expect("a backend pid")
+}
+
 async fn pid_of(client: &Client) -> i32 {
     client
         .query_one("select pg_backend_pid()", &[])
@@ -216,12 +222,7 @@ async fn bob_after_alices_backend_ended(
 /// its backend's pid.
 async fn copying_in(h: &Harness, sub: &str) -> (RawSession, i32) {
     let mut session = h.raw_connect_as(sub).await;
-    let pid: i32 = session
-        .query_value("select pg_backend_pid()")
-        .await
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = raw_pid(&mut session).await;
     session.send_query("copy scratch from stdin").await;
     let (kind, _) = wire::read_message(&mut session.stream).await.unwrap();
     assert_eq!(kind, b'G', "CopyInResponse");
@@ -396,12 +397,7 @@ async fn parameter_status_matches_the_backend() {
     assert_eq!(status["TimeZone"], "Pacific/Auckland");
     assert!(status["DateStyle"].starts_with("German"), "{status:?}");
     check_greeting_matches_backend(&mut alice, &status).await;
-    let pid: i32 = alice
-        .query_value("select pg_backend_pid()")
-        .await
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = raw_pid(&mut alice).await;
     // Changed during the session, to what happens to be the default.
     alice.query("set TimeZone = 'UTC'").await.unwrap();
     alice.terminate().await;
@@ -807,12 +803,7 @@ async fn a_greeting_sent_ahead_of_the_bind_tells_the_clients_own_settings() {
         assert_eq!(status["TimeZone"], "Pacific/Auckland");
         assert!(status["DateStyle"].starts_with("German"), "{status:?}");
         check_greeting_matches_backend(&mut session, &status).await;
-        let this: i32 = session
-            .query_value("select pg_backend_pid()")
-            .await
-            .unwrap()
-            .parse()
-            .unwrap();
+        let this = raw_pid(&mut session).await;
         assert_eq!(*pid.get_or_insert(this), this, "{sub} on the same backend");
         assert_eq!(
             session
@@ -860,12 +851,7 @@ async fn settings_refused_after_a_connection_took_them_fail_the_client_before_it
     let mut pid = None;
     for sub in ["alice", "bob"] {
         let (mut session, _) = login_with(&h, sub, &[options]).await;
-        let this: i32 = session
-            .query_value("select pg_backend_pid()")
-            .await
-            .unwrap()
-            .parse()
-            .unwrap();
+        let this = raw_pid(&mut session).await;
         assert_eq!(*pid.get_or_insert(this), this, "{sub} on the same backend");
         assert_eq!(
             session

@@ -174,6 +174,18 @@ async fn running(admin: &tokio_postgres::Client, needle: &str) -> i64 {
         .get(0)
 }
 
+/// Waits until a backend runs `needle`; a failure after [`WAIT`].
+async fn until_running(admin: &tokio_postgres::Client, needle: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while running(admin, needle).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no backend runs {needle:?} after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until no backend runs `needle`; a failure after [`WAIT`].
 async fn until_none_runs(admin: &tokio_postgres::Client, needle: &str, context: &str) {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -231,14 +243,7 @@ async fn a_statement_abandoned_by_its_client_is_cancelled_and_its_backend_ends()
         for _ in 0..3 {
             let mut session = h.raw_connect_as("alice").await;
             session.send_query("select pg_sleep(600)").await;
-            let deadline = tokio::time::Instant::now() + WAIT;
-            while running(&admin, "pg_sleep(600)").await == 0 {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the query never started"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            until_running(&admin, "pg_sleep(600)").await;
             drop(session);
             until_none_runs(&admin, "pg_sleep(600)", mode).await;
         }
@@ -259,14 +264,7 @@ async fn statements_a_leaving_client_pipelined_are_all_cancelled() {
         let mut session = h.raw_connect_as("alice").await;
         session.send_query("select pg_sleep(600)").await;
         session.send_query("select pg_sleep(601)").await;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while running(&admin, "pg_sleep(600)").await == 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the query never started"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_running(&admin, "pg_sleep(600)").await;
         drop(session);
         until_none_runs(&admin, "pg_sleep(600)", mode).await;
         until_none_runs(&admin, "pg_sleep(601)", mode).await;
