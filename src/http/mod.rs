@@ -106,7 +106,7 @@ async fn connection(
     services: watch::Receiver<Arc<Services>>,
     sessions: Sessions,
 ) {
-    crate::session::net::tune(&tcp);
+    crate::session::net::tune_accepted(&tcp);
     let local_is_loopback = tcp.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let handshake = accepted_with.config.listen.auth_timeout;
     let Ok(stream) = tokio::time::timeout(handshake, secure(tcp, &accepted_with)).await else {

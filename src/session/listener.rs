@@ -235,7 +235,7 @@ async fn run(
             let shutdown = Shutdown::new(notify_shutdown.subscribe());
             let done = session_done_tx.clone();
             workers.spawn(tcp, move |tcp| async move {
-                crate::session::net::tune(&tcp);
+                crate::session::net::tune_accepted(&tcp);
                 let client = ClientStream::Plain(tcp);
                 connection::serve(client, peer, services, startup, shutdown).await;
                 drop(done);
@@ -488,6 +488,10 @@ impl RunningProxy {
             None => None,
         };
         let http_address = http.as_ref().map(TcpListener::local_addr).transpose()?;
+        // What every accepted connection inherits (see net::tune_accepted).
+        std::iter::once(&listener)
+            .chain(&http)
+            .for_each(crate::session::net::tune_listener);
         let workers = Workers::start(config.listen.worker_threads())?;
         let (services, current) = watch::channel(Arc::new(services(config)?));
         let (stop, stopped) = oneshot::channel();

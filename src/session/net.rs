@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 /// Log lines name the subsystem, not the file: operators filter on it
 /// (`RUST_LOG=rlsgate::net=debug`), so it outlives a move of the code.
@@ -17,11 +17,30 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// No Nagle delay (the protocol is request/response) and keepalive probes.
 pub(crate) fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
+    set_options(SockRef::from(stream));
+}
+
+/// The same for every connection a listener accepts. On Linux an accepted
+/// socket inherits these options from its listening socket, so they are set
+/// once there and cost no system call per connection ([`tune_accepted`]).
+pub(crate) fn tune_listener(listener: &TcpListener) {
+    set_options(SockRef::from(listener));
+}
+
+/// What an accepted connection still needs after [`tune_listener`]: nothing
+/// on Linux, [`tune`] elsewhere.
+pub(crate) fn tune_accepted(stream: &TcpStream) {
+    if !cfg!(target_os = "linux") {
+        tune(stream);
+    }
+}
+
+fn set_options(socket: SockRef<'_>) {
+    let _ = socket.set_tcp_nodelay(true);
     let keepalive = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL);
-    if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+    if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
         tracing::debug!(target: LOG_TARGET, error = %e, "cannot enable TCP keepalive");
     }
 }
@@ -42,5 +61,21 @@ mod tests {
         assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
         assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
         assert!(client.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_are_tuned_like_the_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        tune_listener(&listener);
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        tune_accepted(&accepted);
+        let socket = SockRef::from(&accepted);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert!(accepted.nodelay().unwrap());
     }
 }
