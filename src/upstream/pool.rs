@@ -86,6 +86,15 @@ impl PoolKey {
         }
     }
 
+    /// The key without its worker: what a backend takes and reports does
+    /// not depend on the thread that talks to it.
+    fn any_worker(&self) -> PoolKey {
+        PoolKey {
+            home: None,
+            ..self.clone()
+        }
+    }
+
     /// Whether connections of `other` reach the same database as the same
     /// user, whichever worker holds them.
     fn same_target(&self, other: &PoolKey) -> bool {
@@ -122,8 +131,9 @@ pub(crate) struct Pool {
     /// Connections out on loan per key, at most `size` ([`Pool::lend`]).
     lent: Mutex<HashMap<PoolKey, Arc<Semaphore>>>,
     /// Lists of startup settings a connection took without complaint, and
-    /// what they reported: a client with one of these has its bind sent
-    /// ahead of its greeting ([`Pool::attach`]).
+    /// what they reported, per database and user on any worker: a client
+    /// with one of these has its bind sent ahead of its greeting
+    /// ([`Pool::attach`]).
     taken: Mutex<HashMap<PoolKey, HashMap<Settings, Reports>>>,
     reaper: AtomicBool,
 }
@@ -409,7 +419,7 @@ impl Pool {
             return Some(Reports::new());
         }
         let taken = self.taken.lock().expect("pool lock");
-        taken.get(key)?.get(settings).cloned()
+        taken.get(&key.any_worker())?.get(settings).cloned()
     }
 
     /// Remembers that a connection of `key` took `settings`, reporting `reports`.
@@ -418,7 +428,7 @@ impl Pool {
             return;
         }
         let mut taken = self.taken.lock().expect("pool lock");
-        let lists = taken.entry(key.clone()).or_default();
+        let lists = taken.entry(key.any_worker()).or_default();
         if lists.len() >= TAKEN_LISTS && !lists.contains_key(&settings) {
             lists.clear();
         }
@@ -428,7 +438,7 @@ impl Pool {
     /// Forgets `settings`, refused by a connection of `key`.
     fn forget(&self, key: &PoolKey, settings: &Settings) {
         let mut taken = self.taken.lock().expect("pool lock");
-        if let Some(lists) = taken.get_mut(key) {
+        if let Some(lists) = taken.get_mut(&key.any_worker()) {
             lists.remove(settings);
         }
     }
@@ -939,8 +949,17 @@ mod tests {
 
         let reported: Reports = [("application_name".to_owned(), "a".to_owned())].into();
         pool.remember(&key, app.clone(), reported.clone());
-        assert_eq!(pool.known_reports(&key, &app), Some(reported));
+        assert_eq!(pool.known_reports(&key, &app), Some(reported.clone()));
         assert_eq!(pool.known_reports(&other, &app), None, "per key");
+        let on_a_worker = PoolKey {
+            home: Some(1),
+            ..key.clone()
+        };
+        assert_eq!(
+            pool.known_reports(&on_a_worker, &app),
+            Some(reported),
+            "known on every worker"
+        );
         pool.forget(&key, &app);
         assert_eq!(pool.known_reports(&key, &app), None);
 

@@ -8,7 +8,7 @@ use rlsgate::config::Config;
 
 /// A configuration that is valid once one `[[provider]]` is appended: one
 /// role that requires a token, and a 32-byte claims key.
-const MINIMAL_CONFIG: &str = r#"[listen]
+pub(crate) const MINIMAL_CONFIG: &str = r#"[listen]
 address = "127.0.0.1:6432"
 
 [upstream]

@@ -929,20 +929,10 @@ fn the_alerts_fire_on_their_unit_tests_series_and_not_on_the_near_misses() {
 
 #[test]
 fn the_stale_keys_alert_fires_past_the_default_jwks_max_age() {
-    let config = Config::parse(
-        r#"[listen]
-address = "127.0.0.1:6432"
-[upstream]
-host = "127.0.0.1"
-[[role]]
-name = "authenticated"
-token = "required"
-[claims]
-signing_key = "cmxzZ2F0ZS1vcHMta2l0LXRlc3Qtc2lnbmluZy1rZXk="
-[[provider]]
-issuer = "https://idp.example.com/"
-"#,
-    )
+    let config = Config::parse(&format!(
+        "{}\n[[provider]]\nissuer = \"https://idp.example.com/\"\n",
+        crate::docs::MINIMAL_CONFIG
+    ))
     .expect("a minimal configuration");
     let max_age = config.providers[0].jwks_max_age.as_secs();
     let rules = yaml(RULES);
