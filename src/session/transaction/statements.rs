@@ -370,8 +370,11 @@ mod tests {
         Frame::from_raw(raw)
     }
 
-    /// The messages of `bytes`, as (type, body).
-    fn messages(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    /// Messages as (type, body).
+    type Messages = Vec<(u8, Vec<u8>)>;
+
+    /// The messages of `bytes`.
+    fn messages(mut bytes: &[u8]) -> Messages {
         let mut found = Vec::new();
         while bytes.len() >= 5 {
             let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
@@ -387,7 +390,7 @@ mod tests {
         statements: &mut Statements,
         prepared: &mut Prepared,
         client: &[Frame],
-    ) -> (Vec<(u8, Vec<u8>)>, Vec<(u8, Vec<u8>)>) {
+    ) -> (Messages, Messages) {
         let (mut up, mut down) = (BytesMut::new(), BytesMut::new());
         let mut answers = Answers::new();
         for frame in client {
