@@ -104,7 +104,7 @@ fn ensure_drivers_installed() {
 
 /// `[pool] mode` of the proxy a program runs against.
 #[derive(Clone, Copy, PartialEq)]
-pub(crate) enum Pooling {
+enum Pooling {
     /// A backend per client (the default).
     None,
     /// A client's backend is reset and kept for the next client.
