@@ -1167,6 +1167,8 @@ mod tests {
                 base: BTreeMap::new(),
                 current: [("TimeZone".to_owned(), "UTC".to_owned())].into(),
                 born: Instant::now(),
+                prepared: Prepared::default(),
+                tenancy: None,
             };
             lease.greeting()
         };

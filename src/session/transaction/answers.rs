@@ -117,8 +117,14 @@ impl Answers {
         let kind = frame.kind();
         match kind {
             // Whenever they come, for the client, and not for ours alone.
-            b'N' | b'A' => return Ok(out.put_slice(frame.bytes())),
-            b'S' => return Ok(pass_report(&frame, reports, out)),
+            b'N' | b'A' => {
+                out.put_slice(frame.bytes());
+                return Ok(());
+            }
+            b'S' => {
+                pass_report(&frame, reports, out);
+                return Ok(());
+            }
             _ => {}
         }
         self.give_made(out);
