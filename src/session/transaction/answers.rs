@@ -34,6 +34,10 @@ pub(crate) enum Expect {
     Own,
     /// An answer the proxy makes itself, given in its turn.
     Made(BytesMut),
+    /// A refused message's stand-in, of this type, raising the refusal:
+    /// answered as the client's message would be, its error without the
+    /// stand-in's own context line.
+    Raised { kind: u8 },
 }
 
 /// What a lease's statements did that its end must see to.
@@ -157,9 +161,13 @@ impl Answers {
                     }
                 }
             },
-            Expect::Client { kind: sent, .. } => {
+            Expect::Client { kind: sent, .. } | Expect::Raised { kind: sent } => {
                 let sent = *sent;
-                out.put_slice(frame.bytes());
+                if kind == b'E' && matches!(head, Expect::Raised { .. }) {
+                    put_without_context(&frame, out);
+                } else {
+                    out.put_slice(frame.bytes());
+                }
                 self.note(&frame, prepared);
                 if kind == b'E' && !matches!(sent, b'Q' | b'F' | b'S') {
                     self.fail(prepared);
@@ -241,6 +249,29 @@ fn completes(sent: u8, answer: u8) -> bool {
         b'C' => answer == b'3',
         _ => answer == b'Z',
     }
+}
+
+/// An ErrorResponse without its context field (`W`): a refusal raised by
+/// the proxy's stand-in statement would otherwise name the PL/pgSQL block
+/// that raised it, which is not the client's.
+fn put_without_context(frame: &Frame, out: &mut BytesMut) {
+    let mut body = BytesMut::with_capacity(frame.body().len());
+    let mut fields = frame.body();
+    while let Some((&code, rest)) = fields.split_first()
+        && code != 0
+    {
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        if code != b'W' {
+            body.put_u8(code);
+            body.put_slice(&rest[..end]);
+            body.put_u8(0);
+        }
+        fields = rest.get(end + 1..).unwrap_or_default();
+    }
+    body.put_u8(0);
+    out.put_u8(b'E');
+    out.put_u32((body.len() + 4) as u32);
+    out.put_slice(&body);
 }
 
 /// Passes a ParameterStatus on only when it tells the client something new:
@@ -368,6 +399,20 @@ mod tests {
             panic!("an error of the proxy's own statements must fail");
         };
         assert!(why.contains("42501"), "{why}");
+    }
+
+    #[test]
+    fn a_raised_refusal_reaches_the_client_without_the_stand_ins_context() {
+        let mut answers = Answers::new();
+        answers.expect(Expect::Raised { kind: b'Q' }, &mut BytesMut::new());
+        let error = b"SERROR\0C0A000\0MLISTEN is not available\0WPL/pgSQL function\0\0";
+        let mut out = BytesMut::new();
+        let mut prepared = Prepared::default();
+        let taken = answers.take(message(b'E', error), &mut prepared, &mut BTreeMap::new(), &mut out);
+        assert!(taken.is_ok());
+        let expected = message(b'E', b"SERROR\0C0A000\0MLISTEN is not available\0\0");
+        assert_eq!(&out[..], expected.bytes());
+        assert!(!answers.settled(), "its ReadyForQuery is still to come");
     }
 
     #[test]

@@ -91,10 +91,15 @@ impl Statements {
             b'Q' => {
                 let text = name_at(frame.body(), 0).unwrap_or_default();
                 match guard::refused(text) {
-                    Some(refused) => raise_query(up.out, &refused.message()),
-                    None => up.out.put_slice(frame.bytes()),
+                    Some(refused) => {
+                        raise_query(up.out, &refused.message());
+                        answers.expect(Expect::Raised { kind }, to_client);
+                    }
+                    None => {
+                        up.out.put_slice(frame.bytes());
+                        answers.expect(client(kind), to_client);
+                    }
                 }
-                answers.expect(client(kind), to_client);
             }
             _ => {
                 up.out.put_slice(frame.bytes());
@@ -349,13 +354,7 @@ fn raise_in_extended_query(
     answers.expect(Expect::OnBehalf { prepares: None }, to_client);
     // Execute: the unnamed portal, every row.
     out.put_slice(b"E\0\0\0\x09\0\0\0\0\0");
-    answers.expect(
-        Expect::Client {
-            kind: b'E',
-            prepares: None,
-        },
-        to_client,
-    );
+    answers.expect(Expect::Raised { kind: b'E' }, to_client);
 }
 
 #[cfg(test)]
