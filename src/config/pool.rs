@@ -1,4 +1,5 @@
-//! `[pool]`: whether upstream connections outlive their clients.
+//! `[pool]`: whether upstream connections outlive their clients, and
+//! whether a client holds one per session or per transaction.
 
 use std::time::Duration;
 
@@ -20,10 +21,15 @@ pub struct Pool {
     /// A connection this old is closed rather than reused.
     #[serde(default = "defaults::pool_max_lifetime", with = "humantime_serde")]
     pub max_lifetime: Duration,
-    /// How long a request waits for one of the `size` connections it may
-    /// use (HTTP requests) before it is refused with 53300.
+    /// How long a request (HTTP) or a transaction (`mode = "transaction"`)
+    /// waits for one of the `size` connections it may use before it is
+    /// refused with 53300.
     #[serde(default = "defaults::pool_wait_timeout", with = "humantime_serde")]
     pub wait_timeout: Duration,
+    /// With `mode = "transaction"`: how many of the clients' named
+    /// statements each backend keeps prepared; the oldest is closed past it.
+    #[serde(default = "defaults::max_prepared_statements")]
+    pub max_prepared_statements: usize,
 }
 
 impl Default for Pool {
@@ -34,6 +40,7 @@ impl Default for Pool {
             idle_timeout: defaults::pool_idle_timeout(),
             max_lifetime: defaults::pool_max_lifetime(),
             wait_timeout: defaults::pool_wait_timeout(),
+            max_prepared_statements: defaults::max_prepared_statements(),
         }
     }
 }
@@ -46,15 +53,19 @@ pub enum PoolMode {
     None,
     /// A client's upstream connection is reset and kept for the next client.
     Session,
+    /// A client holds an upstream connection only while a transaction of
+    /// its runs (see [`crate::session::transaction`]).
+    Transaction,
 }
 
 impl Pool {
     /// `serving_http`: the HTTP front door pools whatever the mode.
     pub(super) fn validate(&self, serving_http: bool) -> anyhow::Result<()> {
-        if self.mode == PoolMode::Session || serving_http {
+        if self.mode != PoolMode::None || serving_http {
             if self.size == 0 {
                 bail!(
-                    "[pool] size must be at least 1 with mode = \"session\" or [http] address set"
+                    "[pool] size must be at least 1 with mode = \"session\" or \"transaction\", \
+                     or [http] address set"
                 );
             }
             if self.idle_timeout.is_zero() || self.max_lifetime.is_zero() {
@@ -63,6 +74,9 @@ impl Pool {
             if self.wait_timeout.is_zero() {
                 bail!("[pool] wait_timeout must be longer than zero");
             }
+        }
+        if self.max_prepared_statements == 0 {
+            bail!("[pool] max_prepared_statements must be at least 1");
         }
         Ok(())
     }
@@ -81,5 +95,8 @@ mod defaults {
     }
     pub fn pool_wait_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn max_prepared_statements() -> usize {
+        500
     }
 }

@@ -210,8 +210,16 @@ fn pooling_is_off_unless_configured_and_its_bounds_are_checked() {
     assert_eq!(config.pool.max_lifetime, Duration::from_secs(7200));
     let err = with_provider("[pool]\nmode = \"session\"\nsize = 0").unwrap_err();
     assert!(err.to_string().contains("[pool] size"), "{err:#}");
-    let err = with_provider("[pool]\nmode = \"transaction\"").unwrap_err();
-    assert!(format!("{err:#}").contains("transaction"), "{err:#}");
+    let config = with_provider("[pool]\nmode = \"transaction\"").unwrap();
+    assert_eq!(config.pool.mode, PoolMode::Transaction);
+    assert_eq!(config.pool.max_prepared_statements, 500);
+    let err = with_provider("[pool]\nmode = \"transaction\"\nsize = 0").unwrap_err();
+    assert!(err.to_string().contains("[pool] size"), "{err:#}");
+    let err = with_provider("[pool]\nmax_prepared_statements = 0").unwrap_err();
+    assert!(
+        err.to_string().contains("[pool] max_prepared_statements"),
+        "{err:#}"
+    );
 }
 
 #[test]

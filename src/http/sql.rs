@@ -186,7 +186,12 @@ async fn run(
         let waiting = Instant::now();
         let database = request.database.as_deref();
         let lent = pool
-            .lend(&config.upstream, &services.upstream_tls, role, database)
+            .lend(
+                &config.upstream,
+                &services.upstream_tls,
+                (role, database),
+                None,
+            )
             .await;
         // Counted whether a connection came or not: a wait that timed out
         // is the one that matters most.

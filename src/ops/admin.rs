@@ -66,6 +66,11 @@ async fn metrics(State(current): State<Current>) -> Response {
     // Values the token checker keeps itself are copied in at each scrape.
     let (hits, misses) = services.tokens.cache_counts();
     metrics.token_cache(hits, misses);
+    for pool in [&services.pool, &services.http_pool].into_iter().flatten() {
+        for (database, user, in_use, idle) in pool.census() {
+            metrics.pool_backends(&database, &user, in_use, idle);
+        }
+    }
     for (issuer, keys) in services.tokens.providers() {
         if let Some(keys) = keys {
             let stats = keys.stats();

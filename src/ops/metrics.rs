@@ -38,6 +38,10 @@ pub(crate) const HTTP_REQUESTS_TOTAL: &str = "rlsgate_http_requests_total";
 pub(crate) const HTTP_REQUESTS_ACTIVE: &str = "rlsgate_http_requests_active";
 pub(crate) const HTTP_REQUEST_DURATION_SECONDS: &str = "rlsgate_http_request_duration_seconds";
 pub(crate) const HTTP_UPSTREAM_WAIT_SECONDS: &str = "rlsgate_http_upstream_wait_seconds";
+pub(crate) const POOL_WAITING_CLIENTS: &str = "rlsgate_pool_waiting_clients";
+pub(crate) const POOL_WAIT_SECONDS: &str = "rlsgate_pool_wait_seconds";
+pub(crate) const POOL_LEASES_TOTAL: &str = "rlsgate_pool_leases_total";
+pub(crate) const POOL_BACKENDS: &str = "rlsgate_pool_backends";
 
 /// Buckets for the latencies (token check, upstream connect), in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -298,6 +302,49 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// A transaction-pooled client waits for a backend of `user`'s; the
+    /// gauge goes down when the guard is dropped.
+    pub(crate) fn pool_waiting(&self, user: &str) -> ActiveGuard {
+        let gauge = self.gauge(
+            POOL_WAITING_CLIENTS,
+            vec![Label::new("user", user.to_owned())],
+        );
+        gauge.increment(1.0);
+        ActiveGuard(gauge)
+    }
+
+    /// A transaction was lent a backend after `waited`; `reused`: the
+    /// backend held its client's state already.
+    pub(crate) fn pool_leased(&self, user: &str, reused: bool, waited: Duration) {
+        let kind = if reused { "reused" } else { "reset" };
+        self.counter(
+            POOL_LEASES_TOTAL,
+            vec![
+                Label::new("user", user.to_owned()),
+                Label::from_static_parts("backend", kind),
+            ],
+        )
+        .increment(1);
+        self.histogram(POOL_WAIT_SECONDS, waited);
+    }
+
+    /// A pool's backends as they stand, copied in before each render.
+    pub(crate) fn pool_backends(&self, database: &str, user: &str, in_use: usize, idle: usize) {
+        for (state, count) in [("in_use", in_use), ("idle", idle)] {
+            self.gauge(
+                POOL_BACKENDS,
+                vec![
+                    Label::new("database", database.to_owned()),
+                    Label::new("user", user.to_owned()),
+                    Label::from_static_parts("state", state),
+                ],
+            )
+            .set(count as f64);
+        }
+    }
+}
+
 /// Holds one count of a gauge of things open now, such as
 /// `rlsgate_client_connections_active`.
 pub(crate) struct ActiveGuard(Gauge);
@@ -309,7 +356,7 @@ impl Drop for ActiveGuard {
 }
 
 fn describe(recorder: &PrometheusRecorder) {
-    let help: [(&'static str, Option<Unit>, &'static str); 19] = [
+    let help: [(&'static str, Option<Unit>, &'static str); 23] = [
         (
             CLIENT_CONNECTIONS_ACTIVE,
             None,
@@ -401,12 +448,34 @@ fn describe(recorder: &PrometheusRecorder) {
             Some(Unit::Seconds),
             "Time an HTTP request waited for its upstream connection.",
         ),
+        (
+            POOL_WAITING_CLIENTS,
+            None,
+            "Transaction-pooled clients waiting for a backend now, by upstream user.",
+        ),
+        (
+            POOL_WAIT_SECONDS,
+            Some(Unit::Seconds),
+            "Time a transaction-pooled client's transaction waited for its backend.",
+        ),
+        (
+            POOL_LEASES_TOTAL,
+            None,
+            "Backends lent to a transaction-pooled client's transaction, by upstream user and whether the backend held that client's state already (reused) or had to be reset for it (reset).",
+        ),
+        (
+            POOL_BACKENDS,
+            None,
+            "Pooled backends of transaction pooling and HTTP requests, by database, upstream user and state (in_use, idle), at the scrape.",
+        ),
     ];
     for (name, unit, text) in help {
         let (key, text) = (name.into(), text.into());
         if name.ends_with("_total") {
             recorder.describe_counter(key, unit, text);
         } else if name.ends_with("_active")
+            || name == POOL_WAITING_CLIENTS
+            || name == POOL_BACKENDS
             || name == JWKS_KEY_AGE_SECONDS
             || name == UPSTREAM_TAMPERING
         {

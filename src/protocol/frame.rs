@@ -88,6 +88,11 @@ impl Frame {
         &self.raw[HEADER_LEN..]
     }
 
+    /// The whole message, header included.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
     /// The whole message, header included, to pass on as it came.
     pub(crate) fn into_raw(self) -> BytesMut {
         self.raw
@@ -154,6 +159,21 @@ impl Answer {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
+    }
+
+    /// The next message if it is already read whole: no I/O.
+    pub(crate) fn buffered(&mut self) -> io::Result<Option<Frame>> {
+        Ok(match self.pending(0)? {
+            Pending::Whole(len) => Some(Frame {
+                raw: self.buf.split_to(len),
+            }),
+            Pending::Short(_) => None,
+        })
+    }
+
+    /// Whether part of a message is read and the rest still to come.
+    pub(crate) fn is_midway(&self) -> bool {
+        !self.buf.is_empty()
     }
 
     /// What was read past the last message taken: whole messages only, read

@@ -150,7 +150,9 @@ struct Gate {
 struct Target {
     host: String,
     port: u16,
-    key: CancelKey,
+    /// The backend's own key; `None` while a transaction-pooled session
+    /// holds no backend.
+    key: Option<CancelKey>,
     budget: Bucket,
     gate: Arc<Gate>,
 }
@@ -168,6 +170,9 @@ enum Ignore {
     UnknownKey,
     KeyOverBudget,
     AddressOverBudget,
+    /// A known key whose session holds no backend (transaction pooling):
+    /// nothing of its runs, so there is nothing to cancel.
+    Idle,
 }
 
 impl Ignore {
@@ -176,6 +181,7 @@ impl Ignore {
         match self {
             Ignore::UnknownKey => "unknown_key",
             Ignore::KeyOverBudget | Ignore::AddressOverBudget => "rate_limited",
+            Ignore::Idle => "idle",
         }
     }
 }
@@ -224,6 +230,30 @@ impl Registration {
         !self.gate.unsettled.load(Ordering::Acquire)
     }
 
+    /// Points the key at the backend a transaction-pooled session holds
+    /// now.
+    pub(crate) fn point_at(&self, upstream: CancelKey) {
+        self.set_target(Some(upstream));
+    }
+
+    /// Points the key at no backend, then waits until no request forwarded
+    /// to the one it pointed at is still on its way, as
+    /// [`Registration::close`] does: whether that backend may be handed on.
+    pub(crate) async fn detach(&self) -> bool {
+        self.set_target(None);
+        let _alone = self.gate.lock.write().await;
+        !self.gate.unsettled.swap(false, Ordering::AcqRel)
+    }
+
+    fn set_target(&self, upstream: Option<CancelKey>) {
+        let mut targets = self.registry.targets.lock().expect("cancel lock");
+        if let Some(target) = targets.get_mut(&self.key)
+            && Arc::ptr_eq(&target.gate, &self.gate)
+        {
+            target.key = upstream;
+        }
+    }
+
     fn unregister(&self) {
         let mut targets = self.registry.targets.lock().expect("cancel lock");
         // The same key may since have been issued again, to another session.
@@ -270,7 +300,7 @@ impl CancelRegistry {
             Target {
                 host,
                 port,
-                key: upstream,
+                key: Some(upstream),
                 budget: Bucket::full(KEY_BUDGET, Instant::now()),
                 gate: Arc::clone(&gate),
             },
@@ -383,6 +413,7 @@ impl CancelRegistry {
     ) -> &'static str {
         let forward = match self.admit(key, source, charge_address) {
             Ok(forward) => forward,
+            Err(Ignore::Idle) => return Ignore::Idle.result(),
             Err(why) => {
                 self.log_ignored(why, source);
                 return why.result();
@@ -443,10 +474,11 @@ impl CancelRegistry {
         if !target.budget.take(KEY_BUDGET, now) {
             return Err(Ignore::KeyOverBudget);
         }
+        let upstream = target.key.ok_or(Ignore::Idle)?;
         Ok(Forward {
             host: target.host.clone(),
             port: target.port,
-            upstream: target.key,
+            upstream,
             gate: Arc::clone(&target.gate),
         })
     }
@@ -465,6 +497,10 @@ impl CancelRegistry {
     }
 
     fn log_ignored_every(&self, why: Ignore, source: IpAddr, window: Duration) {
+        if matches!(why, Ignore::Idle) {
+            // Nothing suspect: a cancel that came after its statement ended.
+            return;
+        }
         {
             let mut log = self.ignored.lock().expect("cancel log lock");
             if log.open {
@@ -497,6 +533,7 @@ impl CancelRegistry {
                 GUESS_BUDGET.burst,
                 GUESS_BUDGET.per_second
             ),
+            Ignore::Idle => {}
         }
         let log = Arc::clone(&self.ignored);
         tokio::spawn(async move {

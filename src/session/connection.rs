@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::auth::claims::{Envelope, Identity, NO_EXPIRY, SigningKey};
 use crate::auth::token_check::{TokenChecker, VerifiedToken, fingerprint};
 use crate::clock::unix_now;
-use crate::config::{Config, Role, TokenPolicy};
+use crate::config::{Config, PoolMode, Role, TokenPolicy};
 use crate::ops::metrics::{self, Metrics};
 use crate::protocol::messages;
 use crate::protocol::refusal::{Reason, Refusal, sqlstate};
@@ -25,6 +25,7 @@ use crate::session::limit::{Limit, StartupSlot};
 use crate::session::relay::{self, Expiry, Traffic};
 use crate::session::shutdown::Shutdown;
 use crate::session::stream::ClientStream;
+use crate::session::transaction::{self, Tenant};
 use crate::upstream::login::{Login, UpstreamSession};
 use crate::upstream::options::forwarded_parameters;
 use crate::upstream::pool::{Attached, Lease, Pool};
@@ -67,14 +68,25 @@ pub(crate) struct Services {
 /// A session admitted and connected upstream, ready for the relay.
 struct Session {
     role: String,
-    upstream: UpstreamSession,
-    plan: relay::Plan,
-    /// The upstream connection is pooled and goes back when the session ends.
-    lease: Option<Lease>,
+    upstream: Hold,
     /// Held while the session lives: its cancel key and its slots.
     cancel: Registration,
     session_slot: OwnedSemaphorePermit,
     role_slot: Option<OwnedSemaphorePermit>,
+}
+
+/// How a session holds its backends.
+enum Hold {
+    /// One for the whole session.
+    Session {
+        upstream: UpstreamSession,
+        plan: relay::Plan,
+        /// The upstream connection is pooled and goes back when the session
+        /// ends.
+        lease: Option<Lease>,
+    },
+    /// One per transaction (`[pool] mode = "transaction"`).
+    Transactions(Tenant),
 }
 
 enum Failure {
@@ -133,32 +145,36 @@ pub(crate) async fn serve(
         let Session {
             role,
             upstream,
-            plan,
-            lease,
             cancel,
             session_slot,
             role_slot,
         } = session;
-        let mut stream = upstream.stream;
-        let finish = relay::run(client, &mut stream, plan, &mut shutdown, &traffic).await;
+        let ending = match upstream {
+            Hold::Session {
+                upstream,
+                plan,
+                lease,
+            } => {
+                let held = (upstream, plan, lease);
+                relay_session(client, held, cancel, &services, &mut shutdown, &traffic).await
+            }
+            Hold::Transactions(tenant) => {
+                let relay = transaction::Relay {
+                    client,
+                    tenant,
+                    cancel: &cancel,
+                    services: &services,
+                    shutdown: &mut shutdown,
+                    traffic: &traffic,
+                };
+                let ending = relay.run().await;
+                cancel.close().await;
+                ending
+            }
+        };
         let duration = started.elapsed();
-        // The client's cancel key must not reach the next client's queries,
-        // nor a backend being retired: unregistered, and any cancel already
-        // on its way taken by the server, before the backend is handed on.
-        let settled = cancel.close().await;
-        match (lease, &services.pool) {
-            (Some(lease), Some(pool)) if finish.clean && settled => {
-                pool.give_back(stream, lease).await
-            }
-            _ => {
-                let config = &services.config.upstream;
-                let target = (config.host.as_str(), config.port, upstream.key);
-                retire(stream, target, finish.in_flight, &services.upstream_tls).await;
-            }
-        }
         // The session's slots are free only now that its backend has ended.
         drop((session_slot, role_slot));
-        let ending = finish.ending;
         let (client_to_server, server_to_client) = traffic.bytes();
         services.metrics.session_ended(&role, &ending, duration);
         tracing::info!(
@@ -174,6 +190,33 @@ pub(crate) async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// Relays a session on the one backend it holds, then hands the backend
+/// back to the pool or retires it.
+async fn relay_session(
+    client: ClientStream,
+    (upstream, plan, lease): (UpstreamSession, relay::Plan, Option<Lease>),
+    cancel: Registration,
+    services: &Services,
+    shutdown: &mut Shutdown,
+    traffic: &Traffic,
+) -> relay::Ending {
+    let mut stream = upstream.stream;
+    let finish = relay::run(client, &mut stream, plan, shutdown, traffic).await;
+    // The client's cancel key must not reach the next client's queries,
+    // nor a backend being retired: unregistered, and any cancel already
+    // on its way taken by the server, before the backend is handed on.
+    let settled = cancel.close().await;
+    match (lease, &services.pool) {
+        (Some(lease), Some(pool)) if finish.clean && settled => pool.give_back(stream, lease).await,
+        _ => {
+            let config = &services.config.upstream;
+            let target = (config.host.as_str(), config.port, upstream.key);
+            retire(stream, target, finish.in_flight, &services.upstream_tls).await;
+        }
+    }
+    finish.ending
 }
 
 /// The front door, the token check and the upstream login, under the
@@ -305,6 +348,25 @@ async fn open_session(
         refuse_undeclared_settings: true,
     };
     let key = &config.claims.signing_key;
+    if config.pool.mode == PoolMode::Transaction {
+        let connecting = StdInstant::now();
+        let logged_in = transaction::login(services, login, (key, &identity), expiry).await;
+        services.metrics.upstream_connected(connecting.elapsed());
+        let (tenant, cancel, greeting) = logged_in?;
+        client
+            .write_all(&greeting.0)
+            .await
+            .map_err(|_| Failure::Closed)?;
+        client.flush().await.map_err(|_| Failure::Closed)?;
+        log_started(role, verified_token.as_ref(), seen);
+        return Ok(Session {
+            role: role.name.clone(),
+            upstream: Hold::Transactions(tenant),
+            cancel,
+            session_slot,
+            role_slot,
+        });
+    }
     let (attached, cancel) = attach_and_greet(client, services, login, (key, &identity)).await?;
     let Attached {
         upstream,
@@ -312,18 +374,7 @@ async fn open_session(
         claims_exp,
         ..
     } = attached;
-    let iss = verified_token
-        .as_ref()
-        .and_then(|v| v.claims.get("iss"))
-        .and_then(serde_json::Value::as_str);
-    tracing::info!(
-        target: LOG_TARGET,
-        role = %role.name,
-        sub = verified_token.as_ref().and_then(VerifiedToken::subject),
-        iss,
-        token = seen.token.as_deref(),
-        "session started"
-    );
+    log_started(role, verified_token.as_ref(), seen);
     let envelope = Envelope::new(key.clone(), identity, upstream.backend, claims_exp);
     let plan = relay::Plan {
         expiry,
@@ -332,13 +383,30 @@ async fn open_session(
     };
     Ok(Session {
         role: role.name.clone(),
-        upstream,
-        plan,
-        lease,
+        upstream: Hold::Session {
+            upstream,
+            plan,
+            lease,
+        },
         cancel,
         session_slot,
         role_slot,
     })
+}
+
+/// The one line that logs a session's start: who (never the token itself).
+fn log_started(role: &Role, verified: Option<&VerifiedToken>, seen: &Seen) {
+    let iss = verified
+        .and_then(|v| v.claims.get("iss"))
+        .and_then(serde_json::Value::as_str);
+    tracing::info!(
+        target: LOG_TARGET,
+        role = %role.name,
+        sub = verified.and_then(VerifiedToken::subject),
+        iss,
+        token = seen.token.as_deref(),
+        "session started"
+    );
 }
 
 /// The upstream session, and the client greeted (AuthenticationOk,

@@ -125,7 +125,7 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
             Some(p) if p.config.pool == config.pool && p.config.upstream == config.upstream => {
                 p.pool.clone()
             }
-            _ => (config.pool.mode == PoolMode::Session)
+            _ => (config.pool.mode != PoolMode::None)
                 .then(|| Arc::new(Pool::new(config.pool.clone(), workers))),
         },
         http_pool: match previous {

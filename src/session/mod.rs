@@ -10,4 +10,5 @@ pub mod relay;
 pub(crate) mod shutdown;
 pub(crate) mod stream;
 pub(crate) mod tls;
+pub(crate) mod transaction;
 pub(crate) mod workers;

@@ -91,12 +91,12 @@ impl Traffic {
         )
     }
 
-    fn to_server(&self, n: usize) {
+    pub(crate) fn to_server(&self, n: usize) {
         self.client_to_server.fetch_add(n as u64, Ordering::Relaxed);
         self.client_to_server_total.increment(n as u64);
     }
 
-    fn to_client(&self, n: usize) {
+    pub(crate) fn to_client(&self, n: usize) {
         self.server_to_client.fetch_add(n as u64, Ordering::Relaxed);
         self.server_to_client_total.increment(n as u64);
     }
@@ -527,12 +527,15 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
 }
 
-async fn write<W: AsyncWrite + Unpin>(client: &mut W, bytes: &[u8]) -> io::Result<()> {
+pub(crate) async fn write<W: AsyncWrite + Unpin>(client: &mut W, bytes: &[u8]) -> io::Result<()> {
     client.write_all(bytes).await?;
     client.flush().await
 }
 
-async fn end_with_fatal<W: AsyncWrite + Unpin>(client: &mut W, reason: Ending) -> Ending {
+pub(crate) async fn end_with_fatal<W: AsyncWrite + Unpin>(
+    client: &mut W,
+    reason: Ending,
+) -> Ending {
     let refusal = match &reason {
         Ending::TokenExpired(exp) => {
             Refusal::auth(format!("token expired at {}", format_time(*exp)))

@@ -11,5 +11,6 @@ pub(crate) mod inspect;
 pub(crate) mod login;
 pub mod options;
 pub(crate) mod pool;
+pub(crate) mod prepared;
 pub(crate) mod retire;
 pub(crate) mod tls;

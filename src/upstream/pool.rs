@@ -41,6 +41,7 @@ use crate::session::workers;
 use crate::upstream::claims::{SetFailure, bind_claims, read_set_config_answer};
 use crate::upstream::login::{Login, UpstreamSession, connect};
 use crate::upstream::options::split_options;
+use crate::upstream::prepared::Prepared;
 use crate::upstream::tls::UpstreamTls;
 
 /// Log lines name the subsystem, not the file: operators filter on it
@@ -56,10 +57,10 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 const TAKEN_LISTS: usize = 64;
 
 /// ParameterStatus values a bind reported, by name.
-type Reports = BTreeMap<String, String>;
+pub(crate) type Reports = BTreeMap<String, String>;
 
 /// A client's startup settings as `set_config` pairs, in order.
-type Settings = Vec<(String, String)>;
+pub(crate) type Settings = Vec<(String, String)>;
 
 /// What connections are pooled by: they are interchangeable within one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -102,6 +103,18 @@ impl PoolKey {
     }
 }
 
+/// Whose state a backend holds after transaction pooling lent it: the
+/// client session that used it last, which may use it again as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tenancy {
+    /// The client session (see [`crate::session::transaction`]).
+    pub(crate) tenant: u64,
+    /// Which of the client's lists of settings is applied.
+    pub(crate) settings: u64,
+    /// When the envelope bound there expires (unix seconds).
+    pub(crate) claims_exp: u64,
+}
+
 /// A pooled backend, lent to one client session at a time.
 pub(crate) struct Lease {
     key: PoolKey,
@@ -113,6 +126,10 @@ pub(crate) struct Lease {
     /// ParameterStatus values now.
     current: BTreeMap<String, String>,
     born: Instant,
+    /// Clients' named statements prepared there (transaction pooling).
+    pub(crate) prepared: Prepared,
+    /// Whose state it holds (transaction pooling); `None`: nobody's.
+    pub(crate) tenancy: Option<Tenancy>,
 }
 
 struct Idle {
@@ -138,8 +155,10 @@ pub(crate) struct Pool {
     reaper: AtomicBool,
 }
 
-/// A clean connection lent for one request ([`Pool::lend`]): no claims, no
-/// session state, idle. It goes back with [`Pool::put_back`] only as clean.
+/// A connection lent for one request or transaction ([`Pool::lend`]),
+/// idle. For a request it is clean (no claims, no session state) and goes
+/// back with [`Pool::put_back`] only as clean; for a transaction it holds
+/// the state its [`Tenancy`] says and goes back with [`Pool::keep_lent`].
 pub(crate) struct Lent {
     pub(crate) stream: UpstreamStream,
     pub(crate) lease: Lease,
@@ -397,7 +416,7 @@ impl Pool {
         tls: &UpstreamTls,
         login: &Login<'_>,
     ) -> Result<(UpstreamStream, Lease, bool), Refusal> {
-        if let Some(idle) = self.take_alive(key) {
+        if let Some(idle) = self.take_alive(key, None) {
             return Ok((idle.stream, idle.lease, false));
         }
         let bare = Login {
@@ -443,22 +462,25 @@ impl Pool {
         }
     }
 
-    /// A clean connection for one request as `role` on `database`: an idle
-    /// one that is still alive, or a new one. At most `[pool] size` are lent
-    /// per database and upstream user at once; a request waits up to
-    /// `wait_timeout` for one, then is refused with 53300.
+    /// A connection for one request (or one transaction) as `role` on
+    /// `database`: an idle one that is still alive, or a new one. At most
+    /// `[pool] size` are lent per database and upstream user at once,
+    /// whatever worker holds them; a request waits up to `wait_timeout` for
+    /// one, then is refused with 53300. An idle connection whose
+    /// [`Tenancy`] is `tenant`'s is preferred: its state is that client's
+    /// already.
     pub(crate) async fn lend(
         self: &Arc<Self>,
         upstream: &Upstream,
         tls: &UpstreamTls,
-        role: &config::Role,
-        database: Option<&str>,
+        (role, database): (&config::Role, Option<&str>),
+        tenant: Option<u64>,
     ) -> Result<Lent, Refusal> {
         let key = PoolKey::new(upstream, role, database);
         let slots = {
             let mut lent = self.lent.lock().expect("pool lock");
             let slots = lent
-                .entry(key.clone())
+                .entry(key.any_worker())
                 .or_insert_with(|| Arc::new(Semaphore::new(self.settings.size)));
             Arc::clone(slots)
         };
@@ -478,7 +500,7 @@ impl Pool {
             }
         };
         self.start_reaper();
-        if let Some(idle) = self.take_alive(&key) {
+        if let Some(idle) = self.take_alive(&key, tenant) {
             return Ok(Lent {
                 stream: idle.stream,
                 lease: idle.lease,
@@ -507,6 +529,20 @@ impl Pool {
         close(lent.stream);
     }
 
+    /// Returns a lent connection to its startup state with `DISCARD ALL`
+    /// (transaction pooling, before another client uses it): nobody's
+    /// state, no statements. An error means it is to be discarded.
+    pub(crate) async fn reset_lent(&self, lent: &mut Lent) -> Result<(), String> {
+        let lease = &mut lent.lease;
+        lease.tenancy = None;
+        lease.prepared.clear();
+        match tokio::time::timeout(RESET_TIMEOUT, reset(&mut lent.stream, lease)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer to DISCARD ALL".to_owned()),
+        }
+    }
+
     /// Takes back a lent connection its request left clean (idle, its
     /// settings reset by `DISCARD ALL`), unless it is too old.
     pub(crate) fn put_back(&self, lent: Lent) {
@@ -519,6 +555,35 @@ impl Pool {
         }
         lease.current = lease.base.clone();
         self.keep(stream, lease);
+    }
+
+    /// Takes back a connection a transaction left idle, with whatever state
+    /// its [`Tenancy`] says (transaction pooling), unless it is too old.
+    pub(crate) fn keep_lent(&self, lent: Lent) {
+        if lent.lease.born.elapsed() >= self.settings.max_lifetime {
+            close(lent.stream);
+            return;
+        }
+        self.keep(lent.stream, lent.lease);
+    }
+
+    /// Connections lent and idle per database and upstream user, for the
+    /// metrics: (database, user, lent, idle).
+    pub(crate) fn census(&self) -> Vec<(String, String, usize, usize)> {
+        let lent = self.lent.lock().expect("pool lock");
+        let idle = self.idle.lock().expect("pool lock");
+        lent.iter()
+            .map(|(key, slots)| {
+                let idle: usize = idle
+                    .iter()
+                    .filter(|(other, _)| other.same_target(key))
+                    .map(|(_, list)| list.len())
+                    .sum();
+                let database = key.database.clone().unwrap_or_default();
+                let in_use = self.settings.size - slots.available_permits();
+                (database, key.user.clone(), in_use, idle)
+            })
+            .collect()
     }
 
     /// Takes back a connection its client session left clean (see
@@ -580,13 +645,17 @@ impl Pool {
     /// The most recently returned idle connection for `key` (or, when its
     /// worker has none, another worker's for the same database and user)
     /// that is neither idle nor alive for too long; the others are closed.
-    fn take(&self, key: &PoolKey) -> Option<Idle> {
+    fn take(&self, key: &PoolKey, tenant: Option<u64>) -> Option<Idle> {
         let mut expired = Vec::new();
         let found = {
             let mut idle = self.idle.lock().expect("pool lock");
             let mut found = idle
                 .get_mut(key)
-                .and_then(|list| self.pop_fresh(list, &mut expired));
+                .and_then(|list| self.pop_tenants(list, tenant))
+                .or_else(|| {
+                    idle.get_mut(key)
+                        .and_then(|list| self.pop_fresh(list, &mut expired))
+                });
             if found.is_none() {
                 // Another worker's connection: its I/O then wakes that
                 // worker's thread, which is still cheaper than a new
@@ -607,6 +676,16 @@ impl Pool {
         found
     }
 
+    /// The most recently returned connection of `list` whose state is
+    /// `tenant`'s, unless it is idle or alive for too long.
+    fn pop_tenants(&self, list: &mut Vec<Idle>, tenant: Option<u64>) -> Option<Idle> {
+        let tenant = tenant?;
+        let at = list.iter().rposition(|entry| {
+            entry.lease.tenancy.is_some_and(|t| t.tenant == tenant) && !self.expired(entry)
+        })?;
+        Some(list.remove(at))
+    }
+
     /// The most recently returned connection of `list` that is neither
     /// idle nor alive for too long; those that are go to `expired`.
     fn pop_fresh(&self, list: &mut Vec<Idle>, expired: &mut Vec<UpstreamStream>) -> Option<Idle> {
@@ -622,8 +701,8 @@ impl Pool {
 
     /// Like [`Pool::take`], passing over (and closing) connections whose
     /// backend has ended while idle (see [`still_idle`]).
-    fn take_alive(&self, key: &PoolKey) -> Option<Idle> {
-        while let Some(mut idle) = self.take(key) {
+    fn take_alive(&self, key: &PoolKey, tenant: Option<u64>) -> Option<Idle> {
+        while let Some(mut idle) = self.take(key, tenant) {
             if still_idle(&mut idle.stream) {
                 return Some(idle);
             }
@@ -678,6 +757,13 @@ impl Pool {
     }
 }
 
+impl Lent {
+    /// The connection to retire, and the slot it holds until it is gone.
+    pub(crate) fn into_parts(self) -> (UpstreamStream, Lease, OwnedSemaphorePermit) {
+        (self.stream, self.lease, self._slot)
+    }
+}
+
 impl Lease {
     /// The backend, as claims envelopes name it.
     pub(crate) fn backend(&self) -> Backend {
@@ -710,11 +796,23 @@ impl Lease {
             current: base.clone(),
             base,
             born: Instant::now(),
+            prepared: Prepared::default(),
+            tenancy: None,
         }
     }
 
+    /// The connection's ParameterStatus values now.
+    pub(crate) fn reported(&self) -> &Reports {
+        &self.current
+    }
+
+    /// Records what a bind on the connection reported.
+    pub(crate) fn report(&mut self, reports: Reports) {
+        self.current.extend(reports);
+    }
+
     /// ParameterStatus messages for the connection's current values.
-    fn greeting(&self) -> BytesMut {
+    pub(crate) fn greeting(&self) -> BytesMut {
         let mut out = BytesMut::new();
         for (name, value) in &self.current {
             messages::parameter_status(&mut out, name, value);
@@ -734,7 +832,7 @@ fn parameter_status(body: &[u8]) -> Option<(String, String)> {
 /// The client's forwarded startup parameters as `set_config` pairs, or
 /// `None` when some cannot be applied that way (protocol extensions,
 /// backend switches in `options` other than `-c name=value`).
-fn settings_of(parameters: &[(String, String)]) -> Option<Vec<(String, String)>> {
+pub(crate) fn settings_of(parameters: &[(String, String)]) -> Option<Vec<(String, String)>> {
     let mut settings = Vec::with_capacity(parameters.len());
     let mut encoding = None;
     for (name, value) in parameters {
@@ -794,7 +892,7 @@ async fn read_bind_answer(stream: &mut UpstreamStream) -> Result<(Reports, Bytes
 }
 
 /// One round trip: [`send_bind`], then its answer.
-async fn bind(
+pub(crate) async fn bind(
     stream: &mut UpstreamStream,
     settings: &[(String, String)],
     sealed: &str,
@@ -984,8 +1082,33 @@ mod tests {
             base: BTreeMap::new(),
             current: BTreeMap::new(),
             born: Instant::now(),
+            prepared: Prepared::default(),
+            tenancy: None,
         };
         (MaybeTls::Plain(Transport::Tcp(tcp)), lease)
+    }
+
+    #[tokio::test]
+    async fn a_client_is_lent_the_backend_whose_state_is_its_own_before_a_newer_one() {
+        let pool = Pool::new(config::Pool::default(), 1);
+        let key = PoolKey {
+            database: None,
+            user: "u".into(),
+            home: Some(0),
+        };
+        for (pid, tenant) in [(1, Some(10)), (2, Some(20)), (3, None)] {
+            let (stream, mut lease) = idle_connection(key.clone(), pid).await;
+            lease.tenancy = tenant.map(|tenant| Tenancy {
+                tenant,
+                settings: 0,
+                claims_exp: 0,
+            });
+            pool.keep(stream, lease);
+        }
+        let pid_for = |tenant| pool.take(&key, tenant).map(|idle| idle.lease.backend.pid);
+        assert_eq!(pid_for(Some(10)), Some(1), "its own");
+        assert_eq!(pid_for(Some(30)), Some(3), "nobody's own: the newest");
+        assert_eq!(pid_for(Some(10)), Some(2), "its own is gone: the newest");
     }
 
     #[tokio::test]
@@ -998,11 +1121,16 @@ mod tests {
         };
         let (stream, lease) = idle_connection(of(Some(0), "u"), 7).await;
         pool.keep(stream, lease);
-        assert!(pool.take(&of(Some(1), "other")).is_none(), "another user's");
-        let taken = pool.take(&of(Some(1), "u")).expect("worker 0's connection");
+        assert!(
+            pool.take(&of(Some(1), "other"), None).is_none(),
+            "another user's"
+        );
+        let taken = pool
+            .take(&of(Some(1), "u"), None)
+            .expect("worker 0's connection");
         assert_eq!(taken.lease.backend.pid, 7);
         assert_eq!(taken.lease.key.home, Some(0), "it goes back to worker 0");
-        assert!(pool.take(&of(Some(0), "u")).is_none(), "taken once");
+        assert!(pool.take(&of(Some(0), "u"), None).is_none(), "taken once");
     }
 
     #[tokio::test]

@@ -1,0 +1,251 @@
+//! The server's side of a lease: what each answer belongs to, in the order
+//! the answers come, so that the client gets the answers to its own
+//! messages (and, in their turn, the ones the proxy makes up for it) and
+//! never those of the proxy's own messages.
+//!
+//! Postgres answers messages in order, and after an error in an extended
+//! query it skips everything up to the next Sync: so a queue of
+//! expectations, one per message that is answered, is all it takes.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+
+use crate::protocol::frame::Frame;
+use crate::protocol::server_error::ServerError;
+use crate::upstream::prepared::Prepared;
+
+/// What the next answers from the server belong to.
+pub(crate) enum Expect {
+    /// A client's message of this type, passed on as it came: its answers
+    /// reach the client. A Parse names the statement it prepares.
+    Client {
+        kind: u8,
+        prepares: Option<Arc<str>>,
+    },
+    /// A Parse or Close the proxy sent on the client's behalf (to prepare
+    /// one of its statements on this backend, or make room for one): a
+    /// success is the proxy's, an error the client's.
+    OnBehalf { prepares: Option<Arc<str>> },
+    /// The proxy's own statements up to their Sync (binding the claims):
+    /// nothing of their answer reaches the client, and an error ends the
+    /// session.
+    Own,
+    /// An answer the proxy makes itself, given in its turn.
+    Made(BytesMut),
+}
+
+/// What a lease's statements did that its end must see to.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Effects {
+    /// `SET`, `RESET` or `DISCARD ALL` ran: the client's settings changed.
+    pub(crate) settings: bool,
+    /// SQL `PREPARE` or `DEALLOCATE` ran: they must not outlive the
+    /// transaction, nor leave the proxy's statements unknown.
+    pub(crate) sql_statements: bool,
+    /// `DISCARD ALL` ran: the claims and the proxy's statements are gone.
+    pub(crate) discarded: bool,
+}
+
+/// The answers of one lease.
+pub(crate) struct Answers {
+    queue: VecDeque<Expect>,
+    /// The server skips the client's messages up to its next Sync, which
+    /// the client has not sent yet: they get no expectation.
+    skipping: bool,
+    /// The transaction status of the last ReadyForQuery the client got.
+    pub(crate) status: u8,
+    pub(crate) effects: Effects,
+}
+
+/// The proxy's own statements failed: the session cannot go on.
+pub(crate) struct OwnFailed(pub(crate) String);
+
+impl Answers {
+    pub(crate) fn new() -> Answers {
+        Answers {
+            queue: VecDeque::new(),
+            skipping: false,
+            status: b'I',
+            effects: Effects::default(),
+        }
+    }
+
+    /// Everything sent is answered.
+    pub(crate) fn settled(&self) -> bool {
+        self.queue.is_empty() && !self.skipping
+    }
+
+    /// Expects the answer to a message just sent upstream (or, for
+    /// [`Expect::Made`], gives it as soon as its turn comes: into `out`).
+    pub(crate) fn expect(&mut self, expect: Expect, out: &mut BytesMut) {
+        let sync = matches!(expect, Expect::Client { kind: b'S', .. });
+        if self.skipping && !sync {
+            // The server will skip the message: no answer comes, and none
+            // may be made up for it.
+            return;
+        }
+        self.skipping = false;
+        self.queue.push_back(expect);
+        self.give_made(out);
+    }
+
+    /// Drops up to `n` Syncs the client sent after its last Execute, when
+    /// that Execute turned out to be COPY FROM STDIN: the server ignores
+    /// them, and the client sends another after its CopyDone or CopyFail.
+    pub(crate) fn forget_syncs(&mut self, n: u64) {
+        for _ in 0..n {
+            match self.queue.back() {
+                Some(Expect::Client { kind: b'S', .. }) => {
+                    self.queue.pop_back();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Takes one message from the server: what reaches the client goes to
+    /// `out`; statements the backend confirms go to `prepared`.
+    pub(crate) fn take(
+        &mut self,
+        frame: Frame,
+        prepared: &mut Prepared,
+        reports: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+        out: &mut BytesMut,
+    ) -> Result<(), OwnFailed> {
+        let kind = frame.kind();
+        match kind {
+            // Whenever they come, for the client, and not for ours alone.
+            b'N' | b'A' => return Ok(out.put_slice(frame.bytes())),
+            b'S' => return Ok(pass_report(&frame, reports, out)),
+            _ => {}
+        }
+        self.give_made(out);
+        let Some(head) = self.queue.front_mut() else {
+            // Unasked (a FATAL error before the server hangs up).
+            out.put_slice(frame.bytes());
+            return Ok(());
+        };
+        match head {
+            Expect::Own => {
+                if kind == b'E' {
+                    let error = ServerError::from_frame(frame);
+                    return Err(OwnFailed(format!("{} {}", error.code, error.message)));
+                }
+                if kind == b'Z' {
+                    self.queue.pop_front();
+                }
+            }
+            Expect::OnBehalf { prepares } => match kind {
+                b'1' | b'2' | b'3' => {
+                    self.queue.pop_front();
+                }
+                _ => {
+                    if let Some(name) = prepares.take() {
+                        prepared.remove(&name);
+                    }
+                    out.put_slice(frame.bytes());
+                    if kind == b'E' {
+                        self.fail(prepared);
+                    }
+                }
+            },
+            Expect::Client { kind: sent, .. } => {
+                let sent = *sent;
+                out.put_slice(frame.bytes());
+                self.note(&frame, prepared);
+                if kind == b'E' && !matches!(sent, b'Q' | b'F' | b'S') {
+                    self.fail(prepared);
+                } else if completes(sent, kind) {
+                    if kind == b'Z' {
+                        self.status = frame.body().first().copied().unwrap_or(b'I');
+                    }
+                    self.queue.pop_front();
+                }
+            }
+            // Given above, before anything after it.
+            Expect::Made(_) => {}
+        }
+        self.give_made(out);
+        Ok(())
+    }
+
+    /// Records what a client's statement did (CommandComplete tags).
+    fn note(&mut self, frame: &Frame, prepared: &mut Prepared) {
+        if frame.kind() != b'C' {
+            return;
+        }
+        let tag = frame.body().strip_suffix(b"\0").unwrap_or(frame.body());
+        match tag {
+            b"SET" | b"RESET" => self.effects.settings = true,
+            b"DISCARD ALL" => {
+                self.effects.settings = true;
+                self.effects.discarded = true;
+                prepared.clear();
+            }
+            b"PREPARE" | b"DEALLOCATE" => self.effects.sql_statements = true,
+            b"DEALLOCATE ALL" => {
+                self.effects.sql_statements = true;
+                prepared.clear();
+            }
+            _ => {}
+        }
+    }
+
+    /// An extended-query message failed: the server skips everything up
+    /// to the next Sync, so nothing more comes for what lies before it.
+    fn fail(&mut self, prepared: &mut Prepared) {
+        let mut failed = true;
+        while let Some(head) = self.queue.front() {
+            match head {
+                Expect::Client { kind: b'S', .. } if !failed => return,
+                Expect::Client {
+                    prepares: Some(name),
+                    ..
+                }
+                | Expect::OnBehalf {
+                    prepares: Some(name),
+                } => prepared.remove(name),
+                _ => {}
+            }
+            failed = false;
+            self.queue.pop_front();
+        }
+        self.skipping = true;
+    }
+
+    fn give_made(&mut self, out: &mut BytesMut) {
+        while let Some(Expect::Made(_)) = self.queue.front() {
+            if let Some(Expect::Made(answer)) = self.queue.pop_front() {
+                out.put_slice(&answer);
+            }
+        }
+    }
+}
+
+/// Whether a message of type `answer` is the last of the answer to a
+/// client's message of type `sent`.
+fn completes(sent: u8, answer: u8) -> bool {
+    match sent {
+        b'P' => answer == b'1',
+        b'B' => answer == b'2',
+        b'D' => matches!(answer, b'T' | b'n'),
+        b'E' => matches!(answer, b'C' | b'I' | b's'),
+        b'C' => answer == b'3',
+        _ => answer == b'Z',
+    }
+}
+
+/// Passes a ParameterStatus on only when it tells the client something new:
+/// a backend lent to it says again what the client has been told.
+fn pass_report(frame: &Frame, reports: &mut BTreeMap<Vec<u8>, Vec<u8>>, out: &mut BytesMut) {
+    let mut parts = frame.body().splitn(3, |&b| b == 0);
+    let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+        return out.put_slice(frame.bytes());
+    };
+    if reports.get(name).map(Vec::as_slice) != Some(value) {
+        reports.insert(name.to_vec(), value.to_vec());
+        out.put_slice(frame.bytes());
+    }
+}

@@ -1,0 +1,359 @@
+//! The client's side of a lease: each of its messages on its way upstream,
+//! with what its answer will be ([`Expect`]).
+//!
+//! Named statements are the client's, not the backend's: the client may run
+//! each transaction on another backend. So the proxy keeps each client's
+//! statements (name, text and parameter types) and prepares them on the
+//! backend under a name of its own ([`backend_name`]) — before the client's
+//! Parse when the backend lacks it, or on the client's behalf before a Bind
+//! or Describe that needs it on a backend that never saw its Parse. A Parse
+//! of a statement the backend already holds, and every Close of a statement,
+//! are answered by the proxy. The unnamed statement and portals live as long
+//! as a transaction (or a Sync) does, so they pass unchanged.
+//!
+//! Statements transaction pooling refuses ([`guard`]) are replaced by one
+//! that raises the refusal on the server, so that it fails in its place in
+//! the protocol (an open transaction is aborted, later messages up to the
+//! Sync are skipped) exactly as a statement Postgres refused would.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+
+use super::answers::{Answers, Expect};
+use super::guard;
+use crate::protocol::frame::{Frame, kind};
+use crate::upstream::prepared::{Prepared, backend_name};
+
+/// A client's named statement.
+struct Statement {
+    /// Its name on a backend.
+    backend: Arc<str>,
+    /// The Parse body after the name: query text, NUL, parameter types.
+    definition: Box<[u8]>,
+}
+
+/// What a client sent, for the lease's end.
+#[derive(Default)]
+pub(crate) struct Sent {
+    /// Extended-query messages were sent after the last Sync.
+    pub(crate) unsynced: bool,
+    /// Syncs since the last Execute (see [`Answers::forget_syncs`]).
+    syncs_after_execute: u64,
+}
+
+/// A client's named statements, and what it sent in the current lease.
+#[derive(Default)]
+pub(crate) struct Statements {
+    by_name: HashMap<Box<[u8]>, Statement>,
+    pub(crate) sent: Sent,
+}
+
+/// The upstream side of the lease a message goes to.
+pub(crate) struct Upstream<'a> {
+    pub(crate) out: &'a mut BytesMut,
+    pub(crate) prepared: &'a mut Prepared,
+    pub(crate) max_prepared: usize,
+}
+
+/// Whether the client said goodbye.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Forwarded {
+    Sent,
+    Terminate,
+}
+
+impl Statements {
+    /// Sends one client message upstream, with what answers it, or answers
+    /// it (into `to_client`).
+    pub(crate) fn forward(
+        &mut self,
+        frame: &Frame,
+        up: Upstream<'_>,
+        answers: &mut Answers,
+        to_client: &mut BytesMut,
+    ) -> Forwarded {
+        let kind = frame.kind();
+        match kind {
+            kind::TERMINATE => return Forwarded::Terminate,
+            b'P' => return self.parse(frame, up, answers, to_client),
+            b'B' | b'D' if self.named(frame).is_some() => {
+                self.use_statement(frame, up, answers, to_client)
+            }
+            b'C' if frame.body().first() == Some(&b'S') => {
+                // A statement the client closes may serve others on the
+                // backend: only the client's name for it goes.
+                let name = name_at(frame.body(), 1).unwrap_or_default();
+                self.by_name.remove(name);
+                answers.expect(Expect::Made(close_complete()), to_client);
+            }
+            b'Q' => {
+                let text = name_at(frame.body(), 0).unwrap_or_default();
+                match guard::refused(text) {
+                    Some(refused) => raise_query(up.out, &refused.message()),
+                    None => up.out.put_slice(frame.bytes()),
+                }
+                answers.expect(client(kind), to_client);
+            }
+            _ => {
+                up.out.put_slice(frame.bytes());
+                if answered(kind) {
+                    answers.expect(client(kind), to_client);
+                }
+            }
+        }
+        self.track(kind, answers);
+        Forwarded::Sent
+    }
+
+    fn track(&mut self, kind: u8, answers: &mut Answers) {
+        let sent = &mut self.sent;
+        match kind {
+            b'S' => {
+                sent.unsynced = false;
+                sent.syncs_after_execute += 1;
+            }
+            b'E' => {
+                sent.unsynced = true;
+                sent.syncs_after_execute = 0;
+            }
+            b'Q' => sent.syncs_after_execute = 0,
+            b'c' | b'f' => answers.forget_syncs(std::mem::take(&mut sent.syncs_after_execute)),
+            b'P' | b'B' | b'D' | b'C' => sent.unsynced = true,
+            _ => {}
+        }
+    }
+
+    /// A Parse: an unnamed statement passes; a named one is the client's,
+    /// prepared under the backend's name unless the backend has it.
+    fn parse(
+        &mut self,
+        frame: &Frame,
+        up: Upstream<'_>,
+        answers: &mut Answers,
+        to_client: &mut BytesMut,
+    ) -> Forwarded {
+        let body = frame.body();
+        let Some(name) = name_at(body, 0) else {
+            // Malformed: Postgres says so.
+            up.out.put_slice(frame.bytes());
+            answers.expect(client(b'P'), to_client);
+            return Forwarded::Sent;
+        };
+        let definition = &body[name.len() + 1..];
+        let text = name_at(definition, 0).unwrap_or(definition);
+        self.track(b'P', answers);
+        if let Some(refused) = guard::refused(text) {
+            raise_in_extended_query(up.out, &refused.message(), answers, to_client);
+            return Forwarded::Sent;
+        }
+        if name.is_empty() {
+            up.out.put_slice(frame.bytes());
+            answers.expect(client(b'P'), to_client);
+            return Forwarded::Sent;
+        }
+        let backend = backend_name(definition);
+        self.by_name.insert(
+            name.into(),
+            Statement {
+                backend: Arc::clone(&backend),
+                definition: definition.into(),
+            },
+        );
+        if up.prepared.contains(&backend) {
+            answers.expect(Expect::Made(parse_complete()), to_client);
+            return Forwarded::Sent;
+        }
+        make_room(
+            &mut *up.prepared,
+            up.max_prepared,
+            up.out,
+            answers,
+            to_client,
+        );
+        put_parse(up.out, &backend, definition);
+        up.prepared.insert(Arc::clone(&backend));
+        answers.expect(
+            Expect::Client {
+                kind: b'P',
+                prepares: Some(backend),
+            },
+            to_client,
+        );
+        Forwarded::Sent
+    }
+
+    /// A Bind or Describe of a named statement: under the backend's name,
+    /// prepared there first if it is not yet.
+    fn use_statement(
+        &mut self,
+        frame: &Frame,
+        up: Upstream<'_>,
+        answers: &mut Answers,
+        to_client: &mut BytesMut,
+    ) {
+        let kind = frame.kind();
+        let body = frame.body();
+        // Bind: portal, statement, the rest. Describe: 'S', statement.
+        let (head, name) = match kind {
+            b'B' => {
+                let portal = name_at(body, 0).unwrap_or_default();
+                (&body[..portal.len() + 1], name_at(body, portal.len() + 1))
+            }
+            _ => (&body[..1], name_at(body, 1)),
+        };
+        let statement = name.and_then(|name| self.by_name.get(name).map(|s| (name, s)));
+        let Some((name, statement)) = statement else {
+            // Not one of the client's: Postgres says it does not exist.
+            up.out.put_slice(frame.bytes());
+            answers.expect(client(kind), to_client);
+            return;
+        };
+        if !up.prepared.contains(&statement.backend) {
+            make_room(
+                &mut *up.prepared,
+                up.max_prepared,
+                up.out,
+                answers,
+                to_client,
+            );
+            put_parse(up.out, &statement.backend, &statement.definition);
+            up.prepared.insert(Arc::clone(&statement.backend));
+            answers.expect(
+                Expect::OnBehalf {
+                    prepares: Some(Arc::clone(&statement.backend)),
+                },
+                to_client,
+            );
+        }
+        let rest = &body[head.len() + name.len() + 1..];
+        let len = 4 + head.len() + statement.backend.len() + 1 + rest.len();
+        up.out.put_u8(kind);
+        up.out.put_u32(len as u32);
+        up.out.put_slice(head);
+        put_name(up.out, &statement.backend);
+        up.out.put_slice(rest);
+        answers.expect(client(kind), to_client);
+    }
+
+    /// The name of the named statement a Bind or Describe uses, if any.
+    fn named<'f>(&self, frame: &'f Frame) -> Option<&'f [u8]> {
+        let body = frame.body();
+        let name = match frame.kind() {
+            b'B' => {
+                let portal = name_at(body, 0)?;
+                name_at(body, portal.len() + 1)?
+            }
+            _ if body.first() == Some(&b'S') => name_at(body, 1)?,
+            _ => return None,
+        };
+        (!name.is_empty()).then_some(name)
+    }
+}
+
+/// Closes the backend's oldest statement when it holds its maximum.
+fn make_room(
+    prepared: &mut Prepared,
+    max: usize,
+    out: &mut BytesMut,
+    answers: &mut Answers,
+    to_client: &mut BytesMut,
+) {
+    if let Some(oldest) = prepared.evict(max) {
+        let len = 4 + 1 + oldest.len() + 1;
+        out.put_u8(b'C');
+        out.put_u32(len as u32);
+        out.put_u8(b'S');
+        put_name(out, &oldest);
+        answers.expect(Expect::OnBehalf { prepares: None }, to_client);
+    }
+}
+
+/// Whether Postgres answers a client message of this type (Flush and COPY
+/// data are answered by nothing of their own).
+fn answered(kind: u8) -> bool {
+    matches!(kind, b'B' | b'D' | b'E' | b'C' | b'S' | b'F')
+}
+
+fn client(kind: u8) -> Expect {
+    Expect::Client {
+        kind,
+        prepares: None,
+    }
+}
+
+/// The NUL-terminated string at `at`, without its NUL.
+fn name_at(body: &[u8], at: usize) -> Option<&[u8]> {
+    let rest = body.get(at..)?;
+    let end = rest.iter().position(|&b| b == 0)?;
+    Some(&rest[..end])
+}
+
+fn put_name(out: &mut BytesMut, name: &str) {
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+}
+
+fn put_parse(out: &mut BytesMut, name: &str, definition: &[u8]) {
+    let len = 4 + name.len() + 1 + definition.len();
+    out.put_u8(b'P');
+    out.put_u32(len as u32);
+    put_name(out, name);
+    out.put_slice(definition);
+}
+
+fn parse_complete() -> BytesMut {
+    BytesMut::from(&b"1\0\0\0\x04"[..])
+}
+
+fn close_complete() -> BytesMut {
+    BytesMut::from(&b"3\0\0\0\x04"[..])
+}
+
+/// A statement that fails on the server with SQLSTATE 0A000 and `message`.
+fn raise_statement(message: &str) -> String {
+    format!(
+        "DO $rlsgate$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = '{}'; END \
+         $rlsgate$",
+        message.replace('\'', "''")
+    )
+}
+
+/// A simple Query refused: the server raises the refusal in its place.
+fn raise_query(out: &mut BytesMut, message: &str) {
+    let sql = raise_statement(message);
+    out.put_u8(b'Q');
+    out.put_u32((4 + sql.len() + 1) as u32);
+    put_name(out, &sql);
+}
+
+/// A Parse refused: the unnamed statement raises the refusal when it runs,
+/// at once (its ParseComplete and BindComplete are the proxy's), and the
+/// server then skips the client's messages up to its Sync, as after the
+/// failed Parse it replaces.
+fn raise_in_extended_query(
+    out: &mut BytesMut,
+    message: &str,
+    answers: &mut Answers,
+    to_client: &mut BytesMut,
+) {
+    put_parse(
+        out,
+        "",
+        format!("{}\0\0\0", raise_statement(message)).as_bytes(),
+    );
+    answers.expect(Expect::OnBehalf { prepares: None }, to_client);
+    // Bind: unnamed portal and statement, no formats, parameters or results.
+    out.put_slice(b"B\0\0\0\x0c\0\0\0\0\0\0\0\0");
+    answers.expect(Expect::OnBehalf { prepares: None }, to_client);
+    // Execute: the unnamed portal, every row.
+    out.put_slice(b"E\0\0\0\x09\0\0\0\0\0");
+    answers.expect(
+        Expect::Client {
+            kind: b'E',
+            prepares: None,
+        },
+        to_client,
+    );
+}
