@@ -21,8 +21,8 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::support::wire::{self, RawSession};
 use crate::support::{
-    Harness, WAIT, connect, db_error, envelope_payload, http_get, metric_lines, refusal,
-    simple_rows, unix_now, user_id_of,
+    Harness, WAIT, connect, db_error, envelope_payload, http_get, metric, refusal, simple_rows,
+    unix_now, user_id_of,
 };
 
 /// Transaction pooling over at most `size` backends, as `[pool]` lines.
@@ -527,6 +527,41 @@ async fn set_and_reset_follow_their_client_to_every_backend_and_reach_nobody_els
 }
 
 #[tokio::test]
+async fn set_sent_with_the_extended_protocol_or_in_another_syntax_follows_its_client_too() {
+    let (_h, alice, bob) = two_on_one_backend().await;
+    const SEEN: &str = "select current_setting('TimeZone') || '|' \
+        || current_setting('default_transaction_isolation') || '|' \
+        || current_setting('application_name')";
+    let fresh = value(&bob, SEEN).await.unwrap();
+    let mine = "Asia/Tokyo|repeatable read|alice-app";
+    assert_ne!(fresh, mine);
+
+    // Prepared in one transaction, run in the next: a Parse, then a Bind.
+    let zone = alice.prepare("SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
+    alice.execute(&zone, &[]).await.unwrap();
+    alice
+        .execute(
+            "set session characteristics as transaction isolation level repeatable read",
+            &[],
+        )
+        .await
+        .unwrap();
+    alice
+        .query_one("select set_config('application_name', $1, false)", &[&"x"])
+        .await
+        .unwrap();
+    alice
+        .execute("set application_name = 'alice-app'", &[])
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        same_backend(&alice, &bob).await;
+        assert_eq!(value(&bob, SEEN).await.unwrap(), fresh, "bob");
+        assert_eq!(value(&alice, SEEN).await.as_deref(), Some(mine), "alice");
+    }
+}
+
+#[tokio::test]
 async fn startup_parameters_and_options_follow_their_client_to_every_backend_and_reach_nobody_else()
 {
     let h = start(2).await;
@@ -610,6 +645,50 @@ async fn set_config_and_set_in_a_function_last_the_transaction_and_never_reach_a
         value(&alice, SEEN).await,
         fresh,
         "alice's set_config after bob ran on her backend"
+    );
+}
+
+#[tokio::test]
+async fn set_config_beside_a_set_in_one_transaction_is_not_carried_but_the_set_is() {
+    let (_h, alice, bob) = two_on_one_backend().await;
+    const SEEN: &str =
+        "select current_setting('search_path') || '|' || current_setting('TimeZone')";
+    let fresh = value(&bob, SEEN).await.unwrap();
+    let (search_path, zone) = fresh.split_once('|').unwrap();
+    assert_ne!(zone, "Asia/Tokyo");
+
+    alice
+        .batch_execute(
+            "begin; set TimeZone = 'Asia/Tokyo'; \
+             select set_config('search_path', 'sneaky, public', false); commit",
+        )
+        .await
+        .unwrap();
+    same_backend(&alice, &bob).await;
+    assert_eq!(value(&bob, SEEN).await.unwrap(), fresh, "bob");
+    // Her SET follows her past bob; her set_config does not.
+    assert_eq!(
+        value(&alice, SEEN).await,
+        Some(format!("{search_path}|Asia/Tokyo")),
+        "alice's next transaction, after bob's on her backend"
+    );
+}
+
+#[tokio::test]
+async fn a_startup_setting_postgres_refuses_refuses_the_login_with_its_own_error() {
+    let h = start(1).await;
+    let mut config = h.client_config("authenticated", &h.token("alice"));
+    config.options("-c statement_timeout=banana");
+    let e = connect(&config)
+        .await
+        .expect_err("statement_timeout=banana is refused");
+    let (code, message) = db_error(&e);
+    assert_eq!(code, "22023", "{message}");
+    assert!(message.contains("statement_timeout"), "{message}");
+    // The backend it was tried on serves the next client.
+    assert_eq!(
+        user_id_of(&h.connect_as("bob").await).await.as_deref(),
+        Some("bob")
     );
 }
 
@@ -1022,6 +1101,18 @@ async fn more_named_statements_than_max_prepared_statements_all_keep_working() {
             assert_eq!(sum, i as i32 + round, "statement {i}, round {round}");
         }
     }
+    // All five pipelined: each may need another closed to make room.
+    let params: Vec<[&(dyn ToSql + Sync); 1]> = (0..5).map(|_| [&7i32 as _]).collect();
+    let pipelined = try_join_all(
+        statements
+            .iter()
+            .zip(&params)
+            .map(|(statement, p)| alice.query_one(statement, p)),
+    )
+    .await
+    .expect("the pipelined statements");
+    let sums: Vec<i32> = pipelined.iter().map(|r| r.get(0)).collect();
+    assert_eq!(sums, [7, 8, 9, 10, 11]);
     let prepared: i64 = value(&alice, "select count(*) from pg_prepared_statements")
         .await
         .unwrap()
@@ -1141,6 +1232,13 @@ async fn two_clients_using_one_statement_name_for_different_sql_each_get_their_o
     runs(&mut alice, "q", &["alice's new q"]).await;
     runs(&mut bob, "q", &["bob's q", "bob", "2"]).await;
     runs(&mut alice, "only_alice", &["alice's only"]).await;
+
+    // The unnamed statement ends with its Sync: bob cannot run alice's.
+    parses(&mut alice, "", "select 'alice''s unnamed'").await;
+    let (_, rows, error) = exchange(&mut bob, &run("")).await;
+    assert_eq!(rows, Vec::<Vec<Option<String>>>::new(), "bob ran alice's");
+    let error = error.expect("bob's Bind of an unnamed statement he never parsed fails");
+    assert!(!error.message.contains("alice"), "{error:?}");
 }
 
 // The wait.
@@ -1150,6 +1248,9 @@ async fn a_client_waits_while_another_holds_the_only_backend_and_runs_once_it_is
     let h = Harness::start_with_admin(&transaction_mode(1)).await;
     let alice = h.connect_as("alice").await;
     let bob = h.connect_as("bob").await;
+    let before = pool_metrics(&h).await;
+    // A gauge shows once it is first set.
+    assert_eq!(before.waiting.unwrap_or(0.0), 0.0, "nobody waits yet");
     alice
         .batch_execute("begin; insert into todos (title) values ('held')")
         .await
@@ -1164,24 +1265,52 @@ async fn a_client_waits_while_another_holds_the_only_backend_and_runs_once_it_is
         !waiting.is_finished(),
         "bob ran while the only backend was in alice's transaction"
     );
-    let waiting_metrics = waiting_clients_metrics(&h).await;
+    let during = pool_metrics(&h).await;
+    assert_eq!(during.waiting, Some(1.0), "bob waits");
+    assert_eq!(during.in_use, Some(1.0), "alice's backend");
     alice.batch_execute("commit").await.unwrap();
     let (_bob, seen) = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("bob runs once alice commits")
         .unwrap();
     assert_eq!(seen, Some(format!("bob {pid}")));
-    assert!(!waiting_metrics.is_empty(), "no metric of waiting clients");
+
+    let after = pool_metrics(&h).await;
+    assert_eq!(after.waiting, Some(0.0), "nobody waits any more");
+    let waits = after.waits.0 - before.waits.0;
+    assert!(waits >= 1.0, "bob's wait is counted: {waits}");
+    // Bob waited the half second alice held the backend, at least.
+    let waited = after.waits.1 - before.waits.1;
+    assert!(waited >= 0.4, "{waited} s of waiting recorded");
 }
 
-/// The samples of /metrics that tell of clients waiting for a backend.
-async fn waiting_clients_metrics(h: &Harness) -> Vec<String> {
+/// What /metrics tells of the harness's transaction pool.
+struct PoolMetrics {
+    /// Clients waiting for a backend now.
+    waiting: Option<f64>,
+    /// Backends lent now.
+    in_use: Option<f64>,
+    /// Waits recorded, and their seconds in all.
+    waits: (f64, f64),
+}
+
+async fn pool_metrics(h: &Harness) -> PoolMetrics {
     let (status, text) = http_get(&h.admin_url("/metrics")).await;
     assert_eq!(status, 200);
-    metric_lines(&text, "rlsgate_pool_clients_waiting")
-        .into_iter()
-        .map(str::to_owned)
-        .collect()
+    let user = [("user", "authenticated")];
+    let in_use = [
+        ("database", h.pg.name()),
+        ("user", "authenticated"),
+        ("state", "in_use"),
+    ];
+    let histogram = |part: &str| {
+        metric(&text, &format!("rlsgate_pool_wait_seconds_{part}"), &[]).unwrap_or(0.0)
+    };
+    PoolMetrics {
+        waiting: metric(&text, "rlsgate_pool_waiting_clients", &user),
+        in_use: metric(&text, "rlsgate_pool_backends", &in_use),
+        waits: (histogram("count"), histogram("sum")),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
