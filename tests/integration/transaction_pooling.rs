@@ -102,6 +102,24 @@ async fn refused_in_a_transaction(client: &Client, sql: &str) {
     );
 }
 
+/// [`refused`] and [`refused_in_a_transaction`] by the extended protocol,
+/// as drivers send statements.
+async fn refused_by_the_extended_protocol(client: &mut Client, sql: &str) {
+    let e = client.execute(sql, &[]).await.expect_err(sql);
+    assert_refused(&db_error(&e), sql);
+    let tx = client.transaction().await.unwrap();
+    let e = tx.execute(sql, &[]).await.expect_err(sql);
+    assert_refused(&db_error(&e), sql);
+    let e = tx.execute("select 1", &[]).await.expect_err("aborted");
+    assert_eq!(db_error(&e).0, "25P02", "after {sql} in a transaction");
+    tx.rollback().await.unwrap();
+    let row = client
+        .query_one("select 'still usable'", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "still usable", "after {sql}");
+}
+
 /// Begins a transaction in each of `holders` until one runs on backend
 /// `pid`, and commits the others: that one holds the backend until it
 /// commits. Its index.
@@ -584,6 +602,114 @@ async fn startup_parameters_and_options_follow_their_client_to_every_backend_and
     state_follows_its_client_only(&h, &alice, &mine, &baseline).await;
 }
 
+/// The name and value of a ParameterStatus body.
+fn parameter_status(body: &[u8]) -> (String, String) {
+    let mut parts = body.split(|&b| b == 0).map(String::from_utf8_lossy);
+    let name = parts.next().unwrap().into_owned();
+    (name, parts.next().unwrap_or_default().into_owned())
+}
+
+/// Logs in by hand as `sub` with `parameters` besides user and database:
+/// the session, and the ParameterStatus values of its greeting.
+async fn login_with(
+    h: &Harness,
+    sub: &str,
+    parameters: &[(&str, &str)],
+) -> (RawSession, BTreeMap<String, String>) {
+    let mut all = wire::APP_STARTUP.to_vec();
+    all.extend_from_slice(parameters);
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", h.port()))
+        .await
+        .unwrap();
+    wire::send(&mut stream, &wire::startup_message(&all)).await;
+    wire::read_message(&mut stream).await.unwrap();
+    wire::send(&mut stream, &wire::password_message(&h.token(sub))).await;
+    let (mut greeting, mut key) = (BTreeMap::new(), (0, 0));
+    loop {
+        let (kind, body) = wire::read_message(&mut stream).await.unwrap();
+        match kind {
+            b'S' => {
+                let (name, value) = parameter_status(&body);
+                greeting.insert(name, value);
+            }
+            b'K' => key = wire::backend_key_data(&body),
+            b'Z' => break,
+            b'E' => panic!("{sub} refused: {:?}", wire::error_response(&body)),
+            _ => {}
+        }
+    }
+    let session = RawSession {
+        stream,
+        pid: key.0,
+        secret: key.1,
+    };
+    (session, greeting)
+}
+
+/// Runs `sql` by hand: its first value, and every ParameterStatus that came
+/// with the answer.
+async fn query_with_reports(session: &mut RawSession, sql: &str) -> (Option<String>, Vec<String>) {
+    session.send_query(sql).await;
+    let (mut first, mut reports) = (None, Vec::new());
+    loop {
+        let (kind, body) = tokio::time::timeout(WAIT, wire::read_message(&mut session.stream))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        match kind {
+            b'D' if first.is_none() => first = wire::data_row(&body).remove(0),
+            b'S' => {
+                let (name, value) = parameter_status(&body);
+                reports.push(format!("{name}={value}"));
+            }
+            b'E' => panic!("{sql}: {:?}", wire::error_response(&body)),
+            b'Z' => return (first, reports),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_greeting_tells_its_clients_own_settings_and_no_report_tells_another_clients() {
+    let h = start(1).await;
+    let alices = [
+        ("application_name", "alice-app"),
+        ("TimeZone", "Asia/Tokyo"),
+        ("options", "-c DateStyle=German"),
+    ];
+    let (mut alice, greeting) = login_with(&h, "alice", &alices).await;
+    assert_eq!(greeting["application_name"], "alice-app");
+    assert_eq!(greeting["TimeZone"], "Asia/Tokyo");
+    assert!(greeting["DateStyle"].starts_with("German"), "{greeting:?}");
+    for (name, told) in &greeting {
+        let sql = format!("select current_setting('{name}')");
+        assert_eq!(
+            query_with_reports(&mut alice, &sql).await.0.as_deref(),
+            Some(told.as_str())
+        );
+    }
+
+    let (mut bob, greeting) = login_with(&h, "bob", &[("application_name", "bob-app")]).await;
+    assert_eq!(greeting["application_name"], "bob-app");
+    assert_ne!(greeting["TimeZone"], "Asia/Tokyo");
+    assert!(!greeting["DateStyle"].starts_with("German"), "{greeting:?}");
+    // Taking turns on the one backend, each is told only of its own.
+    for _ in 0..3 {
+        let (who, reports) = query_with_reports(&mut bob, "select auth.user_id()").await;
+        assert_eq!(who.as_deref(), Some("bob"));
+        for report in &reports {
+            assert!(
+                !report.contains("alice")
+                    && !report.contains("Tokyo")
+                    && !report.contains("German"),
+                "bob was told of alice's setting: {report}"
+            );
+        }
+        let (zone, _) = query_with_reports(&mut alice, "show TimeZone").await;
+        assert_eq!(zone.as_deref(), Some("Asia/Tokyo"));
+    }
+}
+
 /// Alice and bob on a pool of one backend.
 async fn two_on_one_backend() -> (Harness, Client, Client) {
     let h = start(1).await;
@@ -694,7 +820,7 @@ async fn a_startup_setting_postgres_refuses_refuses_the_login_with_its_own_error
 
 #[tokio::test]
 async fn temporary_tables_that_drop_on_commit_work_and_other_temporary_objects_are_refused() {
-    let (h, alice, bob) = two_on_one_backend().await;
+    let (h, mut alice, bob) = two_on_one_backend().await;
     alice
         .batch_execute(
             "begin; create temp table notes (body text) on commit drop; \
@@ -724,6 +850,7 @@ async fn temporary_tables_that_drop_on_commit_work_and_other_temporary_objects_a
         refused(&alice, sql).await;
         refused_in_a_transaction(&alice, sql).await;
     }
+    refused_by_the_extended_protocol(&mut alice, "create temp table kept (a int)").await;
     same_backend(&alice, &bob).await;
     let temporary: i64 = h
         .admin()
@@ -743,11 +870,12 @@ async fn temporary_tables_that_drop_on_commit_work_and_other_temporary_objects_a
 
 #[tokio::test]
 async fn listen_is_refused_and_notify_works() {
-    let (_h, alice, bob) = two_on_one_backend().await;
+    let (_h, mut alice, bob) = two_on_one_backend().await;
     for sql in ["listen alice_channel", "LISTEN \"Alice\""] {
         refused(&alice, sql).await;
         refused_in_a_transaction(&alice, sql).await;
     }
+    refused_by_the_extended_protocol(&mut alice, "listen alice_channel").await;
     alice
         .batch_execute("notify alice_channel, 'hello'; select pg_notify('alice_channel', 'again')")
         .await
@@ -776,7 +904,7 @@ async fn advisory_locks(admin: &Client) -> i64 {
 
 #[tokio::test]
 async fn session_advisory_locks_are_refused_and_transaction_advisory_locks_work() {
-    let (h, alice, bob) = two_on_one_backend().await;
+    let (h, mut alice, bob) = two_on_one_backend().await;
     let admin = h.admin().await;
     for sql in [
         "select pg_advisory_lock(7)",
@@ -789,6 +917,7 @@ async fn session_advisory_locks_are_refused_and_transaction_advisory_locks_work(
         refused(&alice, sql).await;
         refused_in_a_transaction(&alice, sql).await;
     }
+    refused_by_the_extended_protocol(&mut alice, "select pg_advisory_lock(7)").await;
     assert_eq!(advisory_locks(&admin).await, 0, "a refused lock was taken");
 
     alice
@@ -820,6 +949,8 @@ async fn cursors_with_hold_are_refused_and_cursors_and_portals_work_inside_a_tra
         "DECLARE kept NO SCROLL CURSOR WITH HOLD FOR SELECT 1",
     )
     .await;
+    refused_by_the_extended_protocol(&mut alice, "declare kept cursor with hold for select 1")
+        .await;
 
     alice
         .batch_execute("begin; declare numbers cursor for select generate_series(1, 5)")
@@ -1503,9 +1634,10 @@ async fn pgbench_prepared_with_100_clients_and_extended_with_20_run_through_tran
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_client_holds_no_backend_and_its_session_ends_when_its_token_expires() {
     let (h, _, bob) = two_on_one_backend().await;
+    let exp = unix_now() + 3;
     let token = h.token_with(
         KeyKind::Rs256,
-        json!({"sub": "erin", "aud": "todo-app", "exp": unix_now() + 3}),
+        json!({"sub": "erin", "aud": "todo-app", "exp": exp}),
     );
     let (erin, connection) = h
         .client_config("authenticated", &token)
@@ -1514,6 +1646,14 @@ async fn an_idle_client_holds_no_backend_and_its_session_ends_when_its_token_exp
         .unwrap();
     let connection = tokio::spawn(connection);
     assert_eq!(user_id_of(&erin).await.as_deref(), Some("erin"));
+    // The envelope ends with the session: the token's expiry and the
+    // harness's leeway of 2 s.
+    let envelope_exp = envelope_payload(&erin).await["exp"].as_u64().unwrap();
+    let exp = exp + 2;
+    assert!(
+        envelope_exp <= exp,
+        "the envelope outlives the token: {envelope_exp} > {exp}"
+    );
 
     // While erin is idle, bob has the only backend, in a transaction.
     bob.batch_execute("begin").await.unwrap();
