@@ -76,6 +76,10 @@ struct Session {
 }
 
 /// How a session holds its backends.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "both variants are large; one per session, moved once"
+)]
 enum Hold {
     /// One for the whole session.
     Session {

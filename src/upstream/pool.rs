@@ -621,9 +621,13 @@ impl Pool {
     fn keep(&self, stream: UpstreamStream, lease: Lease) {
         let full = {
             let mut idle = self.idle.lock().expect("pool lock");
+            // With transaction pooling every connection comes back between
+            // transactions, and `size` bounds how many exist at all.
             let cap = match lease.key.home {
-                Some(_) => self.idle_per_worker,
-                None => self.settings.size,
+                Some(_) if self.settings.mode != config::PoolMode::Transaction => {
+                    self.idle_per_worker
+                }
+                _ => self.settings.size,
             };
             let list = idle.entry(lease.key.clone()).or_default();
             if list.len() < cap {
@@ -1167,6 +1171,8 @@ mod tests {
                 base: BTreeMap::new(),
                 current: [("TimeZone".to_owned(), "UTC".to_owned())].into(),
                 born: Instant::now(),
+                prepared: Prepared::default(),
+                tenancy: None,
             };
             lease.greeting()
         };

@@ -117,8 +117,14 @@ impl Answers {
         let kind = frame.kind();
         match kind {
             // Whenever they come, for the client, and not for ours alone.
-            b'N' | b'A' => return Ok(out.put_slice(frame.bytes())),
-            b'S' => return Ok(pass_report(&frame, reports, out)),
+            b'N' | b'A' => {
+                out.put_slice(frame.bytes());
+                return Ok(());
+            }
+            b'S' => {
+                pass_report(&frame, reports, out);
+                return Ok(());
+            }
             _ => {}
         }
         self.give_made(out);
@@ -247,5 +253,155 @@ fn pass_report(frame: &Frame, reports: &mut BTreeMap<Vec<u8>, Vec<u8>>, out: &mu
     if reports.get(name).map(Vec::as_slice) != Some(value) {
         reports.insert(name.to_vec(), value.to_vec());
         out.put_slice(frame.bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u8, body: &[u8]) -> Frame {
+        let mut raw = BytesMut::new();
+        raw.put_u8(kind);
+        raw.put_u32((body.len() + 4) as u32);
+        raw.put_slice(body);
+        Frame::from_raw(raw)
+    }
+
+    fn client(kind: u8) -> Expect {
+        Expect::Client {
+            kind,
+            prepares: None,
+        }
+    }
+
+    /// Feeds the server's messages; returns the kinds the client got.
+    fn feed(answers: &mut Answers, prepared: &mut Prepared, server: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        let mut reports = BTreeMap::new();
+        for &(kind, body) in server {
+            let taken = answers.take(message(kind, body), prepared, &mut reports, &mut out);
+            assert!(taken.is_ok());
+        }
+        kinds(&out)
+    }
+
+    fn kinds(mut out: &[u8]) -> Vec<u8> {
+        let mut kinds = Vec::new();
+        while out.len() >= 5 {
+            let len = u32::from_be_bytes(out[1..5].try_into().unwrap()) as usize;
+            kinds.push(out[0]);
+            out = &out[1 + len..];
+        }
+        kinds
+    }
+
+    #[test]
+    fn the_proxys_own_answers_are_taken_out_and_made_ones_given_in_their_turn() {
+        let mut answers = Answers::new();
+        let mut out = BytesMut::new();
+        answers.expect(Expect::Own, &mut out);
+        answers.expect(client(b'B'), &mut out);
+        answers.expect(Expect::Made(BytesMut::from(&b"1\0\0\0\x04"[..])), &mut out);
+        answers.expect(client(b'S'), &mut out);
+        assert!(out.is_empty(), "not its turn yet");
+        let mut prepared = Prepared::default();
+        let got = feed(
+            &mut answers,
+            &mut prepared,
+            &[
+                (b'1', b""),
+                (b'2', b""),
+                (b'D', b"\0\x01\0\0\0\x01x"),
+                (b'C', b"SELECT 1\0"),
+                (b'Z', b"I"),
+                (b'2', b""),
+                (b'N', b"notice"),
+                (b'Z', b"T"),
+            ],
+        );
+        assert_eq!(got, b"2\x31NZ".to_vec());
+        assert!(answers.settled());
+        assert_eq!(answers.status, b'T');
+    }
+
+    #[test]
+    fn after_an_error_what_precedes_the_sync_gets_no_answer_and_a_statement_is_not_prepared() {
+        let mut answers = Answers::new();
+        let mut out = BytesMut::new();
+        let mut prepared = Prepared::default();
+        prepared.insert("rlsgate_a".into());
+        answers.expect(client(b'B'), &mut out);
+        answers.expect(
+            Expect::Client {
+                kind: b'P',
+                prepares: Some("rlsgate_a".into()),
+            },
+            &mut out,
+        );
+        answers.expect(Expect::Made(BytesMut::from(&b"3\0\0\0\x04"[..])), &mut out);
+        answers.expect(client(b'E'), &mut out);
+        let got = feed(&mut answers, &mut prepared, &[(b'E', b"SERROR\0\0")]);
+        assert_eq!(got, b"E".to_vec(), "the made CloseComplete is dropped too");
+        assert!(!prepared.contains("rlsgate_a"), "its Parse was skipped");
+        assert!(!answers.settled(), "skipping until the client's Sync");
+        answers.expect(client(b'E'), &mut out);
+        answers.expect(client(b'S'), &mut out);
+        let got = feed(&mut answers, &mut prepared, &[(b'Z', b"I")]);
+        assert_eq!(got, b"Z".to_vec());
+        assert!(answers.settled());
+    }
+
+    #[test]
+    fn a_failed_binding_of_the_proxys_ends_the_lease() {
+        let mut answers = Answers::new();
+        answers.expect(Expect::Own, &mut BytesMut::new());
+        let mut reports = BTreeMap::new();
+        let error = message(b'E', b"SERROR\0C42501\0Mpermission denied\0\0");
+        let taken = answers.take(
+            error,
+            &mut Prepared::default(),
+            &mut reports,
+            &mut BytesMut::new(),
+        );
+        let Err(OwnFailed(why)) = taken else {
+            panic!("an error of the proxy's own statements must fail");
+        };
+        assert!(why.contains("42501"), "{why}");
+    }
+
+    #[test]
+    fn a_parameter_status_the_client_knows_is_not_repeated() {
+        let mut answers = Answers::new();
+        let mut reports = BTreeMap::new();
+        let mut out = BytesMut::new();
+        let mut prepared = Prepared::default();
+        for _ in 0..2 {
+            let status = message(b'S', b"TimeZone\0UTC\0");
+            assert!(
+                answers
+                    .take(status, &mut prepared, &mut reports, &mut out)
+                    .is_ok()
+            );
+        }
+        assert_eq!(kinds(&out), b"S".to_vec());
+    }
+
+    #[test]
+    fn syncs_sent_into_a_copy_from_stdin_are_forgotten() {
+        let mut answers = Answers::new();
+        let mut out = BytesMut::new();
+        answers.expect(client(b'E'), &mut out);
+        answers.expect(client(b'S'), &mut out);
+        answers.forget_syncs(1);
+        answers.expect(client(b'S'), &mut out);
+        let mut prepared = Prepared::default();
+        let got = feed(
+            &mut answers,
+            &mut prepared,
+            &[(b'G', b"\0\0\0"), (b'C', b"COPY 1\0"), (b'Z', b"I")],
+        );
+        assert_eq!(got, b"GCZ".to_vec());
+        assert!(answers.settled());
     }
 }

@@ -18,7 +18,6 @@
 
 /// What transaction pooling refuses in a statement, and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct Refused {
     what: What,
 }
@@ -83,7 +82,6 @@ impl Lock {
 const POOLING: &str = "with transaction pooling ([pool] mode = \"transaction\")";
 const SESSION: &str = "or connect through a proxy in session mode ([pool] mode = \"session\")";
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl Refused {
     /// The ErrorResponse message: what is refused, why, and what works instead. ASCII only, so it
     /// reads the same in any client encoding.
@@ -151,7 +149,6 @@ impl Refused {
 /// Not seen, by design: anything inside literals, dollar quotes and comments, which includes
 /// function bodies and `DO` blocks; the unquoted body of `CREATE FUNCTION|PROCEDURE` (a definition
 /// calls nothing). What slips past is reset by `DISCARD ALL` before another client gets the backend.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn refused(sql: &[u8]) -> Option<Refused> {
     let mut lexer = Lexer { sql, pos: 0 };
     let mut guard = Guard::default();

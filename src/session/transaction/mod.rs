@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::{BufMut, BytesMut};
+use tokio::io::AsyncWriteExt;
 use tokio::time::Sleep;
 
 use self::answers::{Answers, Expect};
@@ -54,6 +55,7 @@ use crate::session::stream::{ClientStream, UpstreamStream};
 use crate::upstream::claims::SetFailure;
 use crate::upstream::login::Login;
 use crate::upstream::pool::{Lent, Pool, Settings, Tenancy, bind, settings_of};
+use crate::upstream::prepared::Prepared;
 use crate::upstream::retire::retire;
 
 /// Log lines name the subsystem, not the file: operators filter on it
@@ -206,6 +208,19 @@ pub(crate) struct Relay<'a> {
     pub(crate) traffic: &'a Traffic,
 }
 
+/// A lease's streams and buffers, for [`Relay::relay_lease`].
+struct Pipes<'a> {
+    upstream: &'a mut UpstreamStream,
+    prepared: &'a mut Prepared,
+    from_server: &'a mut Answer,
+    inbox: &'a mut Answer,
+    answers: &'a mut Answers,
+    /// Bytes for the server, not yet written.
+    up: &'a mut BytesMut,
+    /// Bytes for the client, not yet written.
+    down: &'a mut BytesMut,
+}
+
 /// How a lease ended.
 enum LeaseEnd {
     /// Idle: the backend went back to the pool.
@@ -264,64 +279,25 @@ impl Relay<'_> {
         mut lent: Lent,
         first: Frame,
         inbox: &mut Answer,
-        mut expires: Pin<&mut Sleep>,
+        expires: Pin<&mut Sleep>,
     ) -> LeaseEnd {
         self.cancel.point_at(lent.lease.cancel_key());
         let mut answers = Answers::new();
         let (mut up, mut down) = (BytesMut::new(), BytesMut::new());
         self.bind_claims(&mut lent, &mut up, &mut answers, &mut down);
         let mut from_server = Answer::new(MAX_MESSAGE);
-        let mut next = Some(first);
-        let max_prepared = self.services.config.pool.max_prepared_statements;
-        let expiry = self.tenant.expiry;
-        let ending = 'lease: loop {
-            while let Some(frame) = next.take() {
-                let upstream = Upstream {
-                    out: &mut up,
-                    prepared: &mut lent.lease.prepared,
-                    max_prepared,
-                };
-                let statements = &mut self.tenant.statements;
-                if statements.forward(&frame, upstream, &mut answers, &mut down)
-                    == Forwarded::Terminate
-                {
-                    break 'lease Ending::ClientClosed;
-                }
-                next = match inbox.buffered() {
-                    Ok(frame) => frame,
-                    Err(e) => break 'lease client_failed(e),
-                };
-            }
-            if let Err(e) = self.flush(&mut lent.stream, &mut up, &mut down).await {
-                break e;
-            }
-            if answers.settled() && !self.tenant.statements.sent.unsynced && answers.status == b'I'
-            {
-                return self.release(lent, answers, from_server).await;
-            }
-            tokio::select! {
-                frame = inbox.next(&mut self.client) => match frame {
-                    Ok(frame) if frame.kind() == kind::TERMINATE => break Ending::ClientClosed,
-                    Ok(frame) => next = Some(frame),
-                    Err(e) => break client_failed(e),
-                },
-                frame = from_server.next(&mut lent.stream) => {
-                    let frame = match frame {
-                        Ok(frame) => frame,
-                        Err(e) => break upstream_failed(e),
-                    };
-                    if let Err(ending) = self.answer(frame, &mut from_server, &mut lent, &mut answers, &mut down) {
-                        let _ = write(&mut self.client, &down).await;
-                        return self.end(lent, &answers, ending).await;
-                    }
-                }
-                () = &mut expires, if expiry.is_some() => {
-                    break Ending::TokenExpired(expiry.map_or(0, |e| e.exp));
-                }
-                () = self.shutdown.recv(), if !self.shutdown.is_received() => {
-                    break Ending::ShuttingDown;
-                }
-            }
+        let pipes = Pipes {
+            upstream: &mut lent.stream,
+            prepared: &mut lent.lease.prepared,
+            from_server: &mut from_server,
+            inbox,
+            answers: &mut answers,
+            up: &mut up,
+            down: &mut down,
+        };
+        let ending = match self.relay_lease(pipes, first, expires).await {
+            None => return self.release(lent, answers, from_server).await,
+            Some(ending) => ending,
         };
         let _ = write(&mut self.client, &down).await;
         let ending = match ending {
@@ -331,6 +307,107 @@ impl Relay<'_> {
             other => other,
         };
         self.end(lent, &answers, ending).await
+    }
+
+    /// Relays a lease's messages both ways until everything the client sent
+    /// is answered and it is idle (`None`), or the session must end.
+    ///
+    /// The upstream is written only as fast as it takes the bytes, while its
+    /// answers go on being read: a client that pipelines more than the
+    /// socket buffers hold would otherwise leave the server blocked writing
+    /// answers nobody reads, and the proxy blocked writing messages the
+    /// server no longer reads.
+    async fn relay_lease(
+        &mut self,
+        pipes: Pipes<'_>,
+        first: Frame,
+        mut expires: Pin<&mut Sleep>,
+    ) -> Option<Ending> {
+        let Pipes {
+            upstream,
+            prepared,
+            from_server,
+            inbox,
+            answers,
+            up,
+            down,
+        } = pipes;
+        let (mut from_upstream, mut to_upstream) = tokio::io::split(upstream);
+        let max_prepared = self.services.config.pool.max_prepared_statements;
+        let expiry = self.tenant.expiry;
+        let mut next = Some(first);
+        let mut unflushed = false;
+        loop {
+            while let Some(frame) = next.take() {
+                let upstream = Upstream {
+                    out: &mut *up,
+                    prepared: &mut *prepared,
+                    max_prepared,
+                };
+                let statements = &mut self.tenant.statements;
+                if statements.forward(&frame, upstream, answers, down) == Forwarded::Terminate {
+                    return Some(Ending::ClientClosed);
+                }
+                next = match inbox.buffered() {
+                    Ok(frame) => frame,
+                    Err(e) => return Some(client_failed(e)),
+                };
+            }
+            if !down.is_empty() {
+                if let Err(e) = write(&mut self.client, down).await {
+                    return Some(client_failed(e));
+                }
+                self.traffic.to_client(down.len());
+                down.clear();
+            }
+            let sent = up.is_empty() && !unflushed;
+            if sent
+                && answers.settled()
+                && !self.tenant.statements.sent.unsynced
+                && answers.status == b'I'
+            {
+                return None;
+            }
+            tokio::select! {
+                // Write what is there, then flush (TLS buffers records).
+                sent = async {
+                    if up.is_empty() {
+                        to_upstream.flush().await.map(|()| None)
+                    } else {
+                        to_upstream.write_buf(&mut *up).await.map(Some)
+                    }
+                }, if !up.is_empty() || unflushed => match sent {
+                    Ok(Some(n)) => {
+                        self.traffic.to_server(n);
+                        unflushed = true;
+                    }
+                    Ok(None) => unflushed = false,
+                    Err(e) => return Some(upstream_failed(e)),
+                },
+                frame = inbox.next(&mut self.client) => match frame {
+                    Ok(frame) if frame.kind() == kind::TERMINATE => {
+                        return Some(Ending::ClientClosed);
+                    }
+                    Ok(frame) => next = Some(frame),
+                    Err(e) => return Some(client_failed(e)),
+                },
+                frame = from_server.next(&mut from_upstream) => {
+                    let frame = match frame {
+                        Ok(frame) => frame,
+                        Err(e) => return Some(upstream_failed(e)),
+                    };
+                    if let Err(ending) = self.answer(frame, from_server, prepared, answers, down) {
+                        return Some(ending);
+                    }
+                }
+                () = &mut expires, if expiry.is_some() => {
+                    return Some(Ending::TokenExpired(expiry.map_or(0, |e| e.exp)));
+                }
+                () = self.shutdown.recv(), if !self.shutdown.is_received() => {
+                    return Some(Ending::ShuttingDown);
+                }
+            }
+        }
     }
 
     /// Binds the client's envelope and settings on the lent backend ahead of
@@ -377,13 +454,12 @@ impl Relay<'_> {
         &mut self,
         frame: Frame,
         from_server: &mut Answer,
-        lent: &mut Lent,
+        prepared: &mut Prepared,
         answers: &mut Answers,
         down: &mut BytesMut,
     ) -> Result<(), Ending> {
         let mut frame = Some(frame);
         while let Some(next) = frame.take() {
-            let prepared = &mut lent.lease.prepared;
             if let Err(failed) = answers.take(next, prepared, &mut self.tenant.reports, down) {
                 tracing::warn!(
                     target: LOG_TARGET,
@@ -392,31 +468,10 @@ impl Relay<'_> {
                 );
                 let refusal = Refusal::database_unavailable(failed.0);
                 refusal.encode(down);
-                return Err(Ending::Failed(
-                    Side::Upstream,
-                    io::Error::other(refusal.to_string()),
-                ));
+                let why = io::Error::other(refusal.to_string());
+                return Err(Ending::Failed(Side::Upstream, why));
             }
             frame = from_server.buffered().map_err(upstream_failed)?;
-        }
-        Ok(())
-    }
-
-    async fn flush(
-        &mut self,
-        upstream: &mut UpstreamStream,
-        up: &mut BytesMut,
-        down: &mut BytesMut,
-    ) -> Result<(), Ending> {
-        if !up.is_empty() {
-            write(upstream, up).await.map_err(upstream_failed)?;
-            self.traffic.to_server(up.len());
-            up.clear();
-        }
-        if !down.is_empty() {
-            write(&mut self.client, down).await.map_err(client_failed)?;
-            self.traffic.to_client(down.len());
-            down.clear();
         }
         Ok(())
     }

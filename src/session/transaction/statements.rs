@@ -357,3 +357,124 @@ fn raise_in_extended_query(
         to_client,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u8, body: &[u8]) -> Frame {
+        let mut raw = BytesMut::new();
+        raw.put_u8(kind);
+        raw.put_u32((body.len() + 4) as u32);
+        raw.put_slice(body);
+        Frame::from_raw(raw)
+    }
+
+    /// Messages as (type, body).
+    type Messages = Vec<(u8, Vec<u8>)>;
+
+    /// The messages of `bytes`.
+    fn messages(mut bytes: &[u8]) -> Messages {
+        let mut found = Vec::new();
+        while bytes.len() >= 5 {
+            let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+            found.push((bytes[0], bytes[5..1 + len].to_vec()));
+            bytes = &bytes[1 + len..];
+        }
+        found
+    }
+
+    /// Sends the client's messages through a lease on `prepared`: what
+    /// went upstream, and what the proxy answered itself.
+    fn send(
+        statements: &mut Statements,
+        prepared: &mut Prepared,
+        client: &[Frame],
+    ) -> (Messages, Messages) {
+        let (mut up, mut down) = (BytesMut::new(), BytesMut::new());
+        let mut answers = Answers::new();
+        for frame in client {
+            let upstream = Upstream {
+                out: &mut up,
+                prepared: &mut *prepared,
+                max_prepared: 2,
+            };
+            statements.forward(frame, upstream, &mut answers, &mut down);
+        }
+        (messages(&up), messages(&down))
+    }
+
+    const DEFINITION: &[u8] = b"select $1\0\0\x01\0\0\0\x17";
+
+    fn parse(name: &str) -> Frame {
+        message(b'P', &[name.as_bytes(), b"\0", DEFINITION].concat())
+    }
+
+    fn bind(name: &str) -> Frame {
+        message(
+            b'B',
+            &[b"\0", name.as_bytes(), b"\0\0\0\0\x01\0\0\0\x011\0\0"].concat(),
+        )
+    }
+
+    #[test]
+    fn a_clients_statement_is_prepared_under_the_backends_name_and_once_per_backend() {
+        let backend = backend_name(DEFINITION);
+        let mut statements = Statements::default();
+        let mut first = Prepared::default();
+        let (up, made) = send(&mut statements, &mut first, &[parse("s1"), bind("s1")]);
+        assert_eq!(up[0].0, b'P');
+        assert!(up[0].1.starts_with(backend.as_bytes()), "{:?}", up[0]);
+        assert_eq!(up[1].0, b'B');
+        assert_eq!(&up[1].1[1..1 + backend.len()], backend.as_bytes());
+        assert!(made.is_empty());
+        assert!(first.contains(&backend));
+
+        // Another client's Parse of the same text, on the same backend: the
+        // proxy answers it.
+        let mut other = Statements::default();
+        let (up, made) = send(&mut other, &mut first, &[parse("other_name")]);
+        assert!(up.is_empty(), "{up:?}");
+        assert_eq!(made, vec![(b'1', Vec::new())]);
+
+        // The first client's next transaction on a fresh backend: its Bind
+        // is preceded by the Parse it needs there.
+        let mut second = Prepared::default();
+        let (up, _) = send(&mut statements, &mut second, &[bind("s1")]);
+        let kinds: Vec<u8> = up.iter().map(|(kind, _)| *kind).collect();
+        assert_eq!(kinds, b"PB".to_vec());
+    }
+
+    #[test]
+    fn a_close_is_answered_by_the_proxy_and_the_name_is_gone_for_the_client_only() {
+        let mut statements = Statements::default();
+        let mut prepared = Prepared::default();
+        send(&mut statements, &mut prepared, &[parse("s1")]);
+        let close = message(b'C', b"Ss1\0");
+        let (up, made) = send(&mut statements, &mut prepared, &[close, bind("s1")]);
+        assert_eq!(made, vec![(b'3', Vec::new())]);
+        assert_eq!(up.len(), 1);
+        assert_eq!(
+            up[0].1,
+            bind("s1").body(),
+            "an unknown name goes as it came"
+        );
+        assert!(prepared.contains(&backend_name(DEFINITION)));
+    }
+
+    #[test]
+    fn the_oldest_statement_is_closed_to_make_room() {
+        let mut statements = Statements::default();
+        let mut prepared = Prepared::default();
+        let texts = ["select 1\0\0\0", "select 2\0\0\0", "select 3\0\0\0"];
+        for (i, text) in texts.iter().enumerate() {
+            let name = format!("s{i}");
+            let frame = message(b'P', &[name.as_bytes(), b"\0", text.as_bytes()].concat());
+            let (up, _) = send(&mut statements, &mut prepared, &[frame]);
+            let kinds: Vec<u8> = up.iter().map(|(kind, _)| *kind).collect();
+            let expected = if i < 2 { b"P".to_vec() } else { b"CP".to_vec() };
+            assert_eq!(kinds, expected, "statement {i}");
+        }
+        assert!(!prepared.contains(&backend_name(texts[0].as_bytes())));
+    }
+}
