@@ -727,15 +727,7 @@ async fn same_backend(alice: &Client, bob: &Client) {
 #[tokio::test]
 async fn set_config_and_set_in_a_function_last_the_transaction_and_never_reach_another_client() {
     let (h, alice, bob) = two_on_one_backend().await;
-    h.admin()
-        .await
-        .batch_execute(
-            "create function public.sneak() returns void language plpgsql as \
-             $$ begin set application_name = 'sneaky-app'; end $$;
-             grant execute on function public.sneak() to authenticated;",
-        )
-        .await
-        .unwrap();
+    create_sneak(&h).await;
     const SEEN: &str = "select coalesce(current_setting('app.tenant', true), '') \
         || '|' || current_setting('search_path') || '|' || current_setting('application_name')";
     let fresh = value(&bob, SEEN).await;
@@ -753,8 +745,8 @@ async fn set_config_and_set_in_a_function_last_the_transaction_and_never_reach_a
     alice.batch_execute("commit").await.unwrap();
     assert_eq!(value(&alice, SEEN).await, fresh, "after the transaction");
 
-    // Session-level, but not by SET: never another client's, and not
-    // carried to alice's later transactions once someone else ran between.
+    // Session-level, but not by SET: never another client's. (Alice on
+    // the same backend may see it or not.)
     rows(
         &alice,
         "select set_config('app.tenant', 'alice', false), \
@@ -767,37 +759,54 @@ async fn set_config_and_set_in_a_function_last_the_transaction_and_never_reach_a
         fresh,
         "bob after alice's set_config"
     );
-    assert_eq!(
-        value(&alice, SEEN).await,
-        fresh,
-        "alice's set_config after bob ran on her backend"
-    );
+}
+
+/// `public.sneak()`, a function that sets application_name to
+/// `sneaky-app` for the session, by a SET of its own.
+async fn create_sneak(h: &Harness) {
+    h.admin()
+        .await
+        .batch_execute(
+            "create function public.sneak() returns void language plpgsql as \
+             $$ begin set application_name = 'sneaky-app'; end $$;
+             grant execute on function public.sneak() to authenticated;",
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
-async fn set_config_beside_a_set_in_one_transaction_is_not_carried_but_the_set_is() {
-    let (_h, alice, bob) = two_on_one_backend().await;
-    const SEEN: &str =
-        "select current_setting('search_path') || '|' || current_setting('TimeZone')";
-    let fresh = value(&bob, SEEN).await.unwrap();
-    let (search_path, zone) = fresh.split_once('|').unwrap();
+async fn set_config_is_not_carried_to_another_backend_even_beside_a_set_which_is() {
+    let h = start(2).await;
+    create_sneak(&h).await;
+    let alice = h.connect_as("alice").await;
+    let holders = [h.connect_as("bob").await, h.connect_as("carol").await];
+    const SEEN: &str = "select current_setting('search_path') || '|' \
+        || current_setting('TimeZone') || '|' || current_setting('application_name')";
+    let fresh = value(&holders[0], SEEN).await.unwrap();
+    let mut parts = fresh.split('|');
+    let (search_path, zone) = (parts.next().unwrap(), parts.next().unwrap());
     assert_ne!(zone, "Asia/Tokyo");
 
     alice
         .batch_execute(
             "begin; set TimeZone = 'Asia/Tokyo'; \
-             select set_config('search_path', 'sneaky, public', false); commit",
+             select set_config('search_path', 'sneaky, public', false), public.sneak(); commit",
         )
         .await
         .unwrap();
-    same_backend(&alice, &bob).await;
-    assert_eq!(value(&bob, SEEN).await.unwrap(), fresh, "bob");
-    // Her SET follows her past bob; her set_config does not.
+    let last = pid_of(&alice).await;
+    let held = hold_backend(&holders, last).await;
+    assert_eq!(value(&holders[held], SEEN).await.unwrap(), fresh, "bob");
+    // On the other backend her SET follows her; set_config and the
+    // function's SET do not.
+    assert_ne!(pid_of(&alice).await, last);
     assert_eq!(
         value(&alice, SEEN).await,
-        Some(format!("{search_path}|Asia/Tokyo")),
-        "alice's next transaction, after bob's on her backend"
+        Some(format!("{search_path}|Asia/Tokyo|")),
+        "alice's next transaction, on another backend"
     );
+    holders[held].batch_execute("commit").await.unwrap();
 }
 
 #[tokio::test]
