@@ -64,4 +64,4 @@ fi
 node -e 'for (const m of ["@neondatabase/serverless", "drizzle-orm", "ws"]) console.log(m, require("./serverless/node_modules/" + m + "/package.json").version)'
 
 echo "java: $(javac -version 2>&1), pgjdbc: $JDBC_JAR"
-echo "client checks ready: cargo test --test clients"
+echo "client checks ready: cargo test --test integration clients::"

@@ -10,8 +10,13 @@
 // proxy has a certificate), every connection must be encrypted: pgjdbc's
 // default sslmode, prefer, encrypts when the server offers TLS without
 // checking the certificate, and each connection's socket is checked to be
-// an SSLSocket; one more connection sets sslmode=require explicitly. Exits 0
-// only if every check passed; prints each check.
+// an SSLSocket; one more connection sets sslmode=require explicitly. With
+// RLSGATE_POOL_MODE=transaction (the proxy lends its RLSGATE_POOL_SIZE
+// backends per transaction), the same checks, and those of transaction
+// mode: what it refuses, and a connection's settings and server-side
+// prepared statements (past prepareThreshold, and with prepareThreshold=1)
+// following it from backend to backend. Exits 0 only if every check
+// passed; prints each check.
 // Build and run: javac -cp /usr/share/java/postgresql.jar -d out JdbcCheck.java
 //                java -cp out:/usr/share/java/postgresql.jar JdbcCheck
 
@@ -22,6 +27,7 @@ import java.sql.PreparedStatement;
 import java.sql.ResultSet;
 import java.sql.SQLException;
 import java.sql.Statement;
+import java.util.ArrayDeque;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Objects;
@@ -45,6 +51,20 @@ public class JdbcCheck {
     static final String SHORT = System.getenv("SHORT_TOKEN");
     static final long SHORT_ENDS_AT = Long.parseLong(System.getenv("SHORT_TOKEN_ENDS_AT"));
     static final boolean TLS = "require".equals(System.getenv("RLSGATE_SSLMODE"));
+    static final boolean TRANSACTION_MODE = "transaction".equals(System.getenv("RLSGATE_POOL_MODE"));
+    static final int POOL_SIZE = Integer.parseInt(Objects.requireNonNullElse(System.getenv("RLSGATE_POOL_SIZE"), "0"));
+
+    /** What transaction mode refuses: each fails with SQLSTATE 0A000 and leaves the connection usable. */
+    static final List<String> REFUSED = List.of(
+            "listen rlsgate_checks",
+            "select pg_advisory_lock(4242)",
+            "select pg_try_advisory_lock_shared(4242)",
+            "declare rlsgate_held cursor with hold for select 1",
+            "create temp table rlsgate_scratch (x int)");
+
+    /** What each transaction of the connection under test reports. */
+    static final String ROUND = "select pg_backend_pid(), auth.user_id(), current_setting('application_name'), "
+            + "current_setting('search_path'), current_setting('extra_float_digits'), ?::int";
 
     static final List<String> failures = new ArrayList<>();
 
@@ -137,6 +157,151 @@ public class JdbcCheck {
             }
         }
         return values;
+    }
+
+    /**
+     * Connections holding all of the proxy's backends but one in open
+     * transactions, handed round between two transactions of another
+     * connection ({@link #turn}): the idle one takes the only free backend,
+     * the one that other connection just used, and the one that has held its
+     * backend longest lets go of it. So each transaction of that connection
+     * runs on a different backend from its last, one that served another
+     * client in between.
+     */
+    static final class Rotation implements AutoCloseable {
+        final List<Connection> holders = new ArrayList<>();
+        final ArrayDeque<Connection> busy = new ArrayDeque<>();
+        Connection idle;
+
+        Rotation(String token) throws SQLException {
+            for (int i = 0; i < POOL_SIZE; i++) {
+                holders.add(connectWithProperties(token));
+            }
+            idle = holders.get(0);
+            for (Connection holder : holders.subList(1, holders.size())) {
+                hold(holder);
+                busy.add(holder);
+            }
+        }
+
+        static void hold(Connection conn) throws SQLException {
+            conn.setAutoCommit(false);
+            one(conn, "select pg_backend_pid()");
+        }
+
+        void turn() throws SQLException {
+            hold(idle);
+            busy.add(idle);
+            idle = busy.poll();
+            idle.commit();
+        }
+
+        @Override
+        public void close() throws SQLException {
+            for (Connection conn : holders) {
+                conn.close();
+            }
+        }
+    }
+
+    /** `run` fails with 0A000 naming transaction pooling, and `conn` goes on. */
+    static void refused(Connection conn, String what, Step run) throws SQLException {
+        try {
+            run.run();
+            check(what + ": refused", false, "it ran");
+        } catch (Exception e) {
+            String state = e instanceof SQLException ? ((SQLException) e).getSQLState() : null;
+            String message = Objects.toString(e.getMessage());
+            check(what + ": refused with 0A000 naming transaction pooling",
+                    "0A000".equals(state) && message.toLowerCase().contains("transaction pool"), state + ": " + message);
+        }
+        String user = one(conn, "select auth.user_id()");
+        check(what + ": the connection goes on", "alice".equals(user), user);
+    }
+
+    static void transactionModeRefusals() throws Exception {
+        try (Connection conn = connectWithProperties(ALICE)) {
+            for (String sql : REFUSED) {
+                refused(conn, sql, () -> {
+                    try (Statement st = conn.createStatement()) {
+                        st.execute(sql);
+                    }
+                });
+            }
+            // Past prepareThreshold, as a named server-side statement too.
+            try (PreparedStatement ps = conn.prepareStatement("select pg_advisory_lock(?)")) {
+                for (int i = 0; i < 6; i++) {
+                    ps.setLong(1, 4242);
+                    refused(conn, "a prepared lock, execution " + (i + 1), () -> ps.executeQuery().close());
+                }
+            }
+            conn.setAutoCommit(false);
+            try (Statement st = conn.createStatement()) {
+                st.execute("create temp table jdbc_scratch (x int) on commit drop");
+                st.execute("insert into jdbc_scratch values (1), (2)");
+                st.execute("select pg_advisory_xact_lock(4242)");
+            }
+            String count = one(conn, "select count(*) from jdbc_scratch");
+            conn.commit();
+            conn.setAutoCommit(true);
+            check("a temporary table ON COMMIT DROP and an xact lock work in a transaction", "2".equals(count), count);
+            try (Statement st = conn.createStatement()) {
+                st.execute("notify rlsgate_checks, 'from pgjdbc'");
+            }
+        }
+    }
+
+    /** The connection's SET and its PreparedStatement over transactions that each run on another backend. */
+    static void settingsAndStatementsFollow(String what, String urlOptions) throws Exception {
+        String url = "jdbc:postgresql://" + host + ":" + port + "/" + db + "?connectTimeout=10" + urlOptions;
+        List<Integer> pids = new ArrayList<>();
+        List<String> wrong = new ArrayList<>();
+        List<String> here;
+        try (Connection conn = DriverManager.getConnection(url, "authenticated", ALICE);
+                Rotation rotation = new Rotation(ALICE)) {
+            try (Statement st = conn.createStatement()) {
+                st.execute("set application_name = 'pgjdbc in transaction mode'");
+                st.execute("set search_path = public, auth");
+            }
+            try (PreparedStatement ps = conn.prepareStatement(ROUND)) {
+                for (int i = 0; i < 10; i++) {
+                    ps.setInt(1, i);
+                    try (ResultSet rs = ps.executeQuery()) {
+                        rs.next();
+                        pids.add(rs.getInt(1));
+                        String got = rs.getString(2) + "|" + rs.getString(3) + "|" + rs.getString(4) + "|"
+                                + rs.getString(5) + "|" + rs.getInt(6);
+                        if (!got.equals("alice|pgjdbc in transaction mode|public, auth|3|" + i)) {
+                            wrong.add(got);
+                        }
+                    }
+                    rotation.turn();
+                }
+                // Run again in one transaction, it is prepared on that transaction's backend.
+                conn.setAutoCommit(false);
+                ps.setInt(1, 10);
+                ps.executeQuery().close();
+                here = new ArrayList<>();
+                try (PreparedStatement names = conn.prepareStatement(
+                        "select name from pg_prepared_statements where statement = ?")) {
+                    names.setString(1, ROUND.replace("?", "$1"));
+                    try (ResultSet rs = names.executeQuery()) {
+                        while (rs.next()) {
+                            here.add(rs.getString(1));
+                        }
+                    }
+                }
+                conn.commit();
+            }
+        }
+        check(what + ": every transaction saw alice and the connection's settings", wrong.isEmpty(), wrong);
+        int moved = 0;
+        for (int i = 1; i < pids.size(); i++) {
+            moved += pids.get(i).equals(pids.get(i - 1)) ? 0 : 1;
+        }
+        check(what + ": each transaction ran on a different backend from the last", moved == pids.size() - 1, pids);
+        check(what + ": the statement is prepared on the backend running it, under a name of the proxy's",
+                here.size() == 1 && !here.get(0).startsWith("S_"), here);
     }
 
     public static void main(String[] args) {
@@ -266,6 +431,14 @@ public class JdbcCheck {
                         Objects.toString(e.getMessage()).contains("token expired"), e.getMessage());
             }
         });
+
+        if (TRANSACTION_MODE) {
+            step("transaction mode refuses what it cannot keep", JdbcCheck::transactionModeRefusals);
+            step("settings and statements follow the connection",
+                    () -> settingsAndStatementsFollow("prepareThreshold reached", ""));
+            step("settings and statements follow the connection, prepareThreshold=1",
+                    () -> settingsAndStatementsFollow("prepareThreshold=1", "&prepareThreshold=1"));
+        }
 
         step("sessions end with their token", () -> {
             long wait = SHORT_ENDS_AT * 1000 + 1000 - System.currentTimeMillis();

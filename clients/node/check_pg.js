@@ -8,11 +8,19 @@
 // checking the certificate: node-postgres reads PGSSLMODE=no-verify as
 // `ssl: { rejectUnauthorized: false }` (none of the configurations below
 // sets `ssl`), and each connection's socket is checked to be a TLS one.
+// With RLSGATE_POOL_MODE=transaction (the proxy lends its RLSGATE_POOL_SIZE
+// backends per transaction), the same checks, and those of transaction
+// mode: what it refuses, and a client's settings and named statements
+// following it from backend to backend.
 // Exits 0 only if every check passed; prints each check.
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import pg from 'pg';
+
+import {
+  POOL_SIZE, REFUSED, Rotation, TRANSACTION_MODE, moves, namesTransactionPooling,
+} from './transaction_mode.js';
 
 const host = process.env.RLSGATE_HOST;
 const port = Number(process.env.RLSGATE_PORT);
@@ -45,6 +53,11 @@ async function step(name, fn) {
   } catch (e) {
     check(name, false, e?.stack ?? String(e));
   }
+}
+
+// A group of checks of transaction mode, run only in it.
+async function transactionModeStep(name, fn) {
+  if (TRANSACTION_MODE) await step(name, fn);
 }
 
 async function connectWithUrl(jwt) {
@@ -144,9 +157,17 @@ await step('queries and transactions', async () => {
       });
     }
     const prepared = await client.query(
-      "select count(*)::int as n from pg_prepared_statements where name = 'insert-todo'",
+      'select name from pg_prepared_statements where statement = $1',
+      ['insert into todos (title) values ($1)'],
     );
-    check('the named statement is prepared once', prepared.rows[0].n === 1, prepared.rows[0].n);
+    const names = prepared.rows.map((r) => r.name);
+    if (TRANSACTION_MODE) {
+      // On the backend the client used last, which the proxy prefers.
+      check("the named statement is prepared once, under a name of the proxy's",
+        names.length === 1 && names[0] !== 'insert-todo', names);
+    } else {
+      check('the named statement is prepared once', JSON.stringify(names) === '["insert-todo"]', names);
+    }
     const reused = await client.query('select count(*)::int as n from todos where title like $1', ['node-pg: prepared %']);
     check('the named statement ran three times', reused.rows[0].n === 3, reused.rows[0].n);
 
@@ -225,6 +246,71 @@ await step('pool serves concurrent queries', async () => {
   pooled.release();
   pools.delete(ALICE);
   await pool.end();
+});
+
+await transactionModeStep('transaction mode refuses what it cannot keep', async () => {
+  const client = await connectWithParameters(ALICE);
+  try {
+    const named = { name: 'lock', text: 'select pg_advisory_lock($1)', values: [4242] };
+    const refused = [...REFUSED.map((sql) => [sql, sql]), ['named lock', named], ['named lock again', named]];
+    for (const [what, query] of refused) {
+      try {
+        await client.query(query);
+        check(`${what}: refused`, false, 'it ran');
+      } catch (e) {
+        check(`${what}: refused with 0A000 naming transaction pooling`,
+          e.code === '0A000' && namesTransactionPooling(e), `${e.code}: ${e.message}`);
+      }
+      const { rows } = await client.query('select auth.user_id() as user_id');
+      check(`${what}: the connection goes on`, rows[0].user_id === 'alice', rows[0].user_id);
+    }
+    await client.query('begin');
+    await client.query('create temp table node_scratch (x int) on commit drop');
+    await client.query('insert into node_scratch values ($1), ($2)', [1, 2]);
+    await client.query('select pg_advisory_xact_lock(4242)');
+    const { rows } = await client.query('select count(*)::int as n from node_scratch');
+    await client.query('commit');
+    check('a temporary table ON COMMIT DROP and an xact lock work in a transaction', rows[0].n === 2, rows[0].n);
+    await client.query("notify rlsgate_checks, 'from node-postgres'");
+  } finally {
+    await client.end();
+  }
+});
+
+// What each transaction of the client under test reports.
+const ROUND = 'select pg_backend_pid() as pid, auth.user_id() as user_id, '
+  + "current_setting('application_name') as app, current_setting('search_path') as path, $1::int as i";
+
+await transactionModeStep('settings and named statements follow the client', async () => {
+  const client = await connectWithParameters(ALICE);
+  const holders = [];
+  try {
+    for (let i = 0; i < POOL_SIZE; i++) holders.push(await connectWithParameters(ALICE));
+    const rotation = await Rotation.start(holders.map((h) => (sql) => h.query(sql)));
+    await client.query("set application_name = 'node-postgres in transaction mode'");
+    await client.query('set search_path = public, auth');
+    const rows = [];
+    for (let i = 0; i < 12; i++) {
+      rows.push((await client.query({ name: 'round', text: ROUND, values: [i] })).rows[0]);
+      await rotation.turn();
+    }
+    // Run again in one transaction, it is prepared on that transaction's backend.
+    await client.query('begin');
+    await client.query({ name: 'round', text: ROUND, values: [12] });
+    const here = await client.query('select name from pg_prepared_statements where statement = $1', [ROUND]);
+    await client.query('commit');
+    const got = rows.map(({ user_id, app, path, i }) => [user_id, app, path, i]);
+    const want = rows.map((_, i) => ['alice', 'node-postgres in transaction mode', 'public, auth', i]);
+    const same = JSON.stringify(got) === JSON.stringify(want);
+    check("every transaction saw alice and the client's settings", same, same ? `${got.length} transactions` : got);
+    const pids = rows.map((r) => r.pid);
+    check('each transaction ran on a different backend from the last', moves(pids) === pids.length - 1, pids);
+    const names = here.rows.map((r) => r.name);
+    check("the named query is prepared on the backend running it, under a name of the proxy's",
+      names.length === 1 && names[0] !== 'round', names);
+  } finally {
+    await Promise.all([client, ...holders].map((c) => c.end()));
+  }
 });
 
 await step('sessions end with their token', async () => {

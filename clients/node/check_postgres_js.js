@@ -9,12 +9,20 @@
 // (the proxy has a certificate), every connection is made with
 // `ssl: 'require'`: encrypted, the certificate not checked. postgres.js does
 // not show whether a connection is encrypted, but with 'require' it fails
-// unless the server agrees to TLS and the handshake succeeds. Exits 0 only
-// if every check passed; prints each check.
+// unless the server agrees to TLS and the handshake succeeds. With
+// RLSGATE_POOL_MODE=transaction (the proxy lends its RLSGATE_POOL_SIZE
+// backends per transaction), the same checks, and those of transaction
+// mode: what it refuses, and a connection's settings and prepared
+// statements following it from backend to backend. Exits 0 only if every
+// check passed; prints each check.
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import postgres from 'postgres';
+
+import {
+  POOL_SIZE, REFUSED, Rotation, TRANSACTION_MODE, moves, namesTransactionPooling,
+} from './transaction_mode.js';
 
 const host = process.env.RLSGATE_HOST;
 const port = Number(process.env.RLSGATE_PORT);
@@ -40,6 +48,11 @@ async function step(name, fn) {
   } catch (e) {
     check(name, false, e?.stack ?? String(e));
   }
+}
+
+// A group of checks of transaction mode, run only in it.
+async function transactionModeStep(name, fn) {
+  if (TRANSACTION_MODE) await step(name, fn);
 }
 
 function sqlWithUrl(jwt) {
@@ -187,6 +200,75 @@ await step('pool serves concurrent queries', async () => {
     check('the pool used several sessions', sessions > 1, sessions);
   } finally {
     await sql.end({ timeout: 5 });
+  }
+});
+
+// One connection of alice's.
+function oneConnection() {
+  return postgres(`postgresql://authenticated:${ALICE}@${host}:${port}/${db}`, { max: 1, connect_timeout: 10, ssl });
+}
+
+await transactionModeStep('transaction mode refuses what it cannot keep', async () => {
+  const sql = oneConnection();
+  try {
+    // Each as postgres.js sends a query: a prepared statement of its own.
+    const refused = [...REFUSED.map((text) => [text, () => sql.unsafe(text, [], { prepare: true })]),
+      ['a tagged lock', () => sql`select pg_advisory_lock(${4242})`],
+      ['a tagged lock again', () => sql`select pg_advisory_lock(${4242})`]];
+    for (const [what, query] of refused) {
+      try {
+        await query();
+        check(`${what}: refused`, false, 'it ran');
+      } catch (e) {
+        check(`${what}: refused with 0A000 naming transaction pooling`,
+          e.code === '0A000' && namesTransactionPooling(e), `${e.code}: ${e.message}`);
+      }
+      const [row] = await sql`select auth.user_id() as user_id`;
+      check(`${what}: the connection goes on`, row.user_id === 'alice', row.user_id);
+    }
+    const count = await sql.begin(async (tx) => {
+      await tx`create temp table postgres_js_scratch (x int) on commit drop`;
+      await tx`insert into postgres_js_scratch values (${1}), (${2})`;
+      await tx`select pg_advisory_xact_lock(${4242})`;
+      const [row] = await tx`select count(*)::int as n from postgres_js_scratch`;
+      return row.n;
+    });
+    check('a temporary table ON COMMIT DROP and an xact lock work in a transaction', count === 2, count);
+    await sql`notify rlsgate_checks, 'from postgres.js'`;
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
+});
+
+await transactionModeStep('settings and prepared statements follow the connection', async () => {
+  const sql = oneConnection();
+  const holders = Array.from({ length: POOL_SIZE }, oneConnection);
+  try {
+    const rotation = await Rotation.start(holders.map((h) => (text) => h.unsafe(text)));
+    await sql`set application_name = 'postgres.js in transaction mode'`;
+    await sql`set search_path = public, auth`;
+    const round = (q, i) => q`
+      select pg_backend_pid() as pid, auth.user_id() as user_id, current_setting('application_name') as app,
+             current_setting('search_path') as path, ${i}::int as i`;
+    const rows = [];
+    for (let i = 0; i < 12; i++) {
+      rows.push((await round(sql, i))[0]);
+      await rotation.turn();
+    }
+    // Run again in one transaction, it is prepared on that transaction's backend.
+    const here = await sql.begin(async (tx) => {
+      await round(tx, 12);
+      return tx`select name from pg_prepared_statements where statement like ${'%current_setting(\'search_path\') as path%'}`;
+    });
+    const got = rows.map(({ user_id, app, path, i }) => [user_id, app, path, i]);
+    const want = rows.map((_, i) => ['alice', 'postgres.js in transaction mode', 'public, auth', i]);
+    const same = JSON.stringify(got) === JSON.stringify(want);
+    check("every transaction saw alice and the connection's settings", same, same ? `${got.length} transactions` : got);
+    const pids = rows.map((r) => r.pid);
+    check('each transaction ran on a different backend from the last', moves(pids) === pids.length - 1, pids);
+    check('the query is prepared on the backend running it', here.count === 1, here.map((r) => r.name));
+  } finally {
+    await Promise.all([sql, ...holders].map((s) => s.end({ timeout: 5 })));
   }
 });
 

@@ -8,7 +8,10 @@
 # them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN.
 # With RLSGATE_SSLMODE=require (the proxy has a certificate), pgbench and psql
 # connect with libpq's PGSSLMODE=require: encrypted, the certificate not
-# checked. Exits 0 only if every check passed.
+# checked. With RLSGATE_POOL_MODE=transaction (the proxy lends its
+# RLSGATE_POOL_SIZE backends, fewer than pgbench's clients, per
+# transaction), the same runs, and one of settings.sql: a session's SET
+# follows it from backend to backend. Exits 0 only if every check passed.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -45,6 +48,16 @@ for mode in prepared extended; do
   processed=$(grep -A20 "query mode: $mode" "$out" | grep -m1 'number of transactions actually processed' || true)
   check "pgbench -M $mode processed all transactions" "number of transactions actually processed: 200/200" "$processed"
 done
+
+if [ "${RLSGATE_POOL_MODE:-}" = transaction ]; then
+  PGPASSWORD=$ALICE_TOKEN pgbench -h "$RLSGATE_HOST" -p "$RLSGATE_PORT" -U authenticated \
+    -n -c 4 -t 25 -M prepared -D first=1 -f settings.sql "$RLSGATE_DB" >"$out" 2>&1
+  status=$?
+  cat "$out"
+  check "pgbench -M prepared with settings.sql exits 0" 0 "$status"
+  processed=$(grep -m1 'number of transactions actually processed' "$out" || true)
+  check "each client's SET held in each of its transactions" "number of transactions actually processed: 100/100" "$processed"
+fi
 
 count() { # TOKEN
   PGPASSWORD=$1 "$PSQL" -h "$RLSGATE_HOST" -p "$RLSGATE_PORT" -U authenticated -d "$RLSGATE_DB" \

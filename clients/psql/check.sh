@@ -8,8 +8,12 @@
 # EXPIRED_TOKEN, and SHORT_TOKEN, alice's token whose sessions the proxy ends
 # at SHORT_TOKEN_ENDS_AT (unix seconds). With RLSGATE_SSLMODE=require (the
 # proxy has a certificate), every connection is encrypted: libpq's
-# PGSSLMODE=require, which does not check the certificate. Exits 0 only if
-# every check passed; prints each check.
+# PGSSLMODE=require, which does not check the certificate. With
+# RLSGATE_POOL_MODE=transaction (the proxy lends its RLSGATE_POOL_SIZE
+# backends per transaction), PREPARE/EXECUTE run inside one transaction, as
+# transaction mode keeps them, and more checks follow: the statements that
+# mode refuses, and a session's SET on each backend it moves to. Exits 0
+# only if every check passed; prints each check.
 set -uo pipefail
 
 export PSQLRC=/dev/null PGCONNECT_TIMEOUT=10
@@ -39,6 +43,11 @@ check_contains() { # NAME NEEDLE HAYSTACK
 out=$(mktemp)
 short_out=$(mktemp)
 trap 'rm -f "$out" "$short_out"' EXIT
+
+txn=false
+if [ "${RLSGATE_POOL_MODE:-}" = transaction ]; then
+  txn=true
+fi
 
 # Connection string, the token as the password in it.
 {
@@ -73,14 +82,21 @@ as() { # TOKEN, then psql's arguments
 as "$SHORT_TOKEN" -c 'select pg_sleep(60)' >"$short_out" 2>&1 &
 short_pid=$!
 
-# A script on standard input: each statement is its own query.
-as "$ALICE_TOKEN" -v title='psql: parameterized' >"$out" 2>&1 <<'SQL'
+# A script on standard input: each statement is its own query. In
+# transaction mode a prepared statement lasts one transaction.
+as "$ALICE_TOKEN" -v title='psql: parameterized' -v txn=$txn >"$out" 2>&1 <<'SQL'
 insert into todos (title) values (:'title') returning user_id;
 select count(*) from todos where title = :'title';
+\if :txn
+begin;
+\endif
 prepare add_todo(text) as insert into todos (title) values ($1);
 execute add_todo('psql: prepared 0');
 execute add_todo('psql: prepared 1');
 execute add_todo('psql: prepared 2');
+\if :txn
+commit;
+\endif
 select count(*) from todos where title like 'psql: prepared %';
 begin;
 insert into todos (title) values ('psql: committed');
@@ -122,6 +138,11 @@ check_contains "psql shows why" "FATAL:  token expired at" "$(cat "$short_out")"
 if [ "$(date +%s)" -lt "$((SHORT_TOKEN_ENDS_AT - 1))" ]; then
   echo "FAIL the session ended before its token expired"
   failures+=("the session ended before its token expired")
+fi
+
+if $txn; then
+  # shellcheck source=transaction_mode.sh
+  source "$(dirname "$0")/transaction_mode.sh"
 fi
 
 psql --version

@@ -6,8 +6,11 @@ EXPIRED_TOKEN, and SHORT_TOKEN, alice's token whose sessions the proxy ends
 at SHORT_TOKEN_ENDS_AT (unix seconds). With RLSGATE_SSLMODE=require (the
 proxy has a certificate), every connection is encrypted: libpq's
 PGSSLMODE=require, which does not check the certificate, and each
-connection's pgconn.ssl_in_use is checked. Exits 0 only if every check
-passed; prints each check.
+connection's pgconn.ssl_in_use is checked. With RLSGATE_POOL_MODE=transaction
+(the proxy lends its RLSGATE_POOL_SIZE backends per transaction), the same
+checks, and those of transaction mode: what it refuses, and a connection's
+settings and prepared statements following it from backend to backend.
+Exits 0 only if every check passed; prints each check.
 """
 
 import os
@@ -19,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 from psycopg import errors
 from psycopg_pool import ConnectionPool, PoolTimeout
+
+from transaction_mode import REFUSED, TRANSACTION_MODE, Rotation, names_transaction_pooling
 
 host = os.environ["RLSGATE_HOST"]
 port = os.environ["RLSGATE_PORT"]
@@ -54,6 +59,11 @@ def step(fn):
     except Exception:
         check(fn.__name__, False, traceback.format_exc())
     return fn
+
+
+def transaction_mode_step(fn):
+    """A group of checks of transaction mode, run only in it."""
+    return step(fn) if TRANSACTION_MODE else fn
 
 
 def connect_with_url(token):
@@ -220,6 +230,77 @@ def pool_serves_concurrent_queries():
     check("the pool used several sessions", backends > 1, backends)
     if SSLMODE == "require":
         check("every pooled connection is encrypted", all(r[3] for r in rows))
+
+
+@transaction_mode_step
+def transaction_mode_refuses_what_it_cannot_keep():
+    with connect_with_parameters(ALICE) as conn:
+        conn.autocommit = True
+        for sql in REFUSED:
+            try:
+                conn.execute(sql)
+                check(f"{sql}: refused", False, "it ran")
+            except errors.FeatureNotSupported as e:
+                check(f"{sql}: refused with 0A000 naming transaction pooling", names_transaction_pooling(e), e)
+            user = conn.execute("select auth.user_id()").fetchone()[0]
+            check(f"{sql}: the connection goes on", user == "alice", user)
+        with conn.transaction():
+            conn.execute("create temp table psycopg_scratch (x int) on commit drop")
+            conn.execute("insert into psycopg_scratch values (1), (2)")
+            conn.execute("select pg_advisory_xact_lock(4242)")
+            count = conn.execute("select count(*) from psycopg_scratch").fetchone()[0]
+        check("a temporary table ON COMMIT DROP and an xact lock work in a transaction", count == 2, count)
+        conn.execute("notify rlsgate_checks, 'from psycopg'")
+
+
+# What each transaction of the connection under test reports.
+ROUND = (
+    "select pg_backend_pid(), auth.user_id(), current_setting('application_name'), "
+    "current_setting('search_path'), %s::int"
+)
+# The same, run without prepare=True: psycopg prepares it once it has run
+# prepare_threshold (5) times.
+ROUND_BY_THRESHOLD = ROUND + " as by_threshold"
+
+
+@transaction_mode_step
+def settings_and_prepared_statements_follow_the_connection():
+    def connect():
+        conn = connect_with_parameters(ALICE)
+        conn.autocommit = True
+        return conn
+
+    conn = connect()
+    rotation = Rotation(connect)
+    try:
+        conn.execute("set application_name = 'psycopg in transaction mode'")
+        conn.execute("set search_path = public, auth")
+        rows = []
+        for i in range(8):
+            rows.append(conn.execute(ROUND, (i,), prepare=True).fetchone())
+            rotation.turn()
+            rows.append(conn.execute(ROUND_BY_THRESHOLD, (i,)).fetchone())
+            rotation.turn()
+        # Both, run again in one transaction, are prepared on its backend.
+        with conn.transaction():
+            conn.execute(ROUND, (8,), prepare=True)
+            conn.execute(ROUND_BY_THRESHOLD, (8,))
+            here = conn.execute(
+                "select name from pg_prepared_statements where statement = any(%s)",
+                ([ROUND.replace("%s", "$1"), ROUND_BY_THRESHOLD.replace("%s", "$1")],),
+            ).fetchall()
+    finally:
+        rotation.close()
+        conn.close()
+    want = [("alice", "psycopg in transaction mode", "public, auth", i // 2) for i in range(16)]
+    got = [row[1:] for row in rows]
+    check("every transaction saw alice and the connection's settings", got == want,
+          f"{len(got)} transactions" if got == want else got)
+    pids = [row[0] for row in rows]
+    moved = sum(a != b for a, b in zip(pids, pids[1:]))
+    check("each transaction ran on a different backend from the last", moved == len(pids) - 1, pids)
+    check("psycopg's statements are prepared on the backend running them, under names of the proxy's",
+          len(here) == 2 and not any(name.startswith("_pg3_") for (name,) in here), here)
 
 
 @step

@@ -14,10 +14,19 @@ its cancel tests, which need the backend pid a client is told
 - pg_terminate_backend(conn.info.backend_pid), from the connection itself or
   another one, leaves the connection broken (conn.broken), and a new one works.
 
+With RLSGATE_POOL_MODE=transaction the proxy lends a backend per
+transaction, so a connection has no backend of its own while idle: LISTEN
+and session advisory locks are refused (SQLSTATE 0A000), which the
+scenarios check instead of using them (the stream holds its lock with
+pg_advisory_xact_lock in a transaction); a running query's backend is found
+by its text rather than by conn.info.backend_pid; and a backend is
+terminated while the connection's transaction runs on it. An idle
+connection whose last backend is terminated goes on.
+
 The connection details come from the environment (tests/integration/clients.rs sets
-them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN. The
-first argument names the proxy's pool mode, for the output. Exits 0 only if
-every check passed; prints each check.
+them): RLSGATE_HOST, RLSGATE_PORT, RLSGATE_DB, ALICE_TOKEN, BOB_TOKEN, and
+RLSGATE_POOL_MODE, the proxy's pool mode. Exits 0 only if every check
+passed; prints each check.
 """
 
 import os
@@ -29,12 +38,13 @@ import traceback
 import psycopg
 from psycopg import errors
 
+from transaction_mode import POOL_MODE, TRANSACTION_MODE, names_transaction_pooling
+
 host = os.environ["RLSGATE_HOST"]
 port = os.environ["RLSGATE_PORT"]
 db = os.environ["RLSGATE_DB"]
 ALICE = os.environ["ALICE_TOKEN"]
 BOB = os.environ["BOB_TOKEN"]
-MODE = sys.argv[1] if len(sys.argv) > 1 else "unnamed"
 
 # How long any one wait may take before it is a failure, in seconds.
 WAIT = 10
@@ -55,6 +65,12 @@ def step(fn):
     except Exception:
         check(fn.__name__, False, traceback.format_exc())
     return fn
+
+
+def transaction_mode_step(fn):
+    """A scenario of transaction mode only, where an idle connection holds no
+    backend."""
+    return step(fn) if TRANSACTION_MODE else fn
 
 
 def connect(token):
@@ -80,16 +96,39 @@ def wait_for_backend(monitor, pid, condition):
     return False
 
 
-def until_running(monitor, pid):
-    return wait_for_backend(
-        monitor, pid, "select exists (select from pg_stat_activity where pid = %s and state = 'active')"
-    )
-
-
 def until_gone(monitor, pid):
     return wait_for_backend(
         monitor, pid, "select not exists (select from pg_stat_activity where pid = %s)"
     )
+
+
+def running_backend(monitor, conn, query):
+    """The pid of the backend running `query` (its exact text), once it runs,
+    as seen through `monitor`; None if it does not run within WAIT. Without
+    transaction pooling it must be conn.info.backend_pid."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        row = monitor.execute(
+            "select pid from pg_stat_activity where query = %s and state = 'active'", [query]
+        ).fetchone()
+        if row:
+            if not TRANSACTION_MODE:
+                check("the query runs on conn.info.backend_pid", row[0] == conn.info.backend_pid, row[0])
+            return row[0]
+        time.sleep(0.02)
+    return None
+
+
+def refused(conn, sql):
+    """`sql`, which transaction mode refuses: SQLSTATE 0A000 naming transaction
+    pooling, and the connection goes on."""
+    try:
+        conn.execute(sql)
+        check(f"{sql}: refused in transaction mode", False, "it ran")
+    except errors.FeatureNotSupported as e:
+        check(f"{sql}: refused with 0A000 naming transaction pooling", names_transaction_pooling(e), e)
+    user = conn.execute("select auth.user_id()").fetchone()[0]
+    check(f"{sql}: the connection goes on", user in ("alice", "bob"), user)
 
 
 def in_thread(fn):
@@ -111,12 +150,20 @@ def in_thread(fn):
 @step
 def backend_pid_is_the_servers():
     with connect(ALICE) as conn:
+        # In transaction mode: the backend it logged in on, which the proxy
+        # lends it first; later transactions may run on others.
         pid = conn.execute("select pg_backend_pid()").fetchone()[0]
         check("conn.info.backend_pid is pg_backend_pid()", conn.info.backend_pid == pid, (conn.info.backend_pid, pid))
 
 
 @step
 def notifications_name_their_sender():
+    if TRANSACTION_MODE:
+        with connect(ALICE) as conn, connect(BOB) as other:
+            refused(conn, "listen scenarios")
+            other.execute("notify scenarios, 'from bob'")
+            check("NOTIFY works in transaction mode", True)
+        return
     with connect(ALICE) as conn, connect(BOB) as other:
         conn.execute("listen scenarios")
         other.execute("notify scenarios, 'from bob'")
@@ -143,9 +190,10 @@ def cancelled_while_running(cancel):
     """Runs pg_sleep(15) on a connection, calls `cancel(conn)` from this
     thread once it runs, and checks it ends with QueryCanceled and that the
     connection is usable afterwards."""
+    query = f"select pg_sleep(15) as {cancel.__name__}"
     with connect(ALICE) as conn, connect(BOB) as monitor:
-        thread, outcome = in_thread(lambda: conn.execute("select pg_sleep(15)"))
-        check(f"{cancel.__name__}: the query is running", until_running(monitor, conn.info.backend_pid))
+        thread, outcome = in_thread(lambda: conn.execute(query))
+        check(f"{cancel.__name__}: the query is running", running_backend(monitor, conn, query))
         cancel(conn)
         thread.join(20)
         check(
@@ -175,14 +223,21 @@ def abandoning_a_stream_cancels_the_rest():
     # has: only a cancel ends that wait. If none comes within WAIT, the
     # watchdog lets the query finish, and the check below fails.
     with connect(ALICE) as conn, connect(BOB) as holder:
-        holder.execute("select pg_advisory_lock(4242)")
+        if TRANSACTION_MODE:
+            refused(holder, "select pg_advisory_lock(4242)")
+            holder.execute("begin")
+            holder.execute("select pg_advisory_xact_lock(4242)")
+            unlock = "commit"
+        else:
+            holder.execute("select pg_advisory_lock(4242)")
+            unlock = "select pg_advisory_unlock(4242)"
         abandoned = threading.Event()
         released = threading.Event()
 
         def watchdog():
             if not abandoned.wait(WAIT):
                 released.set()
-                holder.execute("select pg_advisory_unlock(4242)")
+                holder.execute(unlock)
 
         threading.Thread(target=watchdog, daemon=True).start()
         with conn.cursor() as cur:
@@ -200,16 +255,17 @@ def abandoning_a_stream_cancels_the_rest():
         user = conn.execute("select auth.user_id()").fetchone()[0]
         check("stream(): the connection is used again afterwards", user == "alice", user)
         if not released.is_set():
-            holder.execute("select pg_advisory_unlock(4242)")
+            holder.execute(unlock)
 
 
 @step
 def close_from_another_thread_while_a_query_runs():
+    query = "select pg_sleep(15) as concurrent_close"
     with connect(BOB) as monitor:
         conn = connect(ALICE)
-        pid = conn.info.backend_pid
-        thread, outcome = in_thread(lambda: conn.execute("select pg_sleep(15)"))
-        check("concurrent close: the query is running", until_running(monitor, pid))
+        thread, outcome = in_thread(lambda: conn.execute(query))
+        pid = running_backend(monitor, conn, query)
+        check("concurrent close: the query is running", pid)
         conn.close()
         thread.join(WAIT)
         check("concurrent close: the query's thread returns", not thread.is_alive())
@@ -233,7 +289,10 @@ def close_from_another_thread_while_a_query_runs():
 def a_terminated_backend_breaks_the_connection():
     conn = connect(ALICE)
     try:
-        conn.execute("select pg_terminate_backend(%s)", [conn.info.backend_pid])
+        if TRANSACTION_MODE:  # the backend running this statement
+            conn.execute("select pg_terminate_backend(pg_backend_pid())")
+        else:
+            conn.execute("select pg_terminate_backend(%s)", [conn.info.backend_pid])
         check("broken: terminating its own backend raises", False, "it returned")
     except psycopg.OperationalError as e:
         check("broken: terminating its own backend raises OperationalError", True, type(e).__name__)
@@ -243,9 +302,14 @@ def a_terminated_backend_breaks_the_connection():
 
     with connect(BOB) as other:
         conn = connect(ALICE)
-        pid = conn.info.backend_pid
+        if TRANSACTION_MODE:
+            # The connection has a backend while its transaction runs.
+            conn.execute("begin")
+            pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        else:
+            pid = conn.info.backend_pid
         ended = other.execute("select pg_terminate_backend(%s)", [pid]).fetchone()[0]
-        check("broken: pg_terminate_backend(conn.info.backend_pid) from another connection finds it", ended is True)
+        check("broken: pg_terminate_backend of its backend from another connection finds it", ended is True)
         check("broken: the backend ends", until_gone(other, pid), pid)
         try:
             conn.execute("select 1")
@@ -259,7 +323,21 @@ def a_terminated_backend_breaks_the_connection():
         check("broken: a new connection works", user == "alice", user)
 
 
-print(f"psycopg {psycopg.__version__}, libpq {psycopg.pq.version()}, pool mode {MODE}")
+@transaction_mode_step
+def an_idle_connection_outlives_its_last_backend():
+    with connect(BOB) as other, connect(ALICE) as conn:
+        # `other` holds a backend of its own, so the one conn uses is another.
+        other.execute("begin")
+        other.execute("select pg_backend_pid()")
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        other.execute("select pg_terminate_backend(%s)", [pid])
+        other.execute("commit")  # pg_stat_activity is read once per transaction
+        check("idle: the backend it used last ends", until_gone(other, pid), pid)
+        user = conn.execute("select auth.user_id()").fetchone()[0]
+        check("idle: the connection goes on, on another backend", user == "alice" and not conn.broken, user)
+
+
+print(f"psycopg {psycopg.__version__}, libpq {psycopg.pq.version()}, pool mode {POOL_MODE}")
 if failures:
     print(f"{len(failures)} check(s) failed: {', '.join(failures)}")
     sys.exit(1)

@@ -66,9 +66,15 @@ async fn metrics(State(current): State<Current>) -> Response {
     // Values the token checker keeps itself are copied in at each scrape.
     let (hits, misses) = services.tokens.cache_counts();
     metrics.token_cache(hits, misses);
-    for pool in [&services.pool, &services.http_pool].into_iter().flatten() {
-        for (database, user, in_use, idle) in pool.census() {
-            metrics.pool_backends(&database, &user, in_use, idle);
+    // Session pooling lends nothing per request or transaction: no census.
+    let lending = services.config.pool.mode == crate::config::PoolMode::Transaction;
+    let pools = [
+        ("transaction", services.pool.as_ref().filter(|_| lending)),
+        ("http", services.http_pool.as_ref()),
+    ];
+    for (name, pool) in pools {
+        for (database, user, in_use, idle) in pool.into_iter().flat_map(|p| p.census()) {
+            metrics.pool_backends(name, (&database, &user), in_use, idle);
         }
     }
     for (issuer, keys) in services.tokens.providers() {

@@ -329,12 +329,20 @@ impl Metrics {
         self.histogram(POOL_WAIT_SECONDS, waited);
     }
 
-    /// A pool's backends as they stand, copied in before each render.
-    pub(crate) fn pool_backends(&self, database: &str, user: &str, in_use: usize, idle: usize) {
+    /// A pool's backends as they stand, copied in before each render;
+    /// `pool`: `transaction` or `http`.
+    pub(crate) fn pool_backends(
+        &self,
+        pool: &'static str,
+        (database, user): (&str, &str),
+        in_use: usize,
+        idle: usize,
+    ) {
         for (state, count) in [("in_use", in_use), ("idle", idle)] {
             self.gauge(
                 POOL_BACKENDS,
                 vec![
+                    Label::from_static_parts("pool", pool),
                     Label::new("database", database.to_owned()),
                     Label::new("user", user.to_owned()),
                     Label::from_static_parts("state", state),
@@ -466,7 +474,7 @@ fn describe(recorder: &PrometheusRecorder) {
         (
             POOL_BACKENDS,
             None,
-            "Pooled backends of transaction pooling and HTTP requests, by database, upstream user and state (in_use, idle), at the scrape.",
+            "Pooled backends of transaction pooling and of HTTP requests, by pool (transaction, http), database, upstream user and state (in_use, idle), at the scrape.",
         ),
     ];
     for (name, unit, text) in help {

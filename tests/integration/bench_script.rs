@@ -2,7 +2,9 @@
 //! rlsgate start, every pgbench row, the HTTP rows (wrk against `POST /sql`,
 //! every request answered 200 with its row) and the memory row get a number,
 //! each proxy's CPU per transaction and its sampled system calls per
-//! transaction (strace) are numbers, and everything is cleaned up. The script
+//! transaction (strace) are numbers, the transaction pooling rows have
+//! throughput, CPU and the server connections each target used (no pooler
+//! above its pool size), and everything is cleaned up. The script
 //! installs pgbench, pgbouncer, wrk and strace itself when run as root;
 //! otherwise it fails with the apt-get line to run.
 #![cfg(target_os = "linux")]
@@ -31,6 +33,12 @@ const ROWS: &[&str] = &[
     "| 8 clients, 8 requests |",
     "| 64 clients, 64 requests |",
 ];
+
+/// The transaction pooling rows of a quick run (100 clients), and the pool
+/// size the script gives rlsgate and pgbouncer there.
+const TXN_ROWS: &[&str] = &["-S, 100 clients, -M simple", "-S, 100 clients, -M prepared"];
+const TXN_CLIENTS: u64 = 100;
+const TXN_POOL_SIZE: u64 = 20;
 
 const STEADY_ROWS: &[&str] = &[
     "-S, 8 clients, -M simple",
@@ -156,6 +164,76 @@ fn check_cpu_and_syscalls(report: &str) {
     }
 }
 
+/// Whether the report's pgbouncer (its version line: "PgBouncer 1.18.0")
+/// has `max_prepared_statements`, which came in 1.21.
+fn bouncer_prepares(report: &str) -> bool {
+    let version = report
+        .split("PgBouncer ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ' ']).next())
+        .unwrap_or_else(|| panic!("no pgbouncer version in the report\n{report}"));
+    let number = |part: Option<&str>| -> u64 {
+        part.and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("pgbouncer version {version:?}"))
+    };
+    let mut parts = version.split('.');
+    (number(parts.next()), number(parts.next())) >= (1, 21)
+}
+
+/// Every transaction pooling row has throughput, CPU per transaction and
+/// backends for direct, pgbouncer and rlsgate; pgbouncer's prepared row says
+/// "n/a" only where its version cannot relay named statements in transaction
+/// mode; neither pooler had more server connections open than its pool
+/// size, and direct no more than one per client.
+fn check_transaction_pooling(report: &str) {
+    let table = Table::find(report, "| transaction pooling |");
+    let prepares = bouncer_prepares(report);
+    for row in TXN_ROWS {
+        let bouncer = prepares || row.ends_with("-M simple");
+        let mut columns = vec![
+            "direct TPS",
+            "rlsgate TPS",
+            "rlsgate ÷ direct",
+            "rlsgate CPU µs/tx",
+            "direct backends",
+            "rlsgate backends",
+        ];
+        if bouncer {
+            columns.extend([
+                "pgbouncer TPS",
+                "rlsgate ÷ pgbouncer",
+                "pgbouncer CPU µs/tx",
+                "CPU rlsgate ÷ pgbouncer (lower is better)",
+                "pgbouncer backends",
+            ]);
+        } else {
+            let cell = table.cell(&[row], "pgbouncer TPS");
+            assert!(
+                cell.starts_with("n/a (PgBouncer 1.") && cell.ends_with("needs 1.21)"),
+                "{row}: {cell:?}\n{report}"
+            );
+        }
+        for column in columns {
+            let cell = table.cell(&[row], column);
+            assert!(positive(cell), "{row}, {column}: {cell:?}\n{report}");
+        }
+        let mut most = vec![
+            ("direct backends", TXN_CLIENTS),
+            ("rlsgate backends", TXN_POOL_SIZE),
+        ];
+        if bouncer {
+            most.push(("pgbouncer backends", TXN_POOL_SIZE));
+        }
+        for (column, bound) in most {
+            let cell = table.cell(&[row], column);
+            assert!(
+                cell.parse::<u64>().is_ok_and(|n| n <= bound),
+                "{row}, {column}: {cell:?}, more than {bound}\n{report}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bench_script_runs_end_to_end_in_quick_form() {
     let root = env!("CARGO_MANIFEST_DIR");
@@ -173,6 +251,8 @@ fn bench_script_runs_end_to_end_in_quick_form() {
         .env_remove("IDLE_CLIENTS")
         .env_remove("HTTP_USERS")
         .env_remove("HTTP_POOL_SIZE")
+        .env_remove("TXN_CLIENTS")
+        .env_remove("TXN_POOL_SIZE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -247,6 +327,7 @@ fn bench_script_runs_end_to_end_in_quick_form() {
         "the report has an error\n{context}"
     );
     check_cpu_and_syscalls(&stdout);
+    check_transaction_pooling(&stdout);
     let written = std::fs::read_to_string(results.path()).unwrap();
     assert_eq!(
         written.trim(),

@@ -11,9 +11,20 @@
 //! drivers' "require", encrypted without checking the certificate, and where
 //! the driver can tell, each connection is checked to be encrypted.
 //!
+//! Each program runs once more (`…_works_through_rlsgate_in_transaction_mode`)
+//! against a proxy with `[pool] mode = "transaction"` and
+//! [`TRANSACTION_POOL_SIZE`] backends, fewer than the connections the
+//! program opens, with `RLSGATE_POOL_MODE=transaction` and
+//! `RLSGATE_POOL_SIZE` in its environment. There it runs the same checks,
+//! and more: statements the proxy refuses in transaction mode get SQLSTATE
+//! 0A000 and leave the connection usable, a session-level `SET` follows the
+//! connection from backend to backend, and its prepared statements keep
+//! working while its transactions are made to land on a different backend
+//! each time (all other backends held by the program's other connections).
+//!
 //! Scenarios from psycopg's own test suite (`clients/python/scenarios.py`:
 //! notifications and `conn.info.backend_pid`, cancelling, concurrent close,
-//! broken connections) run against the proxy in both pool modes.
+//! broken connections) run against the proxy in all three pool modes.
 //!
 //! The last two tests check docs/clients.md: its code blocks are, verbatim,
 //! the marked lines (`docs:begin NAME` … `docs:end`) of these programs, and
@@ -35,6 +46,10 @@ const PROGRAM_TIME: Duration = Duration::from_secs(60);
 /// Seconds until the short-lived token expires: long enough for a program
 /// to start and open its sessions with it.
 const SHORT_TOKEN_LIFETIME: u64 = 5;
+
+/// Backends of a proxy in transaction mode: fewer than the connections
+/// each program opens, so that its transactions share them.
+const TRANSACTION_POOL_SIZE: usize = 2;
 
 /// The title of the row bob owns before a program starts; alice must not see it.
 const BOBS_ROW: &str = "bob's own todo";
@@ -87,12 +102,54 @@ fn ensure_drivers_installed() {
     });
 }
 
-async fn setup(transport: Transport) -> Setup {
-    setup_with(transport, "").await
+/// `[pool] mode` of the proxy a program runs against.
+#[derive(Clone, Copy, PartialEq)]
+enum Pooling {
+    /// A backend per client (the default).
+    None,
+    /// A client's backend is reset and kept for the next client.
+    Session,
+    /// A client holds a backend only while a transaction of its runs; the
+    /// proxy has [`TRANSACTION_POOL_SIZE`] of them.
+    Transaction,
 }
 
-/// [`setup`], with `pool_toml` (a `[pool]` or `[http]` section, or nothing)
-/// added to the proxy's configuration.
+impl Pooling {
+    /// Its `[pool] mode`, which programs read from `RLSGATE_POOL_MODE`.
+    fn mode(self) -> &'static str {
+        match self {
+            Pooling::None => "none",
+            Pooling::Session => "session",
+            Pooling::Transaction => "transaction",
+        }
+    }
+
+    fn toml(self) -> String {
+        let mode = self.mode();
+        match self {
+            Pooling::Transaction => {
+                format!("[pool]\nmode = \"{mode}\"\nsize = {TRANSACTION_POOL_SIZE}\n")
+            }
+            _ => format!("[pool]\nmode = \"{mode}\"\n"),
+        }
+    }
+}
+
+/// [`setup_with`] a proxy in `pooling` mode, which the program finds in its
+/// environment: `RLSGATE_POOL_MODE`, and with transaction pooling
+/// `RLSGATE_POOL_SIZE`, the most backends the proxy opens.
+async fn setup(transport: Transport, pooling: Pooling) -> Setup {
+    let mut s = setup_with(transport, &pooling.toml()).await;
+    s.env.push(("RLSGATE_POOL_MODE", pooling.mode().to_owned()));
+    if pooling == Pooling::Transaction {
+        s.env
+            .push(("RLSGATE_POOL_SIZE", TRANSACTION_POOL_SIZE.to_string()));
+    }
+    s
+}
+
+/// The harness and environment of [`setup`], with `pool_toml` (a `[pool]` or
+/// `[http]` section, or nothing) added to the proxy's configuration.
 pub(crate) async fn setup_with(transport: Transport, pool_toml: &str) -> Setup {
     ensure_drivers_installed();
     let (h, pki) = match transport {
@@ -212,6 +269,37 @@ impl Setup {
         assert_eq!(rolled_back, 0, "rows of rolled back transactions were kept");
         owners
     }
+
+    /// After a program run in transaction mode: the proxy kept to its
+    /// [`TRANSACTION_POOL_SIZE`] backends (what is left of them; the
+    /// program's own checks saw its transactions move between them).
+    async fn assert_backends_within_pool(&self) {
+        let backends: i64 = self
+            .h
+            .admin()
+            .await
+            .query_one(
+                "select count(*) from pg_stat_activity \
+                 where datname = current_database() and usename = 'authenticated'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            (1..=TRANSACTION_POOL_SIZE as i64).contains(&backends),
+            "{backends} backends of role authenticated, want 1 to {TRANSACTION_POOL_SIZE}"
+        );
+    }
+
+    /// The checks every program's run ends with.
+    async fn assert_sound(&self, pooling: Pooling) -> BTreeMap<String, i64> {
+        let owners = self.assert_rows_sound().await;
+        if pooling == Pooling::Transaction {
+            self.assert_backends_within_pool().await;
+        }
+        owners
+    }
 }
 
 /// `name` on PATH.
@@ -258,17 +346,22 @@ fn path_with(dir: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_works_through_rlsgate() {
-    check_psql(Transport::Plaintext).await;
+    check_psql(Transport::Plaintext, Pooling::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_over_tls_works_through_rlsgate() {
-    check_psql(Transport::Tls).await;
+    check_psql(Transport::Tls, Pooling::None).await;
 }
 
-async fn check_psql(transport: Transport) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_works_through_rlsgate_in_transaction_mode() {
+    check_psql(Transport::Plaintext, Pooling::Transaction).await;
+}
+
+async fn check_psql(transport: Transport, pooling: Pooling) {
     let psql = crate::support::psql_binary();
-    let mut s = setup(transport).await;
+    let mut s = setup(transport, pooling).await;
     s.env
         .push(("PATH", path_with(psql.parent().expect("psql's directory"))));
     s.run(
@@ -278,23 +371,28 @@ async fn check_psql(transport: Transport) {
         &clients_dir("psql"),
     )
     .await;
-    s.assert_rows_sound().await;
+    s.assert_sound(pooling).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_works_through_rlsgate() {
-    check_pgbench(Transport::Plaintext).await;
+    check_pgbench(Transport::Plaintext, Pooling::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_over_tls_works_through_rlsgate() {
-    check_pgbench(Transport::Tls).await;
+    check_pgbench(Transport::Tls, Pooling::None).await;
 }
 
-async fn check_pgbench(transport: Transport) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_works_through_rlsgate_in_transaction_mode() {
+    check_pgbench(Transport::Plaintext, Pooling::Transaction).await;
+}
+
+async fn check_pgbench(transport: Transport, pooling: Pooling) {
     let psql = crate::support::psql_binary();
     let pgbench = pgbench_binary();
-    let mut s = setup(transport).await;
+    let mut s = setup(transport, pooling).await;
     s.env.push((
         "PATH",
         path_with(pgbench.parent().expect("pgbench's directory")),
@@ -307,7 +405,7 @@ async fn check_pgbench(transport: Transport) {
         &clients_dir("pgbench"),
     )
     .await;
-    let owners = s.assert_rows_sound().await;
+    let owners = s.assert_sound(pooling).await;
     // Both runs (prepared and extended) of 4 clients × 50 transactions,
     // one insert each, all as alice.
     let admin = s.h.admin().await;
@@ -326,17 +424,22 @@ async fn check_pgbench(transport: Transport) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_works_through_rlsgate() {
-    check_psycopg(Transport::Plaintext).await;
+    check_psycopg(Transport::Plaintext, Pooling::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_over_tls_works_through_rlsgate() {
-    check_psycopg(Transport::Tls).await;
+    check_psycopg(Transport::Tls, Pooling::None).await;
 }
 
-async fn check_psycopg(transport: Transport) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_works_through_rlsgate_in_transaction_mode() {
+    check_psycopg(Transport::Plaintext, Pooling::Transaction).await;
+}
+
+async fn check_psycopg(transport: Transport, pooling: Pooling) {
     let python = psycopg_python();
-    let s = setup(transport).await;
+    let s = setup(transport, pooling).await;
     s.run(
         "clients/python/check_psycopg.py",
         &python,
@@ -344,28 +447,33 @@ async fn check_psycopg(transport: Transport) {
         &clients_dir("python"),
     )
     .await;
-    s.assert_rows_sound().await;
+    s.assert_sound(pooling).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopgs_notify_cancel_concurrent_close_and_broken_scenarios_pass_without_pooling() {
-    check_psycopg_scenarios("none").await;
+    check_psycopg_scenarios(Pooling::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopgs_notify_cancel_concurrent_close_and_broken_scenarios_pass_with_session_pooling() {
-    check_psycopg_scenarios("session").await;
+    check_psycopg_scenarios(Pooling::Session).await;
 }
 
-/// clients/python/scenarios.py against a proxy with `[pool] mode`.
-async fn check_psycopg_scenarios(mode: &str) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopgs_notify_cancel_concurrent_close_and_broken_scenarios_pass_with_transaction_pooling()
+ {
+    check_psycopg_scenarios(Pooling::Transaction).await;
+}
+
+/// clients/python/scenarios.py against a proxy in `pooling` mode.
+async fn check_psycopg_scenarios(pooling: Pooling) {
     let python = psycopg_python();
-    let pool = format!("[pool]\nmode = \"{mode}\"\n");
-    let s = setup_with(Transport::Plaintext, &pool).await;
+    let s = setup(Transport::Plaintext, pooling).await;
     s.run(
         "clients/python/scenarios.py",
         &python,
-        &["scenarios.py", mode],
+        &["scenarios.py"],
         &clients_dir("python"),
     )
     .await;
@@ -407,17 +515,22 @@ fn node_with(module: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_postgres_works_through_rlsgate() {
-    check_node_postgres(Transport::Plaintext).await;
+    check_node_postgres(Transport::Plaintext, Pooling::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_postgres_over_tls_works_through_rlsgate() {
-    check_node_postgres(Transport::Tls).await;
+    check_node_postgres(Transport::Tls, Pooling::None).await;
 }
 
-async fn check_node_postgres(transport: Transport) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_works_through_rlsgate_in_transaction_mode() {
+    check_node_postgres(Transport::Plaintext, Pooling::Transaction).await;
+}
+
+async fn check_node_postgres(transport: Transport, pooling: Pooling) {
     let node = node_with("pg");
-    let s = setup(transport).await;
+    let s = setup(transport, pooling).await;
     s.run(
         "clients/node/check_pg.js",
         &node,
@@ -425,22 +538,27 @@ async fn check_node_postgres(transport: Transport) {
         &clients_dir("node"),
     )
     .await;
-    s.assert_rows_sound().await;
+    s.assert_sound(pooling).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_js_works_through_rlsgate() {
-    check_postgres_js(Transport::Plaintext).await;
+    check_postgres_js(Transport::Plaintext, Pooling::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_js_over_tls_works_through_rlsgate() {
-    check_postgres_js(Transport::Tls).await;
+    check_postgres_js(Transport::Tls, Pooling::None).await;
 }
 
-async fn check_postgres_js(transport: Transport) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_js_works_through_rlsgate_in_transaction_mode() {
+    check_postgres_js(Transport::Plaintext, Pooling::Transaction).await;
+}
+
+async fn check_postgres_js(transport: Transport, pooling: Pooling) {
     let node = node_with("postgres");
-    let s = setup(transport).await;
+    let s = setup(transport, pooling).await;
     s.run(
         "clients/node/check_postgres_js.js",
         &node,
@@ -448,22 +566,27 @@ async fn check_postgres_js(transport: Transport) {
         &clients_dir("node"),
     )
     .await;
-    s.assert_rows_sound().await;
+    s.assert_sound(pooling).await;
 }
 
 const PGJDBC_JAR: &str = "/usr/share/java/postgresql.jar";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jdbc_works_through_rlsgate() {
-    check_jdbc(Transport::Plaintext).await;
+    check_jdbc(Transport::Plaintext, Pooling::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jdbc_over_tls_works_through_rlsgate() {
-    check_jdbc(Transport::Tls).await;
+    check_jdbc(Transport::Tls, Pooling::None).await;
 }
 
-async fn check_jdbc(transport: Transport) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jdbc_works_through_rlsgate_in_transaction_mode() {
+    check_jdbc(Transport::Plaintext, Pooling::Transaction).await;
+}
+
+async fn check_jdbc(transport: Transport, pooling: Pooling) {
     let javac = require_program("javac", "a JDK");
     let java = require_program("java", "a JDK");
     assert!(
@@ -484,7 +607,7 @@ async fn check_jdbc(transport: Transport) {
         String::from_utf8_lossy(&compiled.stderr)
     );
     let classpath = format!("{}:{PGJDBC_JAR}", classes.path().display());
-    let s = setup(transport).await;
+    let s = setup(transport, pooling).await;
     s.run(
         "clients/jdbc/JdbcCheck.java",
         &java,
@@ -492,7 +615,7 @@ async fn check_jdbc(transport: Transport) {
         &clients_dir("jdbc"),
     )
     .await;
-    s.assert_rows_sound().await;
+    s.assert_sound(pooling).await;
 }
 
 /// A snippet of docs/clients.md: the fenced block after a line
@@ -677,7 +800,8 @@ fn docs_clients_md_names_what_exists() {
     let tests = std::fs::read_to_string(repo().join("tests/integration/clients.rs")).unwrap();
     for (at, _) in doc.match_indices("_works_through_rlsgate") {
         let start = doc[..at].rfind('`').expect("a test name in backquotes") + 1;
-        let name = &doc[start..at + "_works_through_rlsgate".len()];
+        let end = at + doc[at..].find('`').expect("a test name in backquotes");
+        let name = &doc[start..end];
         assert!(
             tests.contains(&format!("async fn {name}()")),
             "docs/clients.md names the test {name}, which tests/integration/clients.rs does not have"
