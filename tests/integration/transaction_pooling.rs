@@ -1439,6 +1439,7 @@ async fn pool_metrics(h: &Harness) -> PoolMetrics {
     assert_eq!(status, 200);
     let user = [("user", "authenticated")];
     let in_use = [
+        ("pool", "transaction"),
         ("database", h.pg.name()),
         ("user", "authenticated"),
         ("state", "in_use"),
