@@ -855,6 +855,8 @@ async fn temporary_tables_that_drop_on_commit_work_and_other_temporary_objects_a
         "create temp view kept as select 1 as a",
         "create temp sequence kept",
         "CREATE TEMP TABLE kept (a int)",
+        "select 1 as a into temp table kept",
+        "select 1 as a into temporary kept",
     ] {
         refused(&alice, sql).await;
         refused_in_a_transaction(&alice, sql).await;
