@@ -35,5 +35,6 @@ mod startup_options;
 mod tls;
 mod todos;
 mod token_cache;
+mod transaction_pooling;
 mod upstream_auth;
 mod upstream_tls;

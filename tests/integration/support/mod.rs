@@ -664,3 +664,20 @@ impl Harness {
         );
     }
 }
+
+/// pgbench, from PATH or beside the PostgreSQL server binaries the harness
+/// starts; missing it is a failure that says how to install it.
+pub fn pgbench_binary() -> std::path::PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let beside_server = rlsgate::dev::postgres::find_server_binaries().ok();
+    on_path
+        .into_iter()
+        .chain(beside_server)
+        .map(|dir| dir.join("pgbench"))
+        .find(|pgbench| pgbench.is_file())
+        .unwrap_or_else(|| {
+            panic!("pgbench not found: install the PostgreSQL server package (apt-get install postgresql-15)")
+        })
+}
