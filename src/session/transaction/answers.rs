@@ -408,7 +408,12 @@ mod tests {
         let error = b"SERROR\0C0A000\0MLISTEN is not available\0WPL/pgSQL function\0\0";
         let mut out = BytesMut::new();
         let mut prepared = Prepared::default();
-        let taken = answers.take(message(b'E', error), &mut prepared, &mut BTreeMap::new(), &mut out);
+        let taken = answers.take(
+            message(b'E', error),
+            &mut prepared,
+            &mut BTreeMap::new(),
+            &mut out,
+        );
         assert!(taken.is_ok());
         let expected = message(b'E', b"SERROR\0C0A000\0MLISTEN is not available\0\0");
         assert_eq!(&out[..], expected.bytes());
