@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::support::wire::{self, RawSession};
-use crate::support::{Harness, WAIT, pooled, simple_rows, user_id_of};
+use crate::support::{Harness, WAIT, login_with, pooled, simple_rows, user_id_of};
 use tokio_postgres::Client;
 
 /// The backend pid a raw session's queries run on.
@@ -321,48 +321,6 @@ async fn reset_all_on_a_pooled_session_fails_closed() {
             .expect_err("claims cleared by a reset must not read as no claims");
         assert_eq!(crate::support::db_error(&e).0, "28000", "after {reset}");
     }
-}
-
-/// Logs in by hand with `parameters` besides user and database, returning
-/// the session and the ParameterStatus values it was greeted with.
-async fn login_with(
-    h: &Harness,
-    sub: &str,
-    parameters: &[(&str, &str)],
-) -> (RawSession, BTreeMap<String, String>) {
-    let mut all = wire::APP_STARTUP.to_vec();
-    all.extend_from_slice(parameters);
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", h.port()))
-        .await
-        .unwrap();
-    wire::send(&mut stream, &wire::startup_message(&all)).await;
-    let (kind, _) = wire::read_message(&mut stream).await.unwrap();
-    assert_eq!(kind, b'R');
-    wire::send(&mut stream, &wire::password_message(&h.token(sub))).await;
-    let mut status = BTreeMap::new();
-    let mut key = (0, 0);
-    loop {
-        let (kind, body) = wire::read_message(&mut stream).await.unwrap();
-        match kind {
-            b'R' | b'N' => {}
-            b'S' => {
-                let mut parts = body.split(|&b| b == 0);
-                let name = String::from_utf8(parts.next().unwrap().to_vec()).unwrap();
-                let value = String::from_utf8(parts.next().unwrap().to_vec()).unwrap();
-                status.insert(name, value);
-            }
-            b'K' => key = wire::backend_key_data(&body),
-            b'Z' => break,
-            b'E' => panic!("refused: {:?}", wire::error_response(&body)),
-            other => panic!("unexpected {:?} during login", other as char),
-        }
-    }
-    let session = RawSession {
-        stream,
-        pid: key.0,
-        secret: key.1,
-    };
-    (session, status)
 }
 
 /// What the backend itself says of every parameter the client was told of.

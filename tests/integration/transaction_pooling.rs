@@ -21,8 +21,8 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::support::wire::{self, RawSession};
 use crate::support::{
-    Harness, WAIT, connect, db_error, envelope_payload, http_get, metric, refusal, simple_rows,
-    unix_now, user_id_of,
+    Harness, WAIT, connect, db_error, envelope_payload, http_get, login_with, metric, refusal,
+    simple_rows, unix_now, user_id_of,
 };
 
 /// Transaction pooling over at most `size` backends, as `[pool]` lines.
@@ -607,43 +607,6 @@ fn parameter_status(body: &[u8]) -> (String, String) {
     let mut parts = body.split(|&b| b == 0).map(String::from_utf8_lossy);
     let name = parts.next().unwrap().into_owned();
     (name, parts.next().unwrap_or_default().into_owned())
-}
-
-/// Logs in by hand as `sub` with `parameters` besides user and database:
-/// the session, and the ParameterStatus values of its greeting.
-async fn login_with(
-    h: &Harness,
-    sub: &str,
-    parameters: &[(&str, &str)],
-) -> (RawSession, BTreeMap<String, String>) {
-    let mut all = wire::APP_STARTUP.to_vec();
-    all.extend_from_slice(parameters);
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", h.port()))
-        .await
-        .unwrap();
-    wire::send(&mut stream, &wire::startup_message(&all)).await;
-    wire::read_message(&mut stream).await.unwrap();
-    wire::send(&mut stream, &wire::password_message(&h.token(sub))).await;
-    let (mut greeting, mut key) = (BTreeMap::new(), (0, 0));
-    loop {
-        let (kind, body) = wire::read_message(&mut stream).await.unwrap();
-        match kind {
-            b'S' => {
-                let (name, value) = parameter_status(&body);
-                greeting.insert(name, value);
-            }
-            b'K' => key = wire::backend_key_data(&body),
-            b'Z' => break,
-            b'E' => panic!("{sub} refused: {:?}", wire::error_response(&body)),
-            _ => {}
-        }
-    }
-    let session = RawSession {
-        stream,
-        pid: key.0,
-        secret: key.1,
-    };
-    (session, greeting)
 }
 
 /// Runs `sql` by hand: its first value, and every ParameterStatus that came

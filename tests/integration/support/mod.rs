@@ -681,3 +681,45 @@ pub fn pgbench_binary() -> std::path::PathBuf {
             panic!("pgbench not found: install the PostgreSQL server package (apt-get install postgresql-15)")
         })
 }
+
+/// Logs in by hand with `parameters` besides user and database, returning
+/// the session and the ParameterStatus values it was greeted with.
+pub async fn login_with(
+    h: &Harness,
+    sub: &str,
+    parameters: &[(&str, &str)],
+) -> (wire::RawSession, std::collections::BTreeMap<String, String>) {
+    let mut all = wire::APP_STARTUP.to_vec();
+    all.extend_from_slice(parameters);
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", h.port()))
+        .await
+        .unwrap();
+    wire::send(&mut stream, &wire::startup_message(&all)).await;
+    let (kind, _) = wire::read_message(&mut stream).await.unwrap();
+    assert_eq!(kind, b'R');
+    wire::send(&mut stream, &wire::password_message(&h.token(sub))).await;
+    let mut status = std::collections::BTreeMap::new();
+    let mut key = (0, 0);
+    loop {
+        let (kind, body) = wire::read_message(&mut stream).await.unwrap();
+        match kind {
+            b'R' | b'N' => {}
+            b'S' => {
+                let mut parts = body.split(|&b| b == 0);
+                let name = String::from_utf8(parts.next().unwrap().to_vec()).unwrap();
+                let value = String::from_utf8(parts.next().unwrap().to_vec()).unwrap();
+                status.insert(name, value);
+            }
+            b'K' => key = wire::backend_key_data(&body),
+            b'Z' => break,
+            b'E' => panic!("refused: {:?}", wire::error_response(&body)),
+            other => panic!("unexpected {:?} during login", other as char),
+        }
+    }
+    let session = wire::RawSession {
+        stream,
+        pid: key.0,
+        secret: key.1,
+    };
+    (session, status)
+}
