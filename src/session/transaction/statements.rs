@@ -170,22 +170,11 @@ impl Statements {
             answers.expect(Expect::Made(parse_complete()), to_client);
             return Forwarded::Sent;
         }
-        make_room(
-            &mut *up.prepared,
-            up.max_prepared,
-            up.out,
-            answers,
-            to_client,
-        );
-        put_parse(up.out, &backend, definition);
-        up.prepared.insert(Arc::clone(&backend));
-        answers.expect(
-            Expect::Client {
-                kind: b'P',
-                prepares: Some(backend),
-            },
-            to_client,
-        );
+        let expect = Expect::Client {
+            kind: b'P',
+            prepares: Some(Arc::clone(&backend)),
+        };
+        prepare(up, (&backend, definition), expect, answers, to_client);
         Forwarded::Sent
     }
 
@@ -216,19 +205,19 @@ impl Statements {
             return;
         };
         if !up.prepared.contains(&statement.backend) {
-            make_room(
-                &mut *up.prepared,
-                up.max_prepared,
-                up.out,
+            let expect = Expect::OnBehalf {
+                prepares: Some(Arc::clone(&statement.backend)),
+            };
+            let up = Upstream {
+                out: &mut *up.out,
+                prepared: &mut *up.prepared,
+                max_prepared: up.max_prepared,
+            };
+            prepare(
+                up,
+                (&statement.backend, &statement.definition),
+                expect,
                 answers,
-                to_client,
-            );
-            put_parse(up.out, &statement.backend, &statement.definition);
-            up.prepared.insert(Arc::clone(&statement.backend));
-            answers.expect(
-                Expect::OnBehalf {
-                    prepares: Some(Arc::clone(&statement.backend)),
-                },
                 to_client,
             );
         }
@@ -257,22 +246,26 @@ impl Statements {
     }
 }
 
-/// Closes the backend's oldest statement when it holds its maximum.
-fn make_room(
-    prepared: &mut Prepared,
-    max: usize,
-    out: &mut BytesMut,
+/// Prepares a statement on the backend under its `name` there: Parse, the
+/// backend's oldest statement closed first when it holds its maximum.
+fn prepare(
+    up: Upstream<'_>,
+    (name, definition): (&Arc<str>, &[u8]),
+    expect: Expect,
     answers: &mut Answers,
     to_client: &mut BytesMut,
 ) {
-    if let Some(oldest) = prepared.evict(max) {
+    if let Some(oldest) = up.prepared.evict(up.max_prepared) {
         let len = 4 + 1 + oldest.len() + 1;
-        out.put_u8(b'C');
-        out.put_u32(len as u32);
-        out.put_u8(b'S');
-        put_name(out, &oldest);
+        up.out.put_u8(b'C');
+        up.out.put_u32(len as u32);
+        up.out.put_u8(b'S');
+        put_name(up.out, &oldest);
         answers.expect(Expect::OnBehalf { prepares: None }, to_client);
     }
+    put_parse(up.out, name, definition);
+    up.prepared.insert(Arc::clone(name));
+    answers.expect(expect, to_client);
 }
 
 /// Whether Postgres answers a client message of this type (Flush and COPY
