@@ -302,31 +302,52 @@ impl Metrics {
     }
 }
 
-impl Metrics {
-    /// A transaction-pooled client waits for a backend of `user`'s; the
-    /// gauge goes down when the guard is dropped.
-    pub(crate) fn pool_waiting(&self, user: &str) -> ActiveGuard {
-        let gauge = self.gauge(
-            POOL_WAITING_CLIENTS,
-            vec![Label::new("user", user.to_owned())],
-        );
-        gauge.increment(1.0);
-        ActiveGuard(gauge)
+/// The pool's meters for one transaction-pooled session, registered once:
+/// looking them up by name and labels on every transaction would cost more
+/// than counting.
+pub(crate) struct PoolMeters {
+    waiting: Gauge,
+    reused: Counter,
+    reset: Counter,
+    wait: metrics::Histogram,
+}
+
+impl PoolMeters {
+    /// A transaction waits for a backend; the gauge goes down when the
+    /// guard is dropped.
+    pub(crate) fn waiting(&self) -> ActiveGuard {
+        self.waiting.increment(1.0);
+        ActiveGuard(self.waiting.clone())
     }
 
     /// A transaction was lent a backend after `waited`; `reused`: the
     /// backend held its client's state already.
-    pub(crate) fn pool_leased(&self, user: &str, reused: bool, waited: Duration) {
-        let kind = if reused { "reused" } else { "reset" };
-        self.counter(
-            POOL_LEASES_TOTAL,
-            vec![
-                Label::new("user", user.to_owned()),
-                Label::from_static_parts("backend", kind),
-            ],
-        )
-        .increment(1);
-        self.histogram(POOL_WAIT_SECONDS, waited);
+    pub(crate) fn leased(&self, reused: bool, waited: Duration) {
+        let leases = if reused { &self.reused } else { &self.reset };
+        leases.increment(1);
+        self.wait.record(waited.as_secs_f64());
+    }
+}
+
+impl Metrics {
+    /// The meters of a transaction-pooled session whose backends are
+    /// `user`'s.
+    pub(crate) fn pool_meters(&self, user: &str) -> PoolMeters {
+        let user = || Label::new("user", user.to_owned());
+        let leases = |kind: &'static str| {
+            self.counter(
+                POOL_LEASES_TOTAL,
+                vec![user(), Label::from_static_parts("backend", kind)],
+            )
+        };
+        PoolMeters {
+            waiting: self.gauge(POOL_WAITING_CLIENTS, vec![user()]),
+            reused: leases("reused"),
+            reset: leases("reset"),
+            wait: self
+                .recorder
+                .register_histogram(&Key::from_static_name(POOL_WAIT_SECONDS), &METADATA),
+        }
     }
 
     /// A pool's backends as they stand, copied in before each render;

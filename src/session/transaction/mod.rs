@@ -44,6 +44,7 @@ use self::answers::{Answers, Expect};
 use self::statements::{Forwarded, Statements, Upstream};
 use crate::auth::claims::{self, Identity, SigningKey};
 use crate::clock::unix_now;
+use crate::ops::metrics::PoolMeters;
 use crate::protocol::frame::{Answer, Frame, kind};
 use crate::protocol::messages;
 use crate::protocol::refusal::{Refusal, sqlstate};
@@ -89,6 +90,7 @@ pub(crate) struct Tenant {
     statements: Statements,
     /// The ParameterStatus values the client has been told.
     reports: BTreeMap<Vec<u8>, Vec<u8>>,
+    meters: PoolMeters,
 }
 
 /// The greeting of a transaction-pooled client: AuthenticationOk,
@@ -187,6 +189,7 @@ pub(crate) async fn login(
         settings_version: 0,
         statements: Statements::default(),
         reports,
+        meters: services.metrics.pool_meters(login.role.upstream_user()),
     };
     Ok((tenant, cancel, Greeting(greeting)))
 }
@@ -561,9 +564,8 @@ async fn take_backend(tenant: &Tenant, services: &Services) -> Result<Lent, Refu
     let role = config.role(&tenant.role).ok_or_else(|| {
         Refusal::database_unavailable("the client's role is no longer configured")
     })?;
-    let user = role.upstream_user();
     for _ in 0..RESET_ATTEMPTS {
-        let waiting = services.metrics.pool_waiting(user);
+        let waiting = tenant.meters.waiting();
         let started = Instant::now();
         let role_db = (role, tenant.database.as_deref());
         let lent = pool.lend(
@@ -584,7 +586,7 @@ async fn take_backend(tenant: &Tenant, services: &Services) -> Result<Lent, Refu
             pool.discard(lent);
             continue;
         }
-        services.metrics.pool_leased(user, own, started.elapsed());
+        tenant.meters.leased(own, started.elapsed());
         return Ok(lent);
     }
     Err(Refusal::database_unavailable(
