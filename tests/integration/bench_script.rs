@@ -4,7 +4,8 @@
 //! each proxy's CPU per transaction and its sampled system calls per
 //! transaction (strace) are numbers, the transaction pooling rows have
 //! throughput, CPU and the server connections each target used (no pooler
-//! above its pool size), and everything is cleaned up. The script
+//! above its pool size; pgbouncer resetting each server connection it
+//! releases among them), and everything is cleaned up. The script
 //! installs pgbench, pgbouncer, wrk and strace itself when run as root;
 //! otherwise it fails with the apt-get line to run.
 #![cfg(target_os = "linux")]
@@ -164,9 +165,9 @@ fn check_cpu_and_syscalls(report: &str) {
     }
 }
 
-/// Whether the report's pgbouncer (its version line: "PgBouncer 1.18.0")
-/// has `max_prepared_statements`, which came in 1.21.
-fn bouncer_prepares(report: &str) -> bool {
+/// The report's pgbouncer version (its version line: "PgBouncer 1.18.0"),
+/// major and minor.
+fn bouncer_version(report: &str) -> (u64, u64) {
     let version = report
         .split("PgBouncer ")
         .nth(1)
@@ -177,61 +178,86 @@ fn bouncer_prepares(report: &str) -> bool {
             .unwrap_or_else(|| panic!("pgbouncer version {version:?}"))
     };
     let mut parts = version.split('.');
-    (number(parts.next()), number(parts.next())) >= (1, 21)
+    (number(parts.next()), number(parts.next()))
 }
 
 /// Every transaction pooling row has throughput, CPU per transaction and
-/// backends for direct, pgbouncer and rlsgate; pgbouncer's prepared row says
-/// "n/a" only where its version cannot relay named statements in transaction
-/// mode; neither pooler had more server connections open than its pool
-/// size, and direct no more than one per client.
+/// backends for direct, both pgbouncers and rlsgate; a pgbouncer's prepared
+/// row says "n/a" only where its version cannot relay named statements in
+/// transaction mode (1.21) or, for the one running DISCARD ALL on each
+/// release, cannot keep track of the statements that drops (1.22); no
+/// pooler had more server connections open than its pool size, and direct
+/// no more than one per client.
 fn check_transaction_pooling(report: &str) {
     let table = Table::find(report, "| transaction pooling |");
-    let prepares = bouncer_prepares(report);
+    let version = bouncer_version(report);
     for row in TXN_ROWS {
-        let bouncer = prepares || row.ends_with("-M simple");
+        let simple = row.ends_with("-M simple");
+        let bouncer = simple || version >= (1, 21);
+        let reset = simple || version >= (1, 22);
+        check_bouncer(report, &table, row, "pgbouncer", bouncer, "needs 1.21)");
+        let why = "max_prepared_statements with DISCARD ALL needs 1.22)";
+        check_bouncer(report, &table, row, "pgbouncer-reset", reset, why);
         let mut columns = vec![
             "direct TPS",
             "rlsgate TPS",
             "rlsgate ÷ direct",
             "rlsgate CPU µs/tx",
-            "direct backends",
-            "rlsgate backends",
         ];
         if bouncer {
-            columns.extend([
-                "pgbouncer TPS",
-                "rlsgate ÷ pgbouncer",
-                "pgbouncer CPU µs/tx",
-                "CPU rlsgate ÷ pgbouncer (lower is better)",
-                "pgbouncer backends",
-            ]);
-        } else {
-            let cell = table.cell(&[row], "pgbouncer TPS");
-            assert!(
-                cell.starts_with("n/a (PgBouncer 1.") && cell.ends_with("needs 1.21)"),
-                "{row}: {cell:?}\n{report}"
-            );
+            columns.push("CPU rlsgate ÷ pgbouncer (lower is better)");
         }
         for column in columns {
             let cell = table.cell(&[row], column);
             assert!(positive(cell), "{row}, {column}: {cell:?}\n{report}");
         }
-        let mut most = vec![
-            ("direct backends", TXN_CLIENTS),
-            ("rlsgate backends", TXN_POOL_SIZE),
-        ];
-        if bouncer {
-            most.push(("pgbouncer backends", TXN_POOL_SIZE));
-        }
-        for (column, bound) in most {
+        check_at_most(report, &table, row, "direct backends", TXN_CLIENTS);
+        check_at_most(report, &table, row, "rlsgate backends", TXN_POOL_SIZE);
+    }
+}
+
+/// The cells of pgbouncer NAME ("pgbouncer" or "pgbouncer-reset") in ROW:
+/// where it RELAYS the row, measured, its backends within the pool size;
+/// otherwise its TPS is the "n/a" ending with REASON_END, the rest dashes.
+fn check_bouncer(
+    report: &str,
+    table: &Table,
+    row: &str,
+    name: &str,
+    relays: bool,
+    reason_end: &str,
+) {
+    let tps = format!("{name} TPS");
+    let others = [
+        format!("rlsgate ÷ {name}"),
+        format!("{name} CPU µs/tx"),
+        format!("{name} backends"),
+    ];
+    if relays {
+        for column in [&tps, &others[0], &others[1]] {
             let cell = table.cell(&[row], column);
-            assert!(
-                cell.parse::<u64>().is_ok_and(|n| n <= bound),
-                "{row}, {column}: {cell:?}, more than {bound}\n{report}"
-            );
+            assert!(positive(cell), "{row}, {column}: {cell:?}\n{report}");
+        }
+        check_at_most(report, table, row, &others[2], TXN_POOL_SIZE);
+    } else {
+        let cell = table.cell(&[row], &tps);
+        assert!(
+            cell.starts_with("n/a (PgBouncer 1.") && cell.ends_with(reason_end),
+            "{row}, {tps}: {cell:?}\n{report}"
+        );
+        for column in &others {
+            assert_eq!(table.cell(&[row], column), "–", "{row}, {column}\n{report}");
         }
     }
+}
+
+/// The server connections in COLUMN of ROW: a count no larger than BOUND.
+fn check_at_most(report: &str, table: &Table, row: &str, column: &str, bound: u64) {
+    let cell = table.cell(&[row], column);
+    assert!(
+        cell.parse::<u64>().is_ok_and(|n| n <= bound),
+        "{row}, {column}: {cell:?}, more than {bound}\n{report}"
+    );
 }
 
 #[test]
