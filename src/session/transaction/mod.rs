@@ -441,15 +441,16 @@ impl Relay<'_> {
                 .iter()
                 .map(|(name, value)| (name.as_str(), value.as_str())),
         );
-        // The settings were all taken before, so none holds a NUL byte.
+        // The settings were all taken before, so none holds a NUL byte; if
+        // one did, nothing is bound, and the auth functions refuse.
         if messages::set_config(up, "", pairs).is_ok() {
             answers.expect(Expect::Own, down);
+            lent.lease.tenancy = Some(Tenancy {
+                tenant: tenant.id,
+                settings: tenant.settings_version,
+                claims_exp: exp,
+            });
         }
-        lent.lease.tenancy = Some(Tenancy {
-            tenant: tenant.id,
-            settings: tenant.settings_version,
-            claims_exp: exp,
-        });
     }
 
     /// Takes a message from the server, and any others read whole with it.
