@@ -179,7 +179,23 @@ pub(crate) fn set_config<'a>(
     statement: &str,
     pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> io::Result<()> {
+    set_configs(out, statement, pairs)?;
+    if !statement.is_empty() {
+        frontend::close(b'S', statement, out)?;
+    }
+    frontend::sync(out);
+    Ok(())
+}
+
+/// Parse of [`SET_CONFIG`] as `statement`, then Bind and Execute for each
+/// pair; returns how many pairs.
+fn set_configs<'a>(
+    out: &mut BytesMut,
+    statement: &str,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> io::Result<usize> {
     frontend::parse(statement, SET_CONFIG, [TEXT_OID, TEXT_OID], out)?;
+    let mut count = 0;
     for (name, value) in pairs {
         frontend::bind(
             "",
@@ -195,12 +211,45 @@ pub(crate) fn set_config<'a>(
         )
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a setting has a NUL byte"))?;
         frontend::execute("", 0, out)?;
+        count += 1;
     }
-    if !statement.is_empty() {
-        frontend::close(b'S', statement, out)?;
+    Ok(count)
+}
+
+/// The proxy's statements ahead of a transaction-pooled client's first
+/// message on a backend: `DISCARD ALL` when `reset`, then the settings
+/// `pairs` bound in a transaction of their own (so that no ROLLBACK of the
+/// client's undoes them). No Sync: should one of them fail, the server
+/// skips the client's messages behind them up to the client's Sync.
+/// Returns how many CommandCompletes answer them; writes nothing on error.
+pub(crate) fn bind_ahead<'a>(
+    out: &mut BytesMut,
+    reset: bool,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> io::Result<usize> {
+    let mut ahead = BytesMut::new();
+    let mut commands = 0;
+    let mut run = |sql: &str, ahead: &mut BytesMut| {
+        commands += 1;
+        unnamed_without_parameters(ahead, sql)
+    };
+    if reset {
+        run("DISCARD ALL", &mut ahead)?;
     }
-    frontend::sync(out);
-    Ok(())
+    run("BEGIN", &mut ahead)?;
+    let settings = set_configs(&mut ahead, "", pairs)?;
+    run("COMMIT", &mut ahead)?;
+    out.put_slice(&ahead);
+    Ok(commands + settings)
+}
+
+/// Parse, Bind and Execute of `sql` as the unnamed statement and portal.
+fn unnamed_without_parameters(out: &mut BytesMut, sql: &str) -> io::Result<()> {
+    frontend::parse("", sql, [], out)?;
+    let no_values: [&str; 0] = [];
+    frontend::bind("", "", [], no_values, |_, _| Ok(IsNull::No), [], out)
+        .map_err(|_| io::Error::other("a Bind without parameters"))?;
+    frontend::execute("", 0, out)
 }
 
 /// One statement of an HTTP request by the extended protocol: Parse

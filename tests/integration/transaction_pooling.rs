@@ -1665,3 +1665,68 @@ async fn a_pipeline_deeper_than_the_socket_buffers_is_relayed_whole() {
         assert_eq!(echoed.len(), text.len());
     }
 }
+
+#[tokio::test]
+async fn an_unnamed_statement_parsed_in_one_transaction_can_be_bound_in_the_next_after_another_client_ran()
+ {
+    let (h, _alice, bob) = two_on_one_backend().await;
+    let mut alice = h.raw_connect_as("alice").await;
+    let (kinds, _, error) = exchange(&mut alice, &parse("", "select auth.user_id()")).await;
+    assert_eq!((kinds.as_str(), error), ("1Z", None));
+    // Bob's transaction leaves the backend his: it is reset (with the
+    // proxy's own unnamed statements) before alice's next one.
+    assert_eq!(
+        value(&bob, "select auth.user_id()").await.as_deref(),
+        Some("bob")
+    );
+    runs(&mut alice, "", &["alice"]).await;
+    runs(&mut alice, "", &["alice"]).await;
+
+    // A client that never prepared one finds none, as on its own connection.
+    let mut dave = h.raw_connect_as("dave").await;
+    let (_, _, error) = exchange(&mut dave, &run("")).await;
+    assert_eq!(error.map(|e| e.code).as_deref(), Some("26000"));
+}
+
+#[tokio::test]
+async fn when_a_clients_settings_can_no_longer_be_bound_its_statement_never_runs_and_its_session_ends()
+ {
+    // Alone: it grants a role to `authenticated`, which other tests share.
+    let h = Harness::start_alone(&transaction_mode(1)).await;
+    let admin = h.admin().await;
+    admin
+        .batch_execute(
+            "create role helper; grant helper to authenticated; \
+             create table public.ran (x int); grant insert on public.ran to public;",
+        )
+        .await
+        .unwrap();
+    let alice = h.connect_as("alice").await;
+    let bob = h.connect_as("bob").await;
+    alice.batch_execute("set role helper").await.unwrap();
+    admin
+        .batch_execute("revoke helper from authenticated")
+        .await
+        .unwrap();
+    // Bob's transaction takes the one backend: alice's next one is reset
+    // and her settings bound again, which Postgres now refuses.
+    assert_eq!(
+        value(&bob, "select auth.user_id()").await.as_deref(),
+        Some("bob")
+    );
+
+    let failed = alice
+        .batch_execute("insert into public.ran values (1)")
+        .await
+        .expect_err("her role can no longer be set");
+    let (code, _) = db_error(&failed);
+    assert_eq!(code, "08006", "{failed}");
+    let after = alice.simple_query("select 1").await;
+    assert!(after.is_err(), "her session ended: {after:?}");
+    let ran = value(&admin, "select count(*) from public.ran").await;
+    assert_eq!(ran.as_deref(), Some("0"), "her statement never ran");
+    assert_eq!(
+        value(&bob, "select auth.user_id()").await.as_deref(),
+        Some("bob")
+    );
+}

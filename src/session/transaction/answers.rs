@@ -28,10 +28,13 @@ pub(crate) enum Expect {
     /// one of its statements on this backend, or make room for one): a
     /// success is the proxy's, an error the client's.
     OnBehalf { prepares: Option<Arc<str>> },
-    /// The proxy's own statements up to their Sync (binding the claims):
-    /// nothing of their answer reaches the client, and an error ends the
-    /// session.
-    Own,
+    /// The proxy's own statements sent ahead of the client's first message
+    /// without a Sync (reset and bind, see
+    /// [`bind_ahead`](crate::protocol::messages::bind_ahead)), done after
+    /// this many CommandCompletes: nothing of their answer reaches the
+    /// client, an error ends the session, and the settings they report
+    /// reach the client only as they stand when all are done.
+    Ahead { commands: usize },
     /// An answer the proxy makes itself, given in its turn.
     Made(BytesMut),
     /// A refused message's stand-in, of this type, raising the refusal:
@@ -61,6 +64,8 @@ pub(crate) struct Answers {
     /// The transaction status of the last ReadyForQuery the client got.
     pub(crate) status: u8,
     pub(crate) effects: Effects,
+    /// What the statements sent ahead reported, by setting name.
+    held_reports: BTreeMap<Vec<u8>, Frame>,
 }
 
 /// The proxy's own statements failed: the session cannot go on.
@@ -73,7 +78,13 @@ impl Answers {
             skipping: false,
             status: b'I',
             effects: Effects::default(),
+            held_reports: BTreeMap::new(),
         }
+    }
+
+    /// Statements sent ahead of the client's are not answered yet.
+    pub(crate) fn ahead(&self) -> bool {
+        matches!(self.queue.front(), Some(Expect::Ahead { .. }))
     }
 
     /// Everything sent is answered.
@@ -125,6 +136,11 @@ impl Answers {
                 out.put_slice(frame.bytes());
                 return Ok(());
             }
+            b'S' if self.ahead() => {
+                let name = frame.body().split(|&b| b == 0).next().unwrap_or_default();
+                self.held_reports.insert(name.to_vec(), frame);
+                return Ok(());
+            }
             b'S' => {
                 pass_report(&frame, reports, out);
                 return Ok(());
@@ -138,13 +154,19 @@ impl Answers {
             return Ok(());
         };
         match head {
-            Expect::Own => {
+            Expect::Ahead { commands } => {
                 if kind == b'E' {
                     let error = ServerError::from_frame(frame);
                     return Err(OwnFailed(format!("{} {}", error.code, error.message)));
                 }
-                if kind == b'Z' {
-                    self.queue.pop_front();
+                if kind == b'C' {
+                    *commands = commands.saturating_sub(1);
+                    if *commands == 0 {
+                        self.queue.pop_front();
+                        for (_, report) in std::mem::take(&mut self.held_reports) {
+                            pass_report(&report, reports, out);
+                        }
+                    }
                 }
             }
             Expect::OnBehalf { prepares } => match kind {
@@ -331,7 +353,7 @@ mod tests {
     fn the_proxys_own_answers_are_taken_out_and_made_ones_given_in_their_turn() {
         let mut answers = Answers::new();
         let mut out = BytesMut::new();
-        answers.expect(Expect::Own, &mut out);
+        answers.expect(Expect::Ahead { commands: 3 }, &mut out);
         answers.expect(client(b'B'), &mut out);
         answers.expect(Expect::Made(BytesMut::from(&b"1\0\0\0\x04"[..])), &mut out);
         answers.expect(client(b'S'), &mut out);
@@ -343,9 +365,14 @@ mod tests {
             &[
                 (b'1', b""),
                 (b'2', b""),
+                (b'C', b"BEGIN\0"),
+                (b'1', b""),
+                (b'2', b""),
                 (b'D', b"\0\x01\0\0\0\x01x"),
                 (b'C', b"SELECT 1\0"),
-                (b'Z', b"I"),
+                (b'1', b""),
+                (b'2', b""),
+                (b'C', b"COMMIT\0"),
                 (b'2', b""),
                 (b'N', b"notice"),
                 (b'Z', b"T"),
@@ -386,7 +413,7 @@ mod tests {
     #[test]
     fn a_failed_binding_of_the_proxys_ends_the_lease() {
         let mut answers = Answers::new();
-        answers.expect(Expect::Own, &mut BytesMut::new());
+        answers.expect(Expect::Ahead { commands: 2 }, &mut BytesMut::new());
         let mut reports = BTreeMap::new();
         let error = message(b'E', b"SERROR\0C42501\0Mpermission denied\0\0");
         let taken = answers.take(
@@ -452,6 +479,41 @@ mod tests {
             &[(b'G', b"\0\0\0"), (b'C', b"COPY 1\0"), (b'Z', b"I")],
         );
         assert_eq!(got, b"GCZ".to_vec());
+        assert!(answers.settled());
+    }
+
+    #[test]
+    fn settings_reported_by_the_statements_sent_ahead_reach_the_client_as_they_end() {
+        let mut answers = Answers::new();
+        let mut out = BytesMut::new();
+        answers.expect(Expect::Ahead { commands: 2 }, &mut out);
+        answers.expect(client(b'Q'), &mut out);
+        let mut reports = BTreeMap::new();
+        reports.insert(b"application_name".to_vec(), b"app".to_vec());
+        reports.insert(b"TimeZone".to_vec(), b"UTC".to_vec());
+        let mut prepared = Prepared::default();
+        let server: &[(u8, &[u8])] = &[
+            (b'S', b"application_name\0\0"),
+            (b'S', b"TimeZone\0Etc/UTC\0"),
+            (b'C', b"DISCARD ALL\0"),
+            (b'S', b"application_name\0app\0"),
+            (b'C', b"SELECT 1\0"),
+            (b'Z', b"I"),
+        ];
+        for &(kind, body) in server {
+            let taken = answers.take(message(kind, body), &mut prepared, &mut reports, &mut out);
+            assert!(taken.is_ok());
+        }
+        let expected = [
+            message(b'S', b"TimeZone\0Etc/UTC\0").bytes().to_vec(),
+            message(b'Z', b"I").bytes().to_vec(),
+        ]
+        .concat();
+        assert_eq!(
+            &out[..],
+            &expected[..],
+            "application_name came back as it was"
+        );
         assert!(answers.settled());
     }
 }

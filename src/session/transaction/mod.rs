@@ -10,13 +10,14 @@
 //!
 //! - on the backend it used last, still idle: nothing more than its own
 //!   messages;
-//! - on a backend that served another client: `DISCARD ALL`, its answer
-//!   awaited (one round trip) before anything of the client's is sent, so
-//!   that no statement of its ever runs with the other client's state; then
-//!   its envelope and settings, bound with `set_config` in the same write as
-//!   its first message (no round trip). Should that bind fail, the session
-//!   ends (08006): its statement behind it ran with claims cleared, which
-//!   the `auth` functions refuse;
+//! - on a backend that served another client: `DISCARD ALL`, then its
+//!   envelope and settings bound with `set_config` in a transaction of
+//!   their own, all in the same write as its first message (no round
+//!   trip). No Sync separates them from the client's messages, so should
+//!   the reset or the bind fail, the server skips what the client sent up
+//!   to its Sync, and the session ends (08006): no statement of the client's
+//!   ever runs with another client's state. What the client sends after
+//!   that Sync waits for their answers;
 //! - on a fresh backend, the bind alone.
 //!
 //! What else a client leaves on a backend is in README's table of session
@@ -65,10 +66,6 @@ const LOG_TARGET: &str = "rlsgate::transaction";
 
 /// The longest message either side may send: PostgreSQL's own limit.
 const MAX_MESSAGE: usize = (1 << 30) - 1;
-
-/// How many backends a transaction tries when the ones it is lent fail
-/// their reset, before its client is told the database is unavailable.
-const RESET_ATTEMPTS: usize = 3;
 
 /// Tells client sessions apart as tenants of a backend.
 static NEXT_TENANT: AtomicU64 = AtomicU64::new(1);
@@ -285,9 +282,13 @@ impl Relay<'_> {
         expires: Pin<&mut Sleep>,
     ) -> LeaseEnd {
         self.cancel.point_at(lent.lease.cancel_key());
+        self.tenant.statements.new_lease();
         let mut answers = Answers::new();
         let (mut up, mut down) = (BytesMut::new(), BytesMut::new());
-        self.bind_claims(&mut lent, &mut up, &mut answers, &mut down);
+        if let Err(ending) = self.bind_claims(&mut lent, &mut up, &mut answers, &mut down) {
+            let _ = write(&mut self.client, &down).await;
+            return self.end(lent, &answers, ending).await;
+        }
         let mut from_server = Answer::new(MAX_MESSAGE);
         let pipes = Pipes {
             upstream: &mut lent.stream,
@@ -340,8 +341,17 @@ impl Relay<'_> {
         let expiry = self.tenant.expiry;
         let mut next = Some(first);
         let mut unflushed = false;
+        // Whether the client's first Query or Sync went up behind statements
+        // sent ahead: what follows it waits for their answers, since the
+        // server would run it even if they failed.
+        let mut synced = false;
         loop {
             while let Some(frame) = next.take() {
+                if synced && answers.ahead() {
+                    next = Some(frame);
+                    break;
+                }
+                synced |= matches!(frame.kind(), b'S' | b'Q' | b'F');
                 let upstream = Upstream {
                     out: &mut *up,
                     prepared: &mut *prepared,
@@ -387,7 +397,7 @@ impl Relay<'_> {
                     Ok(None) => unflushed = false,
                     Err(e) => return Some(upstream_failed(e)),
                 },
-                frame = inbox.next(&mut self.client) => match frame {
+                frame = inbox.next(&mut self.client), if next.is_none() => match frame {
                     Ok(frame) if frame.kind() == kind::TERMINATE => {
                         return Some(Ending::ClientClosed);
                     }
@@ -415,23 +425,30 @@ impl Relay<'_> {
 
     /// Binds the client's envelope and settings on the lent backend ahead of
     /// its first message, unless the backend holds them already and the
-    /// envelope is not due for renewal.
+    /// envelope is not due for renewal. A backend another client used last,
+    /// or that holds an older list of this client's settings, is reset
+    /// first, in the same write (see
+    /// [`bind_ahead`](crate::protocol::messages::bind_ahead)).
     fn bind_claims(
         &self,
         lent: &mut Lent,
         up: &mut BytesMut,
         answers: &mut Answers,
         down: &mut BytesMut,
-    ) {
+    ) -> Result<(), Ending> {
         let tenant = &self.tenant;
         let now = unix_now();
-        let current = lent.lease.tenancy.is_some_and(|t| {
-            t.tenant == tenant.id
-                && t.settings == tenant.settings_version
-                && !tenant.identity.refresh_due(t.claims_exp, now)
-        });
-        if current {
-            return;
+        let tenancy = lent.lease.tenancy;
+        let settings_held =
+            tenancy.is_some_and(|t| t.tenant == tenant.id && t.settings == tenant.settings_version);
+        let claims_held = settings_held
+            && tenancy.is_some_and(|t| !tenant.identity.refresh_due(t.claims_exp, now));
+        if claims_held {
+            return Ok(());
+        }
+        let reset = tenancy.is_some() && !settings_held;
+        if reset {
+            lent.lease.prepared.clear();
         }
         let exp = tenant.identity.envelope_expiry(now);
         let sealed = tenant.key.seal(&tenant.identity, lent.lease.backend(), exp);
@@ -441,16 +458,22 @@ impl Relay<'_> {
                 .iter()
                 .map(|(name, value)| (name.as_str(), value.as_str())),
         );
-        // The settings were all taken before, so none holds a NUL byte; if
-        // one did, nothing is bound, and the auth functions refuse.
-        if messages::set_config(up, "", pairs).is_ok() {
-            answers.expect(Expect::Own, down);
-            lent.lease.tenancy = Some(Tenancy {
-                tenant: tenant.id,
-                settings: tenant.settings_version,
-                claims_exp: exp,
-            });
-        }
+        let Ok(commands) = messages::bind_ahead(up, reset, pairs) else {
+            // The settings were all taken before, so none holds a NUL byte.
+            let refusal = Refusal::database_unavailable("a setting of the client cannot be bound");
+            refusal.encode(down);
+            return Err(Ending::Failed(
+                Side::Upstream,
+                io::Error::other(refusal.to_string()),
+            ));
+        };
+        answers.expect(Expect::Ahead { commands }, down);
+        lent.lease.tenancy = Some(Tenancy {
+            tenant: tenant.id,
+            settings: tenant.settings_version,
+            claims_exp: exp,
+        });
+        Ok(())
     }
 
     /// Takes a message from the server, and any others read whole with it.
@@ -468,7 +491,7 @@ impl Relay<'_> {
                 tracing::warn!(
                     target: LOG_TARGET,
                     error = %failed.0,
-                    "binding the client's claims for a transaction failed",
+                    "resetting a backend or binding the client's claims on it failed",
                 );
                 let refusal = Refusal::database_unavailable(failed.0);
                 refusal.encode(down);
@@ -556,43 +579,28 @@ async fn retire_lent(services: &Services, lent: Lent, in_flight: bool) {
     drop(slot);
 }
 
-/// A backend for the client's next transaction, its state the
-/// client's own or nobody's: the one it used last if that is idle, else
-/// another, reset if it served someone else.
+/// A backend for the client's next transaction: the one it used last if
+/// that is idle, else another (which [`Relay::bind_claims`] resets).
 async fn take_backend(tenant: &Tenant, services: &Services) -> Result<Lent, Refusal> {
     let config = &services.config;
     let pool = pool_of(services)?;
     let role = config.role(&tenant.role).ok_or_else(|| {
         Refusal::database_unavailable("the client's role is no longer configured")
     })?;
-    for _ in 0..RESET_ATTEMPTS {
-        let waiting = tenant.meters.waiting();
-        let started = Instant::now();
-        let role_db = (role, tenant.database.as_deref());
-        let lent = pool.lend(
-            &config.upstream,
-            &services.upstream_tls,
-            role_db,
-            Some(tenant.id),
-        );
-        let mut lent = lent.await?;
-        drop(waiting);
-        let tenancy = lent.lease.tenancy;
-        let own = tenancy.is_some_and(|t| t.tenant == tenant.id);
-        if tenancy.is_some()
-            && !own
-            && let Err(why) = pool.reset_lent(&mut lent).await
-        {
-            tracing::info!(target: LOG_TARGET, %why, "a backend failed its reset: closed");
-            pool.discard(lent);
-            continue;
-        }
-        tenant.meters.leased(own, started.elapsed());
-        return Ok(lent);
-    }
-    Err(Refusal::database_unavailable(
-        "the backends lent for a transaction failed their reset",
-    ))
+    let waiting = tenant.meters.waiting();
+    let started = Instant::now();
+    let role_db = (role, tenant.database.as_deref());
+    let lent = pool.lend(
+        &config.upstream,
+        &services.upstream_tls,
+        role_db,
+        Some(tenant.id),
+    );
+    let lent = lent.await?;
+    drop(waiting);
+    let own = lent.lease.tenancy.is_some_and(|t| t.tenant == tenant.id);
+    tenant.meters.leased(own, started.elapsed());
+    Ok(lent)
 }
 
 /// `DEALLOCATE ALL`: SQL-level prepared statements do not outlive their

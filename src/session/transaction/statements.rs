@@ -8,8 +8,11 @@
 //! Parse when the backend lacks it, or on the client's behalf before a Bind
 //! or Describe that needs it on a backend that never saw its Parse. A Parse
 //! of a statement the backend already holds, and every Close of a statement,
-//! are answered by the proxy. The unnamed statement and portals live as long
-//! as a transaction (or a Sync) does, so they pass unchanged.
+//! are answered by the proxy. The client's unnamed statement passes
+//! unchanged, and is kept too: a Bind or Describe of it in a later
+//! transaction (some drivers Parse and Describe, Sync, then Bind and
+//! Execute) finds it prepared again on that transaction's backend first.
+//! Portals live as long as a transaction (or a Sync) does.
 //!
 //! Statements transaction pooling refuses ([`guard`]) are replaced by one
 //! that raises the refusal on the server, so that it fails in its place in
@@ -47,6 +50,12 @@ pub(crate) struct Sent {
 #[derive(Default)]
 pub(crate) struct Statements {
     by_name: HashMap<Box<[u8]>, Statement>,
+    /// The definition of the client's unnamed statement, if it has one.
+    unnamed: Option<Box<[u8]>>,
+    /// Whether the backend of the lease holds the client's unnamed
+    /// statement (the proxy's own statements, and a refusal's stand-in,
+    /// use the unnamed statement too).
+    unnamed_here: bool,
     pub(crate) sent: Sent,
 }
 
@@ -65,6 +74,12 @@ pub(crate) enum Forwarded {
 }
 
 impl Statements {
+    /// A lease begins: its backend holds none of the client's unnamed
+    /// statement.
+    pub(crate) fn new_lease(&mut self) {
+        self.unnamed_here = false;
+    }
+
     /// Sends one client message upstream, with what answers it, or answers
     /// it (into `to_client`).
     pub(crate) fn forward(
@@ -78,9 +93,18 @@ impl Statements {
         match kind {
             kind::TERMINATE => return Forwarded::Terminate,
             b'P' => return self.parse(frame, up, answers, to_client),
-            b'B' | b'D' if self.named(frame).is_some() => {
-                self.use_statement(frame, up, answers, to_client)
-            }
+            b'B' | b'D' => match statement_of(frame) {
+                Some(b"") => {
+                    self.prepare_unnamed(up.out, answers, to_client);
+                    up.out.put_slice(frame.bytes());
+                    answers.expect(client(kind), to_client);
+                }
+                Some(_) => self.use_statement(frame, up, answers, to_client),
+                None => {
+                    up.out.put_slice(frame.bytes());
+                    answers.expect(client(kind), to_client);
+                }
+            },
             b'C' if frame.body().first() == Some(&b'S') => {
                 // A statement the client closes may serve others on the
                 // backend: only the client's name for it goes.
@@ -90,6 +114,8 @@ impl Statements {
             }
             b'Q' => {
                 let text = name_at(frame.body(), 0).unwrap_or_default();
+                // A simple Query drops the unnamed statement.
+                self.unnamed = None;
                 match guard::refused(text) {
                     Some(refused) => {
                         raise_query(up.out, &refused.message());
@@ -151,9 +177,16 @@ impl Statements {
         self.track(b'P', answers);
         if let Some(refused) = guard::refused(text) {
             raise_in_extended_query(up.out, &refused.message(), answers, to_client);
+            if name.is_empty() {
+                // As after a Parse Postgres refused.
+                self.unnamed = None;
+            }
+            self.unnamed_here = false;
             return Forwarded::Sent;
         }
         if name.is_empty() {
+            self.unnamed = Some(definition.into());
+            self.unnamed_here = true;
             up.out.put_slice(frame.bytes());
             answers.expect(client(b'P'), to_client);
             return Forwarded::Sent;
@@ -231,18 +264,40 @@ impl Statements {
         answers.expect(client(kind), to_client);
     }
 
-    /// The name of the named statement a Bind or Describe uses, if any.
-    fn named<'f>(&self, frame: &'f Frame) -> Option<&'f [u8]> {
-        let body = frame.body();
-        let name = match frame.kind() {
-            b'B' => {
-                let portal = name_at(body, 0)?;
-                name_at(body, portal.len() + 1)?
-            }
-            _ if body.first() == Some(&b'S') => name_at(body, 1)?,
-            _ => return None,
-        };
-        (!name.is_empty()).then_some(name)
+    /// Prepares the client's unnamed statement on the lease's backend, on
+    /// its behalf, unless the backend has it (or closes the backend's, if
+    /// the client has none).
+    fn prepare_unnamed(
+        &mut self,
+        out: &mut BytesMut,
+        answers: &mut Answers,
+        to_client: &mut BytesMut,
+    ) {
+        if self.unnamed_here {
+            return;
+        }
+        match &self.unnamed {
+            Some(definition) => put_parse(out, "", definition),
+            // Whatever the backend holds as unnamed is not the client's:
+            // the Bind is to find none, as it would on its own connection.
+            None => out.put_slice(b"C\0\0\0\x06S\0"),
+        }
+        answers.expect(Expect::OnBehalf { prepares: None }, to_client);
+        self.unnamed_here = true;
+    }
+}
+
+/// The statement a Bind or a Describe of a statement uses ("" for the
+/// unnamed one); `None` for a Describe of a portal, or a malformed message.
+fn statement_of(frame: &Frame) -> Option<&[u8]> {
+    let body = frame.body();
+    match frame.kind() {
+        b'B' => {
+            let portal = name_at(body, 0)?;
+            name_at(body, portal.len() + 1)
+        }
+        b'D' if body.first() == Some(&b'S') => name_at(body, 1),
+        _ => None,
     }
 }
 
@@ -468,5 +523,35 @@ mod tests {
             assert_eq!(kinds, expected, "statement {i}");
         }
         assert!(!prepared.contains(&backend_name(texts[0].as_bytes())));
+    }
+
+    #[test]
+    fn the_clients_unnamed_statement_is_prepared_again_on_the_next_leases_backend() {
+        let mut statements = Statements::default();
+        let mut prepared = Prepared::default();
+        statements.new_lease();
+        let (up, _) = send(&mut statements, &mut prepared, &[parse(""), bind("")]);
+        let kinds: Vec<u8> = up.iter().map(|(kind, _)| *kind).collect();
+        assert_eq!(kinds, b"PB".to_vec(), "within a lease it is there");
+
+        statements.new_lease();
+        let (up, _) = send(&mut statements, &mut prepared, &[bind(""), bind("")]);
+        assert_eq!(up[0], (b'P', parse("").body().to_vec()));
+        let kinds: Vec<u8> = up.iter().map(|(kind, _)| *kind).collect();
+        assert_eq!(kinds, b"PBB".to_vec(), "prepared once per lease");
+    }
+
+    #[test]
+    fn a_bind_of_an_unnamed_statement_the_client_never_had_finds_none() {
+        let mut statements = Statements::default();
+        let mut prepared = Prepared::default();
+        statements.new_lease();
+        let query = message(b'Q', b"select 1\0");
+        let (up, _) = send(&mut statements, &mut prepared, &[parse(""), query]);
+        assert_eq!(up.len(), 2);
+        statements.new_lease();
+        let (up, _) = send(&mut statements, &mut prepared, &[bind("")]);
+        assert_eq!(up[0], (b'C', b"S\0".to_vec()), "a Query dropped it");
+        assert_eq!(up[1].0, b'B');
     }
 }
