@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the client checks (tests/integration/clients.rs) run: psql and pgbench,
-# pgjdbc and a JDK, psycopg 3 with psycopg_pool in clients/python/.venv, the
-# Node.js drivers pg and postgres from clients/node/package-lock.json, and
-# (for tests/integration/serverless.rs) @neondatabase/serverless, drizzle-orm
-# and ws from clients/serverless/package-lock.json.
+# pgjdbc and a JDK, psycopg 3 with psycopg_pool and asyncpg in
+# clients/python/.venv, the Node.js drivers pg and postgres from
+# clients/node/package-lock.json, and (for tests/integration/serverless.rs)
+# @neondatabase/serverless, drizzle-orm and ws from
+# clients/serverless/package-lock.json.
 # Running it again installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -35,7 +36,7 @@ if [ "${#apt_packages[@]}" -gt 0 ]; then
 fi
 [ -f "$JDBC_JAR" ] || { echo "$JDBC_JAR is missing after installing libpostgresql-jdbc-java" >&2; exit 1; }
 
-# Python: psycopg 3 and psycopg_pool, pinned in requirements.txt.
+# Python: psycopg 3, psycopg_pool and asyncpg, pinned in requirements.txt.
 venv=python/.venv
 if [ ! -x "$venv/bin/python" ]; then
   echo "creating $venv"
@@ -46,6 +47,7 @@ if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check -r python/
   exit 1
 fi
 "$venv/bin/python" -c 'import psycopg, psycopg_pool; print("psycopg", psycopg.__version__, "psycopg_pool", psycopg_pool.__version__, "libpq", psycopg.pq.version())'
+"$venv/bin/python" -c 'import asyncpg; print("asyncpg", asyncpg.__version__)'
 
 # Node.js: exactly the lock file's versions, unless they are already there.
 if ! cmp -s node/package-lock.json node/node_modules/.package-lock.json.installed 2>/dev/null; then

@@ -1,4 +1,4 @@
-"""What the psycopg programs share when the proxy pools per transaction.
+"""What the Python programs share when the proxy pools per transaction.
 
 RLSGATE_POOL_MODE=transaction says the proxy lends a backend per
 transaction, RLSGATE_POOL_SIZE how many it has (tests/integration/clients.rs
@@ -58,3 +58,32 @@ class Rotation:
     def close(self):
         for conn in self.holders:
             conn.close()
+
+
+class AsyncRotation:
+    """A Rotation of asyncio connections (asyncpg's): the same, awaited."""
+
+    @classmethod
+    async def start(cls, connect):
+        rotation = cls()
+        rotation.holders = [await connect() for _ in range(POOL_SIZE)]
+        rotation.idle = rotation.holders[0]
+        rotation.busy = deque(rotation.holders[1:])
+        for holder in rotation.busy:
+            await cls._hold(holder)
+        return rotation
+
+    @staticmethod
+    async def _hold(conn):
+        await conn.execute("begin")
+        await conn.execute("select pg_backend_pid()")
+
+    async def turn(self):
+        await self._hold(self.idle)
+        self.busy.append(self.idle)
+        self.idle = self.busy.popleft()
+        await self.idle.execute("commit")
+
+    async def close(self):
+        for conn in self.holders:
+            await conn.close()

@@ -1,15 +1,16 @@
 //! Real clients through the proxy, unchanged: psql, pgbench, psycopg 3 with
-//! psycopg_pool, node-postgres, postgres.js and pgjdbc. Each runs a program
-//! under `clients/` with the connection details in its environment and must
-//! exit 0. `clients/install.sh` installs what they need; the tests run it
-//! first, and a prerequisite it cannot install is a failure that says so. tokio-postgres is what the other
-//! test files use throughout.
+//! psycopg_pool, asyncpg, node-postgres, postgres.js and pgjdbc. Each runs a
+//! program under `clients/` with the connection details in its environment
+//! and must exit 0. `clients/install.sh` installs what they need; the tests
+//! run it first, and a prerequisite it cannot install is a failure that says
+//! so. tokio-postgres is what the other test files use throughout.
 //!
 //! Each program runs twice, in two tests: over plaintext on loopback, and
 //! (`…_over_tls_works_through_rlsgate`) against a proxy with a throwaway
 //! certificate, with `RLSGATE_SSLMODE=require` in its environment: the
 //! drivers' "require", encrypted without checking the certificate, and where
-//! the driver can tell, each connection is checked to be encrypted.
+//! the driver can tell, each connection is checked to be encrypted. asyncpg's
+//! program runs over plaintext only (see `check_asyncpg`).
 //!
 //! Each program runs once more (`…_works_through_rlsgate_in_transaction_mode`)
 //! against a proxy with `[pool] mode = "transaction"` and
@@ -481,24 +482,61 @@ async fn check_psycopg_scenarios(pooling: Pooling) {
 
 /// The virtual environment's python, with psycopg and psycopg_pool.
 fn psycopg_python() -> PathBuf {
+    venv_python(&["psycopg", "psycopg_pool"])
+}
+
+/// The virtual environment's python, with asyncpg.
+fn asyncpg_python() -> PathBuf {
+    venv_python(&["asyncpg"])
+}
+
+/// The python of clients/python/.venv, which must import `modules`.
+fn venv_python(modules: &[&str]) -> PathBuf {
     ensure_drivers_installed();
     let python = clients_dir("python/.venv/bin/python");
     assert!(
         python.exists(),
-        "{} not found (psycopg's virtual environment): {INSTALL_HINT}",
+        "{} not found (the Python drivers' virtual environment): {INSTALL_HINT}",
         python.display()
     );
     let imports = std::process::Command::new(&python)
-        .args(["-c", "import psycopg, psycopg_pool"])
+        .args(["-c", &format!("import {}", modules.join(", "))])
         .output()
         .expect("run the virtual environment's python");
     assert!(
         imports.status.success(),
-        "psycopg or psycopg_pool is missing from {}: {INSTALL_HINT}\n{}",
+        "{} missing from {}: {INSTALL_HINT}\n{}",
+        modules.join(" or "),
         python.display(),
         String::from_utf8_lossy(&imports.stderr)
     );
     python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_works_through_rlsgate() {
+    check_asyncpg(Pooling::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_works_through_rlsgate_in_transaction_mode() {
+    check_asyncpg(Pooling::Transaction).await;
+}
+
+/// clients/python/check_asyncpg.py, over plaintext only: a run over TLS
+/// would take as long again (most of it waiting for the short-lived token
+/// to expire), and the proxy's TLS is checked with the other drivers.
+async fn check_asyncpg(pooling: Pooling) {
+    let python = asyncpg_python();
+    let s = setup(Transport::Plaintext, pooling).await;
+    s.run(
+        "clients/python/check_asyncpg.py",
+        &python,
+        &["check_asyncpg.py"],
+        &clients_dir("python"),
+    )
+    .await;
+    s.assert_sound(pooling).await;
 }
 
 /// node, with the lock file's modules installed.
@@ -820,7 +858,7 @@ fn docs_clients_md_names_what_exists() {
     for (name, version) in package["dependencies"].as_object().unwrap() {
         pins.push((name.clone(), version.as_str().unwrap().to_owned()));
     }
-    assert_eq!(pins.len(), 4, "{pins:?}");
+    assert_eq!(pins.len(), 5, "{pins:?}");
     for (name, version) in pins {
         assert!(
             doc.contains(&version),
