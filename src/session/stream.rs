@@ -36,7 +36,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
 
 /// The connection to Postgres: TLS over TCP as `[upstream] tls` says, or
 /// plain TCP or a Unix socket.
-pub(crate) type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>, Transport>;
+pub(crate) type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<Transport>, Transport>;
 
 pub(crate) enum MaybeTls<T, P> {
     Plain(P),
@@ -86,6 +86,44 @@ impl Transport {
         let tcp = TcpStream::connect((host, port)).await?;
         crate::session::net::tune(&tcp);
         Ok(Transport::Tcp(tcp))
+    }
+
+    /// Registers the socket with the reactor of the runtime calling this
+    /// instead of the one that opened it (see
+    /// [`workers`](crate::session::workers)): its readiness then wakes the
+    /// calling thread alone, not the opener's thread first. The socket is
+    /// the same (a duplicate descriptor takes over, the old one is closed),
+    /// and so is whatever it holds unread.
+    #[cfg(unix)]
+    pub(crate) fn rehome(&mut self) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        match self {
+            Transport::Tcp(tcp) => {
+                let fd = tcp.as_fd().try_clone_to_owned()?;
+                *tcp = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+            }
+            Transport::Unix(unix) => {
+                let fd = unix.as_fd().try_clone_to_owned()?;
+                *unix = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Elsewhere a socket stays with the reactor that opened it.
+    #[cfg(not(unix))]
+    pub(crate) fn rehome(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl UpstreamStream {
+    /// [`Transport::rehome`], under TLS too.
+    pub(crate) fn rehome(&mut self) -> io::Result<()> {
+        match self {
+            MaybeTls::Plain(transport) => transport.rehome(),
+            MaybeTls::Tls(tls) => tls.get_mut().0.rehome(),
+        }
     }
 }
 
@@ -256,5 +294,44 @@ mod tests {
         );
         assert_eq!(address("db.internal", 5432), "db.internal:5432");
         assert_eq!(address("::1", 5432), "[::1]:5432");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_socket_moved_to_another_runtime_is_woken_by_it_and_keeps_what_it_held_unread() {
+        use std::io::{Read, Write};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        // Opened on a runtime that is not driven any more, like another
+        // worker's, busy elsewhere.
+        let opener = runtime();
+        let mut transport =
+            opener.block_on(async { Transport::Tcp(TcpStream::from_std(ours).unwrap()) });
+        peer.write_all(b"before").unwrap();
+
+        runtime().block_on(async {
+            transport.rehome().unwrap();
+            let mut got = [0; 6];
+            let read = transport.read_exact(&mut got);
+            tokio::time::timeout(std::time::Duration::from_secs(10), read)
+                .await
+                .expect("woken by this runtime's reactor")
+                .unwrap();
+            assert_eq!(&got, b"before");
+            transport.write_all(b"after").await.unwrap();
+        });
+        let mut got = [0; 5];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"after");
+        drop(opener);
     }
 }

@@ -10,10 +10,11 @@
 //! reactor (two `epoll_ctl` calls per connection, none per message).
 //!
 //! What the sessions share (token cache, keys, limits, metrics, pool) is
-//! already shared across threads. The exception is a socket: it stays
+//! already shared across threads. The exception is a socket: it is
 //! registered with the reactor of the runtime that opened it, so a pooled
 //! upstream connection is kept for sessions of the worker that opened it
-//! ([`home`]).
+//! ([`home`]), and one another worker takes moves to that worker's reactor
+//! (`Transport::rehome`).
 
 use std::cell::Cell;
 use std::future::Future;

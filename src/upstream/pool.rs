@@ -661,9 +661,8 @@ impl Pool {
                         .and_then(|list| self.pop_fresh(list, &mut expired))
                 });
             if found.is_none() {
-                // Another worker's connection: its I/O then wakes that
-                // worker's thread, which is still cheaper than a new
-                // connection. It goes back to its own worker's list.
+                // Another worker's connection, cheaper than a new one: it
+                // moves to this worker (see `take_alive`).
                 let others: Vec<PoolKey> = idle
                     .keys()
                     .filter(|other| other.home != key.home && other.same_target(key))
@@ -708,6 +707,17 @@ impl Pool {
     fn take_alive(&self, key: &PoolKey, tenant: Option<u64>) -> Option<Idle> {
         while let Some(mut idle) = self.take(key, tenant) {
             if still_idle(&mut idle.stream) {
+                if idle.lease.key.home != key.home {
+                    // Another worker's: from now on this worker's, so that
+                    // its I/O wakes this thread only. If that fails it is
+                    // used from here all the same, and goes back home.
+                    match idle.stream.rehome() {
+                        Ok(()) => idle.lease.key.home = key.home,
+                        Err(e) => {
+                            tracing::debug!(target: LOG_TARGET, error = %e, "kept a connection on its worker")
+                        }
+                    }
+                }
                 return Some(idle);
             }
             tracing::debug!(target: LOG_TARGET, "discarded an idle connection that had ended");

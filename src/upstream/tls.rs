@@ -260,7 +260,7 @@ impl UpstreamTls {
             }
         }
         let name = self.server_name(host)?;
-        match connector.connect(name, tcp).await {
+        match connector.connect(name, Transport::Tcp(tcp)).await {
             Ok(tls) => Ok(UpstreamStream::Tls(Box::new(tls))),
             Err(e) => Err(Refusal::new(
                 sqlstate::CONNECTION_FAILURE,
