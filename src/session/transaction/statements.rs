@@ -109,6 +109,12 @@ impl Statements {
                 // A statement the client closes may serve others on the
                 // backend: only the client's name for it goes.
                 let name = name_at(frame.body(), 1).unwrap_or_default();
+                if name.is_empty() {
+                    // The backend's unnamed statement is left for the next
+                    // Parse to replace; a Bind of it finds none.
+                    self.unnamed = None;
+                    self.unnamed_here = false;
+                }
                 self.by_name.remove(name);
                 answers.expect(Expect::Made(close_complete()), to_client);
             }
@@ -553,5 +559,14 @@ mod tests {
         let (up, _) = send(&mut statements, &mut prepared, &[bind("")]);
         assert_eq!(up[0], (b'C', b"S\0".to_vec()), "a Query dropped it");
         assert_eq!(up[1].0, b'B');
+
+        let close = message(b'C', b"S\0");
+        let (up, _) = send(
+            &mut statements,
+            &mut prepared,
+            &[parse(""), close, bind("")],
+        );
+        let kinds: Vec<u8> = up.iter().map(|(kind, _)| *kind).collect();
+        assert_eq!(kinds, b"PCB".to_vec(), "a Close dropped it");
     }
 }
