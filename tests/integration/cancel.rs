@@ -399,10 +399,14 @@ async fn a_pooled_clients_key_cancels_nothing_on_the_next_client_even_sent_as_it
         .expect("bob's statement ends once cancelled")
         .unwrap_err();
     assert_eq!(err.code, "57014");
-    assert_eq!(
-        bob.query("select auth.user_id()").await.unwrap(),
-        [vec![Some("bob".to_owned())]]
-    );
+    // PostgreSQL signals a cancelled backend twice (the process, then its
+    // process group); on a busy machine the second signal can come late
+    // enough to cancel the next statement too. That one may be retried.
+    let mut user = bob.query("select auth.user_id()").await;
+    if matches!(&user, Err(e) if e.code == "57014") {
+        user = bob.query("select auth.user_id()").await;
+    }
+    assert_eq!(user.unwrap(), [vec![Some("bob".to_owned())]]);
 }
 
 /// `rlsgate_cancel_requests_total{result}`, 0 when not there yet.
