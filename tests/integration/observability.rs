@@ -407,7 +407,19 @@ async fn logs_and_metrics_of_the_real_binary_never_show_tokens_signatures_keys_o
 async fn active_gauges_follow_an_open_session_and_cancel_requests_are_counted_by_result() {
     let h = Harness::start_with_admin("").await;
     let session = h.raw_connect_as("alice").await;
-    let text = metrics_text(&h).await;
+    // The session counts itself once its greeting is on its way: on a busy
+    // machine, a moment after the client has read it.
+    let text = poll_until(WAIT, "the session is counted", || async {
+        let text = metrics_text(&h).await;
+        metric(
+            &text,
+            "rlsgate_client_sessions_active",
+            &[("role", "authenticated")],
+        )
+        .is_some()
+        .then_some(text)
+    })
+    .await;
     assert_eq!(
         metric(
             &text,
