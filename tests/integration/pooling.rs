@@ -385,23 +385,31 @@ async fn the_envelope_never_appears_in_pg_stat_activity() {
     // Alice on a new pooled backend, bob on the same one after her.
     for sub in ["alice", "bob"] {
         let client = h.connect_as(sub).await;
-        // Before the client's first query, the backend's last one is the bind.
-        let queries: Vec<String> = admin
-            .query(
-                "select query from pg_stat_activity \
-                 where usename = 'authenticated' and datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        assert_eq!(
-            queries,
-            ["select pg_catalog.set_config($1, $2, false)"],
-            "{sub}'s claims are bound with parameters"
-        );
+        // Before the client's first query, the backend's last one is the
+        // bind. It is sent with the greeting, so the backend may still be
+        // on its way to it when the client is greeted.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let queries: Vec<String> = admin
+                .query(
+                    "select query from pg_stat_activity \
+                     where usename = 'authenticated' and datname = current_database()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if queries == ["select pg_catalog.set_config($1, $2, false)"] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sub}'s claims are bound with parameters: {queries:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let pid = pid_of(&client).await;
         let envelope = value(&client, "select current_setting('rlsgate.session')")
             .await
