@@ -62,6 +62,21 @@ pub struct Listen {
     /// per core); unset: one per CPU; 0: sessions share the main
     /// multi-threaded runtime. Read at start only.
     pub workers: Option<usize>,
+    /// Whether worker threads relay plain sessions through io_uring:
+    /// `"auto"` where the kernel allows it, `"on"` or refuse to start,
+    /// `"off"` never. Read at start only.
+    #[serde(default)]
+    pub io_uring: IoUring,
+}
+
+/// `[listen] io_uring`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoUring {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 impl Listen {
@@ -86,6 +101,12 @@ impl Listen {
         }
         if self.workers.is_some_and(|n| n > MAX_WORKERS) {
             bail!("[listen] workers must be at most {MAX_WORKERS}");
+        }
+        if self.io_uring == IoUring::On && self.workers == Some(0) {
+            bail!(
+                "[listen] io_uring = \"on\" needs worker threads: \
+                 set workers to 1 or more, or leave it unset"
+            );
         }
         Ok(())
     }

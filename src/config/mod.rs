@@ -20,7 +20,7 @@ use serde::Deserialize;
 pub use claims::Claims;
 pub use cluster::{Cluster, MAX_PEER_ID, Peer};
 pub use http::Http;
-pub use listen::Listen;
+pub use listen::{IoUring, Listen};
 pub use pool::{Pool, PoolMode};
 pub use providers::{ASYMMETRIC_ALGORITHMS, Provider};
 pub use roles::{Role, TokenPolicy};

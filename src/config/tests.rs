@@ -515,3 +515,33 @@ fn workers_default_to_one_per_cpu_and_zero_means_the_shared_runtime() {
     let err = with_workers("workers = 100000").unwrap_err();
     assert!(format!("{err:#}").contains("[listen] workers"), "{err:#}");
 }
+
+#[test]
+fn io_uring_is_auto_unless_told_and_on_needs_worker_threads() {
+    let with_listen = |lines: &str| {
+        Config::parse(&format!(
+            "[listen]\naddress = \"127.0.0.1:6432\"\n{lines}\n[upstream]\nhost = \"h\"\n\
+             [[role]]\nname = \"a\"\ntoken = \"none\"\n\
+             [claims]\nsigning_key = \"cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM=\"\n"
+        ))
+    };
+    assert_eq!(with_listen("").unwrap().listen.io_uring, IoUring::Auto);
+    assert_eq!(
+        with_listen("io_uring = \"off\"").unwrap().listen.io_uring,
+        IoUring::Off
+    );
+    assert_eq!(
+        with_listen("io_uring = \"on\"\nworkers = 2")
+            .unwrap()
+            .listen
+            .io_uring,
+        IoUring::On
+    );
+    let err = with_listen("io_uring = \"on\"\nworkers = 0").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("[listen] io_uring = \"on\" needs worker threads"),
+        "{err:#}"
+    );
+    let err = with_listen("io_uring = \"yes\"").unwrap_err();
+    assert!(format!("{err:#}").contains("io_uring"), "{err:#}");
+}

@@ -31,6 +31,7 @@ pub(crate) const TOKEN_CACHE_MISSES_TOTAL: &str = "rlsgate_token_cache_misses_to
 pub(crate) const UPSTREAM_CONNECT_SECONDS: &str = "rlsgate_upstream_connect_seconds";
 pub(crate) const SESSION_DURATION_SECONDS: &str = "rlsgate_session_duration_seconds";
 pub(crate) const RELAYED_BYTES_TOTAL: &str = "rlsgate_relayed_bytes_total";
+pub(crate) const RELAYED_SESSIONS_TOTAL: &str = "rlsgate_relayed_sessions_total";
 pub(crate) const CANCEL_REQUESTS_TOTAL: &str = "rlsgate_cancel_requests_total";
 pub(crate) const UPSTREAM_TAMPERING: &str = "rlsgate_upstream_tampering";
 pub(crate) const UPSTREAM_TAMPERING_TOTAL: &str = "rlsgate_upstream_tampering_total";
@@ -224,6 +225,16 @@ impl Metrics {
         )
     }
 
+    /// A session's relay started, through io_uring or the reactor (epoll).
+    pub(crate) fn relay_started(&self, io_uring: bool) {
+        let relay = if io_uring { "io_uring" } else { "epoll" };
+        self.counter(
+            RELAYED_SESSIONS_TOTAL,
+            vec![Label::from_static_parts("relay", relay)],
+        )
+        .increment(1);
+    }
+
     /// The token cache's running totals, copied in before each render.
     pub(crate) fn token_cache(&self, hits: u64, misses: u64) {
         self.counter(TOKEN_CACHE_HITS_TOTAL, Vec::new())
@@ -385,7 +396,7 @@ impl Drop for ActiveGuard {
 }
 
 fn describe(recorder: &PrometheusRecorder) {
-    let help: [(&'static str, Option<Unit>, &'static str); 23] = [
+    let help: [(&'static str, Option<Unit>, &'static str); 24] = [
         (
             CLIENT_CONNECTIONS_ACTIVE,
             None,
@@ -441,6 +452,12 @@ fn describe(recorder: &PrometheusRecorder) {
             RELAYED_BYTES_TOTAL,
             Some(Unit::Bytes),
             "Bytes relayed after startup, by direction.",
+        ),
+        (
+            RELAYED_SESSIONS_TOTAL,
+            None,
+            "Sessions whose relay started, by how their sockets are read and written \
+             (io_uring, or epoll).",
         ),
         (
             CANCEL_REQUESTS_TOTAL,

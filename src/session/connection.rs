@@ -163,17 +163,8 @@ pub(crate) async fn serve(
                 relay_session(client, held, cancel, &services, &mut shutdown, &traffic).await
             }
             Hold::Transactions(tenant) => {
-                let relay = transaction::Relay {
-                    client,
-                    tenant,
-                    cancel: &cancel,
-                    services: &services,
-                    shutdown: &mut shutdown,
-                    traffic: &traffic,
-                };
-                let ending = relay.run().await;
-                cancel.close().await;
-                ending
+                let relay = (&*services, &mut shutdown, &traffic);
+                relay_transactions(client, tenant, cancel, relay).await
             }
         };
         let duration = started.elapsed();
@@ -197,7 +188,10 @@ pub(crate) async fn serve(
 }
 
 /// Relays a session on the one backend it holds, then hands the backend
-/// back to the pool or retires it.
+/// back to the pool or retires it. A plain TCP client and its backend's
+/// plain socket are relayed through the worker's io_uring when it has one
+/// ([`uring`](crate::session::uring)); the backend goes back to the reactor
+/// before it is pooled.
 async fn relay_session(
     client: ClientStream,
     (upstream, plan, lease): (UpstreamSession, relay::Plan, Option<Lease>),
@@ -206,21 +200,65 @@ async fn relay_session(
     shutdown: &mut Shutdown,
     traffic: &Traffic,
 ) -> relay::Ending {
+    let client = match client.onto_ring() {
+        Ok(client) => client,
+        Err(e) => return relay::Ending::Failed(relay::Side::Client, e),
+    };
+    services.metrics.relay_started(client.on_ring());
     let mut stream = upstream.stream;
+    if client.on_ring() {
+        stream = match stream.onto_ring() {
+            Ok(stream) => stream,
+            Err(e) => return relay::Ending::Failed(relay::Side::Upstream, e),
+        };
+    }
     let finish = relay::run(client, &mut stream, plan, shutdown, traffic).await;
     // The client's cancel key must not reach the next client's queries,
     // nor a backend being retired: unregistered, and any cancel already
     // on its way taken by the server, before the backend is handed on.
     let settled = cancel.close().await;
+    let config = &services.config.upstream;
+    let target = (config.host.as_str(), config.port, upstream.key);
+    let tls = &services.upstream_tls;
     match (lease, &services.pool) {
-        (Some(lease), Some(pool)) if finish.clean && settled => pool.give_back(stream, lease).await,
-        _ => {
-            let config = &services.config.upstream;
-            let target = (config.host.as_str(), config.port, upstream.key);
-            retire(stream, target, finish.in_flight, &services.upstream_tls).await;
-        }
+        (Some(lease), Some(pool)) if finish.clean && settled => match stream.off_ring().await {
+            Ok((stream, true)) => pool.give_back(stream, lease).await,
+            Ok((stream, false)) => retire(stream, target, false, tls).await,
+            Err(e) => {
+                tracing::warn!(target: LOG_TARGET, error = %e, "cannot take a backend off io_uring; it is closed");
+            }
+        },
+        _ => retire(stream, target, finish.in_flight, tls).await,
     }
     finish.ending
+}
+
+/// Relays a session a transaction at a time (`[pool] mode =
+/// "transaction"`). Only the client's socket goes onto the worker's
+/// io_uring: backends pass between sessions on any worker, and stay with
+/// the reactor.
+async fn relay_transactions(
+    client: ClientStream,
+    tenant: Tenant,
+    cancel: Registration,
+    (services, shutdown, traffic): (&Services, &mut Shutdown, &Traffic),
+) -> relay::Ending {
+    let client = match client.onto_ring() {
+        Ok(client) => client,
+        Err(e) => return relay::Ending::Failed(relay::Side::Client, e),
+    };
+    services.metrics.relay_started(client.on_ring());
+    let relay = transaction::Relay {
+        client,
+        tenant,
+        cancel: &cancel,
+        services,
+        shutdown,
+        traffic,
+    };
+    let ending = relay.run().await;
+    cancel.close().await;
+    ending
 }
 
 /// The front door, the token check and the upstream login, under the

@@ -57,8 +57,15 @@ fn reloaded(previous: &Services, mut config: Config) -> anyhow::Result<Services>
             "[listen] workers changed: a restart applies it, a reload does not"
         );
     }
-    // The configuration in force says how many workers run.
+    if config.listen.io_uring != previous.config.listen.io_uring {
+        tracing::warn!(
+            target: LOG_TARGET,
+            "[listen] io_uring changed: a restart applies it, a reload does not"
+        );
+    }
+    // The configuration in force says how many workers run, and how.
     config.listen.workers = previous.config.listen.workers;
+    config.listen.io_uring = previous.config.listen.io_uring;
     if config.listen.address != previous.config.listen.address {
         tracing::warn!(
             target: LOG_TARGET,
@@ -492,7 +499,7 @@ impl RunningProxy {
         std::iter::once(&listener)
             .chain(&http)
             .for_each(crate::session::net::tune_listener);
-        let workers = Workers::start(config.listen.worker_threads())?;
+        let workers = Workers::start(config.listen.worker_threads(), config.listen.io_uring)?;
         let (services, current) = watch::channel(Arc::new(services(config)?));
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(run((listener, workers), (admin, http), current, stopped));

@@ -11,4 +11,6 @@ pub(crate) mod shutdown;
 pub(crate) mod stream;
 pub(crate) mod tls;
 pub(crate) mod transaction;
+#[cfg(target_os = "linux")]
+pub(crate) mod uring;
 pub(crate) mod workers;

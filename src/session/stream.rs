@@ -16,6 +16,9 @@ use tokio::net::UnixStream;
 /// TLS), or a tunnel (the WebSocket of [`crate::http`]).
 pub(crate) enum ClientStream {
     Plain(TcpStream),
+    /// Plain TCP, relayed through the worker's io_uring (see [`uring`](crate::session::uring)).
+    #[cfg(target_os = "linux")]
+    Ring(crate::session::uring::RingSocket),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     Tunnel(Tunnel),
 }
@@ -49,6 +52,11 @@ pub(crate) enum Transport {
     Tcp(TcpStream),
     #[cfg(unix)]
     Unix(UnixStream),
+    /// Either of those, relayed through the worker's io_uring (see
+    /// [`uring`](crate::session::uring)); back on the reactor before it is
+    /// pooled ([`UpstreamStream::off_ring`]).
+    #[cfg(target_os = "linux")]
+    Ring(crate::session::uring::RingSocket),
 }
 
 /// The Unix socket of a Postgres server when `host` is a directory (starts
@@ -106,8 +114,42 @@ impl Transport {
                 let fd = unix.as_fd().try_clone_to_owned()?;
                 *unix = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
             }
+            // A session's own thread, never pooled as it is.
+            #[cfg(target_os = "linux")]
+            Transport::Ring(_) => {}
         }
         Ok(())
+    }
+
+    /// Moves the socket to the calling worker's io_uring, when it has one.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn onto_ring(self) -> io::Result<Transport> {
+        use crate::session::uring::{self, RingSocket};
+        if !uring::installed() {
+            return Ok(self);
+        }
+        let (fd, unix) = match self {
+            Transport::Tcp(tcp) => (tcp.into_std()?.into(), false),
+            Transport::Unix(unix) => (unix.into_std()?.into(), true),
+            ring @ Transport::Ring(_) => return Ok(ring),
+        };
+        Ok(Transport::Ring(RingSocket::adopt(fd, unix)?))
+    }
+
+    /// Moves the socket back to the reactor; false when it lost bytes on
+    /// the way (see [`RingSocket::release`](crate::session::uring::RingSocket::release)).
+    #[cfg(target_os = "linux")]
+    pub(crate) async fn off_ring(self) -> io::Result<(Transport, bool)> {
+        let Transport::Ring(socket) = self else {
+            return Ok((self, true));
+        };
+        let (fd, unix, clean) = socket.release().await?;
+        let transport = if unix {
+            Transport::Unix(UnixStream::from_std(fd.into())?)
+        } else {
+            Transport::Tcp(TcpStream::from_std(fd.into())?)
+        };
+        Ok((transport, clean))
     }
 
     /// Elsewhere a socket stays with the reactor that opened it.
@@ -118,6 +160,29 @@ impl Transport {
 }
 
 impl UpstreamStream {
+    /// A plain connection moves to the calling worker's io_uring, when it
+    /// has one, for its session's relay; TLS stays on the reactor.
+    pub(crate) fn onto_ring(self) -> io::Result<UpstreamStream> {
+        match self {
+            #[cfg(target_os = "linux")]
+            MaybeTls::Plain(transport) => transport.onto_ring().map(MaybeTls::Plain),
+            other => Ok(other),
+        }
+    }
+
+    /// Back from the io_uring, to be pooled: false when it is not fit to
+    /// be (see [`RingSocket::release`](crate::session::uring::RingSocket::release)).
+    pub(crate) async fn off_ring(self) -> io::Result<(UpstreamStream, bool)> {
+        match self {
+            #[cfg(target_os = "linux")]
+            MaybeTls::Plain(transport) => {
+                let (transport, clean) = transport.off_ring().await?;
+                Ok((MaybeTls::Plain(transport), clean))
+            }
+            other => Ok((other, true)),
+        }
+    }
+
     /// [`Transport::rehome`], under TLS too.
     pub(crate) fn rehome(&mut self) -> io::Result<()> {
         match self {
@@ -128,10 +193,36 @@ impl UpstreamStream {
 }
 
 impl ClientStream {
+    /// Plain TCP moves to the calling worker's io_uring, when it has one,
+    /// for the session's relay; TLS and tunnels stay on the reactor.
+    pub(crate) fn onto_ring(self) -> io::Result<ClientStream> {
+        #[cfg(target_os = "linux")]
+        if let ClientStream::Plain(tcp) = self {
+            use crate::session::uring::{self, RingSocket};
+            if !uring::installed() {
+                return Ok(ClientStream::Plain(tcp));
+            }
+            let fd = tcp.into_std()?.into();
+            return RingSocket::adopt(fd, false).map(ClientStream::Ring);
+        }
+        Ok(self)
+    }
+
+    /// Relayed through an io_uring.
+    pub(crate) fn on_ring(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        if let ClientStream::Ring(_) = self {
+            return true;
+        }
+        false
+    }
+
     /// Encrypted: TLS, or a tunnel inside TLS.
     pub(crate) fn is_tls(&self) -> bool {
         match self {
             ClientStream::Plain(_) => false,
+            #[cfg(target_os = "linux")]
+            ClientStream::Ring(_) => false,
             ClientStream::Tls(_) => true,
             ClientStream::Tunnel(tunnel) => tunnel.secure,
         }
@@ -142,6 +233,10 @@ impl ClientStream {
     pub(crate) fn local_is_loopback(&self) -> bool {
         let tcp = match self {
             ClientStream::Plain(tcp) => tcp,
+            #[cfg(target_os = "linux")]
+            ClientStream::Ring(socket) => {
+                return socket.local_addr().is_ok_and(|a| a.ip().is_loopback());
+            }
             ClientStream::Tls(tls) => tls.get_ref().0,
             ClientStream::Tunnel(tunnel) => return tunnel.local_is_loopback,
         };
@@ -157,6 +252,8 @@ impl AsyncRead for ClientStream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(target_os = "linux")]
+            ClientStream::Ring(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             ClientStream::Tunnel(t) => Pin::new(t.io.as_mut()).poll_read(cx, buf),
         }
@@ -171,6 +268,8 @@ impl AsyncWrite for ClientStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(target_os = "linux")]
+            ClientStream::Ring(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             ClientStream::Tunnel(t) => Pin::new(t.io.as_mut()).poll_write(cx, buf),
         }
@@ -179,6 +278,8 @@ impl AsyncWrite for ClientStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(target_os = "linux")]
+            ClientStream::Ring(s) => Pin::new(s).poll_flush(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             ClientStream::Tunnel(t) => Pin::new(t.io.as_mut()).poll_flush(cx),
         }
@@ -187,6 +288,8 @@ impl AsyncWrite for ClientStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(target_os = "linux")]
+            ClientStream::Ring(s) => Pin::new(s).poll_shutdown(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             ClientStream::Tunnel(t) => Pin::new(t.io.as_mut()).poll_shutdown(cx),
         }
@@ -243,6 +346,8 @@ impl AsyncRead for Transport {
             Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(target_os = "linux")]
+            Transport::Ring(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -257,6 +362,8 @@ impl AsyncWrite for Transport {
             Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(target_os = "linux")]
+            Transport::Ring(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -265,6 +372,8 @@ impl AsyncWrite for Transport {
             Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(target_os = "linux")]
+            Transport::Ring(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -273,6 +382,8 @@ impl AsyncWrite for Transport {
             Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             #[cfg(unix)]
             Transport::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(target_os = "linux")]
+            Transport::Ring(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

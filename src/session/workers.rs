@@ -25,6 +25,8 @@ use anyhow::Context;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
+use crate::config::IoUring;
+
 /// Log lines name the subsystem, not the file: operators filter on it
 /// (`RUST_LOG=rlsgate::listener=debug`), so it outlives a move of the code.
 const LOG_TARGET: &str = "rlsgate::listener";
@@ -56,10 +58,13 @@ struct Worker {
 
 impl Workers {
     /// Starts `count` worker threads; none with 0, and then sessions run
-    /// on the caller's runtime.
-    pub(crate) fn start(count: usize) -> anyhow::Result<Workers> {
+    /// on the caller's runtime. `io_uring` says whether they relay through
+    /// an io_uring each (see [`uring`](crate::session::uring)); which way
+    /// they relay is logged.
+    pub(crate) fn start(count: usize, io_uring: IoUring) -> anyhow::Result<Workers> {
+        let ring = relay_through_io_uring(count, io_uring)?;
         let workers = (0..count)
-            .map(start_worker)
+            .map(|index| start_worker(index, ring))
             .collect::<anyhow::Result<_>>()?;
         Ok(Workers { workers })
     }
@@ -100,7 +105,43 @@ impl Workers {
     }
 }
 
-fn start_worker(index: usize) -> anyhow::Result<Worker> {
+/// Whether the workers relay through io_uring, as `[listen] io_uring` asks
+/// and the kernel allows.
+fn relay_through_io_uring(workers: usize, setting: IoUring) -> anyhow::Result<bool> {
+    if setting == IoUring::Off {
+        tracing::info!(target: LOG_TARGET, "sessions relay through epoll ([listen] io_uring = \"off\")");
+        return Ok(false);
+    }
+    if workers == 0 {
+        tracing::info!(target: LOG_TARGET, "sessions relay through epoll: io_uring needs worker threads");
+        return Ok(false);
+    }
+    match io_uring_available() {
+        Ok(()) => {
+            tracing::info!(target: LOG_TARGET, "sessions relay through io_uring");
+            Ok(true)
+        }
+        Err(why) if setting == IoUring::On => {
+            anyhow::bail!("[listen] io_uring = \"on\", but {why}")
+        }
+        Err(why) => {
+            tracing::info!(target: LOG_TARGET, "sessions relay through epoll: {why}");
+            Ok(false)
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn io_uring_available() -> Result<(), String> {
+    crate::session::uring::available()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn io_uring_available() -> Result<(), String> {
+    Err("io_uring is Linux's".to_owned())
+}
+
+fn start_worker(index: usize, ring: bool) -> anyhow::Result<Worker> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -112,7 +153,11 @@ fn start_worker(index: usize) -> anyhow::Result<Worker> {
         .spawn(move || {
             HOME.with(|home| home.set(Some(index)));
             runtime.block_on(async {
-                let _ = stopped.await;
+                #[cfg(target_os = "linux")]
+                if ring {
+                    return drive_ring(stopped).await;
+                }
+                let _ = (ring, stopped.await);
             });
         })
         .context("cannot start a worker thread")?;
@@ -121,6 +166,27 @@ fn start_worker(index: usize) -> anyhow::Result<Worker> {
         sessions: Arc::new(AtomicUsize::new(0)),
         _stop: stop,
     })
+}
+
+/// Runs the worker's io_uring until the worker stops. Without it (it could
+/// not be set up, or failed) sessions relay through epoll.
+#[cfg(target_os = "linux")]
+async fn drive_ring(stopped: oneshot::Receiver<()>) {
+    use crate::session::uring;
+    if let Err(e) = uring::install() {
+        tracing::warn!(target: LOG_TARGET, error = %e, "cannot set up io_uring; this worker relays through epoll");
+        let _ = stopped.await;
+        return;
+    }
+    tokio::select! {
+        _ = stopped => {}
+        driven = uring::drive() => {
+            if let Err(e) = driven {
+                tracing::error!(target: LOG_TARGET, error = %e, "io_uring failed; this worker's sessions on it end, and new ones relay through epoll");
+            }
+            uring::uninstall();
+        }
+    }
 }
 
 /// Counts a session on its worker while it lives.
@@ -146,7 +212,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_are_spread_over_the_workers_and_run_on_them() {
-        let workers = Workers::start(2).unwrap();
+        let workers = Workers::start(2, IoUring::Auto).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -172,7 +238,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_workers_a_session_runs_on_the_callers_runtime() {
-        let workers = Workers::start(0).unwrap();
+        let workers = Workers::start(0, IoUring::Auto).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await

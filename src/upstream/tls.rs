@@ -294,6 +294,8 @@ impl UpstreamTls {
                     self.mode.as_str()
                 ),
             )),
+            #[cfg(target_os = "linux")]
+            Transport::Ring(_) => unreachable!("a new connection is on the reactor"),
         }
     }
 

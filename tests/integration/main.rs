@@ -26,6 +26,7 @@ mod pooling;
 mod protocol;
 mod providers;
 mod refusals;
+mod relay_paths;
 mod reload;
 mod replicas;
 mod serverless;
