@@ -134,7 +134,10 @@ pub(crate) fn available() -> Result<(), String> {
 /// Sets up the calling thread's ring. Call it on a worker thread before its
 /// runtime runs [`drive`].
 pub(crate) fn install() -> io::Result<()> {
-    let uring = IoUring::new(ENTRIES)?;
+    let uring = IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .build(ENTRIES)?;
     RING.with(|ring| {
         *ring.borrow_mut() = Some(Ring {
             id: NEXT_RING.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -228,15 +231,15 @@ fn with_ring<T>(f: impl FnOnce(&mut Ring) -> T) -> T {
 impl Ring {
     /// Enters the ring for what was queued, then hands out what completed.
     fn turn(&mut self) -> io::Result<()> {
-        if self.queued > 0 || self.uring.submission().cq_overflow() {
+        let mut sq = self.uring.submission();
+        let work = sq.cq_overflow() || sq.taskrun();
+        drop(sq);
+        if self.queued > 0 || work {
             self.enter()?;
         }
-        let mut done = Vec::new();
+        let (sockets, free) = (&mut self.sockets, &mut self.free);
         for cqe in self.uring.completion() {
-            done.push((cqe.user_data(), cqe.result()));
-        }
-        for (user_data, result) in done {
-            self.complete(user_data, result);
+            complete(sockets, free, cqe.user_data(), cqe.result());
         }
         Ok(())
     }
@@ -252,36 +255,6 @@ impl Ring {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
             Err(e) => Err(e),
-        }
-    }
-
-    fn complete(&mut self, user_data: u64, result: i32) {
-        let slot = (user_data >> OP_BITS) as usize;
-        let Some(Some(socket)) = self.sockets.get_mut(slot) else {
-            return;
-        };
-        let op = match user_data & ((1 << OP_BITS) - 1) {
-            RECV => {
-                socket.recv.state = OpState::Done(result);
-                &mut socket.recv
-            }
-            SEND => {
-                socket.send.state = OpState::Done(result);
-                &mut socket.send
-            }
-            // A cancellation's end is awaited by whoever waits on the
-            // receive (see `RingSocket::release`).
-            _ => {
-                socket.cancels -= 1;
-                &mut socket.recv
-            }
-        };
-        if let Some(waker) = op.waker.take() {
-            waker.wake();
-        }
-        if socket.dropped && !socket.busy() {
-            self.sockets[slot] = None;
-            self.free.push(slot);
         }
     }
 
@@ -344,14 +317,47 @@ impl Ring {
         Ok(())
     }
 
-    fn cancel_recv(&mut self, slot: usize) -> io::Result<()> {
-        let target = ((slot as u64) << OP_BITS) | RECV;
+    /// Cancels the socket's operation `op` (RECV or SEND).
+    fn cancel(&mut self, slot: usize, op: u64) -> io::Result<()> {
+        let target = ((slot as u64) << OP_BITS) | op;
         let entry = opcode::AsyncCancel::new(target)
             .build()
             .user_data(((slot as u64) << OP_BITS) | CANCEL);
         self.push(&entry)?;
         self.socket(slot).cancels += 1;
         Ok(())
+    }
+}
+
+/// Hands an operation's result to its socket, and frees the socket's slot
+/// when its handle is gone and nothing of it is in flight any more.
+fn complete(sockets: &mut [Option<Socket>], free: &mut Vec<usize>, user_data: u64, result: i32) {
+    let slot = (user_data >> OP_BITS) as usize;
+    let Some(Some(socket)) = sockets.get_mut(slot) else {
+        return;
+    };
+    let op = match user_data & ((1 << OP_BITS) - 1) {
+        RECV => {
+            socket.recv.state = OpState::Done(result);
+            &mut socket.recv
+        }
+        SEND => {
+            socket.send.state = OpState::Done(result);
+            &mut socket.send
+        }
+        // A cancellation's end is awaited by whoever waits on the receive
+        // (see `RingSocket::release`).
+        _ => {
+            socket.cancels -= 1;
+            &mut socket.recv
+        }
+    };
+    if let Some(waker) = op.waker.take() {
+        waker.wake();
+    }
+    if socket.dropped && !socket.busy() {
+        sockets[slot] = None;
+        free.push(slot);
     }
 }
 
@@ -446,7 +452,7 @@ impl RingSocket {
     pub(crate) async fn release(mut self) -> io::Result<(OwnedFd, bool, bool)> {
         poll_fn(|cx| Pin::new(&mut self).poll_flush(cx)).await?;
         self.with(|ring, slot| match ring.socket(slot).recv.state {
-            OpState::InFlight => ring.cancel_recv(slot),
+            OpState::InFlight => ring.cancel(slot, RECV),
             _ => Ok(()),
         })?;
         poll_fn(|cx| {
@@ -474,13 +480,18 @@ impl RingSocket {
 }
 
 impl Drop for RingSocket {
-    /// The receive in flight is cancelled; the descriptor closes, and the
+    /// What is in flight is cancelled; the descriptor closes, and the
     /// buffers go, once the kernel holds nothing of them. Off its thread a
     /// handle leaves its socket to the ring (it cannot be reached).
     fn drop(&mut self) {
         let _ = self.with(|ring, slot| {
+            // A send stuck on a peer that reads nothing would hold the
+            // descriptor open, and the peer would never see it close.
             if ring.socket(slot).recv.state == OpState::InFlight {
-                ring.cancel_recv(slot)?;
+                ring.cancel(slot, RECV)?;
+            }
+            if ring.socket(slot).send.state == OpState::InFlight {
+                ring.cancel(slot, SEND)?;
             }
             let socket = ring.socket(slot);
             socket.dropped = true;

@@ -219,3 +219,31 @@ fn a_socket_used_off_its_thread_fails_instead_of_reaching_another_ring() {
         "an io_uring socket was used off its thread"
     );
 }
+
+#[test]
+fn a_socket_dropped_while_its_send_waits_on_a_peer_that_reads_nothing_is_closed() {
+    on_a_ring(|| async {
+        let (mut ours, _peer) = pair().await;
+        // Fill both socket buffers: a write then waits for the peer.
+        let chunk = vec![7u8; BUFFER];
+        loop {
+            let wrote = tokio::time::timeout(Duration::from_millis(200), async {
+                ours.write_all(&chunk).await.unwrap();
+                ours.flush().await.unwrap();
+            })
+            .await;
+            if wrote.is_err() {
+                break;
+            }
+        }
+        let slot = ours.slot;
+        drop(ours);
+        tokio::time::timeout(WAIT, async {
+            while with_ring(|ring| ring.sockets[slot].is_some()) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the stuck send is cancelled and the socket closed");
+    });
+}
