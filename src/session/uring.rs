@@ -231,10 +231,12 @@ fn with_ring<T>(f: impl FnOnce(&mut Ring) -> T) -> T {
 impl Ring {
     /// Enters the ring for what was queued, then hands out what completed.
     fn turn(&mut self) -> io::Result<()> {
-        let mut sq = self.uring.submission();
-        let work = sq.cq_overflow() || sq.taskrun();
+        // Completions held back by the kernel (an overflow), or waiting for
+        // this thread to run them (cooperative task running), need an enter.
+        let sq = self.uring.submission();
+        let held = sq.cq_overflow() || sq.taskrun();
         drop(sq);
-        if self.queued > 0 || work {
+        if self.queued > 0 || held {
             self.enter()?;
         }
         let (sockets, free) = (&mut self.sockets, &mut self.free);
