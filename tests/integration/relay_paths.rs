@@ -12,7 +12,8 @@ use tokio_postgres::NoTls;
 
 use crate::support::pki::TestPki;
 use crate::support::{
-    Harness, db_error, http_get, metric, pooled, psql_ok, refusal, unix_now, user_id_of, with_admin,
+    Harness, db_error, http_get, metric, pooled, psql_ok, refusal, stream_until_ended, unix_now,
+    user_id_of, with_admin,
 };
 use rlsgate::config::Config;
 use rlsgate::dev::issuer::KeyKind;
@@ -151,28 +152,7 @@ async fn on_both_relays_a_streaming_result_is_cut_between_messages_at_expiry() {
             serde_json::json!({"sub": "alice", "aud": "todo-app", "exp": unix_now() + 2}),
         );
         let client = h.connect("authenticated", &token).await.unwrap();
-        let rows = client
-            .query_raw(
-                "select repeat('x', 3000), generate_series(1, 100000000)",
-                std::iter::empty::<i32>(),
-            )
-            .await
-            .unwrap();
-        futures_util::pin_mut!(rows);
-        let mut received = 0u64;
-        let err = loop {
-            match tokio::time::timeout(Duration::from_secs(30), rows.next()).await {
-                Ok(Some(Ok(row))) => {
-                    // A FATAL spliced into a DataRow would surface as a
-                    // protocol error instead of the 28000 below.
-                    assert_eq!(row.get::<_, &str>(0).len(), 3000, "{relay:?}");
-                    received += 1;
-                }
-                Ok(Some(Err(e))) => break e,
-                Ok(None) => panic!("{relay:?}: the result finished before the token expired"),
-                Err(_) => panic!("{relay:?}: the session did not end within 30 s"),
-            }
-        };
+        let (received, err) = stream_until_ended(&client).await;
         assert!(received > 0, "{relay:?}: rows were streaming at expiry");
         let message = refusal(&err);
         assert!(

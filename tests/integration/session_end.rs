@@ -3,10 +3,9 @@
 use std::time::Duration;
 
 use crate::support::{
-    Harness, POOL_MODES, WAIT, client_config, db_error, envelope_payload, refusal, unix_now,
-    user_id_of,
+    Harness, POOL_MODES, WAIT, client_config, db_error, envelope_payload, refusal,
+    stream_until_ended, unix_now, user_id_of,
 };
-use futures_util::StreamExt;
 use rlsgate::dev::issuer::KeyKind;
 use serde_json::json;
 use tokio_postgres::NoTls;
@@ -80,30 +79,7 @@ async fn a_streaming_result_is_cut_between_messages_at_expiry() {
         .connect("authenticated", &short_lived(&h, 2))
         .await
         .unwrap();
-    let rows = client
-        .query_raw(
-            // In the select list the series streams; in FROM it would be
-            // materialized before the first row.
-            "select repeat('x', 3000), generate_series(1, 100000000)",
-            std::iter::empty::<i32>(),
-        )
-        .await
-        .unwrap();
-    futures_util::pin_mut!(rows);
-    let mut received = 0u64;
-    let err = loop {
-        match tokio::time::timeout(Duration::from_secs(30), rows.next()).await {
-            Ok(Some(Ok(row))) => {
-                // Every row arrives whole: a FATAL spliced into a DataRow would
-                // surface as a protocol error instead of the 28000 below.
-                assert_eq!(row.get::<_, &str>(0).len(), 3000);
-                received += 1;
-            }
-            Ok(Some(Err(e))) => break e,
-            Ok(None) => panic!("a 300 GB result finished before the token expired"),
-            Err(_) => panic!("the session did not end within 30 s of streaming"),
-        }
-    };
+    let (received, err) = stream_until_ended(&client).await;
     assert!(received > 0, "rows were streaming when the token expired");
     assert_token_expired(&err);
 }

@@ -52,6 +52,15 @@ async fn pair() -> (RingSocket, TcpStream) {
     (ours, peer)
 }
 
+/// Starts a receive that nothing answers yet, and leaves it in flight.
+async fn start_receiving(socket: &mut RingSocket) {
+    let waited = tokio::time::timeout(Duration::from_millis(50), socket.read(&mut [0; 1])).await;
+    assert!(
+        waited.is_err(),
+        "nothing was sent, so the receive is in flight"
+    );
+}
+
 /// Waits until the socket's receive is no longer in flight.
 async fn until_received(socket: &RingSocket) {
     tokio::time::timeout(WAIT, async {
@@ -127,15 +136,10 @@ fn a_read_shorter_than_what_arrived_leaves_the_rest_for_the_next_and_the_end_rea
 fn a_socket_dropped_while_receiving_is_closed_and_its_slot_freed() {
     on_a_ring(|| async {
         let (mut ours, mut peer) = pair().await;
-        let mut byte = [0; 1];
-        let waited = tokio::time::timeout(Duration::from_millis(50), ours.read(&mut byte)).await;
-        assert!(
-            waited.is_err(),
-            "nothing was sent, so the receive is in flight"
-        );
+        start_receiving(&mut ours).await;
         let slot = ours.slot;
         drop(ours);
-        let read = tokio::time::timeout(WAIT, peer.read(&mut byte))
+        let read = tokio::time::timeout(WAIT, peer.read(&mut [0; 1]))
             .await
             .expect("the peer sees the socket close");
         assert_eq!(read.unwrap(), 0);
@@ -148,9 +152,7 @@ fn a_socket_dropped_while_receiving_is_closed_and_its_slot_freed() {
 fn a_released_socket_that_lost_nothing_is_clean_and_serves_on_the_reactor() {
     on_a_ring(|| async {
         let (mut ours, mut peer) = pair().await;
-        let mut byte = [0; 1];
-        let waited = tokio::time::timeout(Duration::from_millis(50), ours.read(&mut byte)).await;
-        assert!(waited.is_err(), "the receive is in flight");
+        start_receiving(&mut ours).await;
         ours.write_all(b"sent on the ring").await.unwrap();
         let transport = Transport::Ring(ours);
         let (mut transport, clean) = transport.off_ring().await.unwrap();
@@ -173,9 +175,7 @@ fn a_released_socket_that_lost_nothing_is_clean_and_serves_on_the_reactor() {
 fn a_released_socket_that_received_what_nobody_read_is_not_clean() {
     on_a_ring(|| async {
         let (mut ours, mut peer) = pair().await;
-        let mut byte = [0; 1];
-        let waited = tokio::time::timeout(Duration::from_millis(50), ours.read(&mut byte)).await;
-        assert!(waited.is_err(), "the receive is in flight");
+        start_receiving(&mut ours).await;
         peer.write_all(b"late").await.unwrap();
         until_received(&ours).await;
         let (_, _, clean) = ours.release().await.unwrap();

@@ -723,3 +723,33 @@ pub async fn login_with(
     };
     (session, status)
 }
+
+/// Streams rows of 3 000 bytes each until the session ends it, checking
+/// that every row arrives whole (a FATAL spliced into a DataRow would
+/// surface as a protocol error instead); returns the rows received and the
+/// error the stream ended with.
+pub async fn stream_until_ended(client: &Client) -> (u64, tokio_postgres::Error) {
+    use futures_util::StreamExt;
+    let rows = client
+        .query_raw(
+            // In the select list the series streams; in FROM it would be
+            // materialized before the first row.
+            "select repeat('x', 3000), generate_series(1, 100000000)",
+            std::iter::empty::<i32>(),
+        )
+        .await
+        .unwrap();
+    futures_util::pin_mut!(rows);
+    let mut received = 0u64;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), rows.next()).await {
+            Ok(Some(Ok(row))) => {
+                assert_eq!(row.get::<_, &str>(0).len(), 3000);
+                received += 1;
+            }
+            Ok(Some(Err(e))) => return (received, e),
+            Ok(None) => panic!("a 300 GB result finished before the session ended"),
+            Err(_) => panic!("the session did not end within 30 s of streaming"),
+        }
+    }
+}
