@@ -493,15 +493,18 @@ fn a_socket_directory_host_has_no_tls_and_errors_name_both_keys() {
     assert!(message.contains("peer"), "{message}");
 }
 
+/// A small configuration with `lines` added to its `[listen]`.
+fn with_listen_lines(lines: &str) -> anyhow::Result<Config> {
+    Config::parse(&format!(
+        "[listen]\naddress = \"127.0.0.1:6432\"\n{lines}\n[upstream]\nhost = \"h\"\n\
+         [[role]]\nname = \"a\"\ntoken = \"none\"\n\
+         [claims]\nsigning_key = \"cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM=\"\n"
+    ))
+}
+
 #[test]
 fn workers_default_to_one_per_cpu_and_zero_means_the_shared_runtime() {
-    let with_workers = |line: &str| {
-        Config::parse(&format!(
-            "[listen]\naddress = \"127.0.0.1:6432\"\n{line}\n[upstream]\nhost = \"h\"\n\
-             [[role]]\nname = \"a\"\ntoken = \"none\"\n\
-             [claims]\nsigning_key = \"cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM=\"\n"
-        ))
-    };
+    let with_workers = with_listen_lines;
     let cpus = std::thread::available_parallelism().unwrap().get();
     assert_eq!(with_workers("").unwrap().listen.worker_threads(), cpus);
     assert_eq!(
@@ -518,13 +521,7 @@ fn workers_default_to_one_per_cpu_and_zero_means_the_shared_runtime() {
 
 #[test]
 fn io_uring_is_auto_unless_told_and_on_needs_worker_threads() {
-    let with_listen = |lines: &str| {
-        Config::parse(&format!(
-            "[listen]\naddress = \"127.0.0.1:6432\"\n{lines}\n[upstream]\nhost = \"h\"\n\
-             [[role]]\nname = \"a\"\ntoken = \"none\"\n\
-             [claims]\nsigning_key = \"cmxzZ2F0ZS1leGFtcGxlLXNpZ25pbmcta2V5LTMyYnl0ZXM=\"\n"
-        ))
-    };
+    let with_listen = with_listen_lines;
     assert_eq!(with_listen("").unwrap().listen.io_uring, IoUring::Auto);
     assert_eq!(
         with_listen("io_uring = \"off\"").unwrap().listen.io_uring,
