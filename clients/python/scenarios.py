@@ -102,6 +102,12 @@ def until_gone(monitor, pid):
     )
 
 
+# Tells this run's statements from those of runs beside it on the same
+# database (the test suite runs the scenarios in each pool mode at once):
+# running_backend finds a statement by its text.
+RUN = os.getpid()
+
+
 def running_backend(monitor, conn, query):
     """The pid of the backend running `query` (its exact text), once it runs,
     as seen through `monitor`; None if it does not run within WAIT. Without
@@ -190,7 +196,7 @@ def cancelled_while_running(cancel):
     """Runs pg_sleep(15) on a connection, calls `cancel(conn)` from this
     thread once it runs, and checks it ends with QueryCanceled and that the
     connection is usable afterwards."""
-    query = f"select pg_sleep(15) as {cancel.__name__}"
+    query = f"select pg_sleep(15) as {cancel.__name__}_{RUN}"
     with connect(ALICE) as conn, connect(BOB) as monitor:
         thread, outcome = in_thread(lambda: conn.execute(query))
         check(f"{cancel.__name__}: the query is running", running_backend(monitor, conn, query))
@@ -260,7 +266,7 @@ def abandoning_a_stream_cancels_the_rest():
 
 @step
 def close_from_another_thread_while_a_query_runs():
-    query = "select pg_sleep(15) as concurrent_close"
+    query = f"select pg_sleep(15) as concurrent_close_{RUN}"
     with connect(BOB) as monitor:
         conn = connect(ALICE)
         thread, outcome = in_thread(lambda: conn.execute(query))

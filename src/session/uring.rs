@@ -115,7 +115,7 @@ impl Socket {
 /// can be set up (seccomp profiles, `kernel.io_uring_disabled` and old
 /// kernels forbid it) and it knows the operations the relay uses.
 pub(crate) fn available() -> Result<(), String> {
-    let uring = IoUring::new(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
+    let uring = new_ring(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
     let mut probe = Probe::new();
     uring
         .submitter()
@@ -135,16 +135,8 @@ pub(crate) fn available() -> Result<(), String> {
 
 /// Sets up the calling thread's ring. Call it on a worker thread before its
 /// runtime runs [`drive`].
-///
-/// Cooperative task running: a completion does not interrupt the thread
-/// while it runs (an interrupt per completion cost more CPU than relaying
-/// through epoll at 8 clients); the thread picks completions up when it
-/// next enters the ring, and is woken for them when it sleeps.
 pub(crate) fn install() -> io::Result<()> {
-    let uring = IoUring::builder()
-        .setup_coop_taskrun()
-        .setup_taskrun_flag()
-        .build(ENTRIES)?;
+    let uring = new_ring(ENTRIES)?;
     RING.with(|ring| {
         *ring.borrow_mut() = Some(Ring {
             id: NEXT_RING.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -156,6 +148,15 @@ pub(crate) fn install() -> io::Result<()> {
         });
     });
     Ok(())
+}
+
+/// A ring with the kernel's default task running: a completion interrupts
+/// the thread to be handed over. Cooperative task running (completions
+/// picked up at the thread's next system call) cost less CPU at 8 clients,
+/// but left some completions waiting far longer: a retired backend was seen
+/// still open 10 s after its Terminate was written.
+fn new_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::new(entries)
 }
 
 /// Takes the calling thread's ring down (it failed): its sockets' handles
@@ -240,10 +241,9 @@ fn with_ring<T>(f: impl FnOnce(&mut Ring) -> T) -> T {
 impl Ring {
     /// Enters the ring for what was queued, then hands out what completed.
     fn turn(&mut self) -> io::Result<()> {
-        // Completions held back by the kernel (an overflow), or waiting for
-        // this thread to run them (cooperative task running), need an enter.
+        // Completions held back by the kernel (an overflow) need an enter.
         let sq = self.uring.submission();
-        let held = sq.cq_overflow() || sq.taskrun();
+        let held = sq.cq_overflow();
         drop(sq);
         if self.queued > 0 || held {
             self.enter()?;
