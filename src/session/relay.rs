@@ -206,7 +206,11 @@ pub(crate) async fn run(
             traffic,
         }
         .run(upstream_read, client_write, expiry, shutdown);
+        // The client's side first: when its goodbye and the server's close
+        // that it caused are both ready (one turn of an io_uring can
+        // complete both), the client ended the session.
         tokio::select! {
+            biased;
             ending = to_upstream => ending,
             ending = to_client => ending,
         }
