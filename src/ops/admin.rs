@@ -66,10 +66,12 @@ async fn metrics(State(current): State<Current>) -> Response {
     // Values the token checker keeps itself are copied in at each scrape.
     let (hits, misses) = services.tokens.cache_counts();
     metrics.token_cache(hits, misses);
-    // Session pooling lends nothing per request or transaction: no census.
-    let lending = services.config.pool.mode == crate::config::PoolMode::Transaction;
+    let mode = match services.config.pool.mode {
+        crate::config::PoolMode::Transaction => "transaction",
+        _ => "session",
+    };
     let pools = [
-        ("transaction", services.pool.as_ref().filter(|_| lending)),
+        (mode, services.pool.as_ref()),
         ("http", services.http_pool.as_ref()),
     ];
     for (name, pool) in pools {

@@ -362,15 +362,17 @@ impl Metrics {
     }
 
     /// A pool's backends as they stand, copied in before each render;
-    /// `pool`: `transaction` or `http`.
+    /// `pool`: `session`, `transaction` or `http`. `in_use` is `None` for
+    /// the session pool, whose backends in use are its sessions'.
     pub(crate) fn pool_backends(
         &self,
         pool: &'static str,
         (database, user): (&str, &str),
-        in_use: usize,
+        in_use: Option<usize>,
         idle: usize,
     ) {
-        for (state, count) in [("in_use", in_use), ("idle", idle)] {
+        let states = in_use.map(|n| ("in_use", n)).into_iter();
+        for (state, count) in states.chain([("idle", idle)]) {
             self.gauge(
                 POOL_BACKENDS,
                 vec![
@@ -512,7 +514,7 @@ fn describe(recorder: &PrometheusRecorder) {
         (
             POOL_BACKENDS,
             None,
-            "Pooled backends of transaction pooling and of HTTP requests, by pool (transaction, http), database, upstream user and state (in_use, idle), at the scrape.",
+            "Pooled backends by pool (session, transaction, http), database, upstream user and state (in_use, idle; the session pool's are idle only), at the scrape.",
         ),
     ];
     for (name, unit, text) in help {

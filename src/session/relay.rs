@@ -6,7 +6,7 @@
 //! and so that it can replace the session's envelope while it is idle.
 
 use std::io;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -136,6 +136,9 @@ struct Shared {
     /// Answers to the proxy's own messages (ReadyForQuery each) still to be
     /// taken out of the server's stream.
     swallow: AtomicU32,
+    /// The proxy is ending the session and telling the client why (token
+    /// expiry, shutdown): the client leaving after that is its answer.
+    telling: AtomicBool,
 }
 
 /// What a session's client has sent.
@@ -186,6 +189,7 @@ pub(crate) async fn run(
         answered: AtomicU64::new(0),
         status: AtomicU8::new(b'I'),
         swallow: AtomicU32::new(0),
+        telling: AtomicBool::new(false),
     };
     let mut from_server = Frames::default();
     let mut from_client = Frames::default();
@@ -206,13 +210,20 @@ pub(crate) async fn run(
             traffic,
         }
         .run(upstream_read, client_write, expiry, shutdown);
-        // The client's side first: when its goodbye and the server's close
-        // that it caused are both ready (one turn of an io_uring can
-        // complete both), the client ended the session.
+        tokio::pin!(to_client);
+        // Whichever side caused the end names it, even when the other's
+        // reaction is seen as soon (one turn of an io_uring can complete
+        // both): the client's goodbye first, before the server's close that
+        // it caused; but once the proxy is telling the client why it ends
+        // the session, the client leaving is its answer to that.
         tokio::select! {
             biased;
-            ending = to_upstream => ending,
-            ending = to_client => ending,
+            ending = to_upstream => if shared.telling.load(Ordering::Relaxed) {
+                to_client.await
+            } else {
+                ending
+            },
+            ending = &mut to_client => ending,
         }
     };
     let answered = shared.answered.load(Ordering::Relaxed);
@@ -385,6 +396,7 @@ impl ServerSide<'_> {
             if let Some(reason) = ending.take() {
                 // What is held back was not walked yet: it is dropped.
                 if self.frames.at_boundary() {
+                    self.shared.telling.store(true, Ordering::Relaxed);
                     return end_with_fatal(&mut client, reason).await;
                 }
                 ending = Some(reason);
@@ -701,6 +713,7 @@ mod tests {
             answered: AtomicU64::new(0),
             status: AtomicU8::new(b'I'),
             swallow: AtomicU32::new(0),
+            telling: AtomicBool::new(false),
         }
     }
 
@@ -818,6 +831,54 @@ mod tests {
         let before = upstream.len();
         side.refresh_envelope(&mut upstream).await.unwrap();
         assert_eq!(upstream.len(), before);
+    }
+
+    /// The proxy's goodbye to a client whose token expired is written in
+    /// pieces (the client reads slowly); the client reads the first and
+    /// leaves at once. Its leaving and the failed rest of the write are
+    /// then seen in the same poll: the session still ended because the
+    /// token expired, and its backend is not clean.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_client_leaving_on_the_proxys_goodbye_leaves_the_ending_the_proxys() {
+        let (proxy_end, mut client) = tokio::io::duplex(8);
+        let client_stream = ClientStream::Tunnel(crate::session::stream::Tunnel {
+            io: Box::new(proxy_end),
+            secure: false,
+            local_is_loopback: true,
+        });
+        let (backend, _server) = tokio::net::UnixStream::pair().unwrap();
+        let mut upstream = UpstreamStream::Plain(crate::session::stream::Transport::Unix(backend));
+        let plan = Plan {
+            expiry: Some(Expiry {
+                at: Instant::now(),
+                exp: 1,
+            }),
+            pooled: true,
+            envelope: envelope(),
+        };
+        let (_stop, stopping) = tokio::sync::broadcast::channel(1);
+        let traffic = Traffic::new(metrics::Counter::noop(), metrics::Counter::noop());
+        let leaving = tokio::spawn(async move {
+            let mut first = [0u8; 8];
+            client.read_exact(&mut first).await.unwrap();
+            first[0]
+        });
+        let finish = run(
+            client_stream,
+            &mut upstream,
+            plan,
+            &mut Shutdown::new(stopping),
+            &traffic,
+        )
+        .await;
+        assert_eq!(leaving.await.unwrap(), b'E', "the client was told why");
+        assert!(
+            matches!(finish.ending, Ending::TokenExpired(1)),
+            "{:?}",
+            finish.ending
+        );
+        assert!(!finish.clean);
     }
 
     #[test]

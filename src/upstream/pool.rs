@@ -568,21 +568,25 @@ impl Pool {
     }
 
     /// Connections lent and idle per database and upstream user, for the
-    /// metrics: (database, user, lent, idle).
-    pub(crate) fn census(&self) -> Vec<(String, String, usize, usize)> {
+    /// metrics: (database, user, lent, idle). Lent is `None` where nothing
+    /// is lent per request or transaction (a session pool's backends are
+    /// attached to their sessions instead).
+    pub(crate) fn census(&self) -> Vec<(String, String, Option<usize>, usize)> {
         let lent = self.lent.lock().expect("pool lock");
         let idle = self.idle.lock().expect("pool lock");
-        lent.iter()
-            .map(|(key, slots)| {
-                let idle: usize = idle
-                    .iter()
-                    .filter(|(other, _)| other.same_target(key))
-                    .map(|(_, list)| list.len())
-                    .sum();
-                let database = key.database.clone().unwrap_or_default();
-                let in_use = self.settings.size - slots.available_permits();
-                (database, key.user.clone(), in_use, idle)
-            })
+        let mut targets: BTreeMap<(String, String), (Option<usize>, usize)> = BTreeMap::new();
+        for (key, list) in idle.iter() {
+            let target = (key.database.clone().unwrap_or_default(), key.user.clone());
+            targets.entry(target).or_default().1 += list.len();
+        }
+        for (key, slots) in lent.iter() {
+            let target = (key.database.clone().unwrap_or_default(), key.user.clone());
+            targets.entry(target).or_default().0 =
+                Some(self.settings.size - slots.available_permits());
+        }
+        targets
+            .into_iter()
+            .map(|((database, user), (in_use, idle))| (database, user, in_use, idle))
             .collect()
     }
 

@@ -65,17 +65,6 @@ pub(crate) async fn wait_until_active(admin: &Client, pid: i32) {
     .await;
 }
 
-/// Waits until backend `pid` sits idle after the pool's reset, i.e. back in
-/// the pool.
-async fn wait_until_returned(admin: &Client, pid: i32) {
-    wait_for_backend(admin, pid, "returned to the pool", |state, query| {
-        state == "idle" && query == "DISCARD ALL"
-    })
-    .await;
-    // The proxy files it right after reading that answer.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
 async fn wait_for_backend(admin: &Client, pid: i32, what: &str, done: fn(&str, &str) -> bool) {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -373,7 +362,7 @@ async fn a_pooled_clients_key_cancels_nothing_on_the_next_client_even_sent_as_it
     let racing = tokio::spawn(send_cancel(port, pid, alices_secret));
     alice.terminate().await;
     racing.await.unwrap();
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
 
     let mut bob = h.raw_connect_as("bob").await;
     assert_eq!(

@@ -37,34 +37,6 @@ async fn value(client: &Client, sql: &str) -> Option<String> {
         .unwrap()
 }
 
-/// Waits until backend `pid` sits idle after the pool's reset, i.e. back in
-/// the pool.
-async fn wait_until_returned(admin: &Client, pid: i32) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let row = admin
-            .query_opt(
-                "select state, query from pg_stat_activity where pid = $1",
-                &[&pid],
-            )
-            .await
-            .unwrap();
-        let seen: Option<(Option<String>, Option<String>)> = row.map(|r| (r.get(0), r.get(1)));
-        if let Some((state, query)) = &seen {
-            if state.as_deref() == Some("idle") && query.as_deref() == Some("DISCARD ALL") {
-                // The proxy files it right after reading that answer.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backend {pid} was not returned to the pool within {WAIT:?}: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Waits until backend `pid` has exited.
 async fn wait_until_gone(admin: &Client, pid: i32) {
     let deadline = Instant::now() + WAIT;
@@ -89,7 +61,7 @@ async fn alices_backend_returned(h: &Harness, admin: &Client) -> i32 {
     let alice = h.connect_as("alice").await;
     let pid = pid_of(&alice).await;
     drop(alice);
-    wait_until_returned(admin, pid).await;
+    h.wait_until_pooled(admin, pid).await;
     pid
 }
 
@@ -131,7 +103,7 @@ async fn user_b_on_alices_backend_sees_nothing_she_left_behind() {
         Some("helper")
     );
     drop(alice);
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
 
     let bob = h.connect_as("bob").await;
     assert_eq!(
@@ -263,7 +235,7 @@ async fn a_client_that_leaves_cleanly_has_its_backend_reused() {
         .await
         .unwrap();
     drop(alice);
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
 
     let mut bob = h.raw_connect_as("bob").await;
     assert_eq!(
@@ -275,7 +247,7 @@ async fn a_client_that_leaves_cleanly_has_its_backend_reused() {
         Some("bob")
     );
     bob.terminate().await;
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
 }
 
 #[tokio::test]
@@ -295,7 +267,7 @@ async fn dead_pooled_connections_are_replaced_after_an_upstream_restart() {
     }
     drop(clients);
     for pid in &pids {
-        wait_until_returned(&admin, *pid).await;
+        h.wait_until_pooled(&admin, *pid).await;
     }
     drop(admin);
 
@@ -359,7 +331,7 @@ async fn parameter_status_matches_the_backend() {
     // Changed during the session, to what happens to be the default.
     alice.query("set TimeZone = 'UTC'").await.unwrap();
     alice.terminate().await;
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
 
     // The same backend, told its own values: none of alice's.
     let (mut bob, status) = login_with(&h, "bob", &[("application_name", "bob-app")]).await;
@@ -429,7 +401,7 @@ async fn the_envelope_never_appears_in_pg_stat_activity() {
             assert_eq!(seen, 0, "the envelope is visible in pg_stat_activity");
         }
         drop(client);
-        wait_until_returned(&admin, pid).await;
+        h.wait_until_pooled(&admin, pid).await;
     }
 }
 
@@ -586,7 +558,7 @@ async fn a_backend_is_reused_after_each_form_of_copy_from_stdin() {
     wire::send(&mut alice.stream, &[b'c', 0, 0, 0, 4]).await;
     assert!(alice.read_result().await.is_ok(), "the COPY failed");
     alice.terminate().await;
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
 
     // Extended protocol, as libpq's PQexecParams and tokio-postgres do.
     let bob = h.connect_as("bob").await;
@@ -603,7 +575,7 @@ async fn a_backend_is_reused_after_each_form_of_copy_from_stdin() {
     assert_eq!(sink.finish().await.unwrap(), 1);
     assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
     drop(bob);
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
 
     // psql's \copy, ending the session right after it.
     let carol = h.token("carol");
@@ -612,7 +584,7 @@ async fn a_backend_is_reused_after_each_form_of_copy_from_stdin() {
         &carol,
         "\\copy scratch (id) from program 'echo 3'",
     );
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
     let dave = h.connect_as("dave").await;
     assert_eq!(
         pid_of(&dave).await,
@@ -733,9 +705,9 @@ async fn a_pooled_clients_first_statement_sent_with_its_startup_sees_its_claims(
 
     // A new backend, then the same one from the pool.
     let pid = first_statement_sees_claims(&h, "alice", &[]).await;
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
     assert_eq!(first_statement_sees_claims(&h, "bob", &[]).await, pid);
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
 
     // Startup settings: the first client with them waits for the bind's
     // answer; the next has its bind sent ahead of its greeting.
@@ -748,7 +720,7 @@ async fn a_pooled_clients_first_statement_sent_with_its_startup_sees_its_claims(
             first_statement_sees_claims(&h, "carol", &settings).await,
             pid
         );
-        wait_until_returned(&admin, pid).await;
+        h.wait_until_pooled(&admin, pid).await;
     }
 }
 
@@ -779,7 +751,7 @@ async fn a_greeting_sent_ahead_of_the_bind_tells_the_clients_own_settings() {
             Some(sub)
         );
         session.terminate().await;
-        wait_until_returned(&admin, this).await;
+        h.wait_until_pooled(&admin, this).await;
     }
 }
 
@@ -827,7 +799,7 @@ async fn settings_refused_after_a_connection_took_them_fail_the_client_before_it
             Some("public.pipelined")
         );
         session.terminate().await;
-        wait_until_returned(&admin, this).await;
+        h.wait_until_pooled(&admin, this).await;
     }
     let pid = pid.unwrap();
 
@@ -919,7 +891,7 @@ async fn without_worker_threads_sessions_share_one_runtime_and_pool_and_cancel_a
     assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
 
     drop(alice);
-    wait_until_returned(&admin, pid).await;
+    h.wait_until_pooled(&admin, pid).await;
     let bob = h.connect_as("bob").await;
     assert_eq!(pid_of(&bob).await, pid, "the backend is pooled");
     assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));

@@ -204,20 +204,7 @@ async fn on_both_relays_a_pooled_backend_goes_back_clean_and_serves_the_next_cli
             .await
             .unwrap();
         drop(alice);
-        // Back in the pool once DISCARD ALL has run on it.
-        crate::support::poll_until(Duration::from_secs(10), "the backend is pooled", || async {
-            let row = admin
-                .query_opt(
-                    "select 1 from pg_stat_activity \
-                     where pid = $1 and state = 'idle' and query = 'DISCARD ALL'",
-                    &[&pid],
-                )
-                .await
-                .unwrap();
-            row.map(|_| ())
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        h.wait_until_pooled(&admin, pid).await;
 
         let bob = h.connect_as("bob").await;
         let bobs: i32 = bob

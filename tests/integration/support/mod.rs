@@ -11,7 +11,7 @@ pub mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, Output};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -173,6 +173,60 @@ impl Harness {
     /// the test's database.
     pub async fn admin(&self) -> Client {
         self.pg.connect(self.pg.name()).await.unwrap()
+    }
+
+    /// Waits until backend `pid` is back in the session pool: idle after the
+    /// pool's reset in `pg_stat_activity`, and the proxy counting as many
+    /// idle backends as the database shows, since it files a backend only
+    /// after reading the reset's answer. Needs [`pooled`]'s admin listener.
+    pub async fn wait_until_pooled(&self, admin: &Client, pid: i32) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let row = admin
+                .query_one(
+                    "select (select coalesce(state, '') || ' ' || query from pg_stat_activity \
+                             where pid = $1), \
+                            (select count(*) from pg_stat_activity \
+                             where datname = current_database() and state = 'idle' \
+                               and query = 'DISCARD ALL')",
+                    &[&pid],
+                )
+                .await
+                .unwrap();
+            let (seen, resting): (Option<String>, i64) = (row.get(0), row.get(1));
+            let back = seen.as_deref() == Some("idle DISCARD ALL");
+            let pooled = if back {
+                self.session_pool_idle().await
+            } else {
+                0
+            };
+            if back && pooled >= resting {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend {pid} was not returned to the pool within {WAIT:?}: it is {seen:?}, \
+                 the proxy counts {pooled} idle of the {resting} the database shows"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `rlsgate_pool_backends{pool="session",state="idle"}` for the test's
+    /// database, summed over upstream users.
+    async fn session_pool_idle(&self) -> i64 {
+        let (status, text) = http_get(&self.admin_url("/metrics")).await;
+        assert_eq!(status, 200, "{text}");
+        let database = format!("database=\"{}\"", self.pg.name());
+        metric_lines(&text, "rlsgate_pool_backends")
+            .into_iter()
+            .filter(|line| {
+                [r#"pool="session""#, r#"state="idle""#, &database]
+                    .iter()
+                    .all(|label| line.contains(label))
+            })
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as i64
     }
 
     /// The text of the harness's proxy configuration, as `start_with(extra_toml)`
@@ -460,10 +514,12 @@ impl Harness {
 }
 
 /// Session pooling (`[pool] mode = "session"`), keeping up to 4 idle
-/// upstream connections.
+/// upstream connections, with the admin listener whose metrics show them
+/// ([`Harness::wait_until_pooled`]).
 pub fn pooled(config: &mut Config) {
     config.pool.mode = PoolMode::Session;
     config.pool.size = 4;
+    with_admin(config);
 }
 
 /// No pooling: the configuration as it is, beside [`pooled`] for tests that
