@@ -67,6 +67,13 @@ pub struct Listen {
     /// `"off"` never. Read at start only.
     #[serde(default)]
     pub io_uring: IoUring,
+    /// Requests a session has had answered (ReadyForQuery) through epoll
+    /// before it moves onto its worker's io_uring, at the next request
+    /// that finds it idle; 0 moves it before its first. Moving costs more
+    /// than io_uring saves on a few requests, so short sessions (a
+    /// connection per request) stay on epoll, and so do idle ones.
+    #[serde(default = "defaults::io_uring_after")]
+    pub io_uring_after: u64,
 }
 
 /// `[listen] io_uring`.
@@ -150,5 +157,8 @@ mod defaults {
     }
     pub fn token_cache_entries() -> usize {
         10_000
+    }
+    pub fn io_uring_after() -> u64 {
+        16
     }
 }

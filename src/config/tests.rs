@@ -542,3 +542,12 @@ fn io_uring_is_auto_unless_told_and_on_needs_worker_threads() {
     let err = with_listen("io_uring = \"yes\"").unwrap_err();
     assert!(format!("{err:#}").contains("io_uring"), "{err:#}");
 }
+
+#[test]
+fn sessions_move_onto_io_uring_after_sixteen_answered_requests_unless_told() {
+    let after = |lines| with_listen_lines(lines).map(|c| c.listen.io_uring_after);
+    assert_eq!(after("").unwrap(), 16);
+    assert_eq!(after("io_uring_after = 0").unwrap(), 0);
+    let err = after("io_uring_after = -1").unwrap_err();
+    assert!(format!("{err:#}").contains("io_uring_after"), "{err:#}");
+}

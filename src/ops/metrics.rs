@@ -225,7 +225,8 @@ impl Metrics {
         )
     }
 
-    /// A session's relay started, through io_uring or the reactor (epoll).
+    /// A session's relay started, through io_uring or the reactor (epoll);
+    /// again, through io_uring, when the session moves there.
     pub(crate) fn relay_started(&self, io_uring: bool) {
         let relay = if io_uring { "io_uring" } else { "epoll" };
         self.counter(
@@ -458,8 +459,8 @@ fn describe(recorder: &PrometheusRecorder) {
         (
             RELAYED_SESSIONS_TOTAL,
             None,
-            "Sessions whose relay started, by how their sockets are read and written \
-             (io_uring, or epoll).",
+            "Sessions' relays started, by how their sockets are read and written \
+             (io_uring, or epoll); a session that moves onto io_uring counts once each way.",
         ),
         (
             CANCEL_REQUESTS_TOTAL,

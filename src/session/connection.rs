@@ -22,9 +22,9 @@ use crate::protocol::refusal::{Reason, Refusal, sqlstate};
 use crate::session::cancel::{CancelRegistry, Registration};
 use crate::session::front_door::{self, Arrival, FrontDoorError, PasswordError};
 use crate::session::limit::{Limit, StartupSlot};
-use crate::session::relay::{self, Expiry, Traffic};
+use crate::session::relay::{self, Expiry, Relayed, Traffic};
 use crate::session::shutdown::Shutdown;
-use crate::session::stream::ClientStream;
+use crate::session::stream::{ClientStream, UpstreamStream};
 use crate::session::transaction::{self, Tenant};
 use crate::upstream::login::{Login, UpstreamSession};
 use crate::upstream::options::forwarded_parameters;
@@ -189,30 +189,46 @@ pub(crate) async fn serve(
 
 /// Relays a session on the one backend it holds, then hands the backend
 /// back to the pool or retires it. A plain TCP client and its backend's
-/// plain socket are relayed through the worker's io_uring when it has one
-/// ([`uring`](crate::session::uring)); the backend goes back to the reactor
-/// before it is pooled.
+/// plain socket move onto the worker's io_uring, when it has one
+/// ([`uring`](crate::session::uring)), once the session has had
+/// `[listen] io_uring_after` requests answered through epoll; the backend
+/// goes back to the reactor before it is pooled.
 async fn relay_session(
     client: ClientStream,
-    (upstream, plan, lease): (UpstreamSession, relay::Plan, Option<Lease>),
+    (upstream, mut plan, lease): (UpstreamSession, relay::Plan, Option<Lease>),
     cancel: Registration,
     services: &Services,
     shutdown: &mut Shutdown,
     traffic: &Traffic,
 ) -> relay::Ending {
-    let client = match client.onto_ring() {
-        Ok(client) => client,
-        Err(e) => return relay::Ending::Failed(relay::Side::Client, e),
-    };
-    services.metrics.relay_started(client.on_ring());
-    let mut stream = upstream.stream;
-    if client.on_ring() {
-        stream = match stream.onto_ring() {
-            Ok(stream) => stream,
-            Err(e) => return relay::Ending::Failed(relay::Side::Upstream, e),
-        };
+    let (mut client, mut stream) = (client, upstream.stream);
+    match client
+        .can_ride_ring()
+        .then_some(services.config.listen.io_uring_after)
+    {
+        Some(0) => {
+            (client, stream) = match onto_ring(client, stream) {
+                Ok(moved) => moved,
+                Err(ending) => return ending,
+            }
+        }
+        after => plan.move_after = after,
     }
-    let finish = relay::run(client, &mut stream, plan, shutdown, traffic).await;
+    services.metrics.relay_started(client.on_ring());
+    let finish = loop {
+        match relay::run(client, &mut stream, plan, shutdown, traffic).await {
+            Relayed::Finished(finish) => break finish,
+            Relayed::Moving(stopped) => {
+                let relay::Move { client: idle, rest } = *stopped;
+                (client, stream) = match onto_ring(idle, stream) {
+                    Ok(moved) => moved,
+                    Err(ending) => return ending,
+                };
+                services.metrics.relay_started(true);
+                plan = rest;
+            }
+        }
+    };
     // The client's cancel key must not reach the next client's queries,
     // nor a backend being retired: unregistered, and any cancel already
     // on its way taken by the server, before the backend is handed on.
@@ -231,6 +247,20 @@ async fn relay_session(
         _ => retire(stream, target, finish.in_flight, tls).await,
     }
     finish.ending
+}
+
+/// A session's client and backend, moved onto the worker's io_uring.
+fn onto_ring(
+    client: ClientStream,
+    upstream: UpstreamStream,
+) -> Result<(ClientStream, UpstreamStream), relay::Ending> {
+    let client = client
+        .onto_ring()
+        .map_err(|e| relay::Ending::Failed(relay::Side::Client, e))?;
+    let upstream = upstream
+        .onto_ring()
+        .map_err(|e| relay::Ending::Failed(relay::Side::Upstream, e))?;
+    Ok((client, upstream))
 }
 
 /// Relays a session a transaction at a time (`[pool] mode =
@@ -422,6 +452,8 @@ async fn open_session(
         expiry,
         pooled: lease.is_some(),
         envelope,
+        move_after: None,
+        first: Vec::new(),
     };
     Ok(Session {
         role: role.name.clone(),

@@ -111,6 +111,36 @@ pub(crate) struct Plan {
     pub(crate) pooled: bool,
     /// The session's envelope, replaced when due.
     pub(crate) envelope: Envelope,
+    /// Requests to have answered before the relay stops, at the next
+    /// request that finds the session idle, for its streams to move onto
+    /// io_uring ([`Relayed::Moving`]); `None`: it never stops for that.
+    pub(crate) move_after: Option<u64>,
+    /// What the client sent that the relay takes before it reads: the
+    /// request that stopped the relay before a move.
+    pub(crate) first: Vec<u8>,
+}
+
+/// What a relay came to: the session ended, or the relay stopped for the
+/// session's streams to move onto io_uring, at message boundaries both
+/// ways with nothing in flight, and a fresh relay takes over from there
+/// with the rest of the plan.
+pub(crate) enum Relayed {
+    Finished(Finish),
+    Moving(Box<Move>),
+}
+
+/// A session stopped for its streams to move ([`Relayed::Moving`]).
+pub(crate) struct Move {
+    pub(crate) client: ClientStream,
+    /// The plan of the relay to come, the stopping request in `first`.
+    pub(crate) rest: Plan,
+}
+
+/// What the client's direction stopped for.
+enum ClientStep {
+    Ended(Ending),
+    /// The request read (see [`Plan::first`]).
+    Moving(Vec<u8>),
 }
 
 /// How a session ended, and the state it left its backend in.
@@ -139,6 +169,9 @@ struct Shared {
     /// The proxy is ending the session and telling the client why (token
     /// expiry, shutdown): the client leaving after that is its answer.
     telling: AtomicBool,
+    /// The server's direction is waiting for the server, at a message
+    /// boundary with nothing held back, and is not ending the session.
+    server_quiet: AtomicBool,
 }
 
 /// What a session's client has sent.
@@ -157,6 +190,16 @@ struct Sent {
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            answered: AtomicU64::new(0),
+            status: AtomicU8::new(b'I'),
+            swallow: AtomicU32::new(0),
+            telling: AtomicBool::new(false),
+            server_quiet: AtomicBool::new(true),
+        }
+    }
+
     /// Everything the client sent is answered, outside a transaction.
     fn idle(&self, sent: &Sent) -> bool {
         !sent.unsynced
@@ -177,39 +220,37 @@ pub(crate) async fn run(
     plan: Plan,
     shutdown: &mut Shutdown,
     traffic: &Traffic,
-) -> Finish {
+) -> Relayed {
     let Plan {
         expiry,
         pooled,
         mut envelope,
+        move_after,
+        first,
     } = plan;
-    let (mut client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    let shared = Shared {
-        answered: AtomicU64::new(0),
-        status: AtomicU8::new(b'I'),
-        swallow: AtomicU32::new(0),
-        telling: AtomicBool::new(false),
-    };
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let shared = Shared::new();
     let mut from_server = Frames::default();
     let mut from_client = Frames::default();
     let mut sent = Sent::default();
-    let ending = {
+    let step = {
         let to_upstream = ClientSide {
             frames: &mut from_client,
             sent: &mut sent,
             shared: &shared,
             envelope: &mut envelope,
             pooled,
+            move_after,
             traffic,
         }
-        .run(&mut client_read, &mut upstream_write);
+        .run(&mut client_read, &mut upstream_write, first);
         let to_client = ServerSide {
             frames: &mut from_server,
             shared: &shared,
             traffic,
         }
-        .run(upstream_read, client_write, expiry, shutdown);
+        .run(&mut upstream_read, &mut client_write, expiry, shutdown);
         tokio::pin!(to_client);
         // Whichever side caused the end names it, even when the other's
         // reaction is seen as soon (one turn of an io_uring can complete
@@ -218,12 +259,27 @@ pub(crate) async fn run(
         // the session, the client leaving is its answer to that.
         tokio::select! {
             biased;
-            ending = to_upstream => if shared.telling.load(Ordering::Relaxed) {
-                to_client.await
-            } else {
-                ending
+            step = to_upstream => match step {
+                ClientStep::Ended(_) if shared.telling.load(Ordering::Relaxed) => {
+                    ClientStep::Ended(to_client.await)
+                }
+                step => step,
             },
-            ending = &mut to_client => ending,
+            ending = &mut to_client => ClientStep::Ended(ending),
+        }
+    };
+    let ending = match step {
+        ClientStep::Ended(ending) => ending,
+        ClientStep::Moving(first) => {
+            let client = client_read.unsplit(client_write);
+            let rest = Plan {
+                expiry,
+                pooled,
+                envelope,
+                move_after: None,
+                first,
+            };
+            return Relayed::Moving(Box::new(Move { client, rest }));
         }
     };
     let answered = shared.answered.load(Ordering::Relaxed);
@@ -232,11 +288,11 @@ pub(crate) async fn run(
         && from_client.at_boundary()
         && from_server.at_boundary()
         && shared.idle(&sent);
-    Finish {
+    Relayed::Finished(Finish {
         ending,
         clean,
         in_flight,
-    }
+    })
 }
 
 /// The client-to-server direction.
@@ -246,47 +302,70 @@ struct ClientSide<'a> {
     shared: &'a Shared,
     envelope: &'a mut Envelope,
     pooled: bool,
+    move_after: Option<u64>,
     traffic: &'a Traffic,
 }
 
 impl ClientSide<'_> {
     /// A partial header at the end of a read is held back until its type is
     /// known, so a pooled client's Terminate never reaches the backend, not
-    /// even in part.
-    async fn run<R, W>(mut self, client: &mut R, upstream: &mut W) -> Ending
+    /// even in part. `first` is taken as the first read.
+    async fn run<R, W>(mut self, client: &mut R, upstream: &mut W, first: Vec<u8>) -> ClientStep
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut buf = vec![0u8; BUFFER];
+        let mut buf = vec![0u8; BUFFER.max(first.len())];
+        buf[..first.len()].copy_from_slice(&first);
+        let mut pending = first.len();
         let mut held = 0;
         loop {
-            let n = match client.read(&mut buf[held..]).await {
-                Ok(0) => return Ending::ClientClosed,
-                Ok(n) => n,
-                Err(e) => return Ending::Failed(Side::Client, e),
+            let n = match std::mem::take(&mut pending) {
+                0 => match client.read(&mut buf[held..]).await {
+                    Ok(0) => return ClientStep::Ended(Ending::ClientClosed),
+                    Ok(n) => n,
+                    Err(e) => return ClientStep::Ended(Ending::Failed(Side::Client, e)),
+                },
+                n => n,
             };
+            if held == 0 && self.may_move() {
+                return ClientStep::Moving(buf[..n].to_vec());
+            }
+            let failed = |side, e| ClientStep::Ended(Ending::Failed(side, e));
             if held == 0
                 && self.frames.at_boundary()
                 && let Err(e) = self.refresh_envelope(upstream).await
             {
-                return Ending::Failed(Side::Upstream, e);
+                return failed(Side::Upstream, e);
             }
             let end = held + n;
             let (forward, terminated) = match self.frame(&buf[..end], held) {
                 Ok(walked) => walked,
-                Err(e) => return Ending::Failed(Side::Client, e),
+                Err(e) => return failed(Side::Client, e),
             };
             if let Err(e) = write(upstream, &buf[..forward]).await {
-                return Ending::Failed(Side::Upstream, e);
+                return failed(Side::Upstream, e);
             }
             self.traffic.to_server(forward);
             if terminated {
-                return Ending::ClientClosed;
+                return ClientStep::Ended(Ending::ClientClosed);
             }
             held = end - forward;
             buf.copy_within(forward..end, 0);
         }
+    }
+
+    /// Whether the relay stops before this request for the session's
+    /// streams to move onto io_uring: it has had enough answered, and
+    /// nothing is in flight either way, so that a fresh relay on the moved
+    /// streams starts at message boundaries with nothing to carry over but
+    /// the request.
+    fn may_move(&self) -> bool {
+        let answered = self.shared.answered.load(Ordering::Relaxed);
+        self.move_after.is_some_and(|after| answered >= after)
+            && self.frames.at_boundary()
+            && self.shared.idle(self.sent)
+            && self.shared.server_quiet.load(Ordering::Relaxed)
     }
 
     /// Walks the messages of `bytes` from `from` (what comes before was held
@@ -408,6 +487,7 @@ impl ServerSide<'_> {
                         Ok(n) => n,
                         Err(e) => return Ending::Failed(Side::Upstream, e),
                     };
+                    self.shared.server_quiet.store(false, Ordering::Relaxed);
                     let end = held + n;
                     let (passed, taken) = match self.pass(&mut buf, end, ending.is_some(), &mut filter) {
                         Ok(walked) => walked,
@@ -419,13 +499,17 @@ impl ServerSide<'_> {
                     self.traffic.to_client(passed);
                     held = end - taken;
                     buf.copy_within(taken..end, 0);
+                    let quiet = held == 0 && self.frames.at_boundary() && ending.is_none();
+                    self.shared.server_quiet.store(quiet, Ordering::Relaxed);
                 }
                 () = &mut expires, if ending.is_none() && expiry.is_some() => {
                     ending = expiry.map(|e| Ending::TokenExpired(e.exp));
+                    self.shared.server_quiet.store(false, Ordering::Relaxed);
                     grace.as_mut().reset(Instant::now() + FINISH_MESSAGE_GRACE);
                 }
                 () = shutdown.recv(), if ending.is_none() && !shutdown.is_received() => {
                     ending = Some(Ending::ShuttingDown);
+                    self.shared.server_quiet.store(false, Ordering::Relaxed);
                     grace.as_mut().reset(Instant::now() + FINISH_MESSAGE_GRACE);
                 }
                 () = &mut grace => {
@@ -708,15 +792,6 @@ mod tests {
         Envelope::new(key, identity, backend, unix_now() + 3600)
     }
 
-    fn shared() -> Shared {
-        Shared {
-            answered: AtomicU64::new(0),
-            status: AtomicU8::new(b'I'),
-            swallow: AtomicU32::new(0),
-            telling: AtomicBool::new(false),
-        }
-    }
-
     async fn client_side(reads: Vec<Vec<u8>>, pooled: bool) -> (Ending, Vec<u8>, Sent) {
         // An empty read is the end of the stream.
         let mut client = Reads(reads.into_iter().filter(|r| !r.is_empty()).collect());
@@ -725,13 +800,17 @@ mod tests {
         let ending = ClientSide {
             frames: &mut Frames::default(),
             sent: &mut sent,
-            shared: &shared(),
+            shared: &Shared::new(),
             envelope: &mut envelope(),
             pooled,
+            move_after: None,
             traffic: &Traffic::new(metrics::Counter::noop(), metrics::Counter::noop()),
         }
-        .run(&mut client, &mut upstream)
+        .run(&mut client, &mut upstream, Vec::new())
         .await;
+        let ClientStep::Ended(ending) = ending else {
+            panic!("the relay stopped for a move it was not asked for");
+        };
         (ending, upstream, sent)
     }
 
@@ -789,7 +868,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_due_envelope_goes_ahead_of_the_next_message_only_when_the_session_is_idle() {
-        let shared = shared();
+        let shared = Shared::new();
         let mut sent = Sent::default();
         let mut frames = Frames::default();
         // A minute left of an envelope that may be renewed: due.
@@ -813,6 +892,7 @@ mod tests {
             shared: &shared,
             envelope: &mut due,
             pooled: false,
+            move_after: None,
             traffic: &traffic,
         };
         // In a transaction: nothing goes ahead.
@@ -833,6 +913,53 @@ mod tests {
         assert_eq!(upstream.len(), before);
     }
 
+    /// A client over an in-memory pipe of `capacity` bytes, and the
+    /// pipe's far end; a backend over a Unix socket pair, and the server's
+    /// end.
+    #[cfg(unix)]
+    fn streams(
+        capacity: usize,
+    ) -> (
+        (ClientStream, tokio::io::DuplexStream),
+        (UpstreamStream, tokio::net::UnixStream),
+    ) {
+        let (proxy_end, client) = tokio::io::duplex(capacity);
+        let client_stream = ClientStream::Tunnel(crate::session::stream::Tunnel {
+            io: Box::new(proxy_end),
+            secure: false,
+            local_is_loopback: true,
+        });
+        let (backend, server) = tokio::net::UnixStream::pair().unwrap();
+        let upstream = UpstreamStream::Plain(crate::session::stream::Transport::Unix(backend));
+        ((client_stream, client), (upstream, server))
+    }
+
+    /// [`run`] with a pooled backend, no shutdown coming and traffic
+    /// counted nowhere.
+    async fn relay(
+        client: ClientStream,
+        upstream: &mut UpstreamStream,
+        (expiry, move_after): (Option<Expiry>, Option<u64>),
+    ) -> Relayed {
+        let plan = Plan {
+            expiry,
+            pooled: true,
+            envelope: envelope(),
+            move_after,
+            first: Vec::new(),
+        };
+        let (_stop, stopping) = tokio::sync::broadcast::channel(1);
+        let traffic = Traffic::new(metrics::Counter::noop(), metrics::Counter::noop());
+        run(
+            client,
+            upstream,
+            plan,
+            &mut Shutdown::new(stopping),
+            &traffic,
+        )
+        .await
+    }
+
     /// The proxy's goodbye to a client whose token expired is written in
     /// pieces (the client reads slowly); the client reads the first and
     /// leaves at once. Its leaving and the failed rest of the write are
@@ -841,38 +968,21 @@ mod tests {
     #[cfg(unix)]
     #[tokio::test]
     async fn a_client_leaving_on_the_proxys_goodbye_leaves_the_ending_the_proxys() {
-        let (proxy_end, mut client) = tokio::io::duplex(8);
-        let client_stream = ClientStream::Tunnel(crate::session::stream::Tunnel {
-            io: Box::new(proxy_end),
-            secure: false,
-            local_is_loopback: true,
-        });
-        let (backend, _server) = tokio::net::UnixStream::pair().unwrap();
-        let mut upstream = UpstreamStream::Plain(crate::session::stream::Transport::Unix(backend));
-        let plan = Plan {
-            expiry: Some(Expiry {
-                at: Instant::now(),
-                exp: 1,
-            }),
-            pooled: true,
-            envelope: envelope(),
-        };
-        let (_stop, stopping) = tokio::sync::broadcast::channel(1);
-        let traffic = Traffic::new(metrics::Counter::noop(), metrics::Counter::noop());
+        let ((client_stream, mut client), (mut upstream, _server)) = streams(8);
         let leaving = tokio::spawn(async move {
             let mut first = [0u8; 8];
             client.read_exact(&mut first).await.unwrap();
             first[0]
         });
-        let finish = run(
-            client_stream,
-            &mut upstream,
-            plan,
-            &mut Shutdown::new(stopping),
-            &traffic,
-        )
-        .await;
+        let expiry = Expiry {
+            at: Instant::now(),
+            exp: 1,
+        };
+        let relayed = relay(client_stream, &mut upstream, (Some(expiry), None)).await;
         assert_eq!(leaving.await.unwrap(), b'E', "the client was told why");
+        let Relayed::Finished(finish) = relayed else {
+            panic!("the relay stopped for a move it was not asked for");
+        };
         assert!(
             matches!(finish.ending, Ending::TokenExpired(1)),
             "{:?}",
@@ -881,9 +991,68 @@ mod tests {
         assert!(!finish.clean);
     }
 
+    /// Asked to stop once one request is answered, the relay passes the
+    /// second, sent inside the transaction the first began, and stops at
+    /// the third, which finds the session idle: it hands that request back
+    /// unsent, with the client's stream whole, for a fresh relay.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_relay_stops_for_a_move_only_at_a_request_that_finds_the_session_idle() {
+        let ((client_stream, mut client), (mut upstream, mut server)) = streams(1024);
+        let query = |sql: &str| message(b'Q', format!("{sql}\0").as_bytes());
+        let answer =
+            |tag: &[u8], status: &[u8]| [message(b'C', tag), message(b'Z', status)].concat();
+        let third = query("select 1");
+        let script = {
+            let third = third.clone();
+            tokio::spawn(async move {
+                for (sql, answer) in [
+                    (query("begin"), answer(b"BEGIN\0", b"T")),
+                    (query("commit"), answer(b"COMMIT\0", b"I")),
+                ] {
+                    client.write_all(&sql).await.unwrap();
+                    let mut got = vec![0u8; sql.len()];
+                    let read = server.read_exact(&mut got);
+                    tokio::time::timeout(Duration::from_secs(5), read)
+                        .await
+                        .expect("the request reaches the server")
+                        .unwrap();
+                    assert_eq!(got, sql);
+                    server.write_all(&answer).await.unwrap();
+                    let mut got = vec![0u8; answer.len()];
+                    client.read_exact(&mut got).await.unwrap();
+                }
+                client.write_all(&third).await.unwrap();
+                (client, server)
+            })
+        };
+        let relayed = relay(client_stream, &mut upstream, (None, Some(1))).await;
+        let (mut client, mut server) = script.await.unwrap();
+        let Relayed::Moving(stopped) = relayed else {
+            panic!("the relay did not stop for the move");
+        };
+        let Move {
+            client: mut moved,
+            rest,
+        } = *stopped;
+        assert_eq!(
+            rest.first, third,
+            "the request that found it idle comes back"
+        );
+        assert!(rest.move_after.is_none() && rest.pooled);
+        // Nothing of it reached the server, and both streams still carry.
+        moved.write_all(b"to the client").await.unwrap();
+        let mut seen = [0u8; 13];
+        client.read_exact(&mut seen).await.unwrap();
+        assert_eq!(&seen, b"to the client");
+        upstream.write_all(b"to the server").await.unwrap();
+        server.read_exact(&mut seen).await.unwrap();
+        assert_eq!(&seen, b"to the server", "the third request was never sent");
+    }
+
     #[test]
     fn the_proxys_own_answers_are_taken_out_and_everything_else_passes() {
-        let shared = shared();
+        let shared = Shared::new();
         shared.swallow.store(1, Ordering::Relaxed);
         let mut frames = Frames::default();
         let traffic = Traffic::new(metrics::Counter::noop(), metrics::Counter::noop());

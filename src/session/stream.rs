@@ -208,6 +208,16 @@ impl ClientStream {
         Ok(self)
     }
 
+    /// Plain TCP on a worker with an io_uring: [`ClientStream::onto_ring`]
+    /// would move it.
+    pub(crate) fn can_ride_ring(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        if let ClientStream::Plain(_) = self {
+            return crate::session::uring::installed();
+        }
+        false
+    }
+
     /// Relayed through an io_uring.
     pub(crate) fn on_ring(&self) -> bool {
         #[cfg(target_os = "linux")]

@@ -12,8 +12,8 @@ use tokio_postgres::NoTls;
 
 use crate::support::pki::TestPki;
 use crate::support::{
-    Harness, db_error, http_get, metric, pooled, psql_ok, refusal, stream_until_ended, unix_now,
-    user_id_of, with_admin,
+    Harness, db_error, http_get, metric, pooled, psql_ok, refusal, simple_rows, stream_until_ended,
+    unix_now, user_id_of, with_admin,
 };
 use rlsgate::config::Config;
 use rlsgate::dev::issuer::KeyKind;
@@ -29,7 +29,7 @@ const BOTH: [Relay; 2] = [Relay::IoUring, Relay::Epoll];
 impl Relay {
     fn setting(self) -> &'static str {
         match self {
-            Relay::IoUring => "io_uring = \"on\"",
+            Relay::IoUring => "io_uring = \"on\"\nio_uring_after = 0",
             Relay::Epoll => "io_uring = \"off\"",
         }
     }
@@ -241,4 +241,65 @@ async fn a_tls_session_relays_through_epoll_beside_plain_ones_on_io_uring() {
     let plain = h.connect_as("bob").await;
     assert_eq!(user_id_of(&plain).await.as_deref(), Some("bob"));
     assert_eq!(relayed(&h).await, (1.0, 1.0), "one each way");
+}
+
+/// `(io_uring, epoll)` of [`relayed`] as whole numbers.
+async fn relays(h: &Harness) -> (u64, u64) {
+    let (io_uring, epoll) = relayed(h).await;
+    (io_uring as u64, epoll as u64)
+}
+
+/// By default a session starts on epoll and moves onto io_uring at the
+/// first request that finds it idle after 16 were answered. It carries on
+/// whole there, and its pooled backend serves the next client. A session
+/// of a few requests stays on epoll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moves_onto_io_uring_after_sixteen_answers_and_carries_on_whole() {
+    let h = Harness::start_configured("[listen]\nio_uring = \"on\"", pooled).await;
+    let admin = h.admin().await;
+    let short = h.connect_as("bob").await;
+    for _ in 0..3 {
+        short.simple_query("select 1").await.unwrap();
+    }
+    assert_eq!(relays(&h).await, (0, 1), "a short session stays on epoll");
+    drop(short);
+
+    let alice = h.connect_as("alice").await;
+    // Each simple query is answered by one ReadyForQuery.
+    for i in 1..=16 {
+        let rows = alice.simple_query(&format!("select {i}")).await.unwrap();
+        assert_eq!(simple_rows(&rows), [[Some(i.to_string())]]);
+    }
+    assert_eq!(relays(&h).await, (0, 2), "16 answers on epoll");
+    let rows = alice.simple_query("select 17").await.unwrap();
+    assert_eq!(simple_rows(&rows), [[Some("17".to_owned())]]);
+    assert_eq!(relays(&h).await, (1, 2), "the 17th request moved it");
+
+    let rows = alice
+        .query(
+            "select repeat('x', 1024 * 1024) from generate_series(1, 3)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r.get::<_, &str>(0).len() == 1024 * 1024)
+    );
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+    let pid: i32 = alice
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(alice);
+    h.wait_until_pooled(&admin, pid).await;
+    let carol = h.connect_as("carol").await;
+    let carols: i32 = carol
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(carols, pid, "the backend came off the ring into the pool");
+    assert_eq!(user_id_of(&carol).await.as_deref(), Some("carol"));
 }
