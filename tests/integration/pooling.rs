@@ -5,21 +5,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::support::wire::{self, RawSession};
-use crate::support::{Harness, WAIT, login_with, pooled, simple_rows, user_id_of};
+use crate::support::{Harness, WAIT, login_with, pid_of, pooled, simple_rows, user_id_of};
 use tokio_postgres::Client;
 
 /// The backend pid a raw session's queries run on.
 async fn raw_pid(session: &mut RawSession) -> i32 {
     let pid = session.query_value("select pg_backend_pid()").await;
     pid.and_then(|pid| pid.parse().ok()).expect("a backend pid")
-}
-
-async fn pid_of(client: &Client) -> i32 {
-    client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .expect("select pg_backend_pid()")
-        .get(0)
 }
 
 /// One text value from a simple query.

@@ -12,8 +12,8 @@ use tokio_postgres::NoTls;
 
 use crate::support::pki::TestPki;
 use crate::support::{
-    Harness, db_error, http_get, metric, pooled, psql_ok, refusal, simple_rows, stream_until_ended,
-    unix_now, user_id_of, with_admin,
+    Harness, db_error, http_get, metric, pid_of, pooled, psql_ok, refusal, simple_rows,
+    stream_until_ended, unix_now, user_id_of, with_admin,
 };
 use rlsgate::config::Config;
 use rlsgate::dev::issuer::KeyKind;
@@ -194,11 +194,7 @@ async fn on_both_relays_a_pooled_backend_goes_back_clean_and_serves_the_next_cli
         let h = relay.start(pooled).await;
         let admin = h.admin().await;
         let alice = h.connect_as("alice").await;
-        let pid: i32 = alice
-            .query_one("select pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let pid = pid_of(&alice).await;
         alice
             .batch_execute("create temp table alice_notes (body text)")
             .await
@@ -207,11 +203,7 @@ async fn on_both_relays_a_pooled_backend_goes_back_clean_and_serves_the_next_cli
         h.wait_until_pooled(&admin, pid).await;
 
         let bob = h.connect_as("bob").await;
-        let bobs: i32 = bob
-            .query_one("select pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let bobs = pid_of(&bob).await;
         assert_eq!(bobs, pid, "{relay:?}: bob is served by alice's backend");
         assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"), "{relay:?}");
         let notes: i64 = bob
@@ -287,19 +279,11 @@ async fn a_session_moves_onto_io_uring_after_sixteen_answers_and_carries_on_whol
             .all(|r| r.get::<_, &str>(0).len() == 1024 * 1024)
     );
     assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
-    let pid: i32 = alice
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid = pid_of(&alice).await;
     drop(alice);
     h.wait_until_pooled(&admin, pid).await;
     let carol = h.connect_as("carol").await;
-    let carols: i32 = carol
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let carols = pid_of(&carol).await;
     assert_eq!(carols, pid, "the backend came off the ring into the pool");
     assert_eq!(user_id_of(&carol).await.as_deref(), Some("carol"));
 }

@@ -13,7 +13,7 @@ use crate::support::pki::TestPki;
 use crate::support::process::Served;
 use crate::support::{
     Harness, SIGNING_KEY, WAIT, a_cancel_request_ends, client_config, connect, db_error, http_get,
-    metric, pooled, toml_path, user_id_of, with_admin,
+    metric, pid_of, pooled, toml_path, user_id_of, with_admin,
 };
 use rlsgate::config::Config;
 use rlsgate::dev::postgres::TempPostgres;
@@ -354,7 +354,7 @@ async fn pooled_sessions_go_over_a_unix_socket() {
     let alice = h.connect_as("alice").await;
     assert_eq!(client_port(&alice).await, Some(-1), "not over the socket");
     let mut seen = std::collections::HashSet::new();
-    seen.insert(backend_pid(&alice).await);
+    seen.insert(pid_of(&alice).await);
     drop(alice);
     // A later session gets a connection an earlier one left in the pool.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -362,7 +362,7 @@ async fn pooled_sessions_go_over_a_unix_socket() {
         let bob = h.connect_as("bob").await;
         assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
         assert_eq!(client_port(&bob).await, Some(-1));
-        if !seen.insert(backend_pid(&bob).await) {
+        if !seen.insert(pid_of(&bob).await) {
             break;
         }
         assert!(
@@ -372,14 +372,6 @@ async fn pooled_sessions_go_over_a_unix_socket() {
         drop(bob);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
-    client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -431,6 +431,15 @@ pub async fn user_id_of(client: &Client) -> Option<String> {
         .get(0)
 }
 
+/// The pid of the backend serving `client` (`pg_backend_pid()`).
+pub async fn pid_of(client: &Client) -> i32 {
+    client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("select pg_backend_pid()")
+        .get(0)
+}
+
 /// The rows of a `simple_query` answer, as text.
 pub fn simple_rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
     messages
