@@ -361,8 +361,8 @@ impl ClientSide<'_> {
     /// streams starts at message boundaries with nothing to carry over but
     /// the request.
     fn may_move(&self) -> bool {
-        let answered = self.shared.answered.load(Ordering::Relaxed);
-        self.move_after.is_some_and(|after| answered >= after)
+        let answered = || self.shared.answered.load(Ordering::Relaxed);
+        self.move_after.is_some_and(|after| answered() >= after)
             && self.frames.at_boundary()
             && self.shared.idle(self.sent)
             && self.shared.server_quiet.load(Ordering::Relaxed)
@@ -1048,6 +1048,40 @@ mod tests {
         upstream.write_all(b"to the server").await.unwrap();
         server.read_exact(&mut seen).await.unwrap();
         assert_eq!(&seen, b"to the server", "the third request was never sent");
+    }
+
+    /// A notification the server has only half sent when the client's
+    /// request arrives: the relay does not stop for a move mid-message, it
+    /// passes the request, and the rest of the notification follows whole.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_relay_never_stops_for_a_move_inside_a_message_from_the_server() {
+        let ((client_stream, mut client), (mut upstream, mut server)) = streams(1024);
+        let notification = message(b'A', b"\0\0\0\x01chan\0hello\0");
+        let request = message(b'Q', b"select 1\0");
+        let script = {
+            let (notification, request) = (notification.clone(), request.clone());
+            tokio::spawn(async move {
+                server.write_all(&notification[..8]).await.unwrap();
+                let mut got = vec![0u8; notification.len()];
+                client.read_exact(&mut got[..8]).await.unwrap();
+                client.write_all(&request).await.unwrap();
+                let mut sent = vec![0u8; request.len()];
+                let read = server.read_exact(&mut sent);
+                tokio::time::timeout(Duration::from_secs(5), read)
+                    .await
+                    .expect("the request reaches the server")
+                    .unwrap();
+                assert_eq!(sent, request);
+                server.write_all(&notification[8..]).await.unwrap();
+                client.read_exact(&mut got[8..]).await.unwrap();
+                assert_eq!(got, notification, "the notification arrives whole");
+                drop(client);
+            })
+        };
+        let relayed = relay(client_stream, &mut upstream, (None, Some(0))).await;
+        script.await.unwrap();
+        assert!(matches!(relayed, Relayed::Finished(_)), "it never stopped");
     }
 
     #[test]
