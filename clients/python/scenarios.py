@@ -207,8 +207,19 @@ def cancelled_while_running(cancel):
             isinstance(outcome.get("error"), errors.QueryCanceled),
             how_it_ended(outcome),
         )
-        user = conn.execute("select auth.user_id()").fetchone()[0]
+        user = user_after_cancel(conn)
         check(f"{cancel.__name__}: the connection is used again afterwards", user == "alice", user)
+
+
+def user_after_cancel(conn):
+    """auth.user_id() on a connection whose statement was just cancelled.
+    PostgreSQL signals a cancelled backend twice (the process, then its
+    process group); on a busy machine the second can come late enough to
+    cancel the next statement too, which may then be retried once."""
+    try:
+        return conn.execute("select auth.user_id()").fetchone()[0]
+    except errors.QueryCanceled:
+        return conn.execute("select auth.user_id()").fetchone()[0]
 
 
 @step

@@ -254,7 +254,11 @@ async fn a_session_moves_onto_io_uring_after_sixteen_answers_and_carries_on_whol
         short.simple_query("select 1").await.unwrap();
     }
     assert_eq!(relays(&h).await, (0, 1), "a short session stays on epoll");
+    // Back in the pool before alice comes, so that hers is the only
+    // backend there: else carol's worker may lend her bob's.
+    let bobs = pid_of(&short).await;
     drop(short);
+    h.wait_until_pooled(&admin, bobs).await;
 
     let alice = h.connect_as("alice").await;
     // Each simple query is answered by one ReadyForQuery.
