@@ -150,13 +150,24 @@ pub(crate) fn install() -> io::Result<()> {
     Ok(())
 }
 
-/// A ring with the kernel's default task running: a completion interrupts
-/// the thread to be handed over. Cooperative task running (completions
-/// picked up at the thread's next system call) cost less CPU at 8 clients,
-/// but a completion for a thread asleep in `epoll_wait` may then have nothing to
-/// wake it; it is left out until measured safe with this loop.
+/// A ring with cooperative task running: the kernel does not interrupt the
+/// thread while it runs to hand a completion over (an interrupt per
+/// completion cost more CPU than relaying through epoll at 8 clients); the
+/// completion is handed over at the thread's next system call, which this
+/// loop makes soon, whatever it does. A thread asleep in `epoll_wait` is
+/// still woken for it: the kernel's notice (`TWA_SIGNAL_NO_IPI`) skips only
+/// the interrupt of a running thread, and wakes a sleeping one
+/// (`__set_notify_signal`), whose `epoll_wait` returns early, hands the
+/// completion over on its way out and finds the ring's descriptor ready on
+/// the next call. With the task-run flag the ring says when completions wait
+/// for an enter ([`Ring::turn`]). Kernels before 5.19 refuse both flags
+/// and get the default ring.
 fn new_ring(entries: u32) -> io::Result<IoUring> {
-    IoUring::new(entries)
+    IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .build(entries)
+        .or_else(|_| IoUring::new(entries))
 }
 
 /// Takes the calling thread's ring down (it failed): its sockets' handles
@@ -241,9 +252,10 @@ fn with_ring<T>(f: impl FnOnce(&mut Ring) -> T) -> T {
 impl Ring {
     /// Enters the ring for what was queued, then hands out what completed.
     fn turn(&mut self) -> io::Result<()> {
-        // Completions held back by the kernel (an overflow) need an enter.
+        // Completions held back by the kernel (an overflow), or waiting for
+        // this thread to run them (cooperative task running), need an enter.
         let sq = self.uring.submission();
-        let held = sq.cq_overflow();
+        let held = sq.cq_overflow() || sq.taskrun();
         drop(sq);
         if self.queued > 0 || held {
             self.enter()?;

@@ -188,6 +188,48 @@ async fn on_both_relays_a_cancel_request_ends_the_running_statement_and_the_sess
     }
 }
 
+/// A notification for a session that is idle, its worker asleep, wakes the
+/// worker: through io_uring the kernel hands the receive's completion over
+/// at the thread's next system call, and must wake a thread asleep in
+/// `epoll_wait` for it (cooperative task running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_both_relays_a_notification_reaches_a_session_that_waits_idle() {
+    for relay in BOTH {
+        let h = relay.start(no_edit).await;
+        let (alice, mut connection) = h
+            .client_config("authenticated", &h.token("alice"))
+            .connect(NoTls)
+            .await
+            .unwrap();
+        let (tx, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) =
+                std::future::poll_fn(|cx| connection.poll_message(cx)).await
+            {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    let _ = tx.send(n.payload().to_owned());
+                }
+            }
+        });
+        alice.batch_execute("listen wake_up").await.unwrap();
+        let admin = h.admin().await;
+        for round in 0..3 {
+            // Long enough for the worker, with nothing else to do, to sleep.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            admin
+                .batch_execute(&format!("notify wake_up, 'round {round}'"))
+                .await
+                .unwrap();
+            let payload = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{relay:?}: round {round}'s notification arrives"));
+            assert_eq!(payload.as_deref(), Some(format!("round {round}").as_str()));
+        }
+        assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+        assert_relayed(&h, relay).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_both_relays_a_pooled_backend_goes_back_clean_and_serves_the_next_client() {
     for relay in BOTH {
