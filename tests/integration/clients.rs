@@ -541,6 +541,7 @@ async fn check_asyncpg(pooling: Pooling) {
 
 /// node, with the lock file's modules installed.
 fn node_with(module: &str) -> PathBuf {
+    ensure_drivers_installed();
     let node = require_program("node", "Node.js");
     let installed = clients_dir("node/node_modules").join(module);
     assert!(
@@ -625,6 +626,7 @@ async fn jdbc_works_through_rlsgate_in_transaction_mode() {
 }
 
 async fn check_jdbc(transport: Transport, pooling: Pooling) {
+    ensure_drivers_installed();
     let javac = require_program("javac", "a JDK");
     let java = require_program("java", "a JDK");
     assert!(
