@@ -44,6 +44,12 @@ impl TokenDigest {
         bytes.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
         TokenDigest(bytes)
     }
+
+    /// What logs show of the token: the first 6 bytes of its SHA-256, in
+    /// hex (see [`fingerprint`](crate::auth::token_check::fingerprint)).
+    pub(crate) fn fingerprint(&self) -> String {
+        hex::encode(&self.0[..6])
+    }
 }
 
 /// A token that passed the full check, and the issuer that verified it.

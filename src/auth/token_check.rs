@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
-use aws_lc_rs::digest;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
@@ -159,13 +158,24 @@ impl TokenChecker {
     /// client connects as) differs between connections, and `max_token_age`
     /// moves with the clock.
     pub async fn check(&self, token: &str, role: &str) -> Result<VerifiedToken, Refusal> {
+        self.check_digested(token, TokenDigest::of(token), role)
+            .await
+    }
+
+    /// [`check`](Self::check) of a token whose digest the caller took
+    /// already (for its fingerprint), so that it is hashed once.
+    pub(crate) async fn check_digested(
+        &self,
+        token: &str,
+        digest: TokenDigest,
+        role: &str,
+    ) -> Result<VerifiedToken, Refusal> {
         if !self.cache.is_enabled() {
             return self
                 .verify(token)
                 .await
                 .and_then(|v| self.apply_rules(v, role));
         }
-        let digest = TokenDigest::of(token);
         let hit = self.cache.get(&digest, unix_now());
         if let Some(hit) = hit.filter(|hit| self.providers.contains_key(&hit.issuer)) {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -647,7 +657,7 @@ fn refusal_for(kind: ErrorKind, payload: &Map<String, Value>, provider: &Provide
 
 /// A short, stable name for a token in logs: never the token itself.
 pub fn fingerprint(token: &str) -> String {
-    hex::encode(&digest::digest(&digest::SHA256, token.as_bytes()).as_ref()[..6])
+    TokenDigest::of(token).fingerprint()
 }
 
 pub(crate) fn format_time(unix: u64) -> String {

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::claims::{Identity, NO_EXPIRY};
-use crate::auth::token_check::fingerprint;
+use crate::auth::token_cache::TokenDigest;
 use crate::clock::unix_now;
 use crate::config::{Role, TokenPolicy};
 use crate::http::exchange::{self, Spoiled};
@@ -155,9 +155,13 @@ async fn identify(
         Refusal::auth("no token: send the signed-in user's JWT as Authorization: Bearer <token>")
             .because(Reason::Malformed)
     })?;
-    seen.token = Some(fingerprint(token));
+    let digest = TokenDigest::of(token);
+    seen.token = Some(digest.fingerprint());
     let checking = Instant::now();
-    let checked = services.tokens.check(token, &role.name).await;
+    let checked = services
+        .tokens
+        .check_digested(token, digest, &role.name)
+        .await;
     services.metrics.token_checked(checking.elapsed());
     let verified = checked?;
     let leeway = services.tokens.leeway(&verified);

@@ -13,7 +13,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::auth::claims::{Envelope, Identity, NO_EXPIRY, SigningKey};
-use crate::auth::token_check::{TokenChecker, VerifiedToken, fingerprint};
+use crate::auth::token_cache::TokenDigest;
+use crate::auth::token_check::{TokenChecker, VerifiedToken};
 use crate::clock::unix_now;
 use crate::config::{Config, PoolMode, Role, TokenPolicy};
 use crate::ops::metrics::{self, Metrics};
@@ -546,7 +547,7 @@ async fn token_identity(
 ) -> Result<(Identity, Option<Expiry>, VerifiedToken), Failure> {
     let config = &services.config;
     let plaintext = !client.is_tls();
-    let local = client.local_is_loopback();
+    let local = client.local_is_loopback(config.listen.address.ip());
     if plaintext && !local && !config.listen.allow_plaintext_tokens {
         return Err(Refusal::auth(
             "TLS is required to send a token: connect with sslmode=require (or verify-full)",
@@ -560,9 +561,13 @@ async fn token_identity(
         Err(PasswordError::Closed) => return Err(Failure::Closed),
         Err(PasswordError::Refused(refusal)) => return Err(refusal.into()),
     };
-    seen.token = Some(fingerprint(&token));
+    let digest = TokenDigest::of(&token);
+    seen.token = Some(digest.fingerprint());
     let checking = StdInstant::now();
-    let checked = services.tokens.check(&token, &role.name).await;
+    let checked = services
+        .tokens
+        .check_digested(&token, digest, &role.name)
+        .await;
     services.metrics.token_checked(checking.elapsed());
     let verified = checked?;
     let ends_with_token = config.listen.end_sessions_at_token_expiry;

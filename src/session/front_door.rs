@@ -174,14 +174,27 @@ impl From<io::Error> for PasswordError {
 /// SSLRequest; and a flood of such connections must not flood the log.
 async fn read_startup_packet(stream: &mut ClientStream) -> Result<Option<Vec<u8>>, Refusal> {
     let closed = |_| Refusal::protocol("incomplete startup packet");
-    let mut header = [0u8; 4];
-    match stream.read(&mut header[..1]).await {
+    // Every startup packet has at least 8 bytes, its length and its code,
+    // so the first read asks for 8: an SSLRequest arrives in one system
+    // call, and no byte after the packet is taken from the stream.
+    let mut start = [0u8; 8];
+    let mut got = match stream.read(&mut start).await {
         Ok(0) | Err(_) => return Ok(None),
-        Ok(_) => {}
+        Ok(got) => got,
+    };
+    if got < 4 {
+        stream
+            .read_exact(&mut start[got..4])
+            .await
+            .map_err(closed)?;
+        got = 4;
     }
-    stream.read_exact(&mut header[1..]).await.map_err(closed)?;
-    let mut packet = vec![0u8; startup_packet_body_length(header)?];
-    stream.read_exact(&mut packet).await.map_err(closed)?;
+    let (length, code) = start.split_at(4);
+    let length = length.try_into().expect("four bytes");
+    let mut packet = vec![0u8; startup_packet_body_length(length)?];
+    let (known, rest) = packet.split_at_mut(got - 4);
+    known.copy_from_slice(&code[..got - 4]);
+    stream.read_exact(rest).await.map_err(closed)?;
     Ok(Some(packet))
 }
 
@@ -214,4 +227,76 @@ async fn direct_tls(tcp: TcpStream, acceptor: &TlsAcceptor) -> io::Result<Client
 /// Used by the listener to share one acceptor across connections.
 pub(crate) fn acceptor(config: Arc<rustls::ServerConfig>) -> TlsAcceptor {
     TlsAcceptor::from(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::stream::Tunnel;
+
+    fn tunnel(io: tokio::io::DuplexStream) -> ClientStream {
+        ClientStream::Tunnel(Tunnel {
+            io: Box::new(io),
+            secure: false,
+            local_is_loopback: true,
+        })
+    }
+
+    fn startup_packet() -> Vec<u8> {
+        let body = b"\0\x03\0\0user\0authenticated\0database\0app\0\0";
+        let mut packet = u32::try_from(body.len() + 4)
+            .unwrap()
+            .to_be_bytes()
+            .to_vec();
+        packet.extend_from_slice(body);
+        packet
+    }
+
+    #[tokio::test]
+    async fn a_startup_packet_is_read_whole_however_it_is_cut_and_nothing_after_it() {
+        let packet = startup_packet();
+        let mut sent = packet.clone();
+        sent.extend_from_slice(b"p\0\0\0\x08abc\0");
+        for cut in [1, 3, 4, 5, 8, 9, sent.len()] {
+            let (mut peer, ours) = tokio::io::duplex(64);
+            let mut ours = tunnel(ours);
+            let sending = sent.clone();
+            let writer = tokio::spawn(async move {
+                for piece in sending.chunks(cut) {
+                    peer.write_all(piece).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+                peer
+            });
+            let read = read_startup_packet(&mut ours).await;
+            let got = read.unwrap_or_else(|r| panic!("cut {cut}: {}", r.message));
+            assert_eq!(got.as_deref(), Some(&packet[4..]), "cut {cut}");
+            let _peer = writer.await.unwrap();
+            let mut after = [0u8; 9];
+            ours.read_exact(&mut after).await.unwrap();
+            assert_eq!(
+                &after, b"p\0\0\0\x08abc\0",
+                "cut {cut}: the password stays unread"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_startup_packet_too_short_is_refused_on_its_length_alone() {
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let mut ours = tunnel(ours);
+        peer.write_all(&7u32.to_be_bytes()).await.unwrap();
+        let refusal = read_startup_packet(&mut ours).await.unwrap_err();
+        assert!(
+            refusal.message.contains("invalid length"),
+            "{}",
+            refusal.message
+        );
+        drop(peer);
+        let (_, ours) = tokio::io::duplex(64);
+        assert!(matches!(
+            read_startup_packet(&mut tunnel(ours)).await,
+            Ok(None)
+        ));
+    }
 }

@@ -63,9 +63,6 @@ fn reloaded(previous: &Services, mut config: Config) -> anyhow::Result<Services>
             "[listen] io_uring changed: a restart applies it, a reload does not"
         );
     }
-    // The configuration in force says how many workers run, and how.
-    config.listen.workers = previous.config.listen.workers;
-    config.listen.io_uring = previous.config.listen.io_uring;
     if config.listen.address != previous.config.listen.address {
         tracing::warn!(
             target: LOG_TARGET,
@@ -74,6 +71,12 @@ fn reloaded(previous: &Services, mut config: Config) -> anyhow::Result<Services>
             "listen.address changed: a restart applies it, a reload does not"
         );
     }
+    // The configuration in force says how many workers run, and how, and
+    // where the listener is bound (which tells sessions whether their
+    // clients arrived on loopback).
+    config.listen.workers = previous.config.listen.workers;
+    config.listen.io_uring = previous.config.listen.io_uring;
+    config.listen.address = previous.config.listen.address;
     build(Some(previous), config)
 }
 

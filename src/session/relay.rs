@@ -315,13 +315,15 @@ impl ClientSide<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut buf = vec![0u8; BUFFER.max(first.len())];
-        buf[..first.len()].copy_from_slice(&first);
+        // What is in `buf` is what was read and not yet forwarded: reads
+        // append to it, into capacity never zeroed.
+        let mut buf = Vec::with_capacity(BUFFER.max(first.len()));
+        buf.extend_from_slice(&first);
         let mut pending = first.len();
         let mut held = 0;
         loop {
             let n = match std::mem::take(&mut pending) {
-                0 => match client.read(&mut buf[held..]).await {
+                0 => match client.read_buf(&mut buf).await {
                     Ok(0) => return ClientStep::Ended(Ending::ClientClosed),
                     Ok(n) => n,
                     Err(e) => return ClientStep::Ended(Ending::Failed(Side::Client, e)),
@@ -352,6 +354,7 @@ impl ClientSide<'_> {
             }
             held = end - forward;
             buf.copy_within(forward..end, 0);
+            buf.truncate(held);
         }
     }
 
@@ -462,7 +465,8 @@ impl ServerSide<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut buf = vec![0u8; BUFFER];
+        // As the client side's: what was read and not yet passed on.
+        let mut buf = Vec::with_capacity(BUFFER);
         let mut held = 0;
         let mut filter = Filter::default();
         let mut ending: Option<Ending> = None;
@@ -481,7 +485,7 @@ impl ServerSide<'_> {
                 ending = Some(reason);
             }
             tokio::select! {
-                read = upstream.read(&mut buf[held..]) => {
+                read = upstream.read_buf(&mut buf) => {
                     let n = match read {
                         Ok(0) => return Ending::UpstreamClosed,
                         Ok(n) => n,
@@ -499,6 +503,7 @@ impl ServerSide<'_> {
                     self.traffic.to_client(passed);
                     held = end - taken;
                     buf.copy_within(taken..end, 0);
+                    buf.truncate(held);
                     let quiet = held == 0 && self.frames.at_boundary() && ending.is_none();
                     self.shared.server_quiet.store(quiet, Ordering::Relaxed);
                 }

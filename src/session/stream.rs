@@ -3,6 +3,7 @@
 //! socket, always plain, as libpq has it).
 
 use std::io;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -239,8 +240,13 @@ impl ClientStream {
     }
 
     /// Whether the client reached a loopback address of ours, where tokens
-    /// may travel in plaintext.
-    pub(crate) fn local_is_loopback(&self) -> bool {
+    /// may travel in plaintext. `listening` is the address the client's
+    /// listener is bound to: when it is one address, not all of them, it is
+    /// where every client of that listener arrived, and no system call asks.
+    pub(crate) fn local_is_loopback(&self, listening: IpAddr) -> bool {
+        if !listening.is_unspecified() && !matches!(self, ClientStream::Tunnel(_)) {
+            return listening.is_loopback();
+        }
         let tcp = match self {
             ClientStream::Plain(tcp) => tcp,
             #[cfg(target_os = "linux")]

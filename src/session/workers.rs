@@ -82,7 +82,7 @@ impl Workers {
             .iter()
             .min_by_key(|w| w.sessions.load(Ordering::Relaxed))
         else {
-            tokio::spawn(session(tcp));
+            tokio::spawn(Box::pin(session(tcp)));
             return;
         };
         let std_tcp = match tcp.into_std() {
@@ -93,7 +93,9 @@ impl Workers {
             }
         };
         let counted = Counted::new(&worker.sessions);
-        worker.handle.spawn(async move {
+        // Boxed: a session's future is some 16 KiB, which the runtime would
+        // otherwise copy each time it moves it into and within the task.
+        worker.handle.spawn(Box::pin(async move {
             let _counted = counted;
             match tokio::net::TcpStream::from_std(std_tcp) {
                 Ok(tcp) => session(tcp).await,
@@ -101,7 +103,7 @@ impl Workers {
                     tracing::warn!(target: LOG_TARGET, error = %e, "cannot take a connection over");
                 }
             }
-        });
+        }));
     }
 }
 

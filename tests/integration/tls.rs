@@ -10,7 +10,8 @@ use std::sync::Arc;
 use crate::support::pki::TestPki;
 use crate::support::wire::{self, APP_STARTUP, RawSession};
 use crate::support::{
-    Harness, WAIT, client_config, connect, db_error, psql_binary, psql_err, psql_ok, user_id_of,
+    Harness, WAIT, client_config, connect, db_error, proxy_config_for, psql_binary, psql_err,
+    psql_ok, user_id_of,
 };
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
@@ -305,6 +306,36 @@ async fn a_token_over_plaintext_to_a_non_loopback_listener_is_refused_as_tls_is_
     );
     let stderr = psql_err(&conninfo, &h.token("alice"), &["select 1"]);
     assert!(stderr.contains("TLS is required"), "{stderr}");
+    proxy.shutdown().await;
+}
+
+/// On a listener bound to every address, where a client arrived is asked
+/// of its socket: plaintext tokens are taken on loopback only, and a reload
+/// that names a loopback address (applied at restart only) changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_on_every_address_takes_plaintext_tokens_on_loopback_only() {
+    let ip = non_loopback_ipv4();
+    let h = Harness::start().await;
+    let proxy = h.another_proxy(Ipv4Addr::UNSPECIFIED.into(), "").await;
+    let port = proxy.address.port();
+    let token = h.token("alice");
+    let connect_via = |proxy_ip: IpAddr| {
+        let config = client_config((proxy_ip, port).into(), "authenticated", Some(&token));
+        async move { connect(&config).await.map(|_| ()) }
+    };
+    for round in ["as started", "after a reload naming 127.0.0.1"] {
+        let err = connect_via(ip.into())
+            .await
+            .expect_err("a token over plaintext to a non-loopback address is refused");
+        let (code, message) = db_error(&err);
+        assert_eq!(code, "28000", "{round}: {message}");
+        assert!(message.contains("TLS is required"), "{round}: {message}");
+        connect_via(Ipv4Addr::LOCALHOST.into())
+            .await
+            .unwrap_or_else(|e| panic!("{round}: plaintext on loopback is taken: {e}"));
+        // The harness's configuration: listening on 127.0.0.1.
+        proxy.reload(proxy_config_for(&h, "")).unwrap();
+    }
     proxy.shutdown().await;
 }
 
