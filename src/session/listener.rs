@@ -382,15 +382,7 @@ async fn accept_loop(
     mut run: impl FnMut(TcpStream, SessionStart),
 ) {
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!(target: LOG_TARGET, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = crate::session::net::accept(listener).await;
         let services = Arc::clone(&intake.services.borrow());
         let listen = &services.config.listen;
         let startups = &intake.sessions.startups;

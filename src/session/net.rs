@@ -27,6 +27,23 @@ pub(crate) fn tune_listener(listener: &TcpListener) {
     set_options(SockRef::from(listener));
 }
 
+/// The next connection on `listener`. A failed accept (out of file
+/// descriptors and the like) is logged and tried again after a pause: the
+/// listener keeps serving.
+pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(target: LOG_TARGET, error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// One listening socket per worker on `address`, all in one `SO_REUSEPORT`
 /// group: the kernel spreads new connections over them by a hash of their
 /// addresses, and each worker accepts its own on its own thread, with no
