@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -169,7 +169,7 @@ async fn bind_admin(config: &Config) -> anyhow::Result<Option<TcpListener>> {
 /// served with the services current when it was accepted. The admin
 /// endpoints, when `admin` is given, serve until the last session has ended.
 async fn run(
-    (listening, workers): (Listening, Workers),
+    (listener, workers): (TcpListener, Workers),
     (admin, http): (Option<TcpListener>, Option<TcpListener>),
     services: watch::Receiver<Arc<Services>>,
     shutdown: impl Future,
@@ -205,7 +205,6 @@ async fn run(
         open: session_done_tx.clone(),
         draining,
     };
-    let sessions_for_wire = sessions.clone();
     let http = http.map(|http| {
         let mut stop = sessions.draining.clone();
         tokio::spawn(crate::http::serve(
@@ -217,38 +216,40 @@ async fn run(
             },
         ))
     });
-    let intake = Intake {
-        services: services.clone(),
-        sessions: sessions_for_wire,
-        turned_away: Arc::default(),
-    };
+    let mut turned_away = TurnedAway::default();
+
     let accept = async {
-        match listening {
-            Listening::Main(listener) => {
-                accept_loop(&listener, &intake, |tcp, start| {
-                    workers.spawn(tcp, move |tcp| start.run(tcp));
-                })
-                .await;
-            }
-            // Each worker accepts its own until the proxy drains; this waits
-            // for the shutdown alone.
-            Listening::PerWorker(listeners) => {
-                let intake = intake.clone();
-                workers.accept_on(listeners, move |listener| {
-                    let intake = intake.clone();
-                    async move {
-                        let draining = intake.sessions.draining();
-                        let accepting = accept_loop(&listener, &intake, |tcp, start| {
-                            tokio::spawn(Box::pin(start.run(tcp)));
-                        });
-                        tokio::select! {
-                            () = draining => {}
-                            () = accepting => {}
-                        }
-                    }
-                });
-                std::future::pending::<()>().await;
-            }
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(target: LOG_TARGET, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let services = Arc::clone(&services.borrow());
+            // The limits of the configuration in force, reloaded or not.
+            let listen = &services.config.listen;
+            startups.resize(listen.max_startups, listen.max_startups_per_address);
+            let startup = match startups.try_acquire(peer.ip()) {
+                Ok(slot) => slot,
+                Err(hit) => {
+                    services.metrics.refused(Reason::Limit);
+                    turned_away.log(peer, hit);
+                    turn_away(tcp, &startup_refusal(hit));
+                    continue;
+                }
+            };
+            let shutdown = Shutdown::new(notify_shutdown.subscribe());
+            let done = session_done_tx.clone();
+            workers.spawn(tcp, move |tcp| async move {
+                crate::session::net::tune_accepted(&tcp);
+                let client = ClientStream::Plain(tcp);
+                connection::serve(client, peer, services, startup, shutdown).await;
+                drop(done);
+            });
         }
     };
     {
@@ -274,9 +275,7 @@ async fn run(
     }
     tracing::info!(target: LOG_TARGET, "shutting down: no new connections");
     start_draining.send_replace(true);
-    // The main listener closed with the accept loop above, the workers'
-    // close as they see the drain begin.
-    drop(intake);
+    drop(listener);
     drop(session_done_tx);
     if let Some(http) = http {
         // It stops accepting at once; its connections count as sessions.
@@ -301,113 +300,6 @@ async fn run(
         if tokio::time::timeout(ADMIN_GRACE, &mut admin).await.is_err() {
             admin.abort();
         }
-    }
-}
-
-/// Where the wire protocol's connections are accepted.
-enum Listening {
-    /// On the main runtime, which hands each to a worker.
-    Main(TcpListener),
-    /// On every worker, a socket each (Linux, with workers).
-    PerWorker(Vec<std::net::TcpListener>),
-}
-
-impl Listening {
-    /// Binds `[listen] address`: a socket for each worker where the
-    /// workers can accept their own, else one.
-    async fn bind(address: SocketAddr, workers: usize) -> anyhow::Result<Listening> {
-        let cannot = || format!("cannot listen on {address}");
-        #[cfg(target_os = "linux")]
-        if workers > 0 {
-            let group = crate::session::net::bind_group(address, workers).with_context(cannot)?;
-            return Ok(Listening::PerWorker(group));
-        }
-        let _ = workers;
-        let listener = TcpListener::bind(address).await.with_context(cannot)?;
-        crate::session::net::tune_listener(&listener);
-        Ok(Listening::Main(listener))
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        match self {
-            Listening::Main(listener) => listener.local_addr(),
-            Listening::PerWorker(listeners) => listeners
-                .first()
-                .ok_or_else(|| std::io::Error::other("no listening socket"))?
-                .local_addr(),
-        }
-    }
-}
-
-/// What an accept loop of the wire protocol needs to admit a connection.
-#[derive(Clone)]
-struct Intake {
-    services: watch::Receiver<Arc<Services>>,
-    sessions: Sessions,
-    turned_away: Arc<Mutex<TurnedAway>>,
-}
-
-/// A session admitted under the startup limits, to run on the socket it was
-/// accepted on, once that is registered where it runs.
-struct SessionStart {
-    peer: SocketAddr,
-    services: Arc<Services>,
-    startup: StartupSlot,
-    shutdown: Shutdown,
-    _open: Open,
-}
-
-impl SessionStart {
-    async fn run(self, tcp: TcpStream) {
-        crate::session::net::tune_accepted(&tcp);
-        let client = ClientStream::Plain(tcp);
-        connection::serve(
-            client,
-            self.peer,
-            self.services,
-            self.startup,
-            self.shutdown,
-        )
-        .await;
-    }
-}
-
-/// Accepts on `listener` for as long as it is polled, admitting each
-/// connection under the startup limits of the configuration in force
-/// (reloaded or not) and handing it to `run`; one over a limit is told so
-/// and closed at once, without a task.
-async fn accept_loop(
-    listener: &TcpListener,
-    intake: &Intake,
-    mut run: impl FnMut(TcpStream, SessionStart),
-) {
-    loop {
-        let (tcp, peer) = crate::session::net::accept(listener).await;
-        let services = Arc::clone(&intake.services.borrow());
-        let listen = &services.config.listen;
-        let startups = &intake.sessions.startups;
-        startups.resize(listen.max_startups, listen.max_startups_per_address);
-        let startup = match startups.try_acquire(peer.ip()) {
-            Ok(slot) => slot,
-            Err(hit) => {
-                services.metrics.refused(Reason::Limit);
-                let mut turned_away = intake
-                    .turned_away
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                turned_away.log(peer, hit);
-                turn_away(tcp, &startup_refusal(hit));
-                continue;
-            }
-        };
-        let start = SessionStart {
-            peer,
-            startup,
-            shutdown: intake.sessions.shutdown(),
-            _open: intake.sessions.open(),
-            services,
-        };
-        run(tcp, start);
     }
 }
 
@@ -591,9 +483,10 @@ impl RunningProxy {
     pub async fn start(mut config: Config) -> anyhow::Result<RunningProxy> {
         // Resolved once: the number of CPUs may change, the workers do not.
         config.listen.workers = Some(config.listen.worker_threads());
-        let listening =
-            Listening::bind(config.listen.address, config.listen.worker_threads()).await?;
-        let address = listening.local_addr()?;
+        let listener = TcpListener::bind(config.listen.address)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen.address))?;
+        let address = listener.local_addr()?;
         let admin = bind_admin(&config).await?;
         let admin_address = admin.as_ref().map(TcpListener::local_addr).transpose()?;
         let http = match config.http.address {
@@ -605,13 +498,14 @@ impl RunningProxy {
             None => None,
         };
         let http_address = http.as_ref().map(TcpListener::local_addr).transpose()?;
-        // What every accepted connection inherits (see net::tune_accepted);
-        // the wire's listeners are tuned as they are bound.
-        http.iter().for_each(crate::session::net::tune_listener);
+        // What every accepted connection inherits (see net::tune_accepted).
+        std::iter::once(&listener)
+            .chain(&http)
+            .for_each(crate::session::net::tune_listener);
         let workers = Workers::start(config.listen.worker_threads(), config.listen.io_uring)?;
         let (services, current) = watch::channel(Arc::new(services(config)?));
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run((listening, workers), (admin, http), current, stopped));
+        let task = tokio::spawn(run((listener, workers), (admin, http), current, stopped));
         Ok(RunningProxy {
             address,
             admin_address,

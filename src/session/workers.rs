@@ -4,13 +4,10 @@
 //! On tokio's multi-thread runtime a session's two directions, its timers
 //! and its sockets' readiness are spread over threads that wake each other
 //! (futex calls) several times per transaction; on a thread of its own a
-//! session costs the same system calls as pgbouncer's single loop. On
-//! Linux each worker accepts on a listening socket of its own, all in one
-//! `SO_REUSEPORT` group ([`Workers::accept_on`]), so a session lives on one
-//! thread from accept to close. Elsewhere the listener accepts on the main
-//! runtime and hands each connection to the worker with the fewest
-//! sessions; the socket moves to that worker's reactor (two `epoll_ctl`
-//! calls per connection, none per message).
+//! session costs the same system calls as pgbouncer's single loop. The
+//! listener accepts on the main runtime and hands each connection to the
+//! worker with the fewest sessions; the socket moves to that worker's
+//! reactor (two `epoll_ctl` calls per connection, none per message).
 //!
 //! What the sessions share (token cache, keys, limits, metrics, pool) is
 //! already shared across threads. The exception is a socket: it is
@@ -53,8 +50,7 @@ pub(crate) struct Workers {
 
 struct Worker {
     handle: Handle,
-    /// Sessions handed over to this worker and still running
-    /// ([`Workers::spawn`]; not those it accepts itself).
+    /// Sessions on this worker now.
     sessions: Arc<AtomicUsize>,
     /// Dropped to stop the worker.
     _stop: oneshot::Sender<()>,
@@ -108,28 +104,6 @@ impl Workers {
                 }
             }
         }));
-    }
-
-    /// Runs `accept` on every worker, each with a listener of its own (see
-    /// [`bind_group`](crate::session::net::bind_group)), registered with
-    /// that worker's reactor: the sessions it spawns run on that worker.
-    pub(crate) fn accept_on<F, Fut>(&self, listeners: Vec<std::net::TcpListener>, accept: F)
-    where
-        F: Fn(tokio::net::TcpListener) -> Fut + Clone + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        for (worker, listener) in self.workers.iter().zip(listeners) {
-            let accept = accept.clone();
-            worker.handle.spawn(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => accept(listener).await,
-                    Err(e) => {
-                        // The socket closes, and leaves the group to the others.
-                        tracing::error!(target: LOG_TARGET, error = %e, "a worker cannot listen; the others accept its share");
-                    }
-                }
-            });
-        }
     }
 }
 
@@ -277,31 +251,5 @@ mod tests {
             tx.send(home()).unwrap();
         });
         assert_eq!(rx.await.unwrap(), None);
-    }
-
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn each_worker_accepts_on_its_own_socket_and_runs_what_it_accepts() {
-        let workers = Workers::start(2, IoUring::Auto).unwrap();
-        let group = crate::session::net::bind_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-        let address = group[0].local_addr().unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        workers.accept_on(group, move |listener| {
-            let tx = tx.clone();
-            async move {
-                while let Ok((tcp, _)) = listener.accept().await {
-                    tx.send((home(), tcp)).unwrap();
-                }
-            }
-        });
-        let mut clients = Vec::new();
-        for _ in 0..16 {
-            clients.push(tokio::net::TcpStream::connect(address).await.unwrap());
-            let (home, _tcp) = rx.recv().await.unwrap();
-            assert!(
-                matches!(home, Some(0 | 1)),
-                "accepted on a worker: {home:?}"
-            );
-        }
     }
 }
