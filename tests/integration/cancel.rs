@@ -400,7 +400,6 @@ async fn a_pooled_clients_key_cancels_nothing_on_the_next_client_even_sent_as_it
     assert_eq!(user.unwrap(), [vec![Some("bob".to_owned())]]);
 }
 
-/// `rlsgate_cancel_requests_total{result}`, 0 when not there yet.
 /// The count of cancel requests forwarded to PostgreSQL, once it reaches
 /// `n`: the proxy counts a request when PostgreSQL has closed the cancel
 /// connection, which can be after the cancelled query's error has reached
@@ -414,6 +413,7 @@ async fn forwarded_once_counted(h: &Harness, n: u64) -> u64 {
     .await
 }
 
+/// `rlsgate_cancel_requests_total{result}`, 0 when not there yet.
 async fn cancel_requests(h: &Harness, result: &str) -> u64 {
     let (status, text) = http_get(&h.admin_url("/metrics")).await;
     assert_eq!(status, 200, "{text}");
