@@ -11,8 +11,8 @@ use serde::Deserialize;
 pub struct Pool {
     #[serde(default)]
     pub mode: PoolMode,
-    /// Idle connections kept per (database, upstream user), shared out
-    /// among the worker threads.
+    /// Idle connections kept per (database, upstream user), over all the
+    /// worker threads.
     #[serde(default = "defaults::pool_size")]
     pub size: usize,
     /// An idle connection unused this long is closed.

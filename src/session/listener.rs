@@ -81,7 +81,6 @@ fn reloaded(previous: &Services, mut config: Config) -> anyhow::Result<Services>
 }
 
 fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services> {
-    let workers = config.listen.worker_threads();
     let acceptor = |alpn: &[u8]| match (&config.listen.tls_cert, &config.listen.tls_key) {
         (Some(cert), Some(key)) => anyhow::Ok(Some(front_door::acceptor(tls::server_config(
             cert, key, alpn,
@@ -136,7 +135,7 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
                 p.pool.clone()
             }
             _ => (config.pool.mode != PoolMode::None)
-                .then(|| Arc::new(Pool::new(config.pool.clone(), workers))),
+                .then(|| Arc::new(Pool::new(config.pool.clone()))),
         },
         http_pool: match previous {
             Some(p) if p.config.pool == config.pool && p.config.upstream == config.upstream => {
@@ -148,7 +147,7 @@ fn build(previous: Option<&Services>, config: Config) -> anyhow::Result<Services
             config
                 .http
                 .address
-                .map(|_| Arc::new(Pool::new(config.pool.clone(), 0)))
+                .map(|_| Arc::new(Pool::new(config.pool.clone())))
         }),
         config,
     })

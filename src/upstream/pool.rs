@@ -140,10 +140,8 @@ struct Idle {
 
 pub(crate) struct Pool {
     settings: config::Pool,
-    /// Idle connections kept per key of a worker thread: `size` shared out
-    /// among the workers, so that they keep `size` in all, give or take
-    /// rounding.
-    idle_per_worker: usize,
+    /// Idle connections per key of a worker thread; `size` of them at most
+    /// per database and user, over all workers ([`Pool::keep`]).
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
     /// Connections out on loan per key, at most `size` ([`Pool::lend`]).
     lent: Mutex<HashMap<PoolKey, Arc<Semaphore>>>,
@@ -288,11 +286,8 @@ impl Attached {
 }
 
 impl Pool {
-    /// A pool for sessions spread over `workers` worker threads (0: no
-    /// workers, all sessions on one runtime).
-    pub(crate) fn new(settings: config::Pool, workers: usize) -> Pool {
+    pub(crate) fn new(settings: config::Pool) -> Pool {
         Pool {
-            idle_per_worker: settings.size.div_ceil(workers.max(1)),
             settings,
             idle: Mutex::new(HashMap::new()),
             lent: Mutex::new(HashMap::new()),
@@ -621,21 +616,24 @@ impl Pool {
         self.keep(stream, lease);
     }
 
-    /// Keeps a clean connection idle, unless `size` already are.
+    /// Keeps a clean connection idle on the worker it was returned on,
+    /// unless `size` connections of its database and user already are, on
+    /// any worker. No worker has a share of its own: sessions end where the
+    /// clients happened to be, and a worker that keeps more than its part
+    /// lends them to the others ([`Pool::take`]) rather than close a
+    /// connection the pool has room for. (With transaction pooling every
+    /// connection comes back between transactions, and `size` also bounds
+    /// how many exist at all.)
     fn keep(&self, stream: UpstreamStream, lease: Lease) {
         let full = {
             let mut idle = self.idle.lock().expect("pool lock");
-            // With transaction pooling every connection comes back between
-            // transactions, and `size` bounds how many exist at all.
-            let cap = match lease.key.home {
-                Some(_) if self.settings.mode != config::PoolMode::Transaction => {
-                    self.idle_per_worker
-                }
-                _ => self.settings.size,
-            };
-            let list = idle.entry(lease.key.clone()).or_default();
-            if list.len() < cap {
-                list.push(Idle {
+            let kept: usize = idle
+                .iter()
+                .filter(|(key, _)| key.same_target(&lease.key))
+                .map(|(_, list)| list.len())
+                .sum();
+            if kept < self.settings.size {
+                idle.entry(lease.key.clone()).or_default().push(Idle {
                     stream,
                     lease,
                     since: Instant::now(),
@@ -1048,7 +1046,7 @@ mod tests {
 
     #[test]
     fn settings_are_known_once_taken_until_refused_and_the_lists_are_bounded() {
-        let pool = Pool::new(config::Pool::default(), 0);
+        let pool = Pool::new(config::Pool::default());
         let key = PoolKey {
             database: None,
             user: "u".into(),
@@ -1108,7 +1106,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_is_lent_the_backend_whose_state_is_its_own_before_a_newer_one() {
-        let pool = Pool::new(config::Pool::default(), 1);
+        let pool = Pool::new(config::Pool::default());
         let key = PoolKey {
             database: None,
             user: "u".into(),
@@ -1131,7 +1129,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_with_no_idle_connection_takes_another_workers() {
-        let pool = Pool::new(config::Pool::default(), 2);
+        let pool = Pool::new(config::Pool::default());
         let of = |home, user: &str| PoolKey {
             database: None,
             user: user.into(),
@@ -1152,23 +1150,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn each_worker_keeps_its_share_of_the_pool_size() {
+    async fn a_worker_keeps_what_the_others_leave_room_for_up_to_the_pool_size() {
         let settings = config::Pool {
             size: 3,
             ..config::Pool::default()
         };
-        let pool = Pool::new(settings, 2);
-        let home0 = PoolKey {
+        let pool = Pool::new(settings);
+        let of = |home, user: &str| PoolKey {
             database: None,
-            user: "u".into(),
-            home: Some(0),
+            user: user.into(),
+            home,
         };
-        for pid in 0..4 {
-            let (stream, lease) = idle_connection(home0.clone(), pid).await;
+        let (stream, lease) = idle_connection(of(Some(1), "u"), 9).await;
+        pool.keep(stream, lease);
+        let (stream, lease) = idle_connection(of(Some(1), "other"), 8).await;
+        pool.keep(stream, lease);
+        for pid in 0..3 {
+            let (stream, lease) = idle_connection(of(Some(0), "u"), pid).await;
             pool.keep(stream, lease);
         }
-        let kept = pool.idle.lock().unwrap()[&home0].len();
-        assert_eq!(kept, 2, "3 over 2 workers, rounded up");
+        let kept = |home| pool.idle.lock().unwrap()[&of(home, "u")].len();
+        assert_eq!(kept(Some(0)), 2, "3 in all, one of them on worker 1");
+        assert_eq!(kept(Some(1)), 1);
+        pool.take(&of(Some(1), "u"), None).expect("worker 1's own");
+        let (stream, lease) = idle_connection(of(Some(0), "u"), 3).await;
+        pool.keep(stream, lease);
+        assert_eq!(kept(Some(0)), 3, "worker 1 took its own: room for one more");
     }
 
     #[test]
