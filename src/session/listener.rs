@@ -168,7 +168,7 @@ async fn bind_admin(config: &Config) -> anyhow::Result<Option<TcpListener>> {
 /// served with the services current when it was accepted. The admin
 /// endpoints, when `admin` is given, serve until the last session has ended.
 async fn run(
-    (listener, workers): (TcpListener, Workers),
+    (listener, workers): (std::net::TcpListener, Workers),
     (admin, http): (Option<TcpListener>, Option<TcpListener>),
     services: watch::Receiver<Arc<Services>>,
     shutdown: impl Future,
@@ -215,66 +215,46 @@ async fn run(
             },
         ))
     });
-    let mut turned_away = TurnedAway::default();
-
-    let accept = async {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(target: LOG_TARGET, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let services = Arc::clone(&services.borrow());
-            // The limits of the configuration in force, reloaded or not.
-            let listen = &services.config.listen;
-            startups.resize(listen.max_startups, listen.max_startups_per_address);
-            let startup = match startups.try_acquire(peer.ip()) {
-                Ok(slot) => slot,
-                Err(hit) => {
-                    services.metrics.refused(Reason::Limit);
-                    turned_away.log(peer, hit);
-                    turn_away(tcp, &startup_refusal(hit));
-                    continue;
-                }
-            };
-            let shutdown = Shutdown::new(notify_shutdown.subscribe());
-            let done = session_done_tx.clone();
-            workers.spawn(tcp, move |tcp| async move {
-                crate::session::net::tune_accepted(&tcp);
-                let client = ClientStream::Plain(tcp);
-                connection::serve(client, peer, services, startup, shutdown).await;
-                drop(done);
-            });
-        }
-    };
-    {
-        tokio::pin!(accept);
-        tokio::select! {
-            () = &mut accept => {}
-            _ = shutdown => {}
-        }
-        // Not ready from now on; new connections are still accepted for
-        // shutdown_delay, while load balancers notice.
-        not_ready.send_replace(true);
-        let delay = services.borrow().config.listen.shutdown_delay;
-        if !delay.is_zero() {
-            tracing::info!(
-                target: LOG_TARGET,
-                "shutting down: not ready, accepting for {delay:?} more"
-            );
+    let workers = Arc::new(workers);
+    let (stop_accepting, accepting_stopped) = oneshot::channel::<()>();
+    let mut accepting = {
+        let wire = Wire {
+            services: services.clone(),
+            startups: Arc::clone(&startups),
+            notify_shutdown: notify_shutdown.clone(),
+            done: session_done_tx.clone(),
+            workers: Arc::clone(&workers),
+        };
+        workers.accept_on_first(listener, move |listener| async move {
             tokio::select! {
-                () = &mut accept => {}
-                () = tokio::time::sleep(delay) => {}
+                () = wire.accept(listener) => {}
+                _ = accepting_stopped => {}
             }
+        })
+    };
+    tokio::select! {
+        ended = &mut accepting => return resume_panic(ended),
+        _ = shutdown => {}
+    }
+    // Not ready from now on; new connections are still accepted for
+    // shutdown_delay, while load balancers notice.
+    not_ready.send_replace(true);
+    let delay = services.borrow().config.listen.shutdown_delay;
+    if !delay.is_zero() {
+        tracing::info!(
+            target: LOG_TARGET,
+            "shutting down: not ready, accepting for {delay:?} more"
+        );
+        tokio::select! {
+            ended = &mut accepting => return resume_panic(ended),
+            () = tokio::time::sleep(delay) => {}
         }
     }
+    // The listener closes as the accept loop ends.
+    drop(stop_accepting);
+    resume_panic(accepting.await);
     tracing::info!(target: LOG_TARGET, "shutting down: no new connections");
     start_draining.send_replace(true);
-    drop(listener);
     drop(session_done_tx);
     if let Some(http) = http {
         // It stops accepting at once; its connections count as sessions.
@@ -298,6 +278,66 @@ async fn run(
         // the process alive.
         if tokio::time::timeout(ADMIN_GRACE, &mut admin).await.is_err() {
             admin.abort();
+        }
+    }
+}
+
+/// An accept loop ending by a panic ends serving with it: the process must
+/// not stay up without accepting.
+fn resume_panic(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// What the wire protocol's accept loop needs, on the worker it runs on.
+struct Wire {
+    services: watch::Receiver<Arc<Services>>,
+    startups: Arc<StartupLimits>,
+    notify_shutdown: broadcast::Sender<()>,
+    done: mpsc::Sender<()>,
+    workers: Arc<Workers>,
+}
+
+impl Wire {
+    /// Accepts until dropped, turning away at once a connection over the
+    /// startup limits, and hands each other one to a worker.
+    async fn accept(self, listener: TcpListener) {
+        let mut turned_away = TurnedAway::default();
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(target: LOG_TARGET, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let services = Arc::clone(&self.services.borrow());
+            // The limits of the configuration in force, reloaded or not.
+            let listen = &services.config.listen;
+            self.startups
+                .resize(listen.max_startups, listen.max_startups_per_address);
+            let startup = match self.startups.try_acquire(peer.ip()) {
+                Ok(slot) => slot,
+                Err(hit) => {
+                    services.metrics.refused(Reason::Limit);
+                    turned_away.log(peer, hit);
+                    turn_away(tcp, &startup_refusal(hit));
+                    continue;
+                }
+            };
+            let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
+            let done = self.done.clone();
+            self.workers.spawn(tcp, move |tcp| async move {
+                crate::session::net::tune_accepted(&tcp);
+                let client = ClientStream::Plain(tcp);
+                connection::serve(client, peer, services, startup, shutdown).await;
+                drop(done);
+            });
         }
     }
 }
@@ -504,6 +544,8 @@ impl RunningProxy {
         let workers = Workers::start(config.listen.worker_threads(), config.listen.io_uring)?;
         let (services, current) = watch::channel(Arc::new(services(config)?));
         let (stop, stopped) = oneshot::channel();
+        // Accepted on a worker's reactor (see Workers::accept_on_first).
+        let listener = listener.into_std()?;
         let task = tokio::spawn(run((listener, workers), (admin, http), current, stopped));
         Ok(RunningProxy {
             address,

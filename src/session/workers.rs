@@ -5,8 +5,9 @@
 //! and its sockets' readiness are spread over threads that wake each other
 //! (futex calls) several times per transaction; on a thread of its own a
 //! session costs the same system calls as pgbouncer's single loop. The
-//! listener accepts on the main runtime and hands each connection to the
-//! worker with the fewest sessions; the socket moves to that worker's
+//! listener accepts on the first worker ([`Workers::accept_on_first`]) and
+//! hands each connection to the worker with the fewest sessions: one it
+//! keeps starts at once, and one for another worker moves to that worker's
 //! reactor (two `epoll_ctl` calls per connection, none per message).
 //!
 //! What the sessions share (token cache, keys, limits, metrics, pool) is
@@ -77,14 +78,25 @@ impl Workers {
         F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let Some(worker) = self
+        let Some((index, worker)) = self
             .workers
             .iter()
-            .min_by_key(|w| w.sessions.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|(_, w)| w.sessions.load(Ordering::Relaxed))
         else {
             tokio::spawn(Box::pin(session(tcp)));
             return;
         };
+        let counted = Counted::new(&worker.sessions);
+        if home() == Some(index) {
+            // Accepted on this worker (see `accept_on_first`): the socket is
+            // registered with its reactor already.
+            tokio::spawn(Box::pin(async move {
+                let _counted = counted;
+                session(tcp).await;
+            }));
+            return;
+        }
         let std_tcp = match tcp.into_std() {
             Ok(std_tcp) => std_tcp,
             Err(e) => {
@@ -92,7 +104,6 @@ impl Workers {
                 return;
             }
         };
-        let counted = Counted::new(&worker.sessions);
         // Boxed: a session's future is some 16 KiB, which the runtime would
         // otherwise copy each time it moves it into and within the task.
         worker.handle.spawn(Box::pin(async move {
@@ -104,6 +115,36 @@ impl Workers {
                 }
             }
         }));
+    }
+
+    /// Runs `accept` on the first worker, with `listener` registered with
+    /// that worker's reactor, or on the current runtime when there are no
+    /// workers. A connection it hands to the worker it runs on ([`spawn`])
+    /// starts there without waking another thread, and no thread wakes only
+    /// to accept: with one worker a connection never crosses threads.
+    ///
+    /// [`spawn`]: Workers::spawn
+    pub(crate) fn accept_on_first<F, Fut>(
+        &self,
+        listener: std::net::TcpListener,
+        accept: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let run = async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => accept(listener).await,
+                Err(e) => {
+                    tracing::error!(target: LOG_TARGET, error = %e, "cannot accept on a worker");
+                }
+            }
+        };
+        match self.workers.first() {
+            Some(worker) => worker.handle.spawn(run),
+            None => tokio::spawn(run),
+        }
     }
 }
 
@@ -236,6 +277,43 @@ mod tests {
         homes.sort();
         assert_eq!(homes, [Some(0), Some(0), Some(1), Some(1)]);
         assert_eq!(home(), None, "the caller is no worker");
+    }
+
+    #[tokio::test]
+    async fn the_first_worker_accepts_and_starts_there_what_it_hands_itself() {
+        let workers = Arc::new(Workers::start(2, IoUring::Off).unwrap());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let handing = Arc::clone(&workers);
+        let accepting = workers.accept_on_first(listener, move |listener| async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                tx.send(("accepted on", home())).unwrap();
+                let tx = tx.clone();
+                handing.spawn(tcp, move |mut tcp| async move {
+                    tx.send(("runs on", home())).unwrap();
+                    // Holds its worker until its client leaves.
+                    let _ = tcp.read(&mut [0u8; 1]).await;
+                });
+            }
+        });
+        let _first = tokio::net::TcpStream::connect(address).await.unwrap();
+        assert_eq!(rx.recv().await, Some(("accepted on", Some(0))));
+        assert_eq!(
+            rx.recv().await,
+            Some(("runs on", Some(0))),
+            "no sessions yet"
+        );
+        let _second = tokio::net::TcpStream::connect(address).await.unwrap();
+        assert_eq!(rx.recv().await, Some(("accepted on", Some(0))));
+        assert_eq!(
+            rx.recv().await,
+            Some(("runs on", Some(1))),
+            "the fewest sessions"
+        );
+        accepting.abort();
     }
 
     #[tokio::test]
