@@ -71,7 +71,9 @@ pub struct Listen {
     /// before it moves onto its worker's io_uring, at the next request
     /// that finds it idle; 0 moves it before its first. Moving costs more
     /// than io_uring saves on a few requests, so short sessions (a
-    /// connection per request) stay on epoll, and so do idle ones.
+    /// connection per request) stay on epoll, and so do idle ones. With
+    /// transaction pooling the count is of transactions, and the client's
+    /// socket moves at the first message of the next.
     #[serde(default = "defaults::io_uring_after")]
     pub io_uring_after: u64,
 }

@@ -266,21 +266,29 @@ fn onto_ring(
 
 /// Relays a session a transaction at a time (`[pool] mode =
 /// "transaction"`). Only the client's socket goes onto the worker's
-/// io_uring: backends pass between sessions on any worker, and stay with
-/// the reactor.
+/// io_uring, once the session has run `[listen] io_uring_after`
+/// transactions through epoll: backends pass between sessions on any
+/// worker, and stay with the reactor.
 async fn relay_transactions(
     client: ClientStream,
     tenant: Tenant,
     cancel: Registration,
     (services, shutdown, traffic): (&Services, &mut Shutdown, &Traffic),
 ) -> relay::Ending {
-    let client = match client.onto_ring() {
-        Ok(client) => client,
-        Err(e) => return relay::Ending::Failed(relay::Side::Client, e),
+    let (client, move_after) = match client
+        .can_ride_ring()
+        .then_some(services.config.listen.io_uring_after)
+    {
+        Some(0) => match client.onto_ring() {
+            Ok(client) => (client, None),
+            Err(e) => return relay::Ending::Failed(relay::Side::Client, e),
+        },
+        after => (client, after),
     };
     services.metrics.relay_started(client.on_ring());
     let relay = transaction::Relay {
         client,
+        move_after,
         tenant,
         cancel: &cancel,
         services,

@@ -201,6 +201,9 @@ fn pool_of(services: &Services) -> Result<&std::sync::Arc<Pool>, Refusal> {
 /// What a session's transactions share.
 pub(crate) struct Relay<'a> {
     pub(crate) client: ClientStream,
+    /// Transactions to have run before the client's socket moves onto the
+    /// worker's io_uring, between two of them; `None`: it does not move.
+    pub(crate) move_after: Option<u64>,
     pub(crate) tenant: Tenant,
     pub(crate) cancel: &'a Registration,
     pub(crate) services: &'a Services,
@@ -238,6 +241,7 @@ impl Relay<'_> {
         let mut expires = Box::pin(tokio::time::sleep_until(
             expiry.map_or_else(far_future, |e| e.at),
         ));
+        let mut transactions = 0;
         loop {
             let first = tokio::select! {
                 frame = inbox.next(&mut self.client) => frame,
@@ -254,6 +258,12 @@ impl Relay<'_> {
                 Ok(frame) => frame,
                 Err(e) => return client_failed(e),
             };
+            if self.move_after.is_some_and(|after| transactions >= after) {
+                self = match self.client_onto_ring() {
+                    Ok(moved) => moved,
+                    Err(ending) => return ending,
+                };
+            }
             let lent = match take_backend(&self.tenant, self.services).await {
                 Ok(lent) => lent,
                 Err(refusal) => {
@@ -266,10 +276,29 @@ impl Relay<'_> {
                 }
             };
             match self.lease(lent, first, &mut inbox, expires.as_mut()).await {
-                LeaseEnd::Released => {}
+                LeaseEnd::Released => transactions += 1,
                 LeaseEnd::Ended(ending) => return ending,
             }
         }
+    }
+
+    /// The client's socket, moved onto the worker's io_uring at the first
+    /// message of a transaction, before any backend is lent: nothing is in
+    /// flight on it then (that message, and whatever the client sent with
+    /// it, is already read into the inbox).
+    fn client_onto_ring(self) -> Result<Self, Ending> {
+        let client = self
+            .client
+            .onto_ring()
+            .map_err(|e| Ending::Failed(Side::Client, e))?;
+        if client.on_ring() {
+            self.services.metrics.relay_started(true);
+        }
+        Ok(Relay {
+            client,
+            move_after: None,
+            ..self
+        })
     }
 
     /// One lease: the client's messages from `first` to the ReadyForQuery
