@@ -71,14 +71,7 @@ pub(crate) async fn serve(
 ) {
     let accept = async {
         loop {
-            let (tcp, address) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(target: LOG_TARGET, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (tcp, address) = crate::session::net::accept(&listener).await;
             let current = Arc::clone(&services.borrow());
             let sessions = sessions.clone();
             tokio::spawn(connection(

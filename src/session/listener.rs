@@ -307,15 +307,7 @@ impl Wire {
     async fn accept(self, listener: TcpListener) {
         let mut turned_away = TurnedAway::default();
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(target: LOG_TARGET, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (tcp, peer) = crate::session::net::accept(&listener).await;
             let services = Arc::clone(&self.services.borrow());
             // The limits of the configuration in force, reloaded or not.
             let listen = &services.config.listen;

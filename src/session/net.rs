@@ -27,6 +27,23 @@ pub(crate) fn tune_listener(listener: &TcpListener) {
     set_options(SockRef::from(listener));
 }
 
+/// The next connection on `listener`. A failed accept (out of file
+/// descriptors and the like) is logged and tried again after a pause: the
+/// listener keeps serving.
+pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(target: LOG_TARGET, error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// What an accepted connection still needs after [`tune_listener`]: nothing
 /// on Linux, [`tune`] elsewhere.
 pub(crate) fn tune_accepted(stream: &TcpStream) {

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio_postgres::NoTls;
+use tokio_postgres::{Client, NoTls};
 
 use crate::support::pki::TestPki;
 use crate::support::{
@@ -78,59 +78,6 @@ async fn assert_relayed(h: &Harness, relay: Relay) {
 }
 
 fn no_edit(_: &mut Config) {}
-
-/// With transaction pooling a session's client socket moves onto io_uring
-/// at the first message of its 17th transaction, and carries on whole
-/// there: large results, a pipeline, its own claims. A session of a few
-/// transactions stays on epoll.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_transaction_mode_a_client_moves_onto_io_uring_after_sixteen_transactions_and_carries_on_whole()
- {
-    let h = Harness::start_configured(
-        "[listen]\nio_uring = \"on\"\n[pool]\nmode = \"transaction\"\nsize = 2\n",
-        with_admin,
-    )
-    .await;
-    let bob = h.connect_as("bob").await;
-    for _ in 0..3 {
-        bob.simple_query("select 1").await.unwrap();
-    }
-    assert_eq!(relays(&h).await, (0, 1), "a short session stays on epoll");
-
-    let alice = h.connect_as("alice").await;
-    for i in 1..=16 {
-        let rows = alice.simple_query(&format!("select {i}")).await.unwrap();
-        assert_eq!(simple_rows(&rows), [[Some(i.to_string())]]);
-    }
-    assert_eq!(relays(&h).await, (0, 2), "16 transactions on epoll");
-    let rows = alice.simple_query("select 17").await.unwrap();
-    assert_eq!(simple_rows(&rows), [[Some("17".to_owned())]]);
-    assert_eq!(relays(&h).await, (1, 2), "the 17th moved it");
-
-    let rows = alice
-        .query(
-            "select repeat('x', 1024 * 1024) from generate_series(1, 3)",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert!(
-        rows.iter()
-            .all(|r| r.get::<_, &str>(0).len() == 1024 * 1024)
-    );
-    let statement = alice.prepare("select $1::int * 2").await.unwrap();
-    let answers = futures_util::future::join_all((0..50).map(|n: i32| {
-        let (statement, alice) = (&statement, &alice);
-        async move { alice.query_one(statement, &[&n]).await }
-    }))
-    .await;
-    for (n, answer) in answers.into_iter().enumerate() {
-        assert_eq!(answer.unwrap().get::<_, i32>(0), 2 * n as i32);
-    }
-    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
-    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
-    assert_eq!(relays(&h).await, (1, 2), "bob is still on epoll");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_both_relays_large_results_copy_and_pipelines_pass_whole() {
@@ -336,6 +283,36 @@ async fn relays(h: &Harness) -> (u64, u64) {
     (io_uring as u64, epoll as u64)
 }
 
+/// Sixteen simple queries, each answered by one ReadyForQuery (and, with
+/// transaction pooling, each a transaction) with `client` on epoll, then a
+/// seventeenth, which moves it onto io_uring. `epoll`: the sessions that
+/// started on epoll by then, this one included.
+async fn sixteen_answers_then_a_move(h: &Harness, client: &Client, epoll: u64) {
+    for i in 1..=16 {
+        let rows = client.simple_query(&format!("select {i}")).await.unwrap();
+        assert_eq!(simple_rows(&rows), [[Some(i.to_string())]]);
+    }
+    assert_eq!(relays(h).await, (0, epoll), "16 answers on epoll");
+    let rows = client.simple_query("select 17").await.unwrap();
+    assert_eq!(simple_rows(&rows), [[Some("17".to_owned())]]);
+    assert_eq!(relays(h).await, (1, epoll), "the 17th request moved it");
+}
+
+/// Three rows of a MiB each, each whole.
+async fn assert_three_mib_rows_pass(client: &Client) {
+    let rows = client
+        .query(
+            "select repeat('x', 1024 * 1024) from generate_series(1, 3)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r.get::<_, &str>(0).len() == 1024 * 1024)
+    );
+}
+
 /// By default a session starts on epoll and moves onto io_uring at the
 /// first request that finds it idle after 16 were answered. It carries on
 /// whole there, and its pooled backend serves the next client. A session
@@ -356,27 +333,8 @@ async fn a_session_moves_onto_io_uring_after_sixteen_answers_and_carries_on_whol
     h.wait_until_pooled(&admin, bobs).await;
 
     let alice = h.connect_as("alice").await;
-    // Each simple query is answered by one ReadyForQuery.
-    for i in 1..=16 {
-        let rows = alice.simple_query(&format!("select {i}")).await.unwrap();
-        assert_eq!(simple_rows(&rows), [[Some(i.to_string())]]);
-    }
-    assert_eq!(relays(&h).await, (0, 2), "16 answers on epoll");
-    let rows = alice.simple_query("select 17").await.unwrap();
-    assert_eq!(simple_rows(&rows), [[Some("17".to_owned())]]);
-    assert_eq!(relays(&h).await, (1, 2), "the 17th request moved it");
-
-    let rows = alice
-        .query(
-            "select repeat('x', 1024 * 1024) from generate_series(1, 3)",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert!(
-        rows.iter()
-            .all(|r| r.get::<_, &str>(0).len() == 1024 * 1024)
-    );
+    sixteen_answers_then_a_move(&h, &alice, 2).await;
+    assert_three_mib_rows_pass(&alice).await;
     assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
     let pid = pid_of(&alice).await;
     drop(alice);
@@ -385,4 +343,39 @@ async fn a_session_moves_onto_io_uring_after_sixteen_answers_and_carries_on_whol
     let carols = pid_of(&carol).await;
     assert_eq!(carols, pid, "the backend came off the ring into the pool");
     assert_eq!(user_id_of(&carol).await.as_deref(), Some("carol"));
+}
+
+/// With transaction pooling a session's client socket moves onto io_uring
+/// at the first message of its 17th transaction, and carries on whole
+/// there: large results, a pipeline, its own claims. A session of a few
+/// transactions stays on epoll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_transaction_mode_a_client_moves_onto_io_uring_after_sixteen_transactions_and_carries_on_whole()
+ {
+    let h = Harness::start_configured(
+        "[listen]\nio_uring = \"on\"\n[pool]\nmode = \"transaction\"\nsize = 2\n",
+        with_admin,
+    )
+    .await;
+    let bob = h.connect_as("bob").await;
+    for _ in 0..3 {
+        bob.simple_query("select 1").await.unwrap();
+    }
+    assert_eq!(relays(&h).await, (0, 1), "a short session stays on epoll");
+
+    let alice = h.connect_as("alice").await;
+    sixteen_answers_then_a_move(&h, &alice, 2).await;
+    assert_three_mib_rows_pass(&alice).await;
+    let statement = alice.prepare("select $1::int * 2").await.unwrap();
+    let answers = futures_util::future::join_all((0..50).map(|n: i32| {
+        let (statement, alice) = (&statement, &alice);
+        async move { alice.query_one(statement, &[&n]).await }
+    }))
+    .await;
+    for (n, answer) in answers.into_iter().enumerate() {
+        assert_eq!(answer.unwrap().get::<_, i32>(0), 2 * n as i32);
+    }
+    assert_eq!(user_id_of(&alice).await.as_deref(), Some("alice"));
+    assert_eq!(user_id_of(&bob).await.as_deref(), Some("bob"));
+    assert_eq!(relays(&h).await, (1, 2), "bob is still on epoll");
 }
