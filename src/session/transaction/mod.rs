@@ -202,7 +202,8 @@ fn pool_of(services: &Services) -> Result<&std::sync::Arc<Pool>, Refusal> {
 pub(crate) struct Relay<'a> {
     pub(crate) client: ClientStream,
     /// Transactions to have run before the client's socket moves onto the
-    /// worker's io_uring, between two of them; `None`: it does not move.
+    /// worker's io_uring, at the first message of the next one; `None`: it
+    /// does not move.
     pub(crate) move_after: Option<u64>,
     pub(crate) tenant: Tenant,
     pub(crate) cancel: &'a Registration,
