@@ -28,6 +28,7 @@ const ROWS: &[&str] = &[
     "| direct |",
     "| pgbouncer (session pool, scram-sha-256) |",
     "| pgbouncer (session pool, trust) |",
+    "| pgbouncer (session pool, plain) |",
     "| rlsgate (no pooling) |",
     "| rlsgate ([pool] mode = \"session\") |",
     // HTTP beside the wire protocol: this build serves [http], so no n/a.
@@ -118,10 +119,15 @@ fn check_cpu_and_syscalls(report: &str) {
     for row in [
         "pgbouncer (session pool, scram-sha-256)",
         "pgbouncer (session pool, trust)",
+        "pgbouncer (session pool, plain)",
         "rlsgate (no pooling)",
         "rlsgate ([pool] mode = \"session\")",
     ] {
-        for column in ["CPU µs/tx", "CPU ÷ pgbouncer (trust) (lower is better)"] {
+        for column in [
+            "CPU µs/tx",
+            "CPU ÷ pgbouncer (trust) (lower is better)",
+            "CPU ÷ pgbouncer (plain)",
+        ] {
             let cell = connect.cell(&[row], column);
             assert!(positive(cell), "{row}, {column}: {cell:?}\n{report}");
         }
